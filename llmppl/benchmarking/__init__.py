@@ -1,0 +1,1 @@
+"""Benchmarks: latency and cost harnesses (``llmppl bench``)."""

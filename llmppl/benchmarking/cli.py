@@ -1,0 +1,18 @@
+"""``llmppl bench`` sub-commands (a registry: name -> (add_arguments, run))."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+#: benchmark name -> (function adding its arguments, function running it)
+BENCHMARKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (latency, methods)")
+    inner = p.add_subparsers(dest="benchmark", required=True)
+    for name, (add_args, run) in BENCHMARKS.items():
+        q = inner.add_parser(name)
+        add_args(q)
+        q.set_defaults(func=run)

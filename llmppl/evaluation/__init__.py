@@ -1,0 +1,1 @@
+"""Reasoning evaluation (``llmppl eval``)."""

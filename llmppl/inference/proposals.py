@@ -1,0 +1,155 @@
+"""Token proposals ``q_t(v | y_<t)`` for SMC and MH.
+
+The protocol (subclass :class:`Proposal`):
+
+* ``log_probs(ctx) -> (B, V)``: normalised ``log q(v | y_<t)`` for the rows in
+  ``ctx`` (a :class:`ProposalContext`: the target, the batch of prefixes with the base
+  LM's next-token log-probs, the engine's LM state and rows, the current exponent
+  ``a_t`` and the run's ``torch.Generator``).  A token with ``q = 0`` is never drawn;
+  the engine corrects by ``−log q`` in the weights, so any ``q`` whose support covers
+  the target's is exact.
+* stateful proposals (another LM, caches) override ``start`` / ``on_extend`` /
+  ``on_reorder`` / ``on_finish`` to follow the engine's particles.
+
+A proposal from another (smaller) LM with the same tokenizer is :class:`FromLM`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..targets.base import Prefixes
+
+
+@dataclass
+class ProposalContext:
+    """Everything a proposal may look at for one batched step."""
+
+    target: Any
+    batch: Prefixes
+    state: Any = None
+    rows: torch.Tensor | None = None
+    exponent: float = 1.0
+    generator: torch.Generator | None = None
+
+
+class Proposal:
+    """Base class: ``q(v | y_<t)``; stateless unless the hooks are overridden."""
+
+    def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def start(self, target: Any, prompt_ids: list[int], n: int) -> None:
+        """Called once per run, before the first step, with the number of particles."""
+
+    def on_extend(self, tokens: Sequence[Sequence[int]], rows: torch.Tensor) -> None:
+        """Rows ``rows`` were extended by ``tokens``."""
+
+    def on_reorder(self, indices: torch.Tensor) -> None:
+        """Row j became a copy of row ``indices[j]``."""
+
+    def on_finish(self, rows: torch.Tensor) -> None:
+        """Rows will not be extended any more."""
+
+    def sample(self, log_q: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Draw one token per row from ``exp(log_q)`` (rows need not be on the CPU)."""
+        probs = torch.softmax(log_q.double(), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+class Base(Proposal):
+    """``q = p``: the base LM itself."""
+
+    def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
+        return ctx.batch.base_logprobs
+
+    def __repr__(self) -> str:
+        return "Base()"
+
+
+class Tempered(Proposal):
+    """``q ∝ p^{1/τ}``; ``τ = None`` means ``τ = 1/a_t`` (the current exponent).
+
+    With ``q ∝ p^{a_t}`` and a pure ``Power`` target the incremental weight is
+    ``log Σ_u p(u|y_<t)^{a_t}``, independent of the drawn token (Power-SMC, Thm 1).
+    """
+
+    def __init__(self, tau: float | None = None) -> None:
+        if tau is not None and not (float(tau) > 0 and float(tau) < float("inf")):
+            raise ValueError(f"tau must be finite and > 0, got {tau!r}")
+        self.tau = None if tau is None else float(tau)
+
+    def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
+        inv = ctx.exponent if self.tau is None else 1.0 / self.tau
+        if inv <= 0:
+            raise ValueError(f"tempered proposal needs a positive exponent, got {inv}")
+        return torch.log_softmax(ctx.batch.base_logprobs.double() * inv, dim=-1)
+
+    def __repr__(self) -> str:
+        return f"Tempered({'1/a_t' if self.tau is None else f'{self.tau:g}'})"
+
+
+class LocallyOptimal(Proposal):
+    """``q ∝ exp(target.log_next(·, a_t))``: the product of every token-level factor.
+
+    For token-factorising targets this is the locally optimal proposal; the weight
+    is then ``log Σ_v exp(log_next(v))``.  Non-factorising factors are ignored here
+    and corrected by the weights.
+    """
+
+    def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
+        inc = ctx.target.log_next(ctx.batch, exponent=ctx.exponent).double()
+        norm = torch.logsumexp(inc, dim=-1, keepdim=True)
+        if bool((~torch.isfinite(norm)).any()):
+            row = int((~torch.isfinite(norm)).nonzero()[0, 0])
+            raise ValueError(f"locally optimal proposal: every next token has zero target mass in row {row}")
+        return inc - norm
+
+    def __repr__(self) -> str:
+        return "LocallyOptimal()"
+
+
+class FromLM(Proposal):
+    """Proposals from another LM ``r`` sharing the tokenizer: ``q ∝ r(v | y_<t)^{1/τ}``.
+
+    Its own decoding state follows the engine's particles through the hooks, so the
+    proposal LM also decodes incrementally with its KV cache.
+    """
+
+    def __init__(self, lm: Any, tau: float = 1.0) -> None:
+        if not float(tau) > 0:
+            raise ValueError(f"tau must be > 0, got {tau!r}")
+        self.lm = lm
+        self.tau = float(tau)
+        self.state = None
+
+    def start(self, target: Any, prompt_ids: list[int], n: int) -> None:
+        if self.lm.vocab_size < target.lm.vocab_size:
+            raise ValueError(
+                f"proposal LM vocabulary ({self.lm.vocab_size}) is smaller than the target's "
+                f"({target.lm.vocab_size}): they must share a tokenizer"
+            )
+        self.state = self.lm.start(prompt_ids, n)
+
+    def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
+        if self.state is None:
+            raise RuntimeError("FromLM.start was not called")
+        V = ctx.batch.base_logprobs.shape[-1]
+        lp = self.state.logprobs(ctx.rows)[:, :V].double().to(ctx.batch.base_logprobs.device)
+        return torch.log_softmax(lp / self.tau, dim=-1)
+
+    def on_extend(self, tokens, rows) -> None:
+        self.state.extend(tokens, rows)
+
+    def on_reorder(self, indices) -> None:
+        self.state.reorder(indices)
+
+    def on_finish(self, rows) -> None:
+        self.state.finish(rows)
+
+    def __repr__(self) -> str:
+        return f"FromLM({self.lm.name}, tau={self.tau:g})"

@@ -1,0 +1,12 @@
+"""Base LMs behind one batched interface."""
+
+from .base import LanguageModel, LanguageModelError, LMState, UncachedState, validate_logprobs
+from .hf import HFLM, HFState
+from .registry import cache_dir, default_lm, load_model, register_model
+from .toy import NGramLM, TabularLM, pivotal_lm
+
+__all__ = [
+    "LanguageModel", "LanguageModelError", "LMState", "UncachedState", "validate_logprobs",
+    "HFLM", "HFState", "default_lm", "load_model", "register_model", "cache_dir",
+    "NGramLM", "TabularLM", "pivotal_lm",
+]

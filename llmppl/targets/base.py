@@ -1,0 +1,161 @@
+"""The potential interface and its algebra.
+
+A potential ``φ`` is a non-negative factor of the target density, seen in log space
+through three methods, each on a batch of prefixes (:class:`Prefixes`):
+
+* ``log_next(batch) -> (B, V) | None``: ``log φ(y_<t, v) − log φ(y_<t)`` for every
+  next token ``v``, when ``φ`` factorises over tokens;
+* ``log_prefix(batch) -> (B,)``: a twist ``log ψ(y_<t)`` of an unfinished prefix; twists
+  only guide engines and cancel, they never change the target;
+* ``log_complete(batch) -> (B,)``: ``log φ(y)`` of finished sequences, for potentials
+  that do not factorise (0 for those that do).
+
+Products of potentials are sums of these logs; ``*`` composes, flattening nested
+products and merging ``Power`` factors, so composition is associative and commutative.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Completion:
+    """A (possibly unfinished) completion as reward functions see it."""
+
+    token_ids: list[int]
+    text: str | None
+    finished: bool = True
+    truncated: bool = False
+
+
+@dataclass
+class Prefixes:
+    """A batch of completions-so-far handed to potentials.
+
+    ``tokens[i]`` excludes the prompt and any EOS; ``finished[i]`` says whether row i
+    ended with EOS.  ``base_logprobs`` holds ``log p(· | x, y_<t)`` (B, V) when the
+    engine asks for next-token increments.
+    """
+
+    lm: Any
+    prompt: list[int]
+    tokens: list[list[int]]
+    base_logprobs: torch.Tensor | None = None
+    finished: list[bool] | None = None
+    truncated: list[bool] | None = None
+    _texts: list[str | None] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def texts(self) -> list[str | None]:
+        """Decoded completions (None for LMs without a tokenizer)."""
+        if self._texts is None:
+            self._texts = [self.lm.decode(t) for t in self.tokens]
+        return self._texts
+
+    def completions(self) -> list[Completion]:
+        fin = self.finished or [True] * len(self)
+        trunc = self.truncated or [False] * len(self)
+        return [
+            Completion(list(t), x, f, c) for t, x, f, c in zip(self.tokens, self.texts, fin, trunc)
+        ]
+
+
+class Potential:
+    """A factor ``φ(y)`` of the target; see the module docstring for the three methods."""
+
+    #: True when ``log_next`` defines the potential (token-level factorisation)
+    factorises: bool = False
+
+    def log_next(self, batch: Prefixes) -> torch.Tensor | None:
+        return None
+
+    def log_prefix(self, batch: Prefixes) -> torch.Tensor:
+        return torch.zeros(len(batch), dtype=torch.float64)
+
+    def log_complete(self, batch: Prefixes) -> torch.Tensor:
+        return torch.zeros(len(batch), dtype=torch.float64)
+
+    @property
+    def has_twist(self) -> bool:
+        return False
+
+    @property
+    def factors(self) -> tuple["Potential", ...]:
+        return (self,)
+
+    def __mul__(self, other: "Potential") -> "Potential":
+        if not isinstance(other, Potential):
+            return NotImplemented
+        return Product.of(*self.factors, *other.factors)
+
+    __rmul__ = __mul__
+
+
+class Product(Potential):
+    """``Π_k φ_k``: logs add; built by ``*`` and always kept flat with ``Power`` merged."""
+
+    def __init__(self, factors: Sequence[Potential]) -> None:
+        self._factors = tuple(factors)
+
+    @staticmethod
+    def of(*factors: Potential) -> Potential:
+        from .potentials import Power
+
+        flat: list[Potential] = []
+        alpha = None
+        for f in factors:
+            for g in f.factors:
+                if isinstance(g, Power):
+                    alpha = g.alpha if alpha is None else alpha + g.alpha
+                else:
+                    flat.append(g)
+        if alpha is not None:
+            flat.insert(0, Power(alpha))
+        return flat[0] if len(flat) == 1 else Product(flat)
+
+    @property
+    def factors(self) -> tuple[Potential, ...]:
+        return self._factors
+
+    @property
+    def factorises(self) -> bool:  # type: ignore[override]
+        return all(f.factorises for f in self._factors)
+
+    @property
+    def has_twist(self) -> bool:
+        return any(f.has_twist for f in self._factors)
+
+    def log_next(self, batch: Prefixes) -> torch.Tensor | None:
+        parts = [p for p in (f.log_next(batch) for f in self._factors) if p is not None]
+        return sum(parts[1:], parts[0]) if parts else None
+
+    def log_prefix(self, batch: Prefixes) -> torch.Tensor:
+        return sum((f.log_prefix(batch) for f in self._factors),
+                   torch.zeros(len(batch), dtype=torch.float64))
+
+    def log_complete(self, batch: Prefixes) -> torch.Tensor:
+        return sum((f.log_complete(batch) for f in self._factors),
+                   torch.zeros(len(batch), dtype=torch.float64))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Product):
+            return NotImplemented
+        rest = list(other.factors)
+        for f in self._factors:
+            if f not in rest:
+                return False
+            rest.remove(f)
+        return not rest
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return " * ".join(repr(f) for f in self._factors)

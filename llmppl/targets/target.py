@@ -1,0 +1,117 @@
+"""``Target``: an unnormalised density over completions, ``γ(y) = p(y|x)^a · Π_k φ_k(y)``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .base import Potential, Prefixes, Product
+from .potentials import Power, Tempered
+
+
+class Target:
+    """A base LM times potentials: ``log γ(y) = Σ_t [a·log p(y_t|y_<t) + Σ_k log φ_k^next] + Σ_k log φ_k(y)``.
+
+    ``a`` (``base_exponent``) is the sum of the ``Power`` factors; with no ``Power``
+    factor it is 1 (the base LM) unless a ``Tempered`` factor already supplies the
+    token distribution, in which case it is 0.  The sequence space is completions
+    ending in EOS within ``max_new_tokens`` tokens, plus the truncated ones that reach
+    ``max_new_tokens`` without EOS (their base probability is the prefix marginal).
+    """
+
+    def __init__(self, lm: Any, potential: Potential | None = None, chat: bool = False) -> None:
+        from ..models.base import LanguageModel
+
+        if not isinstance(lm, LanguageModel):
+            raise ValueError(f"Target needs a llmppl.models.LanguageModel, got {type(lm).__name__}")
+        if potential is not None and not isinstance(potential, Potential):
+            raise ValueError(f"potential must be a llmppl Potential, got {type(potential).__name__}")
+        self.lm = lm
+        self.potential = potential if potential is not None else Power(1.0)
+        self.chat = chat
+        factors = self.potential.factors
+        powers = [f for f in factors if isinstance(f, Power)]
+        self.others: tuple[Potential, ...] = tuple(f for f in factors if not isinstance(f, Power))
+        if powers:
+            self.base_exponent = sum(p.alpha for p in powers)
+        else:
+            self.base_exponent = 0.0 if any(isinstance(f, Tempered) for f in factors) else 1.0
+        self._other = Product.of(*self.others) if self.others else None
+
+    # ----------------------------------------------------------------- helpers
+    @property
+    def alpha(self) -> float:
+        return self.base_exponent
+
+    @property
+    def has_twist(self) -> bool:
+        return self.potential.has_twist
+
+    @property
+    def has_complete(self) -> bool:
+        """True when some factor is defined on finished sequences (rewards, predicates)."""
+        return any(not f.factorises for f in self.others)
+
+    def encode(self, prompt: str | Sequence[int] | Sequence[dict]) -> list[int]:
+        return self.lm.encode_prompt(prompt, chat=self.chat)
+
+    def batch(self, prompt: list[int], tokens: list[list[int]], base_logprobs: torch.Tensor | None = None,
+              finished: list[bool] | None = None, truncated: list[bool] | None = None) -> Prefixes:
+        return Prefixes(self.lm, prompt, tokens, base_logprobs, finished, truncated)
+
+    # ------------------------------------------------------------------ density
+    def log_next(self, batch: Prefixes, exponent: float | None = None) -> torch.Tensor:
+        """``(B, V)``: ``a_t·log p(v|y_<t) + Σ_k log φ_k^next(v)`` with ``a_t = exponent`` (default ``a``)."""
+        a = self.base_exponent if exponent is None else exponent
+        out = a * batch.base_logprobs
+        if self._other is not None:
+            extra = self._other.log_next(batch)
+            if extra is not None:
+                out = out + extra
+        return out
+
+    def log_complete(self, batch: Prefixes) -> torch.Tensor:
+        """``(B,)`` float64: ``Σ_k log φ_k(y)`` of the non-factorising factors on finished rows."""
+        if self._other is None:
+            return torch.zeros(len(batch), dtype=torch.float64)
+        return self._other.log_complete(batch).to(torch.float64)
+
+    def log_twist(self, batch: Prefixes) -> torch.Tensor:
+        """``(B,)`` float64: ``log ψ(y_<t)``, the twists of unfinished prefixes (0 when none)."""
+        if self._other is None or not self.has_twist:
+            return torch.zeros(len(batch), dtype=torch.float64)
+        return self._other.log_prefix(batch).to(torch.float64)
+
+    def log_density(self, prompt: str | Sequence[int], sequences: Sequence[Sequence[int]],
+                    max_new_tokens: int | None = None) -> torch.Tensor:
+        """``log γ(y)`` of whole completions (uncached, for tests and small checks).
+
+        A sequence ending in EOS is finished; one without EOS is truncated and needs
+        ``len == max_new_tokens``.
+        """
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        eos = self.lm.eos_token_id
+        out = torch.zeros(len(sequences), dtype=torch.float64)
+        toks, fin, trunc = [], [], []
+        for i, seq in enumerate(sequences):
+            seq = [int(t) for t in seq]
+            if eos in seq[:-1]:
+                raise ValueError(f"sequence {i} has EOS before its end")
+            finished = bool(seq) and seq[-1] == eos
+            if not finished and max_new_tokens is not None and len(seq) != max_new_tokens:
+                raise ValueError(f"sequence {i} has no EOS and is not of length max_new_tokens")
+            for t in range(len(seq)):
+                lp = self.lm.checked_next_logprobs([ids + seq[:t]])
+                inc = self.log_next(self.batch(ids, [seq[:t]], lp))
+                out[i] += float(inc[0, seq[t]])
+            body = seq[:-1] if finished else seq
+            toks.append(body)
+            fin.append(finished)
+            trunc.append(not finished)
+        out += self.log_complete(self.batch(ids, toks, None, fin, trunc))
+        return out
+
+    def __repr__(self) -> str:
+        return f"Target({self.lm.name}, {self.potential!r})"
