@@ -1,10 +1,106 @@
-"""``llmppl eval``."""
+"""``llmppl eval``: run methods on a task (resumable JSONL), or ``--plot`` a results file.
+
+    llmppl eval --task reasoning_gym:chain_sum --n 200 --seed 0 \\
+        --methods plain,lowtemp,smc,mh --model qwen2.5-coder-0.5b --json results.jsonl
+    llmppl eval --plot results.jsonl --out benchmarks/results/eval/
+
+A method is ``name[:key=value...]`` (e.g. ``smc:particles=16``); the same ``--json``
+file with the same command resumes where a killed run stopped.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_METHODS = "plain,lowtemp,smc,mh"
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="reasoning evaluation (not built yet)")
-    p.set_defaults(func=lambda args: (_ for _ in ()).throw(ValueError("llmppl eval is not built yet")))
+    from .runner import EVAL_METHODS
+
+    p = sub.add_parser("eval", help="reasoning evaluation (accuracy, pass@k, cost) or --plot a results file",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default=None, help="FAMILY:NAME, e.g. reasoning_gym:chain_sum")
+    p.add_argument("--task-config", default="{}", help="JSON keyword arguments of the task generator, "
+                   "e.g. '{\"max_terms\": 3}'")
+    p.add_argument("--n", type=int, default=100, help="number of problems (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="problem-set and sampling seed")
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help=f"comma-separated, each name[:key=value...]; names: {', '.join(sorted(EVAL_METHODS))}")
+    p.add_argument("--model", default=None, help="model name, local dir or .gguf (default: SmolLM2-135M)")
+    p.add_argument("--json", default=None, help="results JSONL (appended; resumes)")
+    p.add_argument("--particles", type=int, default=8, help="samples / particles / chains per problem (default 8)")
+    p.add_argument("--alpha", type=float, default=4.0, help="power of the base LM for smc/mh/lookahead (default 4)")
+    p.add_argument("--tau", type=float, default=None, help="lowtemp temperature (default 1/alpha)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--resampling", default="systematic")
+    p.add_argument("--ess-threshold", type=float, default=0.5)
+    p.add_argument("--block-size", type=int, default=None, help="MH block size (default max_new_tokens/4)")
+    p.add_argument("--n-mcmc", type=int, default=2, help="MH steps per block")
+    p.add_argument("--top-k", type=int, default=4, help="look-ahead candidates")
+    p.add_argument("--rollouts", type=int, default=2, help="look-ahead rollouts per candidate")
+    p.add_argument("--horizon", type=int, default=8, help="look-ahead rollout length")
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy box)")
+    p.add_argument("--time-limit", type=float, default=None, help="stop cleanly after this many seconds")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--plot", nargs="+", default=None, metavar="JSONL",
+                   help="summarise results file(s): markdown table, McNemar tests, PNG figures")
+    p.add_argument("--out", default=None, help="directory for --plot outputs (default: next to the first file)")
+    p.set_defaults(func=run_eval_command)
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    if args.plot:
+        from .plots import report
+
+        out = Path(args.out) if args.out else Path(args.plot[0]).parent
+        print(report(args.plot, out))
+        return 0
+    if not args.task or not args.json:
+        raise ValueError("llmppl eval needs --task and --json (or --plot FILE)")
+    return evaluate(args)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    import llmppl as pp
+
+    from .runner import EVAL_METHODS, Job, MethodSpec, ResultStore, method_config, method_namespace, run_eval
+    from .tasks import get_task
+
+    if args.n < 1 or args.particles < 1 or args.max_new_tokens < 1:
+        raise ValueError("--n, --particles and --max-new-tokens must be >= 1")
+    try:
+        task_config = json.loads(args.task_config)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--task-config is not JSON: {exc}") from None
+    specs = [MethodSpec.parse(m) for m in args.methods.split(",") if m.strip()]
+    if len({s.label for s in specs}) != len(specs):
+        raise ValueError(f"--methods lists a method twice: {args.methods}")
+    namespaces = [method_namespace(s, args) for s in specs]  # validates names and options early
+    task = get_task(args.task, task_config, seed=args.seed)
+    problems = task.problems(args.n)
+    store = ResultStore(args.json)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = pp.models.load_model(args.model, device=args.device, dtype=args.dtype)
+    chat = not args.no_chat and getattr(getattr(lm, "tokenizer", None), "chat_template", None) is not None
+    jobs = []
+    for spec, ns in zip(specs, namespaces):
+        alpha = ns.alpha if EVAL_METHODS[spec.name].sharpened else 1.0
+        target = pp.Target(lm, pp.Power(alpha), chat=chat)
+        jobs.append(Job(spec, EVAL_METHODS[spec.name].build(ns), target, method_config(spec, ns)))
+    run_config = {"model": args.model or "default", "task_config": task_config, "seed": args.seed,
+                  "max_new_tokens": args.max_new_tokens, "chat": chat}
+    ran = run_eval(task, problems, jobs, store, args.max_new_tokens, args.seed, run_config,
+                   progress=not args.quiet, time_limit=args.time_limit)
+    done = sum(1 for p in problems for j in jobs if (task.spec, p.index, j.spec.label) in store)
+    print(f"{ran} runs now, {done}/{len(problems) * len(jobs)} done in {args.json}", file=sys.stderr)
+    return 0

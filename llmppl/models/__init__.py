@@ -4,6 +4,7 @@ from .base import LanguageModel, LanguageModelError, LMState, UncachedState, val
 from .hf import HFLM, HFState
 from .registry import cache_dir, default_lm, load_model, register_model
 from .toy import NGramLM, TabularLM, pivotal_lm
+from . import fetch  # registers the fetchable models (llmppl models fetch NAME)
 
 __all__ = [
     "LanguageModel", "LanguageModelError", "LMState", "UncachedState", "validate_logprobs",

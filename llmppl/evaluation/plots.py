@@ -1,0 +1,164 @@
+"""Summaries of results files: a markdown table, paired tests, and two figures.
+
+``summarise(records)`` gives one row per (task, model, method): pass@1 (mean of the
+per-problem ``Σ W_i·correct_i``) with a bootstrap 95 % interval over problems, the
+accuracy of the returned answer with a Wilson interval, weighted majority vote,
+pass@N, mean ``log p``, tokens and seconds per problem.  ``paired_tests`` compares
+every two methods on the problems both finished (McNemar exact on the returned
+answers, paired bootstrap on pass@1).  ``report`` writes ``table.md``,
+``accuracy_vs_time.png`` and ``pass_at_k.png``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .runner import load_records
+from .stats import bootstrap_ci, mcnemar_exact, paired_bootstrap, pass_at_k, wilson
+
+Group = tuple[str, str]  # (task, model)
+
+
+def _groups(records: Iterable[dict[str, Any]]) -> dict[Group, dict[str, dict[int, dict[str, Any]]]]:
+    """(task, model) -> method -> problem -> record."""
+    out: dict[Group, dict[str, dict[int, dict[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
+    for r in records:
+        out[(r["task"], r["config"].get("model", "?"))][r["method"]][int(r["problem"])] = r
+    return out
+
+
+def pass_at_k_curve(recs: Iterable[dict[str, Any]]) -> np.ndarray:
+    """Mean over problems of the unbiased pass@k, ``k = 1..min_n`` (samples treated as draws)."""
+    recs = list(recs)
+    n_min = min(r["n_samples"] for r in recs)
+    return np.array([np.mean([pass_at_k(r["n_samples"], r["n_correct"], k) for r in recs])
+                     for k in range(1, n_min + 1)])
+
+
+def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary row per (task, model, method)."""
+    rows = []
+    for (task, model), methods in sorted(_groups(records).items()):
+        for method, by_problem in methods.items():
+            recs = list(by_problem.values())
+            n = len(recs)
+            pass1 = [r["pass1"] for r in recs]
+            k_best = sum(r["best_correct"] for r in recs)
+            rows.append({
+                "task": task, "model": model, "method": method, "problems": n,
+                "samples": recs[0]["n_samples"],
+                "pass1": float(np.mean(pass1)), "pass1_ci": bootstrap_ci(pass1),
+                "answer_acc": k_best / n, "answer_ci": wilson(k_best, n),
+                "maj": float(np.mean([r["maj_correct"] for r in recs])),
+                "pass_n": float(np.mean([r["n_correct"] > 0 for r in recs])),
+                "log_p": float(np.mean([r["log_p_mean"] for r in recs])),
+                "log_p_tok": float(np.mean([r["log_p_per_token"] for r in recs])),
+                "tokens": float(np.mean([r["tokens_decoded"] or r["output_tokens"] for r in recs])),
+                "seconds": float(np.mean([r["wall_time"] for r in recs])),
+                "pass_at_k": pass_at_k_curve(recs).tolist(),
+            })
+    return rows
+
+
+def paired_tests(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every pair of methods on the same (task, model), on the problems both finished."""
+    out = []
+    for (task, model), methods in sorted(_groups(records).items()):
+        for a, b in combinations(sorted(methods), 2):
+            common = sorted(set(methods[a]) & set(methods[b]))
+            if not common:
+                continue
+            ra, rb = [methods[a][i] for i in common], [methods[b][i] for i in common]
+            mc = mcnemar_exact([r["best_correct"] for r in ra], [r["best_correct"] for r in rb])
+            diff, lo, hi = paired_bootstrap([r["pass1"] for r in ra], [r["pass1"] for r in rb])
+            out.append({"task": task, "model": model, "a": a, "b": b, "problems": len(common),
+                        "a_only": mc.n10, "b_only": mc.n01, "mcnemar_p": mc.p_value,
+                        "pass1_diff": diff, "pass1_diff_ci": (lo, hi)})
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], tests: list[dict[str, Any]]) -> str:
+    """The summary table and the paired tests as markdown."""
+    head = ("| task | model | method | problems | N | pass@1 [95% CI] | returned answer [Wilson 95%] "
+            "| maj@N | pass@N | mean log p | log p / token | tokens / problem | s / problem |\n"
+            "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|\n")
+    body = "".join(
+        f"| {r['task']} | {r['model']} | {r['method']} | {r['problems']} | {r['samples']} "
+        f"| {r['pass1']:.3f} [{r['pass1_ci'][0]:.3f}, {r['pass1_ci'][1]:.3f}] "
+        f"| {r['answer_acc']:.3f} [{r['answer_ci'][0]:.3f}, {r['answer_ci'][1]:.3f}] "
+        f"| {r['maj']:.3f} | {r['pass_n']:.3f} | {r['log_p']:.2f} | {r['log_p_tok']:.3f} "
+        f"| {r['tokens']:.0f} | {r['seconds']:.1f} |\n" for r in rows)
+    text = head + body
+    if tests:
+        text += ("\nPaired tests on common problems (McNemar exact on the returned answers; "
+                 "paired bootstrap 95% CI of the pass@1 difference a − b):\n\n"
+                 "| task | model | a | b | problems | a right, b wrong | b right, a wrong | McNemar p "
+                 "| pass@1 a − b [95% CI] |\n|---|---|---|---|---:|---:|---:|---:|---|\n")
+        text += "".join(
+            f"| {t['task']} | {t['model']} | {t['a']} | {t['b']} | {t['problems']} | {t['a_only']} "
+            f"| {t['b_only']} | {t['mcnemar_p']:.3g} | {t['pass1_diff']:+.3f} "
+            f"[{t['pass1_diff_ci'][0]:+.3f}, {t['pass1_diff_ci'][1]:+.3f}] |\n" for t in tests)
+    return text
+
+
+def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """``accuracy_vs_time.png`` (pass@1 ± CI vs seconds/problem) and ``pass_at_k.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["task"], r["model"]) for r in rows})
+    paths = []
+    for fname, draw in (("accuracy_vs_time.png", _draw_accuracy), ("pass_at_k.png", _draw_pass_at_k)):
+        fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.6), squeeze=False)
+        for ax, g in zip(axes[0], groups):
+            draw(ax, [r for r in rows if (r["task"], r["model"]) == g])
+            ax.set_title(f"{g[0].split(':')[-1]}\n{g[1]}", fontsize=9)
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        path = out / fname
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _draw_accuracy(ax: Any, rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        lo, hi = r["pass1_ci"]
+        ax.errorbar(r["seconds"], r["pass1"], yerr=[[r["pass1"] - lo], [hi - r["pass1"]]], fmt="o",
+                    capsize=3, label=f"{r['method']} (n={r['problems']})")
+    ax.set_xlabel("wall time per problem (s)")
+    ax.set_ylabel("pass@1")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1)
+
+
+def _draw_pass_at_k(ax: Any, rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        ks = np.arange(1, len(r["pass_at_k"]) + 1)
+        ax.plot(ks, r["pass_at_k"], marker="o", ms=3, label=r["method"])
+    ax.set_xlabel("k")
+    ax.set_ylabel("pass@k (unbiased)")
+    ax.set_ylim(0, 1)
+
+
+def report(paths: list[str | Path], out: str | Path) -> str:
+    """Write ``table.md`` and the figures under ``out``; return the markdown."""
+    records = load_records(paths)
+    if not records:
+        raise ValueError(f"no records in {', '.join(map(str, paths))}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, tests = summarise(records), paired_tests(records)
+    text = markdown(rows, tests)
+    (out / "table.md").write_text(text)
+    plot(rows, out)
+    return text
