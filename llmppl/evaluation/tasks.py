@@ -18,7 +18,7 @@ from typing import Any
 #: the instruction appended to every numeric question (one format for all numeric tasks)
 NUMBER_FORMAT = "Solve the problem, then end your reply with a final line of the form 'Answer: <number>'."
 
-_ANSWER_LINE = re.compile(r"answer\s*(?:is)?\s*[:：=]\s*(.+)", re.IGNORECASE)
+_ANSWER_LINE = re.compile(r"answer(?:\s*[:：=]|\s+is\b\s*[:：=]?)\s*(.+)", re.IGNORECASE)
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 _NUMBER = re.compile(r"[-+−]?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
