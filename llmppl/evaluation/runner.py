@@ -182,6 +182,7 @@ def score_result(task: Task, problem: Problem, result: Result) -> dict[str, Any]
         "forward_passes": result.stats.get("forward_passes"),
         "output_tokens": int(sum(lengths)),
         "engine_wall_time": result.stats.get("wall_time"),
+        "engine": result.method,
     }
 
 
