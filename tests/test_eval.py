@@ -256,3 +256,34 @@ def test_cli_end_to_end_with_a_kill(tmp_path):
     assert "McNemar" in table and "lowtemp:particles=1" in table
     assert (tmp_path / "plots" / "accuracy_vs_time.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "pass_at_k.png").exists()
+
+
+# ------------------------------------------------------------ models fetch
+def test_fetch_concatenates_and_checks_size_and_sha256(tmp_path):
+    import hashlib
+
+    from llmppl.models.fetch import _concat_checked
+
+    parts = [tmp_path / f"part0{i}.bin" for i in (1, 2, 3)]
+    for i, p in enumerate(parts):
+        p.write_bytes(bytes([i]) * (1000 + i))
+    whole = b"".join(p.read_bytes() for p in parts)
+    sha = hashlib.sha256(whole).hexdigest()
+    dest = tmp_path / "cache" / "m.gguf"
+    _concat_checked(parts, dest, len(whole), sha)
+    assert dest.read_bytes() == whole
+    with pytest.raises(ValueError, match="sha256"):
+        _concat_checked(parts[::-1], tmp_path / "bad.gguf", len(whole), sha)  # wrong order
+    with pytest.raises(ValueError, match="bytes"):
+        _concat_checked(parts[:2], tmp_path / "bad.gguf", len(whole), sha)
+    assert not (tmp_path / "bad.gguf").exists() and not list(tmp_path.glob("bad.gguf.tmp*"))
+
+
+def test_fetchable_model_is_registered_and_says_how_to_fetch(tmp_path, monkeypatch):
+    from llmppl.models.fetch import FETCHABLE, model_status
+
+    monkeypatch.setenv("LLMPPL_CACHE", str(tmp_path))
+    assert "qwen2.5-coder-0.5b" in FETCHABLE
+    assert model_status("qwen2.5-coder-0.5b").startswith("fetchable")
+    with pytest.raises(FileNotFoundError, match="llmppl models fetch qwen2.5-coder-0.5b"):
+        pp.models.load_model("qwen2.5-coder-0.5b")
