@@ -9,6 +9,15 @@ from collections.abc import Callable
 BENCHMARKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
 
+def _register_builtin() -> None:
+    from . import latency
+
+    BENCHMARKS["latency"] = (latency.add_arguments, latency.run)
+
+
+_register_builtin()
+
+
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (latency, methods)")
     inner = p.add_subparsers(dest="benchmark", required=True)
