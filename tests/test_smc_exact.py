@@ -238,3 +238,10 @@ def test_nan_from_the_lm_names_the_step():
     target = pp.Target(NaNLM(vocab_size=4, seed=0, eos_boost=1e-3), pp.Power(2.0))
     with pytest.raises(ValueError, match="NaN.*row|particle"):
         pp.SMC(4).run(target, PROMPT, T, seed=0)
+
+
+@pytest.mark.parametrize("proposal", [pp.proposals.TopK(1, epsilon=0.2), pp.proposals.TopP(0.5, epsilon=0.2)])
+def test_restricted_proposals_stay_exact(proposal):
+    target = pp.Target(lm_of("d"), pp.Power(2.0))
+    tv, _ = smc_tv(pp.SMC(500, proposal=proposal), target, runs=5)
+    assert tv < 0.04
