@@ -183,9 +183,12 @@ class SMC:
                     self._maybe_resample(run, t, a)
                 else:
                     self._record_no_resampling(run)
-                new_depth = max(len(run.state.tokens[i]) + len(run.parts.tail[i]) for i in range(run.parts.n))
-                bar.update(new_depth - depth)
-                depth = new_depth
+                if self.progress:
+                    new_depth = max(len(run.state.tokens[i]) + len(run.parts.tail[i])
+                                    for i in range(run.parts.n))
+                    bar.update(new_depth - depth)
+                    bar.set_postfix(ess=f"{run.steps['ess'][-1]:.1f}", a=f"{a:g}")
+                    depth = new_depth
                 a_prev = a
         finally:
             bar.close()
