@@ -301,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
             "smc_forward_passes": smc["forward_passes"], "smc_tokens_decoded": smc["tokens_decoded"],
             "dynamic_bN_ms": None if args.no_dynamic else time_dynamic(lm, prompt, n, W, S, gen),
             "smc_engine": None if args.no_engine else time_smc_engine(
-                lm, prompt, n, args.alpha, S, 1.01 if args.force_resample else args.ess_threshold, args.seed),
+                lm, prompt, n, args.alpha, S, 1.0 if args.force_resample else args.ess_threshold, args.seed),
             "cost_model": cost_model(n, S, args.prompt_len, args.mh_block, args.mh_steps),
         }
         out["runs"].append(row)
