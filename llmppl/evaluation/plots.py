@@ -1,6 +1,7 @@
 """Summaries of results files: a markdown table, paired tests, and two figures.
 
-``summarise(records)`` gives one row per (task, model, method): pass@1 (mean of the
+``summarise(records)`` gives one row per (task, model, method), on the problems that
+every method of the (task, model) finished: pass@1 (mean of the
 per-problem ``Σ W_i·correct_i``) with a bootstrap 95 % interval over problems, the
 accuracy of the returned answer with a Wilson interval, weighted majority vote,
 pass@N, mean ``log p``, tokens and seconds per problem.  ``paired_tests`` compares
@@ -41,12 +42,15 @@ def pass_at_k_curve(recs: Iterable[dict[str, Any]]) -> np.ndarray:
                      for k in range(1, n_min + 1)])
 
 
-def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One summary row per (task, model, method)."""
+def summarise(records: list[dict[str, Any]], common: bool = True) -> list[dict[str, Any]]:
+    """One summary row per (task, model, method); ``common``: only problems every method finished."""
     rows = []
     for (task, model), methods in sorted(_groups(records).items()):
+        shared = set.intersection(*(set(m) for m in methods.values()))
         for method, by_problem in methods.items():
-            recs = list(by_problem.values())
+            recs = [r for i, r in sorted(by_problem.items()) if not common or i in shared]
+            if not recs:
+                continue
             n = len(recs)
             pass1 = [r["pass1"] for r in recs]
             k_best = sum(r["best_correct"] for r in recs)
@@ -85,7 +89,7 @@ def paired_tests(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown(rows: list[dict[str, Any]], tests: list[dict[str, Any]]) -> str:
     """The summary table and the paired tests as markdown."""
-    head = ("| task | model | method | problems | N | pass@1 [95% CI] | returned answer [Wilson 95%] "
+    head = ("Rows use the problems that every method of the task finished.\n\n| task | model | method | problems | N | pass@1 [95% CI] | returned answer [Wilson 95%] "
             "| maj@N | pass@N | mean log p | log p / token | tokens / problem | s / problem |\n"
             "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|\n")
     body = "".join(
@@ -108,19 +112,24 @@ def markdown(rows: list[dict[str, Any]], tests: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    """``accuracy_vs_time.png`` (pass@1 ± CI vs seconds/problem) and ``pass_at_k.png``."""
+    """``accuracy_vs_time.png`` (pass@1 ± CI vs seconds and vs tokens per problem) and ``pass_at_k.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = sorted({(r["task"], r["model"]) for r in rows})
+    figures = (("accuracy_vs_time.png", (_accuracy_vs("seconds", "wall time per problem (s)"),
+                                         _accuracy_vs("tokens", "tokens decoded per problem"))),
+               ("pass_at_k.png", (_draw_pass_at_k,)))
     paths = []
-    for fname, draw in (("accuracy_vs_time.png", _draw_accuracy), ("pass_at_k.png", _draw_pass_at_k)):
-        fig, axes = plt.subplots(1, len(groups), figsize=(4.5 * len(groups), 3.6), squeeze=False)
-        for ax, g in zip(axes[0], groups):
-            draw(ax, [r for r in rows if (r["task"], r["model"]) == g])
-            ax.set_title(f"{g[0].split(':')[-1]}\n{g[1]}", fontsize=9)
+    for fname, draws in figures:
+        fig, axes = plt.subplots(len(draws), len(groups), figsize=(4.5 * len(groups), 3.4 * len(draws)),
+                                 squeeze=False)
+        for row, draw in zip(axes, draws):
+            for ax, g in zip(row, groups):
+                draw(ax, [r for r in rows if (r["task"], r["model"]) == g])
+                ax.set_title(f"{g[0].split(':')[-1]} — {g[1]}", fontsize=9)
         axes[0][0].legend(fontsize=7)
         fig.tight_layout()
         path = out / fname
@@ -130,15 +139,18 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
-def _draw_accuracy(ax: Any, rows: list[dict[str, Any]]) -> None:
-    for r in rows:
-        lo, hi = r["pass1_ci"]
-        ax.errorbar(r["seconds"], r["pass1"], yerr=[[r["pass1"] - lo], [hi - r["pass1"]]], fmt="o",
-                    capsize=3, label=f"{r['method']} (n={r['problems']})")
-    ax.set_xlabel("wall time per problem (s)")
-    ax.set_ylabel("pass@1")
-    ax.set_xscale("log")
-    ax.set_ylim(0, 1)
+def _accuracy_vs(key: str, label: str):
+    def draw(ax: Any, rows: list[dict[str, Any]]) -> None:
+        for r in rows:
+            lo, hi = r["pass1_ci"]
+            ax.errorbar(r[key], r["pass1"], yerr=[[r["pass1"] - lo], [hi - r["pass1"]]], fmt="o",
+                        capsize=3, label=f"{r['method']} (n={r['problems']})")
+        ax.set_xlabel(label)
+        ax.set_ylabel("pass@1 (95% CI)")
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1)
+
+    return draw
 
 
 def _draw_pass_at_k(ax: Any, rows: list[dict[str, Any]]) -> None:
@@ -150,14 +162,14 @@ def _draw_pass_at_k(ax: Any, rows: list[dict[str, Any]]) -> None:
     ax.set_ylim(0, 1)
 
 
-def report(paths: list[str | Path], out: str | Path) -> str:
+def report(paths: list[str | Path], out: str | Path, common: bool = True) -> str:
     """Write ``table.md`` and the figures under ``out``; return the markdown."""
     records = load_records(paths)
     if not records:
         raise ValueError(f"no records in {', '.join(map(str, paths))}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, tests = summarise(records), paired_tests(records)
+    rows, tests = summarise(records, common), paired_tests(records)
     text = markdown(rows, tests)
     (out / "table.md").write_text(text)
     plot(rows, out)
