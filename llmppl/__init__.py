@@ -11,6 +11,7 @@ from . import exact, models, targets
 from .inference import proposals, resampling
 from .inference.result import Result
 from .targets import Constraint, Power, RewardTilt, Target, Tempered
+from .targets import rewards
 
 __version__ = "0.1.0"
 
