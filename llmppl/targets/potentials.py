@@ -216,11 +216,13 @@ class Constraint(Potential):
 def _static_mask(mask: torch.Tensor | Sequence[int]) -> torch.Tensor:
     """A fixed mask as a (V,) bool tensor or a 1-D tensor of allowed ids; refuses one that allows nothing."""
     t = torch.as_tensor(sorted(mask) if isinstance(mask, (set, frozenset)) else mask)
+    if t.numel() == 0:
+        raise ValueError("the constraint mask allows no token: nothing can satisfy it")
     if t.dtype != torch.bool:
         if t.is_floating_point() or t.dim() != 1:
             raise ValueError("a fixed constraint mask is a (V,) bool tensor or a list of allowed token ids")
         t = t.long()
-    if t.numel() == 0 or (t.dtype == torch.bool and not bool(t.any())):
+    if t.dtype == torch.bool and not bool(t.any()):
         raise ValueError("the constraint mask allows no token: nothing can satisfy it")
     return t
 
