@@ -35,7 +35,8 @@ def test_answer_checker_reads_the_last_number(n, other):
 
 def test_answer_checker_marker_and_regex_reward():
     check = R.AnswerChecker(12, marker="Answer:", correct=2.0, wrong=-1.0)
-    assert check([C("3*4 = 12"), C("3*4 = 12\nAnswer: 12"), C("Answer: 13")]) == [-1.0, 2.0, -1.0]
+    texts = ["3*4 = 12", "3*4 = 12\nAnswer: 12\n\nQ: 5 + 6?\nAnswer: 11", "Answer: 13"]
+    assert check([C(t) for t in texts]) == [-1.0, 2.0, -1.0]
     r = R.regex_reward(r"\d+", fullmatch=True)
     assert r([C("123"), C("12a"), C("")]) == [1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="expected"):

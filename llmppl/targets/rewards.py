@@ -75,9 +75,10 @@ def regex_reward(pattern: str | re.Pattern, match: float = 1.0, miss: float = 0.
 class AnswerChecker:
     """``r(y) = correct`` if the last number in ``y`` equals ``expected`` (within ``tol``), else ``wrong``.
 
-    Works for arithmetic word problems whose answer is a number; ``marker`` (e.g.
-    ``"Answer:"``) restricts the search to the text after its last occurrence, and a
-    completion without the marker or without a number scores ``wrong``.
+    Works for arithmetic word problems whose answer is a number.  With ``marker`` (e.g.
+    ``"Answer:"``) the answer is instead the first number after the marker's first
+    occurrence (whatever follows it is ignored); a completion without the marker or
+    without a number scores ``wrong``.
     """
 
     def __init__(self, expected: float, correct: float = 1.0, wrong: float = 0.0,
@@ -92,11 +93,12 @@ class AnswerChecker:
         self.__name__ = f"AnswerChecker({self.expected:g})"
 
     def answer(self, text: str) -> float | None:
-        if self.marker is not None:
-            if self.marker not in text:
-                return None
-            text = text.rsplit(self.marker, 1)[1]
-        return last_number(text)
+        if self.marker is None:
+            return last_number(text)
+        if self.marker not in text:
+            return None
+        found = NUMBER.search(text.split(self.marker, 1)[1])
+        return None if found is None else float(found.group().replace(",", "").replace("−", "-"))
 
     def __call__(self, completions: list[Completion]) -> list[float]:
         out = []
