@@ -71,8 +71,8 @@ def pooled(smc, target, runs):
         samples += res.samples
         weights += list(res.weights / runs)
         ess.append(res.final_ess)
-        if target.has_twist and ("untwist" in res.steps or smc.step == pp.steps.STEPS["token"]):
-            shift.append(twd.untwist_shift(res, target))
+        if target.has_twist:
+            shift.append(twd.untwist_shift(res))
     return samples, weights, float(np.mean(ess)), float(np.mean(shift)) if shift else math.nan
 
 
@@ -105,8 +105,7 @@ def test_good_and_bad_twists_are_exact(step):
     print(f"final ESS: good twist {ess_good / 2000:.3f} N, bad twist {ess_bad / 4000:.3f} N; "
           f"untwist moved {shift_good:.3f} vs {shift_bad:.3f}")
     assert ess_good / 2000 > ess_bad / 4000
-    if not math.isnan(shift_good):
-        assert shift_good < shift_bad
+    assert shift_good < shift_bad
 
 
 def test_twist_trace_follows_the_lineages():
@@ -121,6 +120,17 @@ def test_twist_trace_follows_the_lineages():
         want = [v / beta for v in value([pp.targets.Completion(y[:t], None, False) for t in range(1, body + 1)])]
         assert trace[:body, i] == pytest.approx(want)
         assert trace[body, i] == 0.0                       # promoted: the twist is removed
+
+
+def test_recorded_untwist_matches_the_target():
+    """``steps["untwist"]`` (recorded by SMC) equals ``log φ_complete − log ψ`` recomputed from the target."""
+    target = pp.Target(LM, pp.Power(2.0) * pp.RewardTilt(reward, 0.5, process_reward=noise))
+    res = pp.SMC(64, ess_threshold=1.0).run(target, PROMPT, T, seed=5)
+    assert len(res.steps["untwist"]) == len(res.steps["twist"]) == len(res.steps["ess"])
+    recorded = twd.untwist_increments(res)
+    del res.steps["untwist"]
+    assert recorded == pytest.approx(twd.untwist_increments(res, target))
+    assert 0.0 < twd.untwist_shift(res, target) < 1.0
 
 
 # ------------------------------------------------------- runs fail loudly

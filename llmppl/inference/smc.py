@@ -291,20 +291,24 @@ class SMC:
         parts = run.parts
         ended = (parts.finished | parts.truncated) & ~parts.dead & ~parts.promoted
         rows = ended.nonzero().flatten()
-        if not len(rows):
-            return
-        inc[rows] += (run.alpha - a) * parts.log_p[rows] - parts.log_twist[rows]
-        parts.log_twist[rows] = 0.0
-        if run.target.has_complete:
+        untwist = torch.zeros(parts.n, dtype=torch.float64)  # log φ_complete − log ψ removed (diagnostics)
+        if len(rows):
+            inc[rows] += (run.alpha - a) * parts.log_p[rows] - parts.log_twist[rows]
+            untwist[rows] -= parts.log_twist[rows]
+            parts.log_twist[rows] = 0.0
+        if len(rows) and run.target.has_complete:
             idx = rows.tolist()
             batch = run.target.batch(run.prompt, [run.state.tokens[i] + parts.tail[i] for i in idx], None,
                                      parts.finished[rows].tolist(), parts.truncated[rows].tolist())
             lc = run.target.log_complete(batch)
             inc[rows] += lc
+            untwist[rows] += lc
             for k in (~torch.isfinite(lc)).nonzero().flatten().tolist():
                 run.causes.setdefault(idx[k], "log_complete is -inf (a constraint or reward on "
                                       "finished completions rejects it)")
         parts.promoted[rows] = True
+        if run.target.has_twist:
+            run.record(untwist=untwist.tolist())
 
     def _update_twists(self, run: _Run, inc: torch.Tensor) -> None:
         """``+ log ψ_t(y_≤t) − log ψ_{t−1}(y_<t)`` for particles still running."""
