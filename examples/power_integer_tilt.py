@@ -2,7 +2,7 @@
 
 Target: π(y) ∝ p(y|x)^4 · exp(r(y)/0.5), r(y) = 1 when the last number in y is an
 integer — sharpened sampling that also prefers integer answers.  Runs on CPU in
-well under a minute:  python examples/power_integer_tilt.py
+well under a minute:  python examples/power_integer_tilt.py  (after pip install -e .)
 """
 
 import os

@@ -8,7 +8,7 @@ cancel — the answer checker alone defines the target.  Segment steps: every pa
 writes up to the next newline (pp.steps.Until("\\n")), then particles are reweighted
 and resampled.
 
-    python examples/prm_arithmetic.py          (CPU, under a minute)
+    python examples/prm_arithmetic.py    (after pip install -e .; CPU, under a minute)
 """
 
 import os

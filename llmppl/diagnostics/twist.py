@@ -3,18 +3,17 @@
 * :func:`twist_trace`: the per-step twist values ``log ψ_t`` of every particle
   (``Result.steps["twist"]``), optionally followed back along the final particles'
   ancestries (:func:`lineages`).
-* :func:`untwist_shift`: how much the final untwist moved the weights,
-  ``TV(W^ψ, W) = ½ Σ_i |W^ψ_i − W_i|``, where ``W`` are the final normalised weights and
-  ``W^ψ ∝ w_i · ψ(y_i) / φ(y_i)`` those the particles would have if the last twist
-  were kept instead of being replaced by the true terminal potential ``φ``
-  (``log w^ψ_i = log w_i − u_i``, ``u_i = log φ_complete(y_i) − log ψ_removed(y_i)``).
-  0 means the twist predicted the reward perfectly (up to a constant); near 1 means
+* :func:`untwist_shift`: how much the final untwist moved the weights.  A particle
+  that ends swaps its last twist ``ψ`` for the terminal potential ``φ``, an increment
+  ``u_i = log φ_complete(y_i) − log ψ_removed(y_i)`` (``Result.steps["untwist"]``).
+  At each step, ``TV(W^ψ, W) = ½ Σ_i |W^ψ_i − W_i|`` between the normalised weights with
+  (``W``) and without (``W^ψ ∝ W e^{−u}``) those increments, combined over steps as
+  ``1 − Π_t (1 − TV_t)``.  0 means
+  the twists predicted the terminal values perfectly (up to a constant); near 1 means
   the final reweighting overturned what the twists had selected.
-
-``u_i`` comes from ``Result.steps["untwist"]`` (per step, the increment each particle
-got when promoted; summed along its ancestry) when the engine records it; otherwise
-it is recomputed from the target for token-level steps (a particle ending at step
-``t`` had its twist evaluated on ``y`` without EOS, or without the cut token).
+* :func:`untwist_increments`: ``u_i`` of the final particles, summed along their
+  ancestries, or recomputed from the target for token-level steps (a particle ending
+  at step ``t`` had its twist evaluated on ``y`` without EOS, or without the cut token).
 """
 
 from __future__ import annotations
@@ -88,12 +87,29 @@ def _normalise(lw: np.ndarray) -> np.ndarray:
     return w / w.sum()
 
 
-def untwist_shift(result: Any, target: Any = None) -> float:
-    """``TV(W^ψ, W)``: the fraction of weight the final untwist moved (see module docstring)."""
-    lw = np.asarray(result.log_weights, dtype=np.float64)
-    u = untwist_increments(result, target)
-    before = np.where(np.isfinite(lw), lw - np.where(np.isfinite(u), u, 0.0), -np.inf)
-    return float(0.5 * np.abs(_normalise(before) - _normalise(lw)).sum())
+def untwist_shifts(result: Any) -> list[float]:
+    """Per step, ``TV(W^ψ_t, W_t)``: the weight moved by the untwists of the particles that ended then.
+
+    ``W_t`` are the step's normalised weights (before resampling), ``W^ψ_t ∝ W_t · e^{−u_t}``
+    those with the ended particles' last twist kept; 0 at steps where nobody ended.
+    """
+    un = np.asarray(_require(result, "untwist"), dtype=np.float64)
+    lw = np.asarray(_require(result, "log_weights"), dtype=np.float64)
+    out = []
+    for L, u in zip(lw, un):
+        if not np.any(u != 0):
+            out.append(0.0)
+            continue
+        before = np.where(np.isfinite(L), L - np.where(np.isfinite(u), u, 0.0), -np.inf)
+        out.append(float(0.5 * np.abs(_normalise(before) - _normalise(L)).sum()))
+    return out
+
+
+def untwist_shift(result: Any) -> float:
+    """The fraction of weight the final untwist moved: ``1 − Π_t (1 − TV(W^ψ_t, W_t))`` (see
+    :func:`untwist_shifts`), in [0, 1]; when every particle ends at the same step it is ``TV(W^ψ, W)``.
+    """
+    return float(1.0 - np.prod([1.0 - x for x in untwist_shifts(result)]))
 
 
 def plot_twists(result: Any, ax: Any = None) -> Any:
@@ -115,4 +131,4 @@ def plot_twists(result: Any, ax: Any = None) -> Any:
     return ax
 
 
-__all__ = ["lineages", "twist_trace", "untwist_increments", "untwist_shift", "plot_twists"]
+__all__ = ["lineages", "twist_trace", "untwist_increments", "untwist_shifts", "untwist_shift", "plot_twists"]
