@@ -205,7 +205,7 @@ class SMC:
             if "lp" not in cache:
                 lp = run.state.logprobs(alive).double()
                 batch = run.target.batch(run.prompt, [run.state.tokens[i] for i in alive.tolist()], lp)
-                other = _other_next(run.target, batch)
+                other = run.target.log_next_other(batch)
                 cache["lp"] = lp.cpu()
                 cache["other"] = (torch.zeros_like(lp) if other is None else other.double()).cpu()
             out = torch.zeros(parts.n, dtype=torch.float64)
@@ -278,7 +278,7 @@ class SMC:
         lp_v = lp.gather(1, col).squeeze(1).double().cpu()
         lq_v = log_q.gather(1, col.to(log_q.device)).squeeze(1).double().cpu()
         tok_inc = a * lp_v - lq_v
-        other = _other_next(run.target, batch)
+        other = run.target.log_next_other(batch)
         if other is not None:
             other_v = other.gather(1, col.to(other.device)).squeeze(1).double().cpu()
             run.parts.log_other[active] += other_v
@@ -419,12 +419,6 @@ class SMC:
 
 
 # ------------------------------------------------------------------ helpers
-def _other_next(target: Target, batch: Any) -> torch.Tensor | None:
-    """``Σ_k log φ_k^next`` of the non-``Power`` token-level factors, or None."""
-    other = getattr(target, "_other", None)
-    return None if other is None else other.log_next(batch)
-
-
 def _check_logprobs(lp: torch.Tensor, rows: torch.Tensor, t: int, name: str) -> None:
     bad = torch.isnan(lp).any(dim=1) | torch.isposinf(lp).any(dim=1)
     if bool(bad.any()):
