@@ -153,3 +153,4 @@ class FromLM(Proposal):
 
     def __repr__(self) -> str:
         return f"FromLM({self.lm.name}, tau={self.tau:g})"
+from .lookahead import Lookahead  # noqa: E402,F401  (defined in lookahead.py)
