@@ -29,13 +29,14 @@ from ..targets.target import Target
 from .common import Stopwatch, peak_memory, prepare_run
 from .decode import Decoded, advance, end_terms
 from .moves import MoveContext
-from .proposals import LocallyOptimal, Proposal, Tempered
+from .proposals import LocallyOptimal, Proposal
 from .result import Result
 
 
 def default_proposal(exponent: float) -> Proposal:
-    """``Tempered(1/a)`` (``q ∝ p^a``); ``LocallyOptimal`` when the target has no ``Power`` factor."""
-    return Tempered(None) if exponent > 0 else LocallyOptimal()
+    """``q ∝ exp(target.log_next(·, a))``: ``Tempered(1/a)`` (``q ∝ p^a``) for a ``Power`` target,
+    and it also respects token masks and other token-level factors."""
+    return LocallyOptimal()
 
 
 def _uniform_index(lengths: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -105,7 +106,8 @@ class _Chains:
 class MH:
     """Block MH over ``γ``: stages of ``block_size`` tokens, ``n_mcmc`` suffix moves per stage.
 
-    ``proposal`` defaults to ``Tempered(1/α)`` (``q ∝ p^α``).  Chains run batched;
+    ``proposal`` defaults to ``q ∝ exp(target.log_next)``, i.e. ``Tempered(1/α)`` (``q ∝ p^α``)
+    for a ``Power`` target (token masks and other token-level factors included).  Chains run batched;
     the result holds their final states with uniform weights.
     """
 
