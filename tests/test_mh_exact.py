@@ -114,3 +114,20 @@ def test_bad_input():
         pp.MH(block_size=2, n_mcmc=1).run(target, [0], 4, chains=0)
     with pytest.raises(ValueError, match="random"):
         pp.MH(block_size=2, n_mcmc=1, proposal=pp.proposals.Lookahead(2, 2, 2))
+
+
+def test_default_model_kv_reuse_matches_uncached_density(smollm, chat_prompt):
+    """On the HF backend the suffix proposals reuse the prefix KV cache (reorder + truncate);
+    the chains' log p must equal an uncached recomputation."""
+    target = pp.Target(smollm, pp.Power(4.0))
+    res = pp.MH(block_size=3, n_mcmc=2).run(target, chat_prompt, 6, chains=2, seed=0)
+    eos = smollm.eos_token_id
+    seqs = [s + [eos] if f else s for s, f in zip(res.samples, res.finished)]
+    ref = pp.Target(smollm).log_density(chat_prompt, seqs, 6)
+    assert torch.allclose(torch.tensor(res.log_p, dtype=torch.float64), ref, atol=2e-3)
+    assert res.stats["forward_passes"] < 40 and all(isinstance(t, str) for t in res.texts)
+
+
+def test_stateful_proposals_are_refused():
+    with pytest.raises(ValueError, match="stateless"):
+        pp.MH(block_size=2, n_mcmc=1, proposal=pp.proposals.FromLM(NGramLM(vocab_size=4, seed=1)))

@@ -117,3 +117,62 @@ def test_zero_reverse_probability_is_an_error():
                       twist, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="zero probability"):
         pp.MH(block_size=1, n_mcmc=1, proposal=NoZero()).move(ctx)
+
+
+# ----------------------------------------------------------------- inside SMC
+SMC_LM = NGramLM(vocab_size=4, order=2, seed=5, concentration=2.0, eos_boost=2.0)
+
+
+class Counting:
+    """Wraps a kernel; records the number of distinct particles before and after each move."""
+
+    def __init__(self, inner):
+        self.inner, self.before, self.after = inner, [], []
+
+    def move(self, ctx):
+        distinct = lambda: len({tuple(ctx.state.tokens[r]) for r in ctx.rows.tolist()})  # noqa: E731
+        self.before.append(distinct())
+        accepted = self.inner.move(ctx)
+        self.after.append(distinct())
+        return accepted
+
+
+def _pooled_tv(smc, target, runs):
+    exact = enumerate_target(target, [0], 5)
+    samples, weights = [], []
+    for r in range(runs):
+        res = smc.run(target, [0], 5, seed=r)
+        samples += res.samples
+        weights += list(res.weights / runs)
+    return exact.tv(samples, weights), res
+
+
+def test_resample_move_keeps_smc_exact():
+    target = pp.Target(SMC_LM, pp.Power(4.0))
+    tv0, _ = _pooled_tv(pp.SMC(300, ess_threshold=1.0), target, 4)
+    tv1, res = _pooled_tv(pp.SMC(300, ess_threshold=1.0, rejuvenate=pp.MH(block_size=1, n_mcmc=2)),
+                          target, 4)
+    print(f"TV to p^4: SMC {tv0:.4f}, SMC + MH moves {tv1:.4f}")
+    assert tv1 < 0.04
+    assert res.stats["moves_accepted"] > 0 and sum(res.steps["moves_accepted"]) == res.stats["moves_accepted"]
+
+
+class NoEOS(NGramLM):
+    def next_logprobs(self, sequences):
+        lp = super().next_logprobs(sequences).double()
+        lp[:, self.eos_token_id] = -math.inf
+        return torch.log_softmax(lp, -1).float()
+
+
+def test_resample_move_raises_the_number_of_distinct_particles():
+    """Base proposal for p^4 on a 32-token vocabulary: weights degenerate, resampling duplicates;
+    the moves spread the copies out (distinct prefixes counted right before and after each move)."""
+    target = pp.Target(NoEOS(vocab_size=32, order=2, seed=1, concentration=3.0), pp.Power(4.0))
+    kernel = Counting(pp.MH(block_size=1, n_mcmc=2))
+    smc = pp.SMC(32, proposal=pp.proposals.Base(), rejuvenate=kernel)
+    for r in range(3):
+        smc.run(target, [0], 8, seed=r)
+    before, after = sum(kernel.before), sum(kernel.after)
+    print(f"{len(kernel.before)} resampling steps: distinct particles {before} after resampling, "
+          f"{after} after the moves")
+    assert after > 1.3 * before

@@ -12,6 +12,11 @@ and ``q(v) ∝ exp(target.log_next(v)) · ζ̂(v)`` (``= p(v)^α ζ̂(v)`` for a
 Tokens outside the top-k keep their ``p^α`` mass times the smallest candidate ``ζ̂``,
 so ``q`` covers the target's support and SMC weights (``− log q``) stay exact.
 
+``floor = ε`` mixes in the locally optimal proposal, ``q = (1−ε)·q_ζ̂ + ε·q_0`` with
+``q_0 ∝ exp(target.log_next)`` (``∝ p^α``): a defensive mixture that bounds the SMC
+weights by ``1/ε`` times Power-SMC's, since ``ζ̂`` (a mean of ``p(f)^{α−1}``) is
+heavy-tailed and a few rollouts can underrate a good token by orders of magnitude.
+
 ``jackknife=True`` replaces the plug-in ``q̂ = g(ζ̂)`` (biased: a ratio of estimates)
 by ``M·g(ζ̂) − (M−1)/M · Σ_j g(ζ̂_{−j})`` where ``ζ̂_{−j}`` leaves rollout ``j`` out for
 every candidate; this cancels the ``O(1/M)`` bias of ``E[q̂]``.  It is clipped below at
@@ -43,13 +48,16 @@ class Lookahead(Proposal):
     stochastic = True
 
     def __init__(self, top_k: int = 4, rollouts: int = 2, horizon: int = 8,
-                 jackknife: bool = False) -> None:
+                 jackknife: bool = False, floor: float = 0.1) -> None:
         self.top_k = _check("top_k", top_k)
         self.rollouts = _check("rollouts", rollouts)
         self.horizon = _check("horizon", horizon)
         if jackknife and rollouts < 2:
             raise ValueError("the jackknife needs rollouts >= 2")
         self.jackknife = bool(jackknife)
+        if not 0.0 <= float(floor) <= 1.0:
+            raise ValueError(f"floor must be in [0, 1], got {floor!r}")
+        self.floor = float(floor)
         #: completions end after this many tokens (EOS included): caps each rollout; None = no cap
         self.max_new_tokens: int | None = None
         self.forward_passes = 0
@@ -57,7 +65,8 @@ class Lookahead(Proposal):
 
     def __repr__(self) -> str:
         jk = ", jackknife=True" if self.jackknife else ""
-        return f"Lookahead(top_k={self.top_k}, rollouts={self.rollouts}, horizon={self.horizon}{jk})"
+        return (f"Lookahead(top_k={self.top_k}, rollouts={self.rollouts}, horizon={self.horizon}, "
+                f"floor={self.floor:g}{jk})")
 
     # ------------------------------------------------------------ rollouts
     def _future_logp(self, ctx: ProposalContext, cand: torch.Tensor) -> torch.Tensor:
@@ -105,6 +114,15 @@ class Lookahead(Proposal):
         return torch.log_softmax(out, dim=-1)
 
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
+        log_q = self._lookahead_log_q(ctx)
+        if self.floor == 0.0:
+            return log_q
+        base = torch.log_softmax(ctx.target.log_next(ctx.batch, exponent=float(ctx.exponent)).double(), -1)
+        if self.floor == 1.0:
+            return base
+        return torch.logaddexp(log_q + math.log1p(-self.floor), base + math.log(self.floor))
+
+    def _lookahead_log_q(self, ctx: ProposalContext) -> torch.Tensor:
         if ctx.state is None or ctx.rows is None:
             raise ValueError("Lookahead needs the engine's LM state and rows in the ProposalContext")
         a = float(ctx.exponent)

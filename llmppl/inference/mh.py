@@ -29,7 +29,7 @@ from ..targets.target import Target
 from .common import Stopwatch, peak_memory, prepare_run
 from .decode import Decoded, advance, end_terms
 from .moves import MoveContext
-from .proposals import LocallyOptimal, Proposal
+from .proposals import FromLM, LocallyOptimal, Proposal
 from .result import Result
 
 
@@ -37,6 +37,13 @@ def default_proposal(exponent: float) -> Proposal:
     """``q ∝ exp(target.log_next(·, a))``: ``Tempered(1/a)`` (``q ∝ p^a``) for a ``Power`` target,
     and it also respects token masks and other token-level factors."""
     return LocallyOptimal()
+
+
+def _stateful(proposal: Proposal | None) -> bool:
+    """A proposal with its own decoding state (FromLM, possibly wrapped) cannot follow truncations."""
+    if proposal is None:
+        return False
+    return isinstance(proposal, FromLM) or _stateful(getattr(proposal, "inner", None))
 
 
 def _uniform_index(lengths: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -124,8 +131,8 @@ class MH:
                 f"MH needs a proposal whose q is a fixed function of the prefix; {proposal!r} is "
                 "random (its reverse-move probability cannot be evaluated): use it inside SMC"
             )
-        if proposal is not None and type(proposal).on_extend is not Proposal.on_extend:
-            raise ValueError(f"MH supports stateless proposals only, got {proposal!r}")
+        if _stateful(proposal):
+            raise ValueError(f"MH supports stateless proposals only (no FromLM), got {proposal!r}")
         self.block_size = block_size
         self.n_mcmc = n_mcmc
         self.proposal = proposal

@@ -20,8 +20,9 @@ class ScalablePower:
     """``n`` completions drawn from the look-ahead proposal of ``p^α`` (``α`` = the target's exponent)."""
 
     def __init__(self, top_k: int = 4, rollouts: int = 2, horizon: int = 8, n: int = 1,
-                 jackknife: bool = False) -> None:
-        self.lookahead = Lookahead(top_k=top_k, rollouts=rollouts, horizon=horizon, jackknife=jackknife)
+                 jackknife: bool = False, floor: float = 0.0) -> None:
+        self.lookahead = Lookahead(top_k=top_k, rollouts=rollouts, horizon=horizon, jackknife=jackknife,
+                                   floor=floor)
         self.n = _check_n(n)
 
     def run(self, target: Target, prompt, max_new_tokens: int, seed: int | None = None) -> Result:
@@ -30,7 +31,7 @@ class ScalablePower:
         la.forward_passes = la.tokens_decoded = 0
         res, _ = decode_run("scalable_power", la, self.n, target, prompt, max_new_tokens, seed,
                             {"top_k": la.top_k, "rollouts": la.rollouts, "horizon": la.horizon,
-                             "jackknife": la.jackknife})
+                             "jackknife": la.jackknife, "floor": la.floor})
         res.stats["forward_passes"] += la.forward_passes
         res.stats["tokens_decoded"] += la.tokens_decoded
         res.stats["rollout_tokens"] = la.tokens_decoded
