@@ -20,7 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-PROMPT = "What is 17 times 23? Think step by step, then give the answer."
+PROMPT = "Explain in a few sentences why the sky is blue."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -33,12 +33,6 @@ from .proposals import FromLM, LocallyOptimal, Proposal
 from .result import Result
 
 
-def default_proposal(exponent: float) -> Proposal:
-    """``q ∝ exp(target.log_next(·, a))``: ``Tempered(1/a)`` (``q ∝ p^a``) for a ``Power`` target,
-    and it also respects token masks and other token-level factors."""
-    return LocallyOptimal()
-
-
 def _stateful(proposal: Proposal | None) -> bool:
     """A proposal with its own decoding state (FromLM, possibly wrapped) cannot follow truncations."""
     if proposal is None:
@@ -91,7 +85,8 @@ class _Chains:
         keep = torch.arange(T)[None, :] < start[:, None]
         for f in self.FIELDS:
             arr = getattr(self, f)
-            arr[rows] = torch.where(keep, arr[rows], torch.full_like(arr[rows], -1 if f == "tokens" else -math.inf))
+            blank = torch.full_like(arr[rows], -1 if f == "tokens" else -math.inf)
+            arr[rows] = torch.where(keep, arr[rows], blank)
             W = d.tokens.shape[1]
             if W:
                 used = d.tokens >= 0
@@ -138,8 +133,9 @@ class MH:
         self.proposal = proposal
         self.progress = progress
 
-    def _proposal(self, exponent: float) -> Proposal:
-        return self.proposal if self.proposal is not None else default_proposal(exponent)
+    def _proposal(self) -> Proposal:
+        """The default ``q ∝ exp(target.log_next(·, a))`` is ``Tempered(1/a)`` for a ``Power`` target."""
+        return self.proposal if self.proposal is not None else LocallyOptimal()
 
     def __repr__(self) -> str:
         return f"MH(block_size={self.block_size}, n_mcmc={self.n_mcmc}, proposal={self.proposal!r})"
@@ -152,7 +148,7 @@ class MH:
             raise ValueError(f"chains must be an int >= 1, got {chains!r}")
         ids, gen = prepare_run(target, prompt, max_new_tokens, seed)
         a = target.base_exponent
-        proposal = self._proposal(a)
+        proposal = self._proposal()
         T, n, B = max_new_tokens, chains, self.block_size
         ar = torch.arange(n)
         with Stopwatch(target.lm.device) as clock:
@@ -233,7 +229,7 @@ class MH:
         ``log q`` and ``log p``, since SMC keeps neither per position.
         """
         target, state, a, gen = ctx.target, ctx.state, float(ctx.exponent), ctx.generator
-        proposal = self._proposal(a)
+        proposal = self._proposal()
         rows = torch.as_tensor(ctx.rows, dtype=torch.long).reshape(-1)
         rows = rows[torch.tensor([len(state.tokens[r]) > 0 for r in rows.tolist()], dtype=torch.bool)]
         R, N = len(rows), state.n
