@@ -37,7 +37,7 @@ LM = NGramLM(vocab_size=4, order=2, seed=4)   # EOS inside blocks; p^2 and p^4 b
 def test_mh_matches_power_with_eos_inside_blocks(alpha):
     target = pp.Target(LM, pp.Power(alpha))
     exact = enumerate_target(target, [0], 5)
-    res = pp.MH(block_size=2, n_mcmc=20).run(target, [0], 5, chains=2000, seed=1)
+    res = pp.MH(block_size=2, n_mcmc=20).run(target, [0], 5, chains=1500, seed=1)
     tv = exact.tv(res.samples)
     print(f"alpha={alpha}: TV(MH, exact) = {tv:.4f}, acceptance per stage {res.steps['acceptance']}")
     assert tv < 0.05
@@ -59,7 +59,7 @@ def test_mh_matches_power_without_eos(alpha):
     lm = NoEOS(vocab_size=3, order=2, seed=6)
     target = pp.Target(lm, pp.Power(alpha))
     exact = enumerate_target(target, [0], 4)
-    res = pp.MH(block_size=2, n_mcmc=15).run(target, [0], 4, chains=1500, seed=2)
+    res = pp.MH(block_size=2, n_mcmc=15).run(target, [0], 4, chains=1000, seed=2)
     assert all(len(s) == 4 for s in res.samples) and all(res.truncated)
     tv = exact.tv(res.samples)
     print(f"alpha={alpha} no EOS: TV = {tv:.4f}")
@@ -72,7 +72,7 @@ def test_mh_uses_the_full_density_reward_and_twist():
     prm = lambda cs: [0.3 * len(c.token_ids) for c in cs]  # noqa: E731
     target = pp.Target(LM, pp.Power(2.0) * pp.RewardTilt(reward, 0.5, process_reward=prm))
     exact = enumerate_target(target, [0], 5)
-    res = pp.MH(block_size=2, n_mcmc=20).run(target, [0], 5, chains=2000, seed=3)
+    res = pp.MH(block_size=2, n_mcmc=20).run(target, [0], 5, chains=1500, seed=3)
     tv = exact.tv(res.samples)
     print(f"Power(2) * RewardTilt: TV = {tv:.4f}")
     assert tv < 0.05
