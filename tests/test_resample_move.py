@@ -176,3 +176,19 @@ def test_resample_move_raises_the_number_of_distinct_particles():
     print(f"{len(kernel.before)} resampling steps: distinct particles {before} after resampling, "
           f"{after} after the moves")
     assert after > 1.3 * before
+
+
+def test_result_records_distinct_particles_after_moves():
+    target = pp.Target(NoEOS(vocab_size=32, order=2, seed=1, concentration=3.0), pp.Power(4.0))
+    res = pp.SMC(32, proposal=pp.proposals.Base(), ess_threshold=1.0,
+                 rejuvenate=pp.MH(block_size=1, n_mcmc=2)).run(target, [0], 8, seed=0)
+    ancestors = sum(res.steps["unique"][:-1])
+    moved = sum(res.steps["unique_after_move"][:-1])
+    assert moved > ancestors
+
+
+def test_rejuvenate_refuses_a_stateful_proposal():
+    lm = NGramLM(vocab_size=4, seed=0)
+    smc = pp.SMC(4, proposal=pp.proposals.FromLM(NGramLM(vocab_size=4, seed=1)), rejuvenate=pp.MH(1, 1))
+    with pytest.raises(ValueError, match="stateful proposal"):
+        smc.run(pp.Target(lm, pp.Power(2.0)), [0], 3, seed=0)
