@@ -12,12 +12,7 @@ from llmppl.models import NGramLM
 LM = NGramLM(vocab_size=4, order=2, seed=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_plain_and_low_temperature_sample_their_distributions():

@@ -9,12 +9,7 @@ from llmppl.inference.proposals import ProposalContext
 from llmppl.models import NGramLM, pivotal_lm
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _context(lm, target, prompt, prefixes, exponent, seed=0):

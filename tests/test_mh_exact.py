@@ -12,22 +12,9 @@ from llmppl.exact import enumerate_target
 from llmppl.models import NGramLM
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy-LM tensors are tiny: one thread is several times faster on a shared box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class NoEOS(NGramLM):
-    """An n-gram LM that never emits EOS: every completion is truncated at max_new_tokens."""
-
-    def next_logprobs(self, sequences):
-        lp = super().next_logprobs(sequences).double()
-        lp[:, self.eos_token_id] = -math.inf
-        return torch.log_softmax(lp, -1).float()
 
 
 LM = NGramLM(vocab_size=4, order=2, seed=4)   # EOS inside blocks; p^2 and p^4 both spread
@@ -56,7 +43,7 @@ def test_too_few_steps_are_detectably_wrong():
 
 @pytest.mark.parametrize("alpha", [2.0, 4.0])
 def test_mh_matches_power_without_eos(alpha):
-    lm = NoEOS(vocab_size=3, order=2, seed=6)
+    lm = NGramLM(vocab_size=3, order=2, seed=6, eos_boost=0.0)
     target = pp.Target(lm, pp.Power(alpha))
     exact = enumerate_target(target, [0], 4)
     res = pp.MH(block_size=2, n_mcmc=15).run(target, [0], 4, chains=1000, seed=2)
@@ -82,7 +69,7 @@ def test_mh_uses_the_full_density_reward_and_twist():
 @given(seed=st.integers(0, 1000), block=st.integers(1, 3))
 def test_alpha_one_base_proposal_accepts_every_move(seed, block):
     """α = 1 with q = p and equal lengths: log A = 0 exactly, every move is accepted."""
-    lm = NoEOS(vocab_size=4, order=2, seed=seed)
+    lm = NGramLM(vocab_size=4, order=2, seed=seed, eos_boost=0.0)
     res = pp.MH(block_size=block, n_mcmc=3, proposal=pp.proposals.Base()).run(
         pp.Target(lm), [0], 4, chains=16, seed=seed)
     assert res.steps["acceptance"] == [1.0] * math.ceil(4 / block)

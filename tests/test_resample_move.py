@@ -15,12 +15,7 @@ LM = NGramLM(vocab_size=4, order=2, seed=4)
 T = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def no_two_after_zero(batch):
@@ -157,17 +152,12 @@ def test_resample_move_keeps_smc_exact():
     assert res.stats["moves_accepted"] > 0 and sum(res.steps["moves_accepted"]) == res.stats["moves_accepted"]
 
 
-class NoEOS(NGramLM):
-    def next_logprobs(self, sequences):
-        lp = super().next_logprobs(sequences).double()
-        lp[:, self.eos_token_id] = -math.inf
-        return torch.log_softmax(lp, -1).float()
 
 
 def test_resample_move_raises_the_number_of_distinct_particles():
     """Base proposal for p^4 on a 32-token vocabulary: weights degenerate, resampling duplicates;
     the moves spread the copies out (distinct prefixes counted right before and after each move)."""
-    target = pp.Target(NoEOS(vocab_size=32, order=2, seed=1, concentration=3.0), pp.Power(4.0))
+    target = pp.Target(NGramLM(vocab_size=32, order=2, seed=1, concentration=3.0, eos_boost=0.0), pp.Power(4.0))
     kernel = Counting(pp.MH(block_size=1, n_mcmc=2))
     smc = pp.SMC(32, proposal=pp.proposals.Base(), rejuvenate=kernel)
     for r in range(3):
@@ -179,7 +169,7 @@ def test_resample_move_raises_the_number_of_distinct_particles():
 
 
 def test_result_records_distinct_particles_after_moves():
-    target = pp.Target(NoEOS(vocab_size=32, order=2, seed=1, concentration=3.0), pp.Power(4.0))
+    target = pp.Target(NGramLM(vocab_size=32, order=2, seed=1, concentration=3.0, eos_boost=0.0), pp.Power(4.0))
     res = pp.SMC(32, proposal=pp.proposals.Base(), ess_threshold=1.0,
                  rejuvenate=pp.MH(block_size=1, n_mcmc=2)).run(target, [0], 8, seed=0)
     ancestors = sum(res.steps["unique"][:-1])
