@@ -190,6 +190,14 @@ def test_resume_refuses_a_different_configuration(tmp_path):
         run_eval(task, problems, _jobs(), ResultStore(path), 8, 0, {"max_new_tokens": 8}, progress=False)
 
 
+def test_records_of_two_models_do_not_collide(tmp_path):
+    path = tmp_path / "r.jsonl"
+    task, problems = _ToyTask(), _ToyTask().problems(2)
+    for model in ("a", "b"):
+        assert run_eval(task, problems, _jobs(), ResultStore(path), 4, 0, {"model": model}, progress=False) == 4
+    assert len(ResultStore(path).records) == 8
+
+
 def test_score_result_weighted_metrics():
     task = get_task("reasoning_gym:chain_sum", seed=0) if _has_rg() else None
     if task is None:

@@ -101,6 +101,6 @@ def evaluate(args: argparse.Namespace) -> int:
                   "max_new_tokens": args.max_new_tokens, "chat": chat}
     ran = run_eval(task, problems, jobs, store, args.max_new_tokens, args.seed, run_config,
                    progress=not args.quiet, time_limit=args.time_limit)
-    done = sum(1 for p in problems for j in jobs if (task.spec, p.index, j.spec.label) in store)
+    done = sum(1 for p in problems for j in jobs if (task.spec, run_config["model"], p.index, j.spec.label) in store)
     print(f"{ran} runs now, {done}/{len(problems) * len(jobs)} done in {args.json}", file=sys.stderr)
     return 0

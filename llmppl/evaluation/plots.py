@@ -4,7 +4,8 @@
 every method of the (task, model) finished: pass@1 (mean of the
 per-problem ``Σ W_i·correct_i``) with a bootstrap 95 % interval over problems, the
 accuracy of the returned answer with a Wilson interval, weighted majority vote,
-pass@N, mean ``log p``, tokens and seconds per problem.  ``paired_tests`` compares
+pass@N, mean ``log p``, the (weighted) share of outputs cut at ``max_new_tokens``,
+tokens and seconds per problem.  ``paired_tests`` compares
 every two methods on the problems both finished (McNemar exact on the returned
 answers, paired bootstrap on pass@1).  ``report`` writes ``table.md``,
 ``accuracy_vs_time.png`` and ``pass_at_k.png``.
@@ -63,6 +64,7 @@ def summarise(records: list[dict[str, Any]], common: bool = True) -> list[dict[s
                 "pass_n": float(np.mean([r["n_correct"] > 0 for r in recs])),
                 "log_p": float(np.mean([r["log_p_mean"] for r in recs])),
                 "log_p_tok": float(np.mean([r["log_p_per_token"] for r in recs])),
+                "truncated": float(np.mean([np.dot(r["weights"], np.logical_not(r["finished"])) for r in recs])),
                 "tokens": float(np.mean([r["tokens_decoded"] or r["output_tokens"] for r in recs])),
                 "seconds": float(np.mean([r["wall_time"] for r in recs])),
                 "pass_at_k": pass_at_k_curve(recs).tolist(),
@@ -90,13 +92,13 @@ def paired_tests(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]], tests: list[dict[str, Any]]) -> str:
     """The summary table and the paired tests as markdown."""
     head = ("Rows use the problems that every method of the task finished.\n\n| task | model | method | problems | N | pass@1 [95% CI] | returned answer [Wilson 95%] "
-            "| maj@N | pass@N | mean log p | log p / token | tokens / problem | s / problem |\n"
-            "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|\n")
+            "| maj@N | pass@N | mean log p | log p / token | truncated | tokens / problem | s / problem |\n"
+            "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
     body = "".join(
         f"| {r['task']} | {r['model']} | {r['method']} | {r['problems']} | {r['samples']} "
         f"| {r['pass1']:.3f} [{r['pass1_ci'][0]:.3f}, {r['pass1_ci'][1]:.3f}] "
         f"| {r['answer_acc']:.3f} [{r['answer_ci'][0]:.3f}, {r['answer_ci'][1]:.3f}] "
-        f"| {r['maj']:.3f} | {r['pass_n']:.3f} | {r['log_p']:.2f} | {r['log_p_tok']:.3f} "
+        f"| {r['maj']:.3f} | {r['pass_n']:.3f} | {r['log_p']:.2f} | {r['log_p_tok']:.3f} | {r['truncated']:.2f} "
         f"| {r['tokens']:.0f} | {r['seconds']:.1f} |\n" for r in rows)
     text = head + body
     if tests:

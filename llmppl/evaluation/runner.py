@@ -1,6 +1,6 @@
 """Resumable evaluation runner: one JSONL record per (problem, method).
 
-Each record is appended, flushed and fsync'ed as soon as its method finishes on its
+Records are keyed by ``(task, model, problem, method)``.  Each record is appended, flushed and fsync'ed as soon as its method finishes on its
 problem, so a killed run loses at most the pair in progress.  On restart the store
 is re-read (a torn last line is cut off), finished ``(task, problem, method)`` keys
 are skipped, and a record whose configuration differs from the current one is an
@@ -187,8 +187,11 @@ def score_result(task: Task, problem: Problem, result: Result) -> dict[str, Any]
 
 
 # ---------------------------------------------------------------- storage
-def record_key(rec: dict[str, Any]) -> tuple[str, int, str]:
-    return (rec["task"], int(rec["problem"]), rec["method"])
+Key = tuple[str, str, int, str]  # (task, model, problem, method)
+
+
+def record_key(rec: dict[str, Any]) -> Key:
+    return (rec["task"], rec.get("config", {}).get("model", "?"), int(rec["problem"]), rec["method"])
 
 
 class ResultStore:
@@ -196,7 +199,7 @@ class ResultStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.records: dict[tuple[str, int, str], dict[str, Any]] = {}
+        self.records: dict[Key, dict[str, Any]] = {}
         if self.path.exists():
             self._load()
 
@@ -218,7 +221,7 @@ class ResultStore:
             with open(self.path, "r+b") as f:
                 f.truncate(good)
 
-    def __contains__(self, key: tuple[str, int, str]) -> bool:
+    def __contains__(self, key: Key) -> bool:
         return key in self.records
 
     def append(self, rec: dict[str, Any]) -> None:
@@ -235,7 +238,7 @@ class ResultStore:
 
 def load_records(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """All records of one or more JSONL files (later files win on duplicate keys)."""
-    out: dict[tuple[str, int, str], dict[str, Any]] = {}
+    out: dict[Key, dict[str, Any]] = {}
     for p in paths:
         if not Path(p).exists():
             raise FileNotFoundError(f"no results file at {p}")
@@ -266,9 +269,10 @@ def run_eval(task: Task, problems: list[Problem], jobs: list[Job], store: Result
     """
     from tqdm.auto import tqdm
 
-    todo = [(p, j) for p in problems for j in jobs if (task.spec, p.index, j.spec.label) not in store]
+    model = run_config.get("model", "?")
+    todo = [(p, j) for p in problems for j in jobs if (task.spec, model, p.index, j.spec.label) not in store]
     for p, j in ((p, j) for p in problems for j in jobs):
-        rec = store.records.get((task.spec, p.index, j.spec.label))
+        rec = store.records.get((task.spec, model, p.index, j.spec.label))
         want = {**run_config, **j.config}
         if rec is not None and rec.get("config") != want:
             raise ValueError(
