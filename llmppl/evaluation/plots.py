@@ -142,6 +142,8 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
 
 def _accuracy_vs(key: str, label: str):
+    import matplotlib.ticker
+
     def draw(ax: Any, rows: list[dict[str, Any]]) -> None:
         for r in rows:
             lo, hi = r["pass1_ci"]
@@ -150,6 +152,7 @@ def _accuracy_vs(key: str, label: str):
         ax.set_xlabel(label)
         ax.set_ylabel("pass@1 (95% CI)")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_ylim(0, 1)
 
     return draw
