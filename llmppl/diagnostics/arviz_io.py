@@ -112,6 +112,13 @@ def _step_traces(results: Sequence[Result]) -> dict[str, tuple[tuple[str, ...], 
         arr = _pad(rows, *_kind(leaf))
         dims = ("chain", "step", "particle")[: arr.ndim]
         out[key] = (dims, arr)
+    n_steps = max((a.shape[1] for _, a in out.values()), default=0)
+    for key, (dims, arr) in out.items():  # a trace recorded on fewer steps is padded to the longest
+        if arr.shape[1] < n_steps:
+            fill, dtype = _kind(_first_leaf(arr.tolist()))
+            wide = np.full((arr.shape[0], n_steps) + arr.shape[2:], fill, dtype=dtype)
+            wide[:, : arr.shape[1]] = arr
+            out[key] = (dims, wide)
     if "log_weights" in out:
         out["weights"] = (out["log_weights"][0], _normalised(out["log_weights"][1]))
     return out
