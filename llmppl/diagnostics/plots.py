@@ -79,8 +79,7 @@ def plot_exponent(result: Result, ax) -> None:
     a = np.asarray(result.steps["exponent"], dtype=float)
     ax.step(np.arange(len(a)), a, where="post", color="C4", lw=1.5)
     ax.set(xlabel="step t", ylabel="a_t", title="exponent schedule")
-    pad = max(0.05, 0.05 * (np.nanmax(a) - np.nanmin(a)))
-    ax.set_ylim(np.nanmin(a) - pad, np.nanmax(a) + pad)
+    ax.set_ylim(min(0.0, np.nanmin(a)), 1.08 * np.nanmax(a) + 0.05)
 
 
 def plot_genealogy(result: Result, ax) -> None:
