@@ -145,8 +145,8 @@ def _plot_smc(result: Result, fig: Figure, axes: np.ndarray) -> None:
 
 #: (predicate, (rows, cols), draw) — the first matching entry draws the figure
 FIGURES: list[tuple[Callable[[Result], bool], tuple[int, int], Callable[[Result, Figure, np.ndarray], None]]] = [
-    (lambda r: bool(r.steps), (2, 2), _plot_smc),
     (lambda r: bool(r.chains), (2, 2), plot_mh),
+    (lambda r: "ess" in r.steps or "ancestors" in r.steps, (2, 2), _plot_smc),
     (lambda r: True, (1, 2), plot_samples),
 ]
 
