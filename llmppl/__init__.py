@@ -9,6 +9,7 @@ Declare a target ``γ(y) = p(y|x)^α · Π_k φ_k(y)`` and hand it to an engine:
 
 from . import exact, models, targets
 from .inference import proposals, resampling
+from .inference import SMC, schedules, steps
 from .inference.result import Result
 from .targets import Constraint, Power, RewardTilt, Target, Tempered
 
@@ -17,4 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "exact", "models", "targets", "proposals", "resampling", "Result",
     "Target", "Power", "Tempered", "RewardTilt", "Constraint",
+    "SMC", "schedules", "steps",
 ]

@@ -8,6 +8,19 @@ from collections.abc import Callable
 #: benchmark name -> (function adding its arguments, function running it)
 BENCHMARKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
+from . import gpu as _gpu  # noqa: E402
+
+BENCHMARKS["gpu"] = (_gpu.add_arguments, _gpu.run)
+
+
+def _register_builtin() -> None:
+    from . import latency
+
+    BENCHMARKS["latency"] = (latency.add_arguments, latency.run)
+
+
+_register_builtin()
+
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks (latency, methods)")

