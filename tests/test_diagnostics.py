@@ -256,3 +256,44 @@ def test_report_is_self_contained(tmp_path):
     assert "coalescence time" in text
     mh = write_report(synthetic_mh(ar1_chains(C=3, S=50)), tmp_path / "mh.html").read_text()
     assert "r_hat" in mh and "ess_bulk" in mh
+
+
+# ------------------------------------------------------------- real engines
+def _toy_smc_runs(runs: int = 3):
+    import llmppl as pp
+
+    lm = pp.models.NGramLM(vocab_size=4, order=2, seed=4, concentration=1.0, eos_boost=0.5)
+    target = pp.Target(lm, pp.Power(4.0))
+    smc = pp.SMC(n_particles=16, schedule=pp.schedules.Linear(alpha_from=1.0, steps=4))
+    return [smc.run(target, [0], max_new_tokens=6, seed=s) for s in range(runs)]
+
+
+def test_real_smc_run_diagnostics(tmp_path):
+    runs = _toy_smc_runs()
+    res = runs[0]
+    idata = to_arviz(runs)
+    ss = idata.sample_stats
+    T = len(res.steps["ess"])
+    np.testing.assert_allclose(ss["ess"].values[0, :T], res.steps["ess"])
+    np.testing.assert_allclose(ss["exponent"].values[0, :T], res.steps["exponent"])
+    np.testing.assert_allclose(ss["log_evidence"].values, [r.log_evidence for r in runs])
+    np.testing.assert_allclose(ss["log_evidence_increment"].values[0, :T].sum(), res.log_evidence, rtol=1e-9)
+    g = genealogy(res)
+    assert g.number_of_nodes() == (T + 1) * res.n
+    counts = distinct_ancestors(res)
+    assert counts[-1] == res.n and counts == sorted(counts)
+    assert plot(res, tmp_path / "smc.png").axes
+    html = write_report(res, tmp_path / "r.html").read_text()
+    assert "coalescence time" in html and res.summary() in html
+
+
+@pytest.mark.model
+def test_cli_sample_writes_report(tmp_path):
+    from llmppl.cli import main
+
+    out = tmp_path / "report.html"
+    rc = main(["sample", "--prompt", "Name three primary colors.", "--particles", "3", "--max-new-tokens", "4",
+               "--quiet", "--report", str(out)])
+    assert rc == 0
+    text = out.read_text()
+    assert "data:image/png;base64," in text and "smc" in text

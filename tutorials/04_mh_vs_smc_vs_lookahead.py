@@ -125,7 +125,7 @@ question = "Name three primary colors."
 small = {
     "SMC (N=4)": (pp.SMC(n_particles=4), {}),
     "MH (B=5, 1 step, 2 chains)": (pp.MH(block_size=5, n_mcmc=1), {"chains": 2}),
-    "look-ahead (K=3, M=1, H=2)": (pp.samplers.ScalablePower(top_k=3, rollouts=1, horizon=2, n=1), {}),
+    "look-ahead (K=2, M=1, H=2)": (pp.samplers.ScalablePower(top_k=2, rollouts=1, horizon=2, n=1), {}),
     "low temperature τ=1/α": (pp.baselines.LowTemperature(tau=1 / ALPHA, n=1), {}),
 }
 for name, (engine, kwargs) in small.items():
