@@ -12,6 +12,7 @@ from .inference import proposals, resampling
 from .inference import SMC, schedules, steps
 from .inference.result import Result
 from .targets import Constraint, Power, RewardTilt, Target, Tempered
+from .targets import rewards
 
 __version__ = "0.1.0"
 

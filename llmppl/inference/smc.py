@@ -205,7 +205,7 @@ class SMC:
             if "lp" not in cache:
                 lp = run.state.logprobs(alive).double()
                 batch = run.target.batch(run.prompt, [run.state.tokens[i] for i in alive.tolist()], lp)
-                other = _other_next(run.target, batch)
+                other = run.target.log_next_other(batch)
                 cache["lp"] = lp.cpu()
                 cache["other"] = (torch.zeros_like(lp) if other is None else other.double()).cpu()
             out = torch.zeros(parts.n, dtype=torch.float64)
@@ -278,7 +278,7 @@ class SMC:
         lp_v = lp.gather(1, col).squeeze(1).double().cpu()
         lq_v = log_q.gather(1, col.to(log_q.device)).squeeze(1).double().cpu()
         tok_inc = a * lp_v - lq_v
-        other = _other_next(run.target, batch)
+        other = run.target.log_next_other(batch)
         if other is not None:
             other_v = other.gather(1, col.to(other.device)).squeeze(1).double().cpu()
             run.parts.log_other[active] += other_v
@@ -291,20 +291,24 @@ class SMC:
         parts = run.parts
         ended = (parts.finished | parts.truncated) & ~parts.dead & ~parts.promoted
         rows = ended.nonzero().flatten()
-        if not len(rows):
-            return
-        inc[rows] += (run.alpha - a) * parts.log_p[rows] - parts.log_twist[rows]
-        parts.log_twist[rows] = 0.0
-        if run.target.has_complete:
+        untwist = torch.zeros(parts.n, dtype=torch.float64)  # log φ_complete − log ψ removed (diagnostics)
+        if len(rows):
+            inc[rows] += (run.alpha - a) * parts.log_p[rows] - parts.log_twist[rows]
+            untwist[rows] -= parts.log_twist[rows]
+            parts.log_twist[rows] = 0.0
+        if len(rows) and run.target.has_complete:
             idx = rows.tolist()
             batch = run.target.batch(run.prompt, [run.state.tokens[i] + parts.tail[i] for i in idx], None,
                                      parts.finished[rows].tolist(), parts.truncated[rows].tolist())
             lc = run.target.log_complete(batch)
             inc[rows] += lc
+            untwist[rows] += lc
             for k in (~torch.isfinite(lc)).nonzero().flatten().tolist():
                 run.causes.setdefault(idx[k], "log_complete is -inf (a constraint or reward on "
                                       "finished completions rejects it)")
         parts.promoted[rows] = True
+        if run.target.has_twist:
+            run.record(untwist=untwist.tolist())
 
     def _update_twists(self, run: _Run, inc: torch.Tensor) -> None:
         """``+ log ψ_t(y_≤t) − log ψ_{t−1}(y_<t)`` for particles still running."""
@@ -415,12 +419,6 @@ class SMC:
 
 
 # ------------------------------------------------------------------ helpers
-def _other_next(target: Target, batch: Any) -> torch.Tensor | None:
-    """``Σ_k log φ_k^next`` of the non-``Power`` token-level factors, or None."""
-    other = getattr(target, "_other", None)
-    return None if other is None else other.log_next(batch)
-
-
 def _check_logprobs(lp: torch.Tensor, rows: torch.Tensor, t: int, name: str) -> None:
     bad = torch.isnan(lp).any(dim=1) | torch.isposinf(lp).any(dim=1)
     if bool(bad.any()):

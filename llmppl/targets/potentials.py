@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -154,6 +156,10 @@ class Constraint(Potential):
             raise ValueError("Constraint needs exactly one of predicate=... or mask=...")
         if predicate is not None and not callable(predicate):
             raise ValueError(f"predicate must be callable, got {predicate!r}")
+        if prefix is not None and not callable(prefix):
+            raise ValueError(f"prefix must be callable, got {prefix!r}")
+        if mask is not None and not callable(mask):
+            mask = _static_mask(mask)
         self.predicate = predicate
         self.mask = mask
         self.prefix = prefix
@@ -169,12 +175,14 @@ class Constraint(Potential):
         m = self.mask
         if callable(m):
             out = torch.as_tensor(m(batch), dtype=torch.bool)
-        elif isinstance(m, torch.Tensor):
-            out = m.to(torch.bool)
-        else:
+        elif m.dtype == torch.bool:
+            out = m
+        else:  # allowed token ids
+            if len(m) and (int(m.min()) < 0 or int(m.max()) >= V):
+                raise ValueError(f"constraint {self.name}: allowed token ids must lie in [0, {V})")
             out = torch.zeros(V, dtype=torch.bool)
-            out[list(m)] = True
-        if out.dim() == 1:
+            out[m] = True
+        if out.dim() == 1 and out.shape[0] == V:
             out = out.expand(len(batch), V)
         if out.shape != (len(batch), V):
             raise ValueError(f"constraint mask has shape {tuple(out.shape)}, expected ({len(batch)}, {V})")
@@ -190,26 +198,74 @@ class Constraint(Potential):
     def log_complete(self, batch: Prefixes) -> torch.Tensor:
         if self.predicate is None:
             return torch.zeros(len(batch), dtype=torch.float64)
-        ok = [bool(self.predicate(c)) for c in batch.completions()]
+        ok = [_check(self.predicate, c, i, f"constraint {self.name}")
+              for i, c in enumerate(batch.completions())]
         return torch.tensor([0.0 if k else -math.inf for k in ok], dtype=torch.float64)
 
     def log_prefix(self, batch: Prefixes) -> torch.Tensor:
         if self.prefix is None:
             return torch.zeros(len(batch), dtype=torch.float64)
         comps = [Completion(c.token_ids, c.text, False, False) for c in batch.completions()]
-        return torch.tensor([0.0 if self.prefix(c) else -math.inf for c in comps], dtype=torch.float64)
+        ok = [_check(self.prefix, c, i, f"constraint {self.name} (prefix)") for i, c in enumerate(comps)]
+        return torch.tensor([0.0 if k else -math.inf for k in ok], dtype=torch.float64)
 
     def __repr__(self) -> str:
         return f"Constraint({self.name})"
 
 
+def _static_mask(mask: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """A fixed mask as a (V,) bool tensor or a 1-D tensor of allowed ids; refuses one that allows nothing."""
+    t = torch.as_tensor(sorted(mask) if isinstance(mask, (set, frozenset)) else mask)
+    if t.numel() == 0:
+        raise ValueError("the constraint mask allows no token: nothing can satisfy it")
+    if t.dtype != torch.bool:
+        if t.is_floating_point() or t.dim() != 1:
+            raise ValueError("a fixed constraint mask is a (V,) bool tensor or a list of allowed token ids")
+        t = t.long()
+    if t.dtype == torch.bool and not bool(t.any()):
+        raise ValueError("the constraint mask allows no token: nothing can satisfy it")
+    return t
+
+
+def _check(fn: Callable[[Completion], Any], c: Completion, i: int, what: str) -> bool:
+    try:
+        return bool(fn(c))
+    except Exception as exc:
+        shown = c.text if c.text is not None else c.token_ids
+        raise RewardError(f"{what} raised {type(exc).__name__}: {exc} on completion {i} "
+                          f"({shown!r:.120})") from exc
+
+
+_TOKEN_TEXTS: "weakref.WeakKeyDictionary[Any, list[str]]" = weakref.WeakKeyDictionary()
+
+
+def token_texts(lm: Any) -> list[str]:
+    """The decoded text of every token id of ``lm`` (cached per LM)."""
+    if getattr(lm, "tokenizer", None) is None:
+        raise ValueError("token masks from text need an LM with a tokenizer")
+    if lm not in _TOKEN_TEXTS:
+        _TOKEN_TEXTS[lm] = lm.tokenizer.batch_decode([[t] for t in range(lm.vocab_size)])
+    return _TOKEN_TEXTS[lm]
+
+
 def token_mask(lm: Any, allowed: Callable[[str], bool], allow_eos: bool = True) -> torch.Tensor:
     """A ``(V,)`` bool mask of tokens whose decoded text satisfies ``allowed`` (e.g. digits)."""
-    if lm.tokenizer is None:
-        raise ValueError("token_mask needs an LM with a tokenizer")
-    keep = torch.zeros(lm.vocab_size, dtype=torch.bool)
-    for tok in range(lm.vocab_size):
-        keep[tok] = bool(allowed(lm.tokenizer.decode([tok])))
+    keep = torch.tensor([bool(allowed(text)) for text in token_texts(lm)], dtype=torch.bool)
     if allow_eos:
         keep[lm.eos_token_id] = True
     return keep
+
+
+def regex_mask(lm: Any, pattern: str | re.Pattern, allow_eos: bool = True) -> torch.Tensor:
+    """A ``(V,)`` bool mask of tokens whose decoded text fully matches ``pattern``.
+
+    Per token, so ``Constraint(mask=regex_mask(lm, r"\\s?\\d+"))`` gives completions made
+    only of digit tokens (and EOS); a prefix-dependent regex needs a callable mask.
+    """
+    rx = re.compile(pattern)
+    return token_mask(lm, lambda text: rx.fullmatch(text) is not None, allow_eos)
+
+
+def digits_mask(lm: Any, allow_space: bool = True, allow_eos: bool = True) -> torch.Tensor:
+    """Tokens made of digits only (optionally after one leading space), plus EOS."""
+    return regex_mask(lm, r" ?\d+" if allow_space else r"\d+", allow_eos)

@@ -72,6 +72,10 @@ class Target:
                 out = out + extra
         return out
 
+    def log_next_other(self, batch: Prefixes) -> torch.Tensor | None:
+        """``(B, V)``: ``Σ_k log φ_k^next(v)`` of the non-``Power`` token-level factors (None if none)."""
+        return None if self._other is None else self._other.log_next(batch)
+
     def log_complete(self, batch: Prefixes) -> torch.Tensor:
         """``(B,)`` float64: ``Σ_k log φ_k(y)`` of the non-factorising factors on finished rows."""
         if self._other is None:
