@@ -10,6 +10,7 @@ Declare a target ``γ(y) = p(y|x)^α · Π_k φ_k(y)`` and hand it to an engine:
 from . import exact, models, targets
 from .inference import proposals, resampling
 from .inference import SMC, schedules, steps
+from .inference import MH, baselines, samplers
 from .inference.result import Result
 from .targets import Constraint, Power, RewardTilt, Target, Tempered
 from .targets import rewards
@@ -21,3 +22,4 @@ __all__ = [
     "Target", "Power", "Tempered", "RewardTilt", "Constraint",
     "SMC", "schedules", "steps",
 ]
+__all__ += ["MH", "baselines", "samplers"]

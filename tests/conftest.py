@@ -20,3 +20,12 @@ def smollm():
 @pytest.fixture(scope="session")
 def chat_prompt(smollm):
     return smollm.encode_prompt("Name three primary colors.", chat=True)
+
+
+@pytest.fixture
+def one_thread():
+    """Toy-LM tensors are tiny: intra-op threads only add overhead (and contention)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

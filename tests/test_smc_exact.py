@@ -16,13 +16,7 @@ T = 5
 LMS = {"a": (4, 0, 1.0, 1.0), "b": (4, 4, 1.0, 2.0), "c": (4, 5, 2.0, 2.0), "d": (5, 3, 1.0, 3.0)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Toy tensors are tiny: intra-op threads only add overhead (and contention)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lm_of(key):

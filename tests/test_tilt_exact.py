@@ -24,12 +24,7 @@ DELIM = 1  # the segment delimiter token of the segment-step tests
 LM = NGramLM(vocab_size=4, order=2, seed=4, concentration=1.0, eos_boost=2.0)  # EOS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reward(cs):

@@ -232,3 +232,6 @@ class TopP(_Restricted):
 
     def __repr__(self) -> str:
         return f"TopP({self.p:g}, {self.inner!r}, epsilon={self.epsilon:g})"
+
+
+from .lookahead import Lookahead  # noqa: E402,F401  (defined in lookahead.py)

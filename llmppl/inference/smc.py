@@ -152,6 +152,10 @@ class SMC:
         lm = target.lm
         self.step.check(lm)
         proposal = self.proposal or (Tempered() if target.base_exponent > 0 else LocallyOptimal())
+        if self.rejuvenate is not None and type(proposal).on_extend is not Proposal.on_extend:
+            raise ValueError(
+                f"rejuvenate cannot be combined with the stateful proposal {proposal!r}: moves change "
+                "particles behind the proposal's own decoding state")
         resample_gen = generator if generator.device.type == "cpu" else make_generator(
             None if seed is None else seed + 1)
         N = self.n_particles
@@ -379,13 +383,13 @@ class SMC:
                                   parts.log_twist, run.generator, step=t)
                 accepted = int(self.rejuvenate.move(ctx))
             run.moves_accepted += accepted
-            run.record(moves_accepted=accepted)
+            run.record(moves_accepted=accepted, unique_after_move=_distinct_sequences(run))
 
     def _record_no_resampling(self, run: _Run) -> None:
         N = run.parts.n
         run.record(resampled=False, ancestors=list(range(N)), unique=N)
         if self.rejuvenate is not None:
-            run.record(moves_accepted=0)
+            run.record(moves_accepted=0, unique_after_move=_distinct_sequences(run))
 
     # --------------------------------------------------------------- result
     def _result(self, run: _Run, prompt_ids: list[int], seed: int | None, seconds: float) -> Result:
@@ -419,6 +423,11 @@ class SMC:
 
 
 # ------------------------------------------------------------------ helpers
+def _distinct_sequences(run: _Run) -> int:
+    """Number of distinct particle sequences (what rejuvenation moves increase)."""
+    return len({tuple(run.state.tokens[i]) + tuple(run.parts.tail[i]) for i in range(run.parts.n)})
+
+
 def _check_logprobs(lp: torch.Tensor, rows: torch.Tensor, t: int, name: str) -> None:
     bad = torch.isnan(lp).any(dim=1) | torch.isposinf(lp).any(dim=1)
     if bool(bad.any()):

@@ -106,16 +106,15 @@ class HFLM(LanguageModel):
     @torch.inference_mode()
     def next_logprobs(self, sequences: list[list[int]]) -> torch.Tensor:
         """Uncached reference: right-padded batch, log-softmax at each row's last token."""
-        lengths = [len(s) for s in sequences]
-        width = max(lengths)
+        lengths = torch.tensor([len(s) for s in sequences])
+        width = int(lengths.max())
         ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
         for i, s in enumerate(sequences):
             ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device))
-        last = out.logits[torch.arange(len(sequences)), torch.tensor(lengths) - 1]
-        return torch.log_softmax(last.float(), dim=-1)
+        cols = torch.arange(width)[None, :]
+        mask = (cols < lengths[:, None]).long()
+        keep = cols == (lengths[:, None] - 1)
+        return self._forward(ids, mask, cols.expand(len(sequences), -1), None, keep)
 
     def start(self, prompt_ids: Sequence[int], n: int = 1, max_new_tokens: int | None = None) -> LMState:
         """A KV-cached state; static (preallocated for ``max_new_tokens``) when ``static_cache``."""
@@ -146,7 +145,7 @@ class HFLM(LanguageModel):
             attention_mask=attention_mask.to(dev),
             position_ids=position_ids.to(dev),
             past_key_values=cache,
-            use_cache=True,
+            use_cache=cache is not None,
         )
         keep = keep.to(dev)
         if decoder is None:

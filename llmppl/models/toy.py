@@ -25,7 +25,8 @@ class NGramLM(LanguageModel):
     """``p(v | y_<t) = θ[y_{t-order+1..t-1}][v]``, ``θ[c] ~ Dirichlet(concentration)`` seeded.
 
     ``eos_boost`` multiplies the EOS probability (then renormalises) so that short
-    completions dominate and horizons stay enumerable.
+    completions dominate and horizons stay enumerable; ``eos_boost=0`` never ends
+    (every completion is truncated at ``max_new_tokens``).
     """
 
     def __init__(
@@ -39,6 +40,8 @@ class NGramLM(LanguageModel):
     ) -> None:
         if order < 1:
             raise ValueError(f"order must be >= 1, got {order}")
+        if eos_boost < 0:
+            raise ValueError(f"eos_boost must be >= 0, got {eos_boost}")
         if concentration <= 0:
             raise ValueError(f"concentration must be > 0, got {concentration}")
         super().__init__(

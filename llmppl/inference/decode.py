@@ -1,0 +1,134 @@
+"""Ancestral decoding from a proposal, one batched forward per position.
+
+Shared by MH (blocks and suffix proposals), the baselines and ``ScalablePower``.
+:func:`advance` extends rows of an :class:`LMState` until EOS or a per-row length,
+drawing ``y_t ~ q(· | y_<t)`` (or replaying given tokens), and records per position
+
+    log q(y_t | y_<t),   log p(y_t | y_<t),   log γ-increment = target.log_next(·, a)[y_t].
+
+EOS is never appended to the state: a row that draws EOS is ``ended`` and stops.
+Lengths count the EOS token, as in ``llmppl.exact`` (a completion has at most
+``max_new_tokens`` tokens including its EOS).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..targets.target import Target
+from .proposals import Proposal, ProposalContext
+
+
+@dataclass
+class Decoded:
+    """Per-position records of :func:`advance` for ``R`` rows, ``W`` positions.
+
+    Column ``j`` is position ``start[r] + j`` of row ``r``; unused cells hold
+    ``token = -1`` and ``-inf`` log values.  ``length[r]`` counts the EOS token.
+    """
+
+    tokens: torch.Tensor    # (R, W) long
+    log_q: torch.Tensor     # (R, W) float64
+    log_p: torch.Tensor     # (R, W) float64
+    log_inc: torch.Tensor   # (R, W) float64   target.log_next increments
+    ended: torch.Tensor     # (R,) bool        drew EOS
+    length: torch.Tensor    # (R,) long        final length (EOS included)
+
+    def total(self, name: str) -> torch.Tensor:
+        """``(R,)`` sum over the decoded positions of ``log_q``, ``log_p`` or ``log_inc``."""
+        x = getattr(self, name)
+        return torch.where(self.tokens >= 0, x, torch.zeros((), dtype=x.dtype)).sum(1)
+
+
+def without_eos(log_q: torch.Tensor, eos: int) -> torch.Tensor:
+    """``q`` renormalised on the tokens other than EOS."""
+    out = log_q.double().clone()
+    out[:, eos] = -math.inf
+    return torch.log_softmax(out, dim=-1)
+
+
+def advance(
+    target,
+    state,
+    rows: torch.Tensor,
+    stop: torch.Tensor | int,
+    proposal: Proposal,
+    exponent: float,
+    generator: torch.Generator,
+    forced: Sequence[Sequence[int] | None] | None = None,
+    allow_eos: bool = True,
+) -> Decoded:
+    """Extend ``state`` rows ``rows`` to ``stop`` tokens (EOS included) or until EOS.
+
+    ``forced[k]`` (optional) replays a given suffix for row ``rows[k]`` instead of
+    sampling (its ``log q`` is still recorded: reverse-move probabilities).
+    ``allow_eos=False`` draws from ``q`` renormalised without EOS.
+    """
+    rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
+    R = len(rows)
+    start = torch.tensor([len(state.tokens[r]) for r in rows.tolist()], dtype=torch.long)
+    stop_t = torch.as_tensor(stop, dtype=torch.long).expand(R).clone()
+    if forced is not None:
+        stop_t = torch.where(
+            torch.tensor([f is not None for f in forced]),
+            start + torch.tensor([len(f) if f is not None else 0 for f in forced]),
+            stop_t,
+        )
+    W = max(int((stop_t - start).max()) if R else 0, 0)
+    tokens = torch.full((R, W), -1, dtype=torch.long)
+    log_q = torch.full((R, W), -math.inf, dtype=torch.float64)
+    log_p = log_q.clone()
+    log_inc = log_q.clone()
+    ended = torch.zeros(R, dtype=torch.bool)
+    eos = target.lm.eos_token_id
+    prompt = state.prompt
+    for j in range(W):
+        live = ((start + j < stop_t) & ~ended).nonzero().flatten()
+        if len(live) == 0:
+            break
+        srows = rows[live]
+        lp = state.logprobs(srows)
+        batch = target.batch(prompt, [state.tokens[r] for r in srows.tolist()], lp)
+        ctx = ProposalContext(target, batch, state, srows, exponent, generator)
+        lq = proposal.log_probs(ctx)
+        if not allow_eos:
+            lq = without_eos(lq, eos)
+        tok = proposal.sample(lq, generator).cpu()
+        if forced is not None:
+            for pos, k in enumerate(live.tolist()):
+                if forced[k] is not None:
+                    tok[pos] = int(forced[k][j])
+        inc = target.log_next(batch, exponent=exponent)
+        dev_tok = tok.to(lq.device)[:, None]
+        tokens[live, j] = tok
+        log_q[live, j] = lq.gather(1, dev_tok).squeeze(1).double().cpu()
+        log_p[live, j] = lp.gather(1, tok.to(lp.device)[:, None]).squeeze(1).double().cpu()
+        log_inc[live, j] = inc.gather(1, tok.to(inc.device)[:, None]).squeeze(1).double().cpu()
+        is_eos = tok == eos
+        ended[live[is_eos]] = True
+        go = (~is_eos).nonzero().flatten()
+        if len(go):
+            state.extend(tok[go], srows[go])
+    length = start + (tokens >= 0).sum(1)
+    return Decoded(tokens, log_q, log_p, log_inc, ended, length)
+
+
+def end_terms(target: Target, prompt: list[int], tokens: list[list[int]], ended: torch.Tensor,
+              final: bool) -> torch.Tensor:
+    """``log φ_complete`` of finished (and, when ``final``, truncated) rows; ``log ψ`` of the others."""
+    n = len(tokens)
+    out = torch.zeros(n, dtype=torch.float64)
+    complete = ended if not final else torch.ones(n, dtype=torch.bool)
+    if target.has_complete and bool(complete.any()):
+        idx = complete.nonzero().flatten().tolist()
+        batch = target.batch(prompt, [tokens[i] for i in idx], None,
+                             [bool(ended[i]) for i in idx], [not bool(ended[i]) for i in idx])
+        out[idx] = target.log_complete(batch)
+    if target.has_twist and not bool(complete.all()):
+        idx = (~complete).nonzero().flatten().tolist()
+        out[idx] = target.log_twist(target.batch(prompt, [tokens[i] for i in idx]))
+    return out

@@ -1,0 +1,145 @@
+"""Look-ahead proposal of Scalable Power Sampling (arXiv 2601.21590).
+
+The next-token conditional of ``p^α`` is ``π_α(v | y_<t) ∝ p(v|y_<t)^α · ζ(y_<t, v)`` with
+``ζ(y_<t, v) = E_{f ~ p(·|y_<t v)}[p(f)^{α−1}]`` (``f`` the rest of the completion).
+For the ``top_k`` most likely ``v``, ``ζ`` is estimated by ``rollouts`` futures of at
+most ``horizon`` tokens drawn from ``p`` (all candidates × rollouts decoded in one
+batched fork of the engine's state):
+
+    log ζ̂(v) = logsumexp_j[(α−1) · log p(f_j)] − log M,      ζ(EOS) = 1 exactly,
+
+and ``q(v) ∝ exp(target.log_next(v)) · ζ̂(v)`` (``= p(v)^α ζ̂(v)`` for a ``Power`` target).
+Tokens outside the top-k keep their ``p^α`` mass times the smallest candidate ``ζ̂``,
+so ``q`` covers the target's support and SMC weights (``− log q``) stay exact.
+
+``floor = ε`` mixes in the locally optimal proposal, ``q = (1−ε)·q_ζ̂ + ε·q_0`` with
+``q_0 ∝ exp(target.log_next)`` (``∝ p^α``): a defensive mixture that bounds the SMC
+weights by ``1/ε`` times Power-SMC's, since ``ζ̂`` (a mean of ``p(f)^{α−1}``) is
+heavy-tailed and a few rollouts can underrate a good token by orders of magnitude.
+
+``jackknife=True`` replaces the plug-in ``q̂ = g(ζ̂)`` (biased: a ratio of estimates)
+by ``M·g(ζ̂) − (M−1)/M · Σ_j g(ζ̂_{−j})`` where ``ζ̂_{−j}`` leaves rollout ``j`` out for
+every candidate; this cancels the ``O(1/M)`` bias of ``E[q̂]``.  It is clipped below at
+``JACKKNIFE_FLOOR · q̂`` and renormalised (support kept).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .proposals import Proposal, ProposalContext
+
+#: the jackknife estimate is clipped below at this fraction of the plug-in q
+JACKKNIFE_FLOOR = 1e-3
+
+
+def _check(name: str, value: int) -> int:
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+class Lookahead(Proposal):
+    """``q(v) ∝ p(v)^α ζ̂(v)`` on the top-k tokens, ``ζ̂`` from short rollouts (see module doc)."""
+
+    #: q is random (it depends on the rollouts): fine for SMC, not for MH reverse moves
+    stochastic = True
+
+    def __init__(self, top_k: int = 4, rollouts: int = 2, horizon: int = 8,
+                 jackknife: bool = False, floor: float = 0.1) -> None:
+        self.top_k = _check("top_k", top_k)
+        self.rollouts = _check("rollouts", rollouts)
+        self.horizon = _check("horizon", horizon)
+        if jackknife and rollouts < 2:
+            raise ValueError("the jackknife needs rollouts >= 2")
+        self.jackknife = bool(jackknife)
+        if not 0.0 <= float(floor) <= 1.0:
+            raise ValueError(f"floor must be in [0, 1], got {floor!r}")
+        self.floor = float(floor)
+        #: completions end after this many tokens (EOS included): caps each rollout; None = no cap
+        self.max_new_tokens: int | None = None
+        self.forward_passes = 0
+        self.tokens_decoded = 0
+
+    def __repr__(self) -> str:
+        jk = ", jackknife=True" if self.jackknife else ""
+        return (f"Lookahead(top_k={self.top_k}, rollouts={self.rollouts}, horizon={self.horizon}, "
+                f"floor={self.floor:g}{jk})")
+
+    # ------------------------------------------------------------ rollouts
+    def _future_logp(self, ctx: ProposalContext, cand: torch.Tensor) -> torch.Tensor:
+        """``(R, K, M)`` float64 ``log p(f)`` of futures after each candidate (0 for EOS)."""
+        R, K = cand.shape
+        M = self.rollouts
+        eos = ctx.target.lm.eos_token_id
+        rows = torch.as_tensor(ctx.rows, dtype=torch.long).reshape(-1)
+        lengths = torch.tensor([len(t) for t in ctx.batch.tokens])
+        horizon = torch.full((R,), self.horizon, dtype=torch.long)
+        if self.max_new_tokens is not None:  # the future has at most T − t − 1 tokens
+            horizon = torch.clamp(torch.minimum(horizon, self.max_new_tokens - lengths - 1), min=0)
+        first = cand.cpu().repeat_interleave(M, dim=1).reshape(-1)           # (R·K·M,)
+        hor = horizon.repeat_interleave(K * M)
+        log_f = torch.zeros(R * K * M, dtype=torch.float64)
+        alive = (first != eos) & (hor > 0)
+        if not bool(alive.any()):
+            return log_f.view(R, K, M)
+        fork = ctx.state.copy()
+        fork.reorder(rows.repeat_interleave(K * M))
+        go = alive.nonzero().flatten()
+        fork.extend(first[go], go)
+        for h in range(self.horizon):
+            live = (alive & (hor > h)).nonzero().flatten()
+            if len(live) == 0:
+                break
+            lp = fork.logprobs(live)
+            tok = torch.multinomial(torch.softmax(lp.double(), -1), 1, generator=ctx.generator).squeeze(1)
+            log_f[live] += lp.gather(1, tok[:, None]).squeeze(1).double().cpu()
+            tok = tok.cpu()
+            alive[live[tok == eos]] = False
+            cont = live[(tok != eos) & (hor[live] > h + 1)]
+            if len(cont):
+                fork.extend(tok[(tok != eos) & (hor[live] > h + 1)], cont)
+        self.forward_passes += fork.forward_passes
+        self.tokens_decoded += fork.tokens_decoded
+        return log_f.view(R, K, M)
+
+    # ------------------------------------------------------------- proposal
+    @staticmethod
+    def _log_q(base: torch.Tensor, cand: torch.Tensor, log_zeta: torch.Tensor) -> torch.Tensor:
+        """``log q ∝ base + log ζ`` with ``ζ`` on ``cand`` and ``min ζ`` elsewhere; base (R, V)."""
+        out = base + log_zeta.min(dim=1, keepdim=True).values
+        out = out.scatter(1, cand, base.gather(1, cand) + log_zeta)
+        return torch.log_softmax(out, dim=-1)
+
+    def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
+        log_q = self._lookahead_log_q(ctx)
+        if self.floor == 0.0:
+            return log_q
+        base = torch.log_softmax(ctx.target.log_next(ctx.batch, exponent=float(ctx.exponent)).double(), -1)
+        if self.floor == 1.0:
+            return base
+        return torch.logaddexp(log_q + math.log1p(-self.floor), base + math.log(self.floor))
+
+    def _lookahead_log_q(self, ctx: ProposalContext) -> torch.Tensor:
+        if ctx.state is None or ctx.rows is None:
+            raise ValueError("Lookahead needs the engine's LM state and rows in the ProposalContext")
+        a = float(ctx.exponent)
+        base = ctx.target.log_next(ctx.batch, exponent=a).double()
+        lp = ctx.batch.base_logprobs
+        K = min(self.top_k, lp.shape[-1])
+        cand = lp.topk(K, dim=-1).indices                                     # (R, K)
+        weighted = (a - 1.0) * self._future_logp(ctx, cand).to(base.device)   # (R, K, M)
+        M = self.rollouts
+        log_q = self._log_q(base, cand, torch.logsumexp(weighted, -1) - math.log(M))
+        if not self.jackknife:
+            return log_q
+        # leave-one-out: logsumexp over the M−1 other rollouts
+        loo = torch.stack([torch.logsumexp(torch.cat([weighted[..., :j], weighted[..., j + 1:]], -1), -1)
+                           for j in range(M)], 0) - math.log(M - 1)           # (M, R, K)
+        q_loo = torch.stack([self._log_q(base, cand, loo[j]).exp() for j in range(M)]).mean(0)
+        q = log_q.exp()
+        jk = torch.clamp(M * q - (M - 1) * q_loo, min=0.0)
+        jk = torch.maximum(jk, JACKKNIFE_FLOOR * q)
+        return torch.log(jk / jk.sum(-1, keepdim=True))
