@@ -123,13 +123,13 @@ llm = pp.models.default_lm()
 llm_target = pp.Target(llm, pp.Power(ALPHA), chat=True)
 question = "Name three primary colors."
 small = {
-    "SMC (N=4)": (pp.SMC(n_particles=4), {}),
-    "MH (B=5, 1 step, 2 chains)": (pp.MH(block_size=5, n_mcmc=1), {"chains": 2}),
+    "SMC (N=3)": (pp.SMC(n_particles=3), {}),
+    "MH (B=3, 1 step, 1 chain)": (pp.MH(block_size=3, n_mcmc=1), {"chains": 1}),
     "look-ahead (K=2, M=1, H=2)": (pp.samplers.ScalablePower(top_k=2, rollouts=1, horizon=2, n=1), {}),
     "low temperature τ=1/α": (pp.baselines.LowTemperature(tau=1 / ALPHA, n=1), {}),
 }
 for name, (engine, kwargs) in small.items():
-    res = engine.run(llm_target, question, max_new_tokens=8, seed=0, **kwargs)
+    res = engine.run(llm_target, question, max_new_tokens=6, seed=0, **kwargs)
     i = res.best_index()
     print(f"{name:>28}: log p = {res.log_p[i]:7.2f}  tokens = {res.stats['tokens_decoded']:4d}"
           f"  seconds = {res.stats['wall_time']:5.1f}  {res.texts[i]!r}")
