@@ -16,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llmppl as pp
-from llmppl.evaluation.fallback import AncestralSampler
 from llmppl.evaluation.runner import Job, MethodSpec, ResultStore, run_eval, score_result
 from llmppl.evaluation.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap, pass_at_k, wilson
 from llmppl.evaluation.tasks import Extraction, Problem, Task, canonical_number, extract_number, get_task
@@ -143,7 +142,7 @@ def _jobs(kill_after: int | None = None):
     calls = {"n": 0}
 
     def make(name, tau):
-        sampler = AncestralSampler(3, tau, name)
+        sampler = pp.baselines.Plain(n=3) if tau == 1.0 else pp.baselines.LowTemperature(tau=tau, n=3)
 
         def run(*a, **k):
             calls["n"] += 1

@@ -57,40 +57,22 @@ class MethodSpec:
         return cls(text.strip(), name, options)
 
 
-def _baselines():
-    try:
-        from ..inference import baselines
-    except ImportError:
-        return None
-    return baselines
-
-
 def _plain(ns: argparse.Namespace) -> EngineRun:
-    b = _baselines()
-    if b is not None:
-        return b.Plain(n=ns.particles).run
-    from .fallback import AncestralSampler
+    from ..inference.baselines import Plain
 
-    return AncestralSampler(ns.particles, 1.0, "plain").run
+    return Plain(n=ns.particles).run
 
 
 def _lowtemp(ns: argparse.Namespace) -> EngineRun:
-    tau = ns.tau if ns.tau is not None else 1.0 / ns.alpha
-    b = _baselines()
-    if b is not None:
-        return b.LowTemperature(tau=tau, n=ns.particles).run
-    from .fallback import AncestralSampler
+    from ..inference.baselines import LowTemperature
 
-    return AncestralSampler(ns.particles, tau, "lowtemp").run
+    return LowTemperature(tau=ns.tau if ns.tau is not None else 1.0 / ns.alpha, n=ns.particles).run
 
 
 def _greedy(ns: argparse.Namespace) -> EngineRun:
-    b = _baselines()
-    if b is not None:
-        return b.Greedy().run
-    from .fallback import AncestralSampler
+    from ..inference.baselines import Greedy
 
-    return AncestralSampler(1, 1e-4, "greedy").run
+    return Greedy().run
 
 
 def _from_cli(name: str) -> Callable[[argparse.Namespace], EngineRun]:
@@ -114,7 +96,7 @@ class EvalMethod:
     options: tuple[str, ...] = ("particles", "alpha")
 
 
-#: method name -> how to build it; baselines fall back to a local sampler until pp.baselines exists
+#: method name -> how to build it (engine and target exponent)
 EVAL_METHODS: dict[str, EvalMethod] = {
     "plain": EvalMethod(_plain, False, ("particles",)),
     "lowtemp": EvalMethod(_lowtemp, False, ("particles", "alpha", "tau")),
