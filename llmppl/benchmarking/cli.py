@@ -8,6 +8,10 @@ from collections.abc import Callable
 #: benchmark name -> (function adding its arguments, function running it)
 BENCHMARKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
+from . import gpu as _gpu  # noqa: E402
+
+BENCHMARKS["gpu"] = (_gpu.add_arguments, _gpu.run)
+
 
 def _register_builtin() -> None:
     from . import latency

@@ -40,7 +40,8 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 class HFLM(LanguageModel):
     """A ``transformers`` causal LM: ``p(v | s) = softmax(model(s).logits[-1])[v]``."""
 
-    def __init__(self, model: Any, tokenizer: Any = None, name: str | None = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any = None, name: str | None = None,
+                 static_cache: bool = False, cuda_graph: bool = True) -> None:
         config = model.config
         vocab = int(model.get_output_embeddings().weight.shape[0])
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
@@ -63,6 +64,10 @@ class HFLM(LanguageModel):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.pad_token_id = int(getattr(config, "pad_token_id", None) or self.eos_token_id)
+        #: ``start`` returns a :class:`~llmppl.models.static.StaticHFState` (preallocated cache,
+        #: CUDA-graph decode step when ``cuda_graph`` and the model is on CUDA)
+        self.static_cache = bool(static_cache)
+        self.cuda_graph = bool(cuda_graph)
 
     @classmethod
     def from_pretrained(
@@ -72,6 +77,7 @@ class HFLM(LanguageModel):
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype | None = None,
         name: str | None = None,
+        static_cache: bool = False,
         **kwargs: Any,
     ) -> "HFLM":
         """Load from a local directory, a hub id (cached; offline is respected) or a GGUF file.
@@ -90,7 +96,7 @@ class HFLM(LanguageModel):
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=_resolve_dtype(dtype), **extra, **kwargs
         )
-        return cls(model.to(device), tokenizer, name=name or str(path_or_id))
+        return cls(model.to(device), tokenizer, name=name or str(path_or_id), static_cache=static_cache)
 
     @property
     def device(self) -> torch.device:
@@ -111,7 +117,12 @@ class HFLM(LanguageModel):
         last = out.logits[torch.arange(len(sequences)), torch.tensor(lengths) - 1]
         return torch.log_softmax(last.float(), dim=-1)
 
-    def start(self, prompt_ids: Sequence[int], n: int = 1) -> "HFState":
+    def start(self, prompt_ids: Sequence[int], n: int = 1, max_new_tokens: int | None = None) -> LMState:
+        """A KV-cached state; static (preallocated for ``max_new_tokens``) when ``static_cache``."""
+        if self.static_cache:
+            from .static import StaticHFState
+
+            return StaticHFState(self, self.check_prompt(prompt_ids), n, max_new_tokens, self.cuda_graph)
         return HFState(self, self.check_prompt(prompt_ids), n)
 
     # ------------------------------------------------------------- internals
