@@ -1,13 +1,14 @@
 """``llmppl`` command line: ``sample``, ``bench``, ``eval``, ``models``.
 
 Each sub-command is an entry of ``COMMANDS`` (name -> function adding its parser);
-sampling methods are entries of ``METHODS`` (name -> builder of an engine from the
-parsed arguments), so a new engine is one registry line, not another ``elif``.
+sampling methods are entries of ``METHODS`` (name -> builder of a run function from
+the parsed arguments), so a new engine is one registry line, not another ``elif``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -22,41 +23,43 @@ def _smc(args: argparse.Namespace) -> Any:
 
     return pp.SMC(n_particles=args.particles, proposal=pp.proposals.Tempered(1.0 / args.alpha),
                   resampling=args.resampling, ess_threshold=args.ess_threshold,
-                  progress=not args.quiet)
+                  progress=not args.quiet).run
 
 
 def _mh(args: argparse.Namespace) -> Any:
     import llmppl as pp
 
     block = args.block_size or max(1, args.max_new_tokens // 4)
-    return pp.MH(block_size=block, n_mcmc=args.n_mcmc, proposal=pp.proposals.Tempered(1.0 / args.alpha))
+    mh = pp.MH(block_size=block, n_mcmc=args.n_mcmc, proposal=pp.proposals.Tempered(1.0 / args.alpha))
+    return functools.partial(mh.run, chains=args.particles)
 
 
 def _plain(args: argparse.Namespace) -> Any:
     import llmppl as pp
 
-    return pp.baselines.Plain(n=args.particles)
+    return pp.baselines.Plain(n=args.particles).run
 
 
 def _lowtemp(args: argparse.Namespace) -> Any:
     import llmppl as pp
 
-    return pp.baselines.LowTemperature(tau=1.0 / args.alpha, n=args.particles)
+    return pp.baselines.LowTemperature(tau=1.0 / args.alpha, n=args.particles).run
 
 
 def _bestofn(args: argparse.Namespace) -> Any:
     import llmppl as pp
 
-    return pp.baselines.BestOfN(n=args.particles)
+    return pp.baselines.BestOfN(n=args.particles).run
 
 
 def _lookahead(args: argparse.Namespace) -> Any:
     import llmppl as pp
 
-    return pp.samplers.ScalablePower(top_k=args.top_k, rollouts=args.rollouts, horizon=args.horizon)
+    return pp.samplers.ScalablePower(top_k=args.top_k, rollouts=args.rollouts, horizon=args.horizon,
+                                     n=args.particles).run
 
 
-#: method name -> engine builder; every engine has ``.run(target, prompt, max_new_tokens, seed=...)``
+#: method name -> builder of a ``run(target, prompt, max_new_tokens, seed=...) -> Result`` callable
 METHODS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "smc": _smc,
     "mh": _mh,
@@ -98,11 +101,12 @@ def run_sample(args: argparse.Namespace) -> int:
 
     if args.particles < 1:
         raise ValueError(f"--particles must be >= 1, got {args.particles}")
+    potential = pp.Power(args.alpha)  # bad input fails before the model loads
     lm = pp.models.load_model(args.model, device=args.device, dtype=args.dtype)
     chat = not args.no_chat and getattr(lm.tokenizer, "chat_template", None) is not None
-    target = pp.Target(lm, pp.Power(args.alpha), chat=chat)
-    engine = METHODS[args.method](args)
-    result = engine.run(target, prompt=args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    target = pp.Target(lm, potential, chat=chat)
+    run = METHODS[args.method](args)
+    result = run(target, prompt=args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed)
     best = result.best
     print(best if isinstance(best, str) else json.dumps(best))
     print(result.summary(), file=sys.stderr)

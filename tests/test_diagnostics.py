@@ -297,3 +297,4 @@ def test_cli_sample_writes_report(tmp_path):
     assert rc == 0
     text = out.read_text()
     assert "data:image/png;base64," in text and "smc" in text
+

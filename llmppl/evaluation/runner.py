@@ -79,10 +79,7 @@ def _from_cli(name: str) -> Callable[[argparse.Namespace], EngineRun]:
     def build(ns: argparse.Namespace) -> EngineRun:
         from ..cli import METHODS
 
-        engine = METHODS[name](ns)
-        if name == "mh":  # MH runs ``chains`` chains: matched to the other methods' particles
-            return lambda *a, **k: engine.run(*a, chains=ns.particles, **k)
-        return engine.run
+        return METHODS[name](ns)  # MH runs ``particles`` chains, like the CLI
 
     return build
 
