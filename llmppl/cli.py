@@ -70,6 +70,20 @@ METHODS: dict[str, Callable[[argparse.Namespace], Any]] = {
 }
 
 
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every ``METHODS`` builder reads (shared by ``sample`` and ``eval``)."""
+    p.add_argument("--resampling", default="systematic")
+    p.add_argument("--ess-threshold", type=float, default=0.5)
+    p.add_argument("--block-size", type=int, default=None, help="MH block size (default max_new_tokens/4)")
+    p.add_argument("--n-mcmc", type=int, default=2, help="MH steps per block")
+    p.add_argument("--top-k", type=int, default=4, help="look-ahead candidates")
+    p.add_argument("--rollouts", type=int, default=2, help="look-ahead rollouts per candidate")
+    p.add_argument("--horizon", type=int, default=8, help="look-ahead rollout length")
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None)
+
+
 def add_sample(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="sample a completion from p^alpha (and friends)")
     p.add_argument("--prompt", required=True, help="the prompt text")
@@ -80,16 +94,7 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--particles", type=int, default=8, help="particles / samples (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resampling", default="systematic")
-    p.add_argument("--ess-threshold", type=float, default=0.5)
-    p.add_argument("--block-size", type=int, default=None, help="MH block size (default T/4)")
-    p.add_argument("--n-mcmc", type=int, default=2, help="MH steps per block")
-    p.add_argument("--top-k", type=int, default=4, help="look-ahead candidates")
-    p.add_argument("--rollouts", type=int, default=2, help="look-ahead rollouts per candidate")
-    p.add_argument("--horizon", type=int, default=8, help="look-ahead rollout length")
-    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None)
+    add_engine_arguments(p)
     p.add_argument("--json", default=None, help="write the full Result as JSON here")
     p.add_argument("--report", default=None, help="write a self-contained HTML report here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

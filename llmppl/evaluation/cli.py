@@ -19,6 +19,7 @@ DEFAULT_METHODS = "plain,lowtemp,smc,mh"
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
+    from ..cli import add_engine_arguments
     from .runner import EVAL_METHODS
 
     p = sub.add_parser("eval", help="reasoning evaluation (accuracy, pass@k, cost) or --plot a results file",
@@ -36,16 +37,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=4.0, help="power of the base LM for smc/mh/lookahead (default 4)")
     p.add_argument("--tau", type=float, default=None, help="lowtemp temperature (default 1/alpha)")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--resampling", default="systematic")
-    p.add_argument("--ess-threshold", type=float, default=0.5)
-    p.add_argument("--block-size", type=int, default=None, help="MH block size (default max_new_tokens/4)")
-    p.add_argument("--n-mcmc", type=int, default=2, help="MH steps per block")
-    p.add_argument("--top-k", type=int, default=4, help="look-ahead candidates")
-    p.add_argument("--rollouts", type=int, default=2, help="look-ahead rollouts per candidate")
-    p.add_argument("--horizon", type=int, default=8, help="look-ahead rollout length")
-    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None)
+    add_engine_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy box)")
     p.add_argument("--time-limit", type=float, default=None, help="stop cleanly after this many seconds")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
