@@ -57,12 +57,6 @@ class MethodSpec:
         return cls(text.strip(), name, options)
 
 
-def _plain(ns: argparse.Namespace) -> EngineRun:
-    from ..inference.baselines import Plain
-
-    return Plain(n=ns.particles).run
-
-
 def _lowtemp(ns: argparse.Namespace) -> EngineRun:
     from ..inference.baselines import LowTemperature
 
@@ -95,12 +89,12 @@ class EvalMethod:
 
 #: method name -> how to build it (engine and target exponent)
 EVAL_METHODS: dict[str, EvalMethod] = {
-    "plain": EvalMethod(_plain, False, ("particles",)),
+    "plain": EvalMethod(_from_cli("plain"), False, ("particles",)),
     "lowtemp": EvalMethod(_lowtemp, False, ("particles", "alpha", "tau")),
     "greedy": EvalMethod(_greedy, False, ()),
     "smc": EvalMethod(_from_cli("smc"), True, ("particles", "alpha", "resampling", "ess_threshold")),
     "mh": EvalMethod(_from_cli("mh"), True, ("particles", "alpha", "block_size", "n_mcmc")),
-    "lookahead": EvalMethod(_from_cli("lookahead"), True, ("alpha", "top_k", "rollouts", "horizon")),
+    "lookahead": EvalMethod(_from_cli("lookahead"), True, ("particles", "alpha", "top_k", "rollouts", "horizon")),
     "bestofn": EvalMethod(_from_cli("bestofn"), False, ("particles",)),
 }
 

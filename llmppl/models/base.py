@@ -318,3 +318,47 @@ class UncachedState(LMState):
                 self.tokens[i] = self.tokens[i][:length]
                 self._cache[i] = None
                 self.finished[i] = False
+
+
+class KVCachedState(LMState):
+    """Shared parts of KV-cached states (``HFState``, ``StaticHFState``).
+
+    A subclass keeps each row's next-token log-probabilities in ``last`` and provides
+    ``_refresh(rows)`` (feed tokens that ``truncate`` left out of the cache) and
+    ``_feed(rows, blocks)`` (feed blocks; float64 log-probs of their tokens).
+    """
+
+    last: torch.Tensor
+
+    def _refresh(self, rows: list[int]) -> None:
+        raise NotImplementedError
+
+    def _feed(self, rows: list[int], blocks: list[list[int]]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logprobs(self, rows=None) -> torch.Tensor:
+        idx = self._rows(rows)
+        if bool(self.finished[idx].any()):
+            raise ValueError("log-probabilities of a finished row are not kept")
+        self._refresh(idx.tolist())
+        return self.last[idx.to(self.last.device)]
+
+    def _extend_args(self, tokens, rows) -> tuple[list[int], list[list[int]]]:
+        """The row indices and token blocks of an ``extend`` call, validated."""
+        idx = self._rows(rows).tolist()
+        blocks = _normalise_blocks(tokens, len(idx), self.lm.vocab_size)
+        if idx and bool(self.finished[idx].any()):
+            raise ValueError("cannot extend a row that was finished")
+        if len(set(idx)) != len(idx):
+            raise ValueError("extend got the same row twice")
+        return idx, blocks
+
+    def _feed_blocks(self, idx: list[int], blocks: list[list[int]]) -> torch.Tensor:
+        """Feed the non-empty blocks; ``(len(idx), L)`` float64 log-probs, ``-inf``-padded."""
+        width = max((len(b) for b in blocks), default=0)
+        out = torch.full((len(idx), width), -math.inf, dtype=torch.float64)
+        nonempty = [k for k, b in enumerate(blocks) if b]
+        if nonempty:
+            part = self._feed([idx[k] for k in nonempty], [blocks[k] for k in nonempty])
+            out[nonempty, : part.shape[1]] = part
+        return out

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .base import LanguageModel, LMState, _normalise_blocks, as_index
+from .base import KVCachedState, LanguageModel, LMState, as_index
 
 #: positions per chunk when projecting hidden states to vocabulary log-probs
 _LOGIT_CHUNK = 64
@@ -160,7 +160,7 @@ class HFLM(LanguageModel):
         return torch.cat(parts) if parts else torch.empty(0, self.vocab_size, device=dev)
 
 
-class HFState(LMState):
+class HFState(KVCachedState):
     """KV-cached decoding state of an :class:`HFLM` (see module docstring)."""
 
     def __init__(self, lm: HFLM, prompt_ids: list[int], n: int, _empty: bool = False) -> None:
@@ -238,7 +238,6 @@ class HFState(LMState):
         next-token distribution); later ones from this forward pass.
         """
         self._compact()
-        dev = self.lm.device
         width = max(len(b) for b in blocks)
         n_cache = self.valid.shape[0]
         ids = torch.full((n_cache, width), self.lm.pad_token_id, dtype=torch.long)
@@ -281,30 +280,12 @@ class HFState(LMState):
             self._feed([i for i, _ in todo], [p for _, p in todo])
 
     # ------------------------------------------------------------- interface
-    def logprobs(self, rows=None) -> torch.Tensor:
-        idx = self._rows(rows)
-        if bool(self.finished[idx].any()):
-            raise ValueError("log-probabilities of a finished row are not kept")
-        self._refresh(idx.tolist())
-        return self.last[idx.to(self.last.device)]
-
     def extend(self, tokens, rows=None) -> torch.Tensor:
-        idx = self._rows(rows).tolist()
-        blocks = _normalise_blocks(tokens, len(idx), self.lm.vocab_size)
-        if idx and bool(self.finished[idx].any()):
-            raise ValueError("cannot extend a row that was finished")
-        if len(set(idx)) != len(idx):
-            raise ValueError("extend got the same row twice")
+        idx, blocks = self._extend_args(tokens, rows)
         self._refresh(idx)
         for i, b in zip(idx, blocks):
             self.tokens[i] = self.tokens[i] + b
-        nonempty = [k for k, b in enumerate(blocks) if b]
-        width = max((len(b) for b in blocks), default=0)
-        out = torch.full((len(idx), width), -math.inf, dtype=torch.float64)
-        if nonempty:
-            part = self._feed([idx[k] for k in nonempty], [blocks[k] for k in nonempty])
-            out[nonempty, : part.shape[1]] = part
-        return out
+        return self._feed_blocks(idx, blocks)
 
     def finish(self, rows) -> None:
         idx = self._rows(rows)

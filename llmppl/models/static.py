@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .base import LMState, _normalise_blocks, as_index
+from .base import KVCachedState, as_index
 
 if TYPE_CHECKING:
     from .hf import HFLM
@@ -86,7 +86,7 @@ class RowCache(Cache):
         self.write_index: torch.Tensor | None = None
 
 
-class StaticHFState(LMState):
+class StaticHFState(KVCachedState):
     """Decoding state with a static KV cache (see the module docstring)."""
 
     def __init__(self, lm: "HFLM", prompt_ids: list[int], n: int,
@@ -360,30 +360,11 @@ class StaticHFState(LMState):
             self._decoded_d -= sum(max(0, self.P - int(self._fed[i]) + len(s)) for i, s in seqs)
 
     # ------------------------------------------------------------- LMState interface
-    def logprobs(self, rows=None) -> torch.Tensor:
-        self._host()
-        idx = self._rows(rows)
-        if bool(self._finished[idx].any()):
-            raise ValueError("log-probabilities of a finished row are not kept")
-        self._refresh(idx.tolist())
-        return self.last[idx.to(self.last.device)]
-
     def extend(self, tokens, rows=None) -> torch.Tensor:
         self._host()
-        idx = self._rows(rows).tolist()
-        blocks = _normalise_blocks(tokens, len(idx), self.lm.vocab_size)
-        if idx and bool(self._finished[idx].any()):
-            raise ValueError("cannot extend a row that was finished")
-        if len(set(idx)) != len(idx):
-            raise ValueError("extend got the same row twice")
+        idx, blocks = self._extend_args(tokens, rows)
         self._refresh(idx)
-        width = max((len(b) for b in blocks), default=0)
-        out = torch.full((len(idx), width), -math.inf, dtype=torch.float64)
-        nonempty = [k for k, b in enumerate(blocks) if b]
-        if nonempty:
-            part = self._feed([idx[k] for k in nonempty], [blocks[k] for k in nonempty])
-            out[nonempty, : part.shape[1]] = part
-        return out
+        return self._feed_blocks(idx, blocks)
 
     def finish(self, rows) -> None:
         self._host()
