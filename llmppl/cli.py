@@ -82,6 +82,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--backend", choices=["hf", "llamacpp"], default="hf",
+                   help="inference backend: transformers (hf) or llama.cpp for GGUF files")
 
 
 def add_sample(sub: argparse._SubParsersAction) -> None:
@@ -107,7 +109,7 @@ def run_sample(args: argparse.Namespace) -> int:
     if args.particles < 1:
         raise ValueError(f"--particles must be >= 1, got {args.particles}")
     potential = pp.Power(args.alpha)  # bad input fails before the model loads
-    lm = pp.models.load_model(args.model, device=args.device, dtype=args.dtype)
+    lm = pp.models.load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     chat = not args.no_chat and getattr(lm.tokenizer, "chat_template", None) is not None
     target = pp.Target(lm, potential, chat=chat)
     run = METHODS[args.method](args)

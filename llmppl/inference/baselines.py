@@ -19,10 +19,18 @@ import torch
 
 from ..targets.base import Completion
 from ..targets.target import Target
-from .common import Stopwatch, peak_memory, prepare_run
+from .common import Stopwatch, peak_memory, prepare_run, run_each
 from .decode import Decoded, advance, end_terms
 from .proposals import Base, Proposal, ProposalContext, Tempered
 from .result import Result
+
+
+class BatchMixin:
+    """``run_batch(target, prompts, max_new_tokens, seed)``: one ``Result`` per prompt."""
+
+    def run_batch(self, target: Target, prompts: Sequence, max_new_tokens: int,
+                  seed: int | None = None) -> list[Result]:
+        return run_each(self.run, target, prompts, max_new_tokens, seed)
 
 
 def _check_n(n: int) -> int:
@@ -65,7 +73,7 @@ def decode_run(method: str, proposal: Proposal, n: int, target: Target, prompt, 
     return result, d
 
 
-class Plain:
+class Plain(BatchMixin):
     """``n`` samples from the base LM, ``y ~ p(·|x)``."""
 
     def __init__(self, n: int = 1) -> None:
@@ -78,7 +86,7 @@ class Plain:
         return f"Plain(n={self.n})"
 
 
-class LowTemperature:
+class LowTemperature(BatchMixin):
     """``n`` samples with ``y_t ~ softmax(logits_t / τ)`` (locally normalised; not ``p^{1/τ}``)."""
 
     def __init__(self, tau: float, n: int = 1) -> None:
@@ -94,7 +102,7 @@ class LowTemperature:
         return f"LowTemperature(tau={self.tau:g}, n={self.n})"
 
 
-class Greedy:
+class Greedy(BatchMixin):
     """``y_t = argmax_v p(v | y_<t)`` (one deterministic completion)."""
 
     def run(self, target: Target, prompt, max_new_tokens: int, seed: int | None = None) -> Result:
@@ -119,7 +127,7 @@ SCORES: dict[str, Callable[[Target, Result, Decoded], list[float]]] = {
 }
 
 
-class BestOfN:
+class BestOfN(BatchMixin):
     """``n`` samples from ``p`` (temperature ``tau``); the one maximising ``by`` gets all the weight.
 
     ``by``: ``"logp"`` (``log p(y|x)``), ``"target"`` (``log γ(y)``) or a reward

@@ -13,6 +13,32 @@ import torch
 from ..targets.target import Target
 
 
+class AllParticlesDied(ValueError):
+    """Every particle (or chain) of one prompt has target density zero: no sample to return."""
+
+
+def prepare_prompts(target: Target, prompts: Sequence[Any], max_new_tokens: int) -> list[list[int]]:
+    """Validate the arguments of ``run_batch``; return each prompt's token ids.
+
+    Errors name the offending prompt by its index, before any compute.
+    """
+    if not isinstance(target, Target):
+        raise ValueError(f"expected a llmppl Target, got {type(target).__name__}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty list of prompts (texts, token-id lists or "
+                         "chat message lists)")
+    out = []
+    for i, prompt in enumerate(prompts):
+        try:
+            ids = target.encode(prompt)
+            out.append(target.lm.check_prompt(ids, max_new_tokens))
+        except ValueError as exc:
+            raise ValueError(f"prompt {i}: {exc}") from None
+    return out
+
+
 def prepare_run(
     target: Target, prompt: str | Sequence[int] | Sequence[dict], max_new_tokens: int,
     seed: int | None,
@@ -63,3 +89,21 @@ class Stopwatch:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds = time.perf_counter() - self._t0
+
+
+def run_each(run_one: Any, target: Target, prompts: Sequence[Any], max_new_tokens: int,
+             seed: int | None, **kwargs: Any) -> list[Any]:
+    """Provisional ``run_batch``: ``run_one`` per prompt (seed ``seed + i``); a prompt whose
+    particles all die gets a Result with ``error`` set instead of stopping the others."""
+    from .result import Result
+
+    ids = prepare_prompts(target, prompts, max_new_tokens)
+    out = []
+    for i, prompt_ids in enumerate(ids):
+        s = None if seed is None else seed + i
+        try:
+            out.append(run_one(target, prompt_ids, max_new_tokens, seed=s, **kwargs))
+        except AllParticlesDied as exc:
+            out.append(Result(method="failed", prompt_ids=prompt_ids, samples=[], log_weights=[],
+                              seed=s, error=str(exc)))
+    return out

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..targets.target import Target
-from .common import Stopwatch, peak_memory, prepare_run
+from .common import Stopwatch, peak_memory, prepare_run, run_each
 from .decode import Decoded, advance, end_terms
 from .moves import MoveContext
 from .proposals import FromLM, LocallyOptimal, Proposal
@@ -141,6 +141,11 @@ class MH:
         return f"MH(block_size={self.block_size}, n_mcmc={self.n_mcmc}, proposal={self.proposal!r})"
 
     # ------------------------------------------------------------------ run
+    def run_batch(self, target: Target, prompts, max_new_tokens: int, chains: int = 1,
+                  seed: int | None = None) -> list[Result]:
+        """One ``Result`` (``chains`` chains) per prompt, in order."""
+        return run_each(self.run, target, prompts, max_new_tokens, seed, chains=chains)
+
     def run(self, target: Target, prompt, max_new_tokens: int, chains: int = 1,
             seed: int | None = None) -> Result:
         """Run ``chains`` chains of Algorithm 1 and return their final states."""

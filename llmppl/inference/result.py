@@ -55,7 +55,9 @@ class Result:
     ``ess``, ``resampled``, ``ancestors``, ``log_weights``, ``exponent``,
     ``log_evidence_increment``, ... as the engine records them.  ``chains`` holds
     per-chain traces (MH).  ``stats``: ``forward_passes``, ``tokens_decoded``,
-    ``wall_time``, ``peak_memory`` and engine-specific counters.
+    ``wall_time``, ``peak_memory`` and engine-specific counters.  ``error``: set by
+    ``run_batch`` when this prompt failed on its own (its particles all died) while the
+    other prompts of the batch went on.
     """
 
     method: str
@@ -73,6 +75,8 @@ class Result:
     config: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
     select: str = "sample"
+    #: why this prompt produced no usable sample (e.g. every particle died in ``run_batch``); None if fine
+    error: str | None = None
 
     # ------------------------------------------------------------ weights
     @property

@@ -11,12 +11,12 @@ future; inside ``pp.SMC(proposal=Lookahead(...))`` the weights make it exact.
 from __future__ import annotations
 
 from ..targets.target import Target
-from .baselines import _check_n, decode_run
+from .baselines import BatchMixin, _check_n, decode_run
 from .lookahead import Lookahead
 from .result import Result
 
 
-class ScalablePower:
+class ScalablePower(BatchMixin):
     """``n`` completions drawn from the look-ahead proposal of ``p^α`` (``α`` = the target's exponent)."""
 
     def __init__(self, top_k: int = 4, rollouts: int = 2, horizon: int = 8, n: int = 1,

@@ -24,7 +24,7 @@ import torch
 
 from ..models.base import LanguageModelError
 from ..targets.target import Target
-from .common import Stopwatch, make_generator, peak_memory, prepare_run
+from .common import AllParticlesDied, Stopwatch, make_generator, peak_memory, prepare_run, run_each
 from .moves import MoveContext
 from .proposals import LocallyOptimal, Proposal, ProposalContext, Tempered
 from .resampling import ess as ess_of, get_resampler
@@ -166,6 +166,11 @@ class SMC:
                        _Particles(N), float(target.base_exponent))
             self._loop(run)
         return self._result(run, prompt_ids, seed, watch.seconds)
+
+    def run_batch(self, target: Target, prompts: Sequence[str | Sequence[int] | Sequence[dict]],
+                  max_new_tokens: int, seed: int | None = None) -> list[Result]:
+        """One ``Result`` per prompt, in order."""
+        return run_each(self.run, target, prompts, max_new_tokens, seed)
 
     def _loop(self, run: _Run) -> None:
         from tqdm.auto import tqdm
@@ -337,7 +342,7 @@ class SMC:
         new = parts.log_w + inc
         lse_new = torch.logsumexp(new, 0)
         if not torch.isfinite(lse_new):
-            raise ValueError(_all_dead_message(run, t))
+            raise AllParticlesDied(_all_dead_message(run, t))
         incr = float(lse_new - torch.logsumexp(log_w_before, 0))
         run.log_Z += incr
         parts.log_w = new

@@ -84,9 +84,20 @@ def register_model(name: str, loader: Callable[..., HFLM]) -> None:
     MODELS[name] = loader
 
 
+#: inference backends ``load_model`` knows
+BACKENDS = ("hf", "llamacpp")
+
+
 def load_model(spec: str | None = None, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = None) -> HFLM:
-    """A registered name, a local directory, a ``.gguf`` file or a (cached) hub id."""
+               dtype: str | torch.dtype | None = None, backend: str = "hf") -> HFLM:
+    """A registered name, a local directory, a ``.gguf`` file or a (cached) hub id.
+
+    ``backend``: ``"hf"`` (transformers) or ``"llamacpp"`` (GGUF files through llama.cpp).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend == "llamacpp":
+        raise NotImplementedError("the llama.cpp backend is not built yet")
     if spec is None or spec in MODELS:
         return MODELS[spec or "default"](device=device, dtype=dtype)
     path = Path(spec)
