@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def _smc(args: argparse.Namespace) -> Any:
     import llmppl as pp
 
-    return pp.SMC(n_particles=args.particles, proposal=pp.proposals.Tempered(1.0 / args.alpha),
+    return pp.SMC(n_particles=args.particles, proposal=pp.proposals.Temperature(1.0 / args.alpha),
                   resampling=args.resampling, ess_threshold=args.ess_threshold,
                   progress=not args.quiet).run
 
@@ -30,7 +30,7 @@ def _mh(args: argparse.Namespace) -> Any:
     import llmppl as pp
 
     block = args.block_size or max(1, args.max_new_tokens // 4)
-    mh = pp.MH(block_size=block, n_mcmc=args.n_mcmc, proposal=pp.proposals.Tempered(1.0 / args.alpha))
+    mh = pp.MH(block_size=block, n_mcmc=args.n_mcmc, proposal=pp.proposals.Temperature(1.0 / args.alpha))
     return functools.partial(mh.run, chains=args.particles)
 
 

@@ -8,12 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llmppl as pp
-from llmppl.inference.schedules import ScheduleContext, conditional_ess
+from llmppl.inference.schedules import BridgeStats, ScheduleContext, conditional_ess
 
 
-def ctx(t, prev, final, predict=None, n=4):
-    return ScheduleContext(step=t, previous=prev, final=final,
-                           log_weights=torch.zeros(n, dtype=torch.float64), predict=predict)
+def ctx(t, prev, final, stats=None, n=4, horizon=16):
+    prev = torch.as_tensor([prev], dtype=torch.float64)
+    return ScheduleContext(step=t, previous=prev, final=final, horizon=horizon,
+                           log_weights=torch.zeros((1, n), dtype=torch.float64), stats=stats)
 
 
 @settings(max_examples=30, deadline=None)
@@ -32,18 +33,39 @@ def test_constant():
     assert s.initial(4.0) == 4.0 and s.exponent(ctx(3, 4.0, 4.0)) == 4.0
 
 
-def test_adaptive_hits_the_target_conditional_ess():
-    logp = torch.tensor([-1.0, -3.0, -6.0, -10.0], dtype=torch.float64)
+def _stats(spread, token_var):
+    return lambda: BridgeStats(torch.tensor([spread], dtype=torch.float64),
+                               torch.tensor([token_var], dtype=torch.float64))
 
-    def predict(a):                    # tempering increments (a − 1)·log p
-        return (a - 1.0) * logp
 
-    s = pp.schedules.AdaptiveESS(target_ess=0.5, tol=1e-6)
-    a = s.exponent(ctx(1, 1.0, 8.0, predict))
-    assert 1.0 < a < 8.0
-    assert conditional_ess(torch.zeros(4, dtype=torch.float64), predict(a)) == pytest.approx(2.0, rel=1e-3)
-    # flat increments: jump straight to the final exponent
-    assert s.exponent(ctx(1, 1.0, 8.0, lambda a: torch.zeros(4, dtype=torch.float64))) == 8.0
+def test_adaptive_bridges_from_identical_particles():
+    """At t = 1 every particle shares the prompt (spread 0): the greedy conditional-ESS rule
+    saw nothing and jumped to α; pricing in the horizon's token variance bridges instead."""
+    s = pp.schedules.AdaptiveESS(target_ess=0.5)
+    a1 = float(s.exponent(ctx(1, 1.0, 8.0, _stats(0.0, 2.0), horizon=16)))
+    assert 1.0 < a1 < 2.0
+    # the raise keeps the predicted ESS fraction at least κ: exp(-δ² V) ≥ 0.5 — or the linear pace
+    V = 16 * 2.0
+    delta = a1 - 1.0
+    assert delta == pytest.approx(max(math.sqrt(math.log(2) / V), 7.0 / 16))
+
+
+@settings(max_examples=30, deadline=None)
+@given(spread=st.floats(0.0, 50.0), token_var=st.floats(0.0, 10.0), horizon=st.integers(1, 64),
+       alpha=st.floats(1.0, 8.0))
+def test_adaptive_reaches_alpha_by_the_horizon_monotonically(spread, token_var, horizon, alpha):
+    s = pp.schedules.AdaptiveESS(target_ess=0.5)
+    a, seq = s.initial(alpha), []
+    for t in range(1, horizon + 1):
+        a = float(s.exponent(ctx(t, a, alpha, _stats(spread, token_var), horizon=horizon)))
+        seq.append(a)
+    assert seq[-1] == pytest.approx(alpha)
+    assert all(b >= c - 1e-12 for b, c in zip(seq[1:], seq[:-1])) and max(seq) <= alpha + 1e-12
+
+
+def test_adaptive_jumps_when_the_weights_cannot_spread():
+    s = pp.schedules.AdaptiveESS(target_ess=0.5)
+    assert float(s.exponent(ctx(1, 1.0, 4.0, _stats(0.0, 0.0)))) == pytest.approx(4.0)
 
 
 def test_conditional_ess_bounds():
@@ -53,7 +75,7 @@ def test_conditional_ess_bounds():
 
 
 @pytest.mark.parametrize("bad", [lambda: pp.schedules.Linear(0.0, 5), lambda: pp.schedules.Linear(1.0, 0),
-                                 lambda: pp.schedules.AdaptiveESS(1.5), lambda: pp.steps.Tokens(0),
+                                 lambda: pp.schedules.AdaptiveESS(1.5), lambda: pp.schedules.AdaptiveESS(1.0), lambda: pp.steps.Tokens(0),
                                  lambda: pp.steps.Until("", 4), lambda: pp.steps.Until("\n", 0)])
 def test_bad_arguments(bad):
     with pytest.raises(ValueError):

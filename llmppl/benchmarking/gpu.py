@@ -194,7 +194,7 @@ def time_smc_engine(lm: Any, prompt: list[int], n: int, alpha: float, steps: int
     if not hasattr(pp, "SMC"):
         return None
     target = pp.Target(lm, pp.Power(alpha))
-    smc = pp.SMC(n_particles=n, proposal=pp.proposals.Tempered(1.0 / alpha),
+    smc = pp.SMC(n_particles=n, proposal=pp.proposals.Temperature(1.0 / alpha),
                  ess_threshold=ess_threshold, progress=False)
     smc.run(target, prompt, max_new_tokens=4, seed=seed)  # warm-up (graph capture)
     _sync(lm.device)

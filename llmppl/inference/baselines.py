@@ -21,7 +21,8 @@ from ..targets.base import Completion
 from ..targets.target import Target
 from .common import Stopwatch, peak_memory, prepare_run, run_each
 from .decode import Decoded, advance, end_terms
-from .proposals import Base, Proposal, ProposalContext, Tempered
+from .proposals import Base, Temperature
+from .proposal import Proposal, ProposalContext
 from .result import Result
 
 
@@ -90,7 +91,7 @@ class LowTemperature(BatchMixin):
     """``n`` samples with ``y_t ~ softmax(logits_t / τ)`` (locally normalised; not ``p^{1/τ}``)."""
 
     def __init__(self, tau: float, n: int = 1) -> None:
-        self.proposal = Tempered(tau)
+        self.proposal = Temperature(tau)
         self.tau = self.proposal.tau
         self.n = _check_n(n)
 
@@ -140,7 +141,7 @@ class BestOfN(BatchMixin):
         if not callable(by) and by not in SCORES:
             raise ValueError(f"by must be one of {sorted(SCORES)} or a callable, got {by!r}")
         self.by = by
-        self.proposal = Base() if tau == 1.0 else Tempered(tau)
+        self.proposal = Base() if tau == 1.0 else Temperature(tau)
         self.tau = float(tau)
 
     def _scores(self, target: Target, res: Result, d: Decoded) -> list[float]:

@@ -53,6 +53,12 @@ def prepare_run(
     return ids, make_generator(seed, target.lm.device)
 
 
+def eos_ids(lm: Any) -> tuple[int, ...]:
+    """Every token id that ends a completion (``lm.eos_token_ids``, else ``(lm.eos_token_id,)``)."""
+    ids = getattr(lm, "eos_token_ids", None)
+    return tuple(int(i) for i in ids) if ids else (int(lm.eos_token_id),)
+
+
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
     """A ``torch.Generator`` on ``device`` seeded with ``seed`` (a fresh random seed when None)."""
     gen = torch.Generator(device=device)

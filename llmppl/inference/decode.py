@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from ..targets.target import Target
-from .proposals import Proposal, ProposalContext
+from .common import eos_ids
+from .proposal import Proposal, ProposalContext
 
 
 @dataclass
@@ -44,10 +45,10 @@ class Decoded:
         return torch.where(self.tokens >= 0, x, torch.zeros((), dtype=x.dtype)).sum(1)
 
 
-def without_eos(log_q: torch.Tensor, eos: int) -> torch.Tensor:
-    """``q`` renormalised on the tokens other than EOS."""
+def without_eos(log_q: torch.Tensor, eos: int | torch.Tensor) -> torch.Tensor:
+    """``q`` renormalised on the tokens other than EOS (every EOS id)."""
     out = log_q.double().clone()
-    out[:, eos] = -math.inf
+    out[:, torch.as_tensor(eos, device=out.device)] = -math.inf
     return torch.log_softmax(out, dim=-1)
 
 
@@ -57,7 +58,7 @@ def advance(
     rows: torch.Tensor,
     stop: torch.Tensor | int,
     proposal: Proposal,
-    exponent: float,
+    exponent: float | torch.Tensor,
     generator: torch.Generator,
     forced: Sequence[Sequence[int] | None] | None = None,
     allow_eos: bool = True,
@@ -66,7 +67,8 @@ def advance(
 
     ``forced[k]`` (optional) replays a given suffix for row ``rows[k]`` instead of
     sampling (its ``log q`` is still recorded: reverse-move probabilities).
-    ``allow_eos=False`` draws from ``q`` renormalised without EOS.
+    ``allow_eos=False`` draws from ``q`` renormalised without EOS.  ``exponent`` is ``a``
+    for every row or a ``(len(rows),)`` tensor, one per row.
     """
     rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
     R = len(rows)
@@ -84,8 +86,9 @@ def advance(
     log_p = log_q.clone()
     log_inc = log_q.clone()
     ended = torch.zeros(R, dtype=torch.bool)
-    eos = target.lm.eos_token_id
-    prompt = state.prompt
+    eos = torch.tensor(eos_ids(target.lm))
+    prompt = state.prompts[0]   # potentials see completions; prompts are per row in the state
+    per_row = isinstance(exponent, torch.Tensor)
     for j in range(W):
         live = ((start + j < stop_t) & ~ended).nonzero().flatten()
         if len(live) == 0:
@@ -93,7 +96,8 @@ def advance(
         srows = rows[live]
         lp = state.logprobs(srows)
         batch = target.batch(prompt, [state.tokens[r] for r in srows.tolist()], lp)
-        ctx = ProposalContext(target, batch, state, srows, exponent, generator)
+        a = exponent[live][:, None] if per_row else exponent
+        ctx = ProposalContext(target, batch, state, srows, a, generator)
         lq = proposal.log_probs(ctx)
         if not allow_eos:
             lq = without_eos(lq, eos)
@@ -102,13 +106,13 @@ def advance(
             for pos, k in enumerate(live.tolist()):
                 if forced[k] is not None:
                     tok[pos] = int(forced[k][j])
-        inc = target.log_next(batch, exponent=exponent)
+        inc = target.log_next(batch, exponent=a.to(lp.device) if per_row else a)
         dev_tok = tok.to(lq.device)[:, None]
         tokens[live, j] = tok
         log_q[live, j] = lq.gather(1, dev_tok).squeeze(1).double().cpu()
         log_p[live, j] = lp.gather(1, tok.to(lp.device)[:, None]).squeeze(1).double().cpu()
         log_inc[live, j] = inc.gather(1, tok.to(inc.device)[:, None]).squeeze(1).double().cpu()
-        is_eos = tok == eos
+        is_eos = torch.isin(tok, eos)
         ended[live[is_eos]] = True
         go = (~is_eos).nonzero().flatten()
         if len(go):

@@ -29,7 +29,7 @@ import math
 
 import torch
 
-from .proposals import Proposal, ProposalContext
+from .proposal import Proposal, ProposalContext
 
 #: the jackknife estimate is clipped below at this fraction of the plug-in q
 JACKKNIFE_FLOOR = 1e-3

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..targets.target import Target
-from .common import Stopwatch, peak_memory, prepare_run, run_each
+from .common import Stopwatch, make_generator, peak_memory, prepare_prompts
 from .decode import Decoded, advance, end_terms
 from .moves import MoveContext
 from .proposals import FromLM, LocallyOptimal, Proposal
@@ -143,22 +143,31 @@ class MH:
     # ------------------------------------------------------------------ run
     def run_batch(self, target: Target, prompts, max_new_tokens: int, chains: int = 1,
                   seed: int | None = None) -> list[Result]:
-        """One ``Result`` (``chains`` chains) per prompt, in order."""
-        return run_each(self.run, target, prompts, max_new_tokens, seed, chains=chains)
+        """``chains`` chains for each of ``G`` prompts as ``G·chains`` rows of one decoding state;
+        one ``Result`` per prompt, in order (chains never mix prompts: every MH step is per row)."""
+        return self._run(target, prompts, max_new_tokens, chains, seed)
 
     def run(self, target: Target, prompt, max_new_tokens: int, chains: int = 1,
             seed: int | None = None) -> Result:
         """Run ``chains`` chains of Algorithm 1 and return their final states."""
-        if not isinstance(chains, int) or chains < 1:
+        return self._run(target, [prompt], max_new_tokens, chains, seed)[0]
+
+    def _run(self, target: Target, prompts, max_new_tokens: int, chains: int,
+             seed: int | None) -> list[Result]:
+        if isinstance(chains, bool) or not isinstance(chains, int) or chains < 1:
             raise ValueError(f"chains must be an int >= 1, got {chains!r}")
-        ids, gen = prepare_run(target, prompt, max_new_tokens, seed)
+        prompt_ids = prepare_prompts(target, prompts, max_new_tokens)
+        G = len(prompt_ids)
+        gen = make_generator(seed, target.lm.device)
         a = target.base_exponent
         proposal = self._proposal()
-        T, n, B = max_new_tokens, chains, self.block_size
+        T, n, B = max_new_tokens, G * chains, self.block_size
         ar = torch.arange(n)
+        ids = prompt_ids[0] if G == 1 else prompt_ids
         with Stopwatch(target.lm.device) as clock:
-            state = target.lm.start(ids, n)
+            state = target.lm.start(ids, chains, max_new_tokens=T)
             cur = _Chains(n, T)
+            decoded = torch.zeros(n, dtype=torch.long)   # tokens fed per chain (EOS is never fed)
             trace = {"log_p": [], "log_target": [], "length": []}
             acc_stage, stage_len = [], []
             n_stages = math.ceil(T / B)
@@ -168,16 +177,20 @@ class MH:
                 grow = (~cur.ended & (cur.length < L)).nonzero().flatten()
                 if len(grow):
                     start = cur.length[grow].clone()
-                    cur.write(grow, start, advance(target, state, grow, L, proposal, a, gen))
+                    d = advance(target, state, grow, L, proposal, a, gen)
+                    decoded[grow] += (d.tokens >= 0).sum(1) - d.ended.long()
+                    cur.write(grow, start, d)
                 log_gamma = _masked_sum(cur.log_inc, cur.positions()) + end_terms(
-                    target, ids, state.tokens, cur.ended, final)
+                    target, state.prompts[0], state.tokens, cur.ended, final)
                 accepted = torch.zeros(n)
                 for _ in range(self.n_mcmc):
                     m = _uniform_index(cur.length, gen)
                     state.reorder(torch.cat([ar, ar]))
                     state.truncate(ar + n, m.tolist())
                     prop = cur.clone()
-                    prop.write(ar, m, advance(target, state, ar + n, L, proposal, a, gen))
+                    d = advance(target, state, ar + n, L, proposal, a, gen)
+                    decoded += (d.tokens >= 0).sum(1) - d.ended.long()
+                    prop.write(ar, m, d)
                     fwd = _masked_sum(prop.log_q, prop.positions(m))
                     rev = _masked_sum(cur.log_q, cur.positions(m))
                     bad = (~torch.isfinite(rev)).nonzero().flatten()
@@ -187,7 +200,7 @@ class MH:
                             f"of chain {int(bad[0])} (its current suffix from position {int(m[bad[0]])}); "
                             "use a proposal whose support covers the target's")
                     prop_gamma = _masked_sum(prop.log_inc, prop.positions()) + end_terms(
-                        target, ids, state.tokens[n:], prop.ended, final)
+                        target, state.prompts[0], state.tokens[n:], prop.ended, final)
                     # log q(y|y') = rev − log len(y'),  log q(y'|y) = fwd − log len(y)
                     log_a = (prop_gamma - log_gamma) + (rev - prop.length.double().log()) - (
                         fwd - cur.length.double().log())
@@ -203,25 +216,35 @@ class MH:
                 stage_len.append(L)
         samples = [list(t) for t in state.tokens]
         log_p = cur.log_p_total()
-        stats = {"forward_passes": state.forward_passes, "tokens_decoded": state.tokens_decoded,
-                 "wall_time": clock.seconds, "peak_memory": peak_memory(target.lm.device),
-                 "acceptance_rate": float(torch.stack(acc_stage).mean()) if self.n_mcmc else None}
+        acc_all = torch.stack(acc_stage) if acc_stage else torch.zeros((0, n))
+        out = []
+        for g in range(G):
+            rows = slice(g * chains, (g + 1) * chains)
 
-        def per_chain(rows: list[torch.Tensor]) -> list[list[float]]:
-            return torch.stack(rows, 1).tolist() if rows else [[] for _ in range(n)]
+            def per_chain(values: list[torch.Tensor]) -> list[list[float]]:
+                return torch.stack(values, 1)[rows].tolist() if values else [[] for _ in range(chains)]
 
-        return Result(
-            method="mh", prompt_ids=ids, samples=samples, log_weights=[0.0] * n,
-            texts=[target.lm.decode(s) for s in samples] if target.lm.tokenizer is not None else None,
-            finished=cur.ended.tolist(), truncated=(~cur.ended).tolist(), log_p=log_p.tolist(),
-            steps={"acceptance": [float(x.mean()) for x in acc_stage], "stage_length": stage_len},
-            chains={"log_p": per_chain(trace["log_p"]), "log_target": per_chain(trace["log_target"]),
-                    "acceptance": per_chain(acc_stage), "length": per_chain(trace["length"])},
-            stats=stats,
-            config={"block_size": B, "n_mcmc": self.n_mcmc, "proposal": repr(proposal),
-                    "chains": n, "max_new_tokens": T, "target": repr(target)},
-            seed=seed,
-        )
+            acc_g = acc_all[:, rows]
+            stats = {"forward_passes": state.forward_passes,
+                     "tokens_decoded": int(decoded[rows].sum()),
+                     "wall_time": clock.seconds, "peak_memory": peak_memory(target.lm.device),
+                     "acceptance_rate": float(acc_g.mean()) if self.n_mcmc and len(acc_g) else None,
+                     "batch_prompts": G}
+            sam = samples[rows]
+            out.append(Result(
+                method="mh", prompt_ids=prompt_ids[g], samples=sam, log_weights=[0.0] * chains,
+                texts=[target.lm.decode(x) for x in sam] if target.lm.tokenizer is not None else None,
+                finished=cur.ended[rows].tolist(), truncated=(~cur.ended[rows]).tolist(),
+                log_p=log_p[rows].tolist(),
+                steps={"acceptance": [float(x.mean()) for x in acc_g], "stage_length": stage_len},
+                chains={"log_p": per_chain(trace["log_p"]), "log_target": per_chain(trace["log_target"]),
+                        "acceptance": per_chain(acc_stage), "length": per_chain(trace["length"])},
+                stats=stats,
+                config={"block_size": B, "n_mcmc": self.n_mcmc, "proposal": repr(proposal),
+                        "chains": chains, "max_new_tokens": T, "target": repr(target)},
+                seed=seed,
+            ))
+        return out
 
     # ------------------------------------------------------- resample-move
     def move(self, ctx: MoveContext) -> int:
@@ -233,10 +256,14 @@ class MH:
         alongside the proposed one (one forward per position for both) to get its
         ``log q`` and ``log p``, since SMC keeps neither per position.
         """
-        target, state, a, gen = ctx.target, ctx.state, float(ctx.exponent), ctx.generator
+        target, state, gen = ctx.target, ctx.state, ctx.generator
         proposal = self._proposal()
         rows = torch.as_tensor(ctx.rows, dtype=torch.long).reshape(-1)
         rows = rows[torch.tensor([len(state.tokens[r]) > 0 for r in rows.tolist()], dtype=torch.bool)]
+        if isinstance(ctx.exponent, torch.Tensor) and ctx.exponent.numel() > 1:
+            a = ctx.exponent.reshape(-1).double().cpu()[rows]       # a_t of each moved row
+        else:
+            a = float(ctx.exponent)
         R, N = len(rows), state.n
         accepted = 0
         if R == 0:
@@ -248,15 +275,16 @@ class MH:
             suffix = [state.tokens[r][k:] for r, k in zip(rows.tolist(), m.tolist())]
             state.reorder(torch.cat([torch.arange(N), rows, rows]))
             state.truncate(torch.cat([rep, new]), torch.cat([m, m]).tolist())
+            a_both = torch.cat([a, a]) if isinstance(a, torch.Tensor) else a
             d = advance(target, state, torch.cat([rep, new]), torch.cat([lengths, lengths]), proposal,
-                        a, gen, forced=suffix + [None] * R, allow_eos=False)
+                        a_both, gen, forced=suffix + [None] * R, allow_eos=False)
             lq, lp, inc = d.total("log_q"), d.total("log_p"), d.total("log_inc")
             bad = (~torch.isfinite(lq[:R])).nonzero().flatten()
             if len(bad):
                 raise ValueError(
                     f"MH.move: the proposal {proposal!r} gives zero probability to the current suffix of "
                     f"particle {int(rows[bad[0]])}; use a proposal whose support covers the target's")
-            twist_new = (target.log_twist(target.batch(state.prompt, [state.tokens[r] for r in new.tolist()]))
+            twist_new = (target.log_twist(target.batch(state.prompts[0], [state.tokens[r] for r in new.tolist()]))
                          if target.has_twist else torch.zeros(R, dtype=torch.float64))
             log_a = (inc[R:] - inc[:R]) + (twist_new - ctx.log_twist[rows]) + (lq[:R] - lq[R:])
             acc = _log_uniform(R, gen) < log_a
@@ -264,8 +292,10 @@ class MH:
             keep[rows[acc]] = new[acc]
             state.reorder(keep)
             moved = rows[acc]
-            ctx.log_p[moved] += lp[R:][acc] - lp[:R][acc]
-            ctx.log_other[moved] += (inc[R:] - a * lp[R:])[acc] - (inc[:R] - a * lp[:R])[acc]
-            ctx.log_twist[moved] = twist_new[acc]
+            dev = ctx.log_p.device
+            moved_d = moved.to(dev)
+            ctx.log_p[moved_d] += (lp[R:][acc] - lp[:R][acc]).to(dev)
+            ctx.log_other[moved_d] += ((inc[R:] - a * lp[R:])[acc] - (inc[:R] - a * lp[:R])[acc]).to(dev)
+            ctx.log_twist[moved_d] = twist_new[acc].to(dev)
             accepted += int(acc.sum())
         return accepted

@@ -12,57 +12,25 @@ The protocol (subclass :class:`Proposal`):
   ``on_reorder`` / ``on_finish`` to follow the engine's particles.
 
 A proposal from another (smaller) LM with the same tokenizer is :class:`FromLM`.
+The protocol itself (``Proposal``, ``ProposalContext``) lives in ``proposal.py`` so that
+``lookahead.py`` and this module both build on it without an import cycle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
 from typing import Any
 
 import torch
 
-from ..targets.base import Prefixes
-
-
-@dataclass
-class ProposalContext:
-    """Everything a proposal may look at for one batched step."""
-
-    target: Any
-    batch: Prefixes
-    state: Any = None
-    rows: torch.Tensor | None = None
-    exponent: float = 1.0
-    generator: torch.Generator | None = None
-
-
-class Proposal:
-    """Base class: ``q(v | y_<t)``; stateless unless the hooks are overridden."""
-
-    def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
-        raise NotImplementedError
-
-    def start(self, target: Any, prompt_ids: list[int], n: int) -> None:
-        """Called once per run, before the first step, with the number of particles."""
-
-    def on_extend(self, tokens: Sequence[Sequence[int]], rows: torch.Tensor) -> None:
-        """Rows ``rows`` were extended by ``tokens``."""
-
-    def on_reorder(self, indices: torch.Tensor) -> None:
-        """Row j became a copy of row ``indices[j]``."""
-
-    def on_finish(self, rows: torch.Tensor) -> None:
-        """Rows will not be extended any more."""
-
-    def sample(self, log_q: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Draw one token per row from ``exp(log_q)`` (rows need not be on the CPU)."""
-        probs = torch.softmax(log_q.double(), dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+from .lookahead import Lookahead
+from .proposal import Proposal, ProposalContext, exponent_of
 
 
 class Base(Proposal):
     """``q = p``: the base LM itself."""
+
+    vectorised = True
 
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
         return ctx.batch.base_logprobs
@@ -71,12 +39,16 @@ class Base(Proposal):
         return "Base()"
 
 
-class Tempered(Proposal):
-    """``q ∝ p^{1/τ}``; ``τ = None`` means ``τ = 1/a_t`` (the current exponent).
+class Temperature(Proposal):
+    """``q ∝ p^{1/τ}``; ``τ = None`` means ``τ = 1/a_t`` (the current exponent, per row).
 
     With ``q ∝ p^{a_t}`` and a pure ``Power`` target the incremental weight is
     ``log Σ_u p(u|y_<t)^{a_t}``, independent of the drawn token (Power-SMC, Thm 1).
+    One log-softmax over the vocabulary per call, in the LM's dtype.
+    (A proposal; the *potential* ``pp.Tempered(τ)`` is a factor of the target.)
     """
+
+    vectorised = True
 
     def __init__(self, tau: float | None = None) -> None:
         if tau is not None and not (float(tau) > 0 and float(tau) < float("inf")):
@@ -84,13 +56,22 @@ class Tempered(Proposal):
         self.tau = None if tau is None else float(tau)
 
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
-        inv = ctx.exponent if self.tau is None else 1.0 / self.tau
-        if inv <= 0:
-            raise ValueError(f"tempered proposal needs a positive exponent, got {inv}")
-        return torch.log_softmax(ctx.batch.base_logprobs.double() * inv, dim=-1)
+        inv = exponent_of(ctx) if self.tau is None else 1.0 / self.tau
+        return torch.log_softmax(ctx.batch.base_logprobs * inv, dim=-1)
 
     def __repr__(self) -> str:
-        return f"Tempered({'1/a_t' if self.tau is None else f'{self.tau:g}'})"
+        return f"Temperature({'1/a_t' if self.tau is None else f'{self.tau:g}'})"
+
+
+class Tempered(Temperature):
+    """Deprecated name of :class:`Temperature` (it clashed with the potential ``pp.Tempered``)."""
+
+    def __init__(self, tau: float | None = None) -> None:
+        import warnings
+
+        warnings.warn("pp.proposals.Tempered is renamed pp.proposals.Temperature (pp.Tempered is the "
+                      "potential); the old name will be removed", DeprecationWarning, stacklevel=2)
+        super().__init__(tau)
 
 
 class LocallyOptimal(Proposal):
@@ -98,16 +79,18 @@ class LocallyOptimal(Proposal):
 
     For token-factorising targets this is the locally optimal proposal; the weight
     is then ``log Σ_v exp(log_next(v))``.  Non-factorising factors are ignored here
-    and corrected by the weights.
+    and corrected by the weights.  It proposes inside token masks (``Constraint``), so
+    no particle is spent on a masked token.  A row where every token has zero target
+    mass gets a uniform ``q``; the drawn token then has weight zero and the particle dies.
     """
 
+    vectorised = True
+
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
-        inc = ctx.target.log_next(ctx.batch, exponent=ctx.exponent).double()
+        inc = ctx.target.log_next(ctx.batch, exponent=exponent_of(ctx))
         norm = torch.logsumexp(inc, dim=-1, keepdim=True)
-        if bool((~torch.isfinite(norm)).any()):
-            row = int((~torch.isfinite(norm)).nonzero()[0, 0])
-            raise ValueError(f"locally optimal proposal: every next token has zero target mass in row {row}")
-        return inc - norm
+        uniform = torch.full_like(inc, -math.log(inc.shape[-1]))
+        return torch.where(torch.isfinite(norm), inc - norm, uniform)
 
     def __repr__(self) -> str:
         return "LocallyOptimal()"
@@ -167,17 +150,16 @@ class _Restricted(Proposal):
     def __init__(self, inner: Proposal | None = None, epsilon: float = 0.05) -> None:
         if not 0.0 < float(epsilon) <= 1.0:
             raise ValueError(f"epsilon must be in (0, 1] so the proposal covers the target, got {epsilon!r}")
-        self.inner = inner if inner is not None else Tempered()
+        self.inner = inner if inner is not None else Temperature()
         self.epsilon = float(epsilon)
+        self.vectorised = getattr(self.inner, "vectorised", False)
 
     def keep(self, log_q: torch.Tensor) -> torch.Tensor:
         """(B, V) bool: the tokens the restriction keeps."""
         raise NotImplementedError
 
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
-        import math
-
-        log_q = self.inner.log_probs(ctx).double()
+        log_q = self.inner.log_probs(ctx)
         kept = torch.where(self.keep(log_q), log_q, torch.full_like(log_q, -math.inf))
         kept = kept - torch.logsumexp(kept, dim=-1, keepdim=True)
         if self.epsilon == 1.0:
@@ -233,5 +215,3 @@ class TopP(_Restricted):
     def __repr__(self) -> str:
         return f"TopP({self.p:g}, {self.inner!r}, epsilon={self.epsilon:g})"
 
-
-from .lookahead import Lookahead  # noqa: E402,F401  (defined in lookahead.py)

@@ -16,15 +16,29 @@ import torch
 
 
 @dataclass
+class BridgeStats:
+    """Per-group statistics an adaptive schedule uses, each ``(G,)`` float64.
+
+    ``spread``: the weighted variance over live particles of ``log p(y_<t)``, the
+    retroactive term per unit of exponent;  ``token_var``: the weighted mean over live
+    particles of ``Var_{v~q}[log p(v | y_<t)]``, the variance one more token adds to it.
+    """
+
+    spread: torch.Tensor
+    token_var: torch.Tensor
+
+
+@dataclass
 class ScheduleContext:
-    """What a schedule may look at when choosing ``a_t`` (step ``t`` ≥ 1)."""
+    """What a schedule may look at when choosing ``a_t`` (step ``t`` ≥ 1), per group (prompt)."""
 
     step: int
-    previous: float                  # a_{t-1}
+    previous: torch.Tensor           # (G,) a_{t-1}
     final: float                     # α, the target's base exponent
-    log_weights: torch.Tensor        # (N,) float64 current log-weights
-    predict: Callable[[float], torch.Tensor] | None = None
-    """``predict(a) -> (N,)`` predicted incremental log-weights if ``a_t = a`` (0 for done particles)."""
+    log_weights: torch.Tensor        # (G, N) float64 current log-weights
+    horizon: int = 0                 # max_new_tokens: steps left ≤ horizon − t + 1
+    stats: Callable[[], BridgeStats] | None = None
+    """Lazily computed :class:`BridgeStats` (only adaptive schedules pay for them)."""
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -41,12 +55,17 @@ def _check_steps(steps: int) -> int:
 
 
 class Schedule:
-    """Base class: ``initial(final) -> a_0`` and ``exponent(ctx) -> a_t``."""
+    """Base class: ``initial(final) -> a_0`` and ``exponent(ctx) -> a_t``.
+
+    ``exponent`` returns a float (the same ``a_t`` for every group) or a ``(G,)`` tensor.
+    """
+
+    adaptive: bool = False
 
     def initial(self, final: float) -> float:
         return final
 
-    def exponent(self, ctx: ScheduleContext) -> float:
+    def exponent(self, ctx: ScheduleContext) -> float | torch.Tensor:
         return ctx.final
 
 
@@ -90,64 +109,62 @@ class Geometric(Linear):
         return f"Geometric(alpha_from={self.alpha_from:g}, steps={self.steps})"
 
 
-def conditional_ess(log_weights: torch.Tensor, log_increments: torch.Tensor) -> float:
-    """``N (Σ W_i w_i)² / Σ W_i w_i²`` with ``W`` the normalised current weights (Zhou et al. 2016)."""
-    lw = log_weights.double()
-    lW = lw - torch.logsumexp(lw, 0)
-    inc = torch.where(torch.isfinite(lW), log_increments.double(), torch.zeros_like(lW))
-    num = 2 * torch.logsumexp(lW + inc, 0)
-    den = torch.logsumexp(lW + 2 * inc, 0)
-    if not torch.isfinite(num):
-        return 0.0
-    return float(len(lw) * torch.exp(num - den))
+def conditional_ess(log_weights: torch.Tensor, log_increments: torch.Tensor) -> torch.Tensor | float:
+    """``N (Σ W_i w_i)² / Σ W_i w_i²`` with ``W`` the normalised current weights (Zhou et al. 2016),
+    along the last dimension (a float for 1-D inputs; 0 where no weight is positive)."""
+    lw = torch.as_tensor(log_weights).to(torch.float64)
+    inc = torch.as_tensor(log_increments).to(lw)
+    lW = lw - torch.logsumexp(lw, -1, keepdim=True)
+    inc = torch.where(torch.isfinite(lW), inc, torch.zeros_like(lW))
+    num = 2 * torch.logsumexp(lW + inc, -1)
+    den = torch.logsumexp(lW + 2 * inc, -1)
+    out = torch.where(torch.isfinite(num), lw.shape[-1] * torch.exp(num - den), torch.zeros_like(num))
+    return float(out) if lw.dim() == 1 else out
 
 
 class AdaptiveESS(Schedule):
-    """Choose ``a_t ∈ [a_{t−1}, α]`` by bisection so the conditional ESS of the step's
-    predicted incremental weights is ``target_ess · N`` (as blackjax's adaptive tempering).
+    """Bridge at the pace the predicted weight variance allows, per prompt.
 
-    The prediction is the locally optimal incremental weight
-    ``(a − a_{t−1}) log p(y_<t) + log Σ_v p(v|y_<t)^a · φ^next(v)``.  When even ``a = α``
-    keeps the conditional ESS above the target, ``a_t = α``.  The choice is greedy:
-    it bridges only when the next step alone would degenerate the weights.
+    Raising the exponent by ``δ`` at step ``t`` multiplies a particle's weight by
+    ``p(y_<t)^δ`` now and, through the proposal ``q ∝ p^{a_t}``, exposes the rest of its
+    completion to the same exponent.  With ``H = horizon − t + 1`` tokens still to come,
+    the variance of ``δ · log p`` over the particles is predicted as
+
+        V_t = Var_i[log p(y_<t)] + H · E_i Var_{v~q}[log p(v | y_<t)],
+
+    and for log-normal weights the ESS fraction after the raise is ``exp(−δ² V_t)``.  The
+    schedule takes ``δ_t = max(√(−log κ / V_t), (α − a_{t−1}) / H)``, ``a_t = min(α, a_{t−1} + δ_t)``:
+    as fast as keeps the predicted ESS fraction at ``κ = target_ess``, never slower than a
+    linear bridge that reaches ``α`` by the horizon.  Unlike a greedy rule on the next step's
+    conditional ESS (which sees identical particles at ``t = 1`` and jumps to ``α``), the
+    variance a completion will accumulate is priced in from the first step.  Particles
+    that finish are promoted to ``α``, so the final target is exact whatever ``a_t`` is.
     """
 
-    def __init__(self, target_ess: float = 0.5, alpha_from: float = 1.0, tol: float = 1e-3,
-                 max_iter: int = 30) -> None:
-        if not 0.0 < float(target_ess) <= 1.0:
-            raise ValueError(f"target_ess must be in (0, 1], got {target_ess!r}")
+    adaptive = True
+
+    def __init__(self, target_ess: float = 0.5, alpha_from: float = 1.0) -> None:
+        if not 0.0 < float(target_ess) < 1.0:
+            raise ValueError(f"target_ess must be in (0, 1), got {target_ess!r}")
         self.target_ess = float(target_ess)
         self.alpha_from = _check_positive("alpha_from", alpha_from)
-        self.tol = float(tol)
-        self.max_iter = int(max_iter)
 
     def initial(self, final: float) -> float:
         return min(self.alpha_from, final) if final > 0 else final
 
-    def exponent(self, ctx: ScheduleContext) -> float:
-        lo, hi = ctx.previous, ctx.final
-        if ctx.predict is None or hi <= lo:
-            return hi
-        n = len(ctx.log_weights)
-        goal = self.target_ess * n
-
-        def cess(a: float) -> float:
-            return conditional_ess(ctx.log_weights, ctx.predict(a))
-
-        if cess(hi) >= goal:
-            return hi
-        for _ in range(self.max_iter):
-            if hi - lo <= self.tol * max(1.0, abs(ctx.final)):
-                break
-            mid = 0.5 * (lo + hi)
-            if cess(mid) >= goal:
-                lo = mid
-            else:
-                hi = mid
-        return lo
+    def exponent(self, ctx: ScheduleContext) -> float | torch.Tensor:
+        prev = ctx.previous.to(torch.float64)
+        if ctx.final <= 0 or ctx.stats is None or bool((prev >= ctx.final).all()):
+            return ctx.final
+        st = ctx.stats()
+        remaining = max(ctx.horizon - ctx.step + 1, 1)
+        var = (st.spread + remaining * st.token_var).clamp_min(1e-12)
+        by_ess = torch.sqrt(-math.log(self.target_ess) / var)
+        linear = (ctx.final - prev) / remaining
+        return torch.minimum(prev + torch.maximum(by_ess, linear), torch.full_like(prev, ctx.final))
 
     def __repr__(self) -> str:
-        return f"AdaptiveESS(target_ess={self.target_ess:g})"
+        return f"AdaptiveESS(target_ess={self.target_ess:g}, alpha_from={self.alpha_from:g})"
 
 
 def get_schedule(schedule: Schedule | None) -> Schedule:
@@ -159,5 +176,5 @@ def get_schedule(schedule: Schedule | None) -> Schedule:
     return schedule
 
 
-__all__ = ["Schedule", "ScheduleContext", "Constant", "Linear", "Geometric", "AdaptiveESS",
+__all__ = ["Schedule", "ScheduleContext", "BridgeStats", "Constant", "Linear", "Geometric", "AdaptiveESS",
            "conditional_ess", "get_schedule"]

@@ -10,6 +10,15 @@ a particle that ends (EOS, or cut at ``max_new_tokens``) is promoted to the fina
 target at once: ``+ (α − a_t) log p(y) + log φ_complete(y) − log ψ_{t−1}``, and carries
 increments of 0 afterwards (it is never fed to the LM again).  The evidence estimate
 ``log Ẑ = Σ_t log Σ_i W̄^i_{t−1} w^i_t`` is unbiased in ``Ẑ`` (DESIGN.md §1).
+
+``run_batch`` runs ``G`` prompts × ``N`` particles as one decoding state of ``G·N``
+rows.  Normalisation, ESS, the resampling decision, resampling (indices within each
+prompt's rows), the exponent schedule and ``log Ẑ`` are per prompt, computed on the
+``(G, N)`` view of the weights, so prompts never exchange particles and each prompt's
+particles are distributed exactly as in its own ``run``.  All per-particle state is on
+the LM's device (:mod:`~llmppl.inference.particles`); a token step with a vectorised
+proposal and no Python potential does one small host sync (are all rows done, does
+any prompt resample); traces are moved to the host once, at the end.
 """
 
 from __future__ import annotations
@@ -24,82 +33,68 @@ import torch
 
 from ..models.base import LanguageModelError
 from ..targets.target import Target
-from .common import AllParticlesDied, Stopwatch, make_generator, peak_memory, prepare_run, run_each
+from .common import (AllParticlesDied, Stopwatch, eos_ids, make_generator, peak_memory,
+                     prepare_prompts)
 from .moves import MoveContext
-from .proposals import LocallyOptimal, Proposal, ProposalContext, Tempered
-from .resampling import ess as ess_of, get_resampler
+from .particles import CAUSES, Particles, RowPrefixes
+from .proposal import Proposal, ProposalContext
+from .proposals import LocallyOptimal, Temperature
+from .resampling import get_resampler, log_ess
 from .result import Result
-from .schedules import Schedule, ScheduleContext, conditional_ess, get_schedule
-from .steps import Step, get_step
+from .schedules import BridgeStats, Constant, Schedule, ScheduleContext, conditional_ess, get_schedule
+from .steps import Step, Tokens, Until, get_step
 
-@dataclass
-class _Particles:
-    """Per-particle bookkeeping of one run (CPU, float64 accumulators)."""
+#: extra cause code: a cut completion under ``Target(truncation="zero")``
+_CUT_CAUSE = 4
+_CUT_MESSAGE = ("cut at max_new_tokens, and the target gives truncated completions zero weight "
+                "(truncation='zero'): raise max_new_tokens")
 
-    n: int
-    log_w: torch.Tensor = field(init=False)       # log-weights, LSE(log_w) − log N = log Ẑ so far
-    log_p: torch.Tensor = field(init=False)       # log p(y_≤t | x)
-    log_other: torch.Tensor = field(init=False)   # Σ_s non-Power token increments
-    log_twist: torch.Tensor = field(init=False)   # log ψ_t(y_≤t)  (0 once ended)
-    finished: torch.Tensor = field(init=False)    # ended with EOS
-    truncated: torch.Tensor = field(init=False)   # cut at max_new_tokens
-    dead: torch.Tensor = field(init=False)        # weight −∞: no more compute
-    promoted: torch.Tensor = field(init=False)    # ended and promoted to the final target
-    tail: list[list[int]] = field(init=False)     # sampled tokens never fed to the LM (the cut token)
 
-    def __post_init__(self) -> None:
-        z = torch.zeros(self.n, dtype=torch.float64)
-        self.log_w, self.log_p, self.log_other, self.log_twist = z.clone(), z.clone(), z.clone(), z.clone()
-        b = torch.zeros(self.n, dtype=torch.bool)
-        self.finished, self.truncated, self.dead, self.promoted = b.clone(), b.clone(), b.clone(), b.clone()
-        self.tail = [[] for _ in range(self.n)]
-
-    @property
-    def done(self) -> torch.Tensor:
-        return self.finished | self.truncated | self.dead
-
-    def reorder(self, idx: torch.Tensor) -> None:
-        for name in ("log_w", "log_p", "log_other", "log_twist", "finished", "truncated", "dead",
-                     "promoted"):
-            setattr(self, name, getattr(self, name)[idx].clone())
-        self.tail = [list(self.tail[i]) for i in idx.tolist()]
+def default_proposal(target: Target) -> Proposal:
+    """``q ∝ p^{a_t}`` for a pure power target; the locally optimal ``q ∝ p^{a_t} · Π φ^next``
+    when a token-level factor (a token mask, a tempered factor) is present, so proposals stay
+    inside masks."""
+    token_factors = any(getattr(f, "factorises", False) for f in target.others)
+    return Temperature() if target.base_exponent > 0 and not token_factors else LocallyOptimal()
 
 
 @dataclass
 class _Run:
-    """Everything one ``SMC.run`` threads through its helper functions."""
+    """Everything one batched run threads through the engine's steps."""
 
     target: Target
-    prompt: list[int]
+    prompts: list[list[int]]
     max_new_tokens: int
     state: Any
     proposal: Proposal
     generator: torch.Generator
-    resample_generator: torch.Generator
-    parts: _Particles
+    parts: Particles
     alpha: float
-    log_Z: float = 0.0
-    causes: dict[int, str] = field(default_factory=dict)   # particle -> why its weight is −∞
-    steps: dict[str, list] = field(default_factory=dict)
-    resampling_count: int = 0
-    moves_accepted: int = 0
-    tokens_sampled: int = 0
+    eos: torch.Tensor
+    traces: dict[str, list] = field(default_factory=dict)
+    host: dict[str, list] = field(default_factory=dict)   # traces that are host lists already
+    syncs: int = 0
+    bad_logprobs: torch.Tensor | None = None
 
-    def record(self, **values: Any) -> None:
+    def record(self, **values: torch.Tensor) -> None:
         for k, v in values.items():
-            self.steps.setdefault(k, []).append(v)
+            self.traces.setdefault(k, []).append(v)
+
+    def a_rows(self, a: torch.Tensor) -> torch.Tensor:
+        return a.repeat_interleave(self.parts.N)
 
 
 class SMC:
     """Sequential Monte Carlo over completions of a :class:`~llmppl.Target`.
 
-    ``proposal``: a :class:`~llmppl.proposals.Proposal` (default ``Tempered()``, i.e.
-    ``q ∝ p^{a_t}``, for targets with a ``Power`` factor; ``LocallyOptimal()`` otherwise).
-    ``resampling``: a name in ``pp.resampling.RESAMPLERS`` or a callable; resample when
+    ``proposal``: a :class:`~llmppl.proposals.Proposal` (default: ``Temperature()``, i.e.
+    ``q ∝ p^{a_t}``, for a pure power target; ``LocallyOptimal()`` when the target has
+    token-level factors such as masks).  ``resampling``: a name in
+    ``pp.resampling.RESAMPLERS`` or a callable; resample a prompt's particles when their
     ``ESS < ess_threshold · N`` (1: every step, 0: never).  ``schedule``: an exponent
     bridge from ``pp.schedules`` (default ``Constant()``).  ``step``: ``"token"``,
     ``pp.steps.Tokens(k)`` or ``pp.steps.Until(delimiter, max_tokens)``.  ``rejuvenate``:
-    a kernel with ``move(MoveContext) -> int`` applied after each resampling.
+    a kernel with ``move(MoveContext) -> int`` applied after each resampling (token steps).
     """
 
     def __init__(
@@ -135,6 +130,12 @@ class SMC:
         self.ess_threshold = kappa
         self.schedule = get_schedule(schedule)
         self.step = get_step(step)
+        if rejuvenate is not None and isinstance(self.step, Until):
+            raise ValueError(
+                "rejuvenate cannot be combined with segment steps (Until): the MH moves resample "
+                "suffixes token by token at a fixed length, which keeps p(y_≤t)^a_t invariant but "
+                "not the segment-level target (a segment must end at its delimiter), so the result "
+                "would be biased. Use token steps with rejuvenate, or segment steps without it.")
         self.rejuvenate = rejuvenate
         self.select = select
         self.progress = progress
@@ -144,311 +145,418 @@ class SMC:
                 f"resampling={self.resampling!r}, ess_threshold={self.ess_threshold:g}, "
                 f"schedule={self.schedule!r}, step={self.step!r})")
 
-    # ------------------------------------------------------------------ run
+    # ------------------------------------------------------------------ entry points
     def run(self, target: Target, prompt: str | Sequence[int] | Sequence[dict], max_new_tokens: int,
             seed: int | None = None) -> Result:
-        """Run SMC; return the weighted particles, ``log Ẑ`` and per-step traces."""
-        prompt_ids, generator = prepare_run(target, prompt, max_new_tokens, seed)
-        lm = target.lm
-        self.step.check(lm)
-        proposal = self.proposal or (Tempered() if target.base_exponent > 0 else LocallyOptimal())
-        if self.rejuvenate is not None and type(proposal).on_extend is not Proposal.on_extend:
-            raise ValueError(
-                f"rejuvenate cannot be combined with the stateful proposal {proposal!r}: moves change "
-                "particles behind the proposal's own decoding state")
-        resample_gen = generator if generator.device.type == "cpu" else make_generator(
-            None if seed is None else seed + 1)
-        N = self.n_particles
-        with Stopwatch(lm.device) as watch:
-            state = lm.start(prompt_ids, N)
-            proposal.start(target, prompt_ids, N)
-            run = _Run(target, prompt_ids, max_new_tokens, state, proposal, generator, resample_gen,
-                       _Particles(N), float(target.base_exponent))
-            self._loop(run)
-        return self._result(run, prompt_ids, seed, watch.seconds)
+        """Run SMC on one prompt; raises ``AllParticlesDied`` when every particle dies."""
+        return self._run(target, [prompt], max_new_tokens, seed, raise_on_failure=True)[0]
 
     def run_batch(self, target: Target, prompts: Sequence[str | Sequence[int] | Sequence[dict]],
                   max_new_tokens: int, seed: int | None = None) -> list[Result]:
-        """One ``Result`` per prompt, in order."""
-        return run_each(self.run, target, prompts, max_new_tokens, seed)
+        """Run SMC on ``G`` prompts at once (``G·N`` rows); one ``Result`` per prompt, in order.
 
+        A prompt whose particles all die gets a Result with ``error`` set; the others go on.
+        """
+        return self._run(target, prompts, max_new_tokens, seed, raise_on_failure=False)
+
+    def _run(self, target: Target, prompts: Sequence[Any], max_new_tokens: int, seed: int | None,
+             raise_on_failure: bool) -> list[Result]:
+        ids = prepare_prompts(target, prompts, max_new_tokens)
+        lm = target.lm
+        self.step.check(lm)
+        proposal = self.proposal or default_proposal(target)
+        if self.rejuvenate is not None and proposal.stateful:
+            raise ValueError(
+                f"rejuvenate cannot be combined with the stateful proposal {proposal!r}: moves change "
+                "particles behind the proposal's own decoding state")
+        G, N, dev = len(ids), self.n_particles, lm.device
+        generator = make_generator(seed, dev)
+        with Stopwatch(dev) as watch:
+            state = lm.start(ids[0] if G == 1 else ids, N, max_new_tokens=max_new_tokens)
+            proposal.start(target, ids[0] if G == 1 else ids, N)
+            run = _Run(target, ids, max_new_tokens, state, proposal, generator,
+                       Particles(G, N, max_new_tokens, dev), float(target.base_exponent),
+                       torch.tensor(eos_ids(lm), device=dev))
+            self._loop(run)
+        return self._results(run, seed, watch.seconds, raise_on_failure)
+
+    # ------------------------------------------------------------------ the loop
     def _loop(self, run: _Run) -> None:
         from tqdm.auto import tqdm
 
+        P = run.parts
         bar = tqdm(total=run.max_new_tokens, disable=not self.progress, file=sys.stderr,
-                   desc="SMC", unit="tok")
-        a_prev = self.schedule.initial(run.alpha)
-        t, depth = 0, 0
+                   desc=f"SMC ({P.G} prompt{'s' if P.G > 1 else ''})", unit="tok")
+        a_prev = torch.full((P.G,), self.schedule.initial(run.alpha), dtype=torch.float64, device=P.device)
+        t = 0
         try:
-            while not bool(run.parts.done.all()):
+            while True:
                 t += 1
                 a = self._exponent(run, t, a_prev)
-                log_w_before = run.parts.log_w.clone()
-                inc = self._propose_block(run, t, a, a_prev)
+                log_w_before = P.log_w.clone()
+                inc = self._extend(run, t, a, a_prev)
                 self._promote(run, inc, a)
                 self._update_twists(run, inc)
-                self._reweight(run, t, a, inc, log_w_before)
-                if not bool(run.parts.done.all()):
-                    self._maybe_resample(run, t, a)
-                else:
+                ess = self._reweight(run, inc, log_w_before, a, t)
+                need = self._needs_resampling(run, ess)
+                flags = torch.stack([P.done.all(), need.any(), run.bad_logprobs.any()]).tolist()
+                run.syncs += 1
+                if flags[2]:
+                    raise self._bad_logprobs_error(run, t)
+                if flags[0] or not flags[1]:
                     self._record_no_resampling(run)
-                if self.progress:
-                    new_depth = max(len(run.state.tokens[i]) + len(run.parts.tail[i])
-                                    for i in range(run.parts.n))
-                    bar.update(new_depth - depth)
-                    bar.set_postfix(ess=f"{run.steps['ess'][-1]:.1f}", a=f"{a:g}")
-                    depth = new_depth
+                else:
+                    self._resample(run, need, a, t)
+                bar.update(1)
+                if flags[0]:
+                    break
                 a_prev = a
         finally:
             bar.close()
 
-    # ----------------------------------------------------------- the pieces
-    def _exponent(self, run: _Run, t: int, a_prev: float) -> float:
-        """``a_t`` from the schedule; the prediction for adaptive schedules is computed lazily."""
-        parts = run.parts
-        alive = (~parts.done).nonzero().flatten()
+    # ----------------------------------------------------------------- the pieces
+    def _exponent(self, run: _Run, t: int, a_prev: torch.Tensor) -> torch.Tensor:
+        """``a_t`` per prompt, ``(G,)`` float64 on the device."""
+        if isinstance(self.schedule, Constant):
+            return torch.full_like(a_prev, run.alpha)
+        P = run.parts
 
-        cache: dict[str, torch.Tensor] = {}
+        def stats() -> BridgeStats:
+            lp = run.state.last_logprobs().double()
+            alive = (~P.done).view(P.G, P.N)
+            lw = torch.where(alive, P.log_w, torch.full_like(P.log_w, -math.inf))
+            W = torch.softmax(lw, 1).nan_to_num(0.0)
+            log_p = P.log_p.view(P.G, P.N)
+            mean = (W * log_p).sum(1, keepdim=True)
+            spread = (W * (log_p - mean) ** 2).sum(1)
+            q = torch.softmax(run.a_rows(a_prev)[:, None] * lp, -1)
+            m1 = (q * lp).sum(-1)
+            token_var = ((q * lp * lp).sum(-1) - m1 ** 2).clamp_min(0.0).view(P.G, P.N)
+            return BridgeStats(spread=spread, token_var=(W * token_var).sum(1))
 
-        def predict(a: float) -> torch.Tensor:
-            if "lp" not in cache:
-                lp = run.state.logprobs(alive).double()
-                batch = run.target.batch(run.prompt, [run.state.tokens[i] for i in alive.tolist()], lp)
-                other = run.target.log_next_other(batch)
-                cache["lp"] = lp.cpu()
-                cache["other"] = (torch.zeros_like(lp) if other is None else other.double()).cpu()
-            out = torch.zeros(parts.n, dtype=torch.float64)
-            out[alive] = (a - a_prev) * parts.log_p[alive] + torch.logsumexp(
-                a * cache["lp"] + cache["other"], dim=-1)
-            return out
+        ctx = ScheduleContext(step=t, previous=a_prev, final=run.alpha, log_weights=P.log_w,
+                              horizon=run.max_new_tokens, stats=stats)
+        a = self.schedule.exponent(ctx)
+        return torch.as_tensor(a, dtype=torch.float64, device=P.device).expand(P.G).clone()
 
-        ctx = ScheduleContext(step=t, previous=a_prev, final=run.alpha,
-                              log_weights=parts.log_w, predict=predict)
-        return float(self.schedule.exponent(ctx))
-
-    def _propose_block(self, run: _Run, t: int, a: float, a_prev: float) -> torch.Tensor:
-        """Extend every live particle by one step (a token or a block); return the
-        incremental log-weights without promotion and twist terms."""
-        parts, state, lm = run.parts, run.state, run.target.lm
-        inc = torch.zeros(parts.n, dtype=torch.float64)
-        alive = (~parts.done).nonzero().flatten()
-        inc[alive] = (a - a_prev) * parts.log_p[alive]          # retroactive exponent change
-        segment: dict[int, list[int]] = {i: [] for i in alive.tolist()}
+    def _extend(self, run: _Run, t: int, a: torch.Tensor, a_prev: torch.Tensor) -> torch.Tensor:
+        """Extend every live particle by one step (a token or a block); return the incremental
+        log-weights ``(R,)`` without promotion and twist terms."""
+        P = run.parts
+        alive = ~P.done
+        inc = torch.where(alive, run.a_rows(a - a_prev) * P.log_p, torch.zeros_like(P.log_p))
+        start = P.length.clone()
         active = alive
-        while len(active):
-            v, lp_v, tok_inc = self._propose_token(run, t, a, active)
-            rows = active.tolist()
-            parts.log_p[active] += lp_v
-            inc[active] += tok_inc
-            run.tokens_sampled += len(rows)
-            toks = v.tolist()
-            eos = torch.tensor([x == lm.eos_token_id for x in toks], dtype=torch.bool)
-            cut = ~eos & torch.tensor([len(state.tokens[i]) + 1 >= run.max_new_tokens for i in rows],
-                                      dtype=torch.bool)
-            dead = ~torch.isfinite(inc[active])
-            for k in dead.nonzero().flatten().tolist():
-                run.causes.setdefault(rows[k], "the drawn token has zero target density "
-                                      "(a token mask / constraint excludes it)")
-            grow = ~eos & ~cut & ~dead
-            if bool(grow.any()):
-                sel = grow.nonzero().flatten()
-                state.extend(v[sel.to(v.device)], active[sel])
-                run.proposal.on_extend([[toks[k]] for k in sel.tolist()], active[sel])
-            for k in cut.nonzero().flatten().tolist():
-                parts.tail[rows[k]] = [toks[k]]
-            parts.finished[active[eos]] = True
-            parts.truncated[active[cut]] = True
-            parts.dead[active[dead]] = True
-            ended = active[eos | cut | dead]
-            if len(ended):
-                state.finish(ended)
-                run.proposal.on_finish(ended)
-            nxt = []
-            for k in grow.nonzero().flatten().tolist():
-                seg = segment[rows[k]]
-                seg.append(toks[k])
-                if not self.step.ends(seg, lm):
-                    nxt.append(rows[k])
-            active = torch.tensor(nxt, dtype=torch.long)
-        run.steps.setdefault("segment_length", []).append(max((len(s) for s in segment.values()), default=0))
+        one_token = isinstance(self.step, Tokens) and self.step.k == 1
+        while True:
+            self._draw(run, t, run.a_rows(a), active, inc)
+            if one_token:
+                break
+            active = active & ~P.done
+            if isinstance(self.step, Tokens):
+                active = active & (P.length - start < self.step.k)
+            else:
+                rows = active.nonzero().flatten()
+                run.syncs += 1
+                segs = P.host_tokens(rows)
+                starts = start[rows].tolist()
+                ended = [self.step.ends(s[k:], run.target.lm) for s, k in zip(segs, starts)]
+                active = active.clone()
+                active[rows[torch.tensor(ended, dtype=torch.bool, device=rows.device)]] = False
+            run.syncs += 1
+            if not bool(active.any()):
+                break
+        run.record(segment_length=(P.length - start).view(P.G, P.N).amax(1))
         return inc
 
-    def _propose_token(self, run: _Run, t: int, a: float, active: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Draw one token for each ``active`` row; return (tokens, log p of them, weight terms
-        ``a_t log p + log φ^next − log q``) — the latter two float64 on the CPU."""
-        lp = run.state.logprobs(active)
-        _check_logprobs(lp, active, t, run.target.lm.name)
-        batch = run.target.batch(run.prompt, [run.state.tokens[i] for i in active.tolist()], lp)
-        ctx = ProposalContext(run.target, batch, run.state, active, a, run.generator)
-        log_q = run.proposal.log_probs(ctx)
-        v = run.proposal.sample(log_q, run.generator)
-        col = v.to(lp.device)[:, None]
-        lp_v = lp.gather(1, col).squeeze(1).double().cpu()
-        lq_v = log_q.gather(1, col.to(log_q.device)).squeeze(1).double().cpu()
-        tok_inc = a * lp_v - lq_v
-        other = run.target.log_next_other(batch)
+    def _draw(self, run: _Run, t: int, a_rows: torch.Tensor, active: torch.Tensor,
+              inc: torch.Tensor) -> None:
+        """Draw one token for each ``active`` row and do all the per-token bookkeeping."""
+        P, state, target, proposal = run.parts, run.state, run.target, run.proposal
+        lp = state.last_logprobs()
+        bad = (torch.isnan(lp).any(1) | torch.isposinf(lp).any(1)) & active
+        run.bad_logprobs = bad if run.bad_logprobs is None else run.bad_logprobs | bad
+        if proposal.vectorised:
+            batch = RowPrefixes(target.lm, run.prompts, P, None, lp)
+            ctx = ProposalContext(target, batch, state, None, a_rows[:, None], run.generator)
+            log_q = proposal.log_probs(ctx)
+            v = proposal.sample(log_q, run.generator).to(P.device)
+            other = target.log_next_other(batch)
+        else:
+            v, log_q, other, lp = self._draw_rows(run, lp, a_rows, active)
+        v = torch.where(active, v, torch.zeros_like(v))
+        col = v[:, None]
+        lp_v = lp.gather(1, col.to(lp.device)).squeeze(1).double().to(P.device)
+        lq_v = log_q.gather(1, col.to(log_q.device)).squeeze(1).double().to(P.device)
+        tok_inc = a_rows * lp_v - lq_v
+        zero = torch.zeros_like(P.log_p)
         if other is not None:
-            other_v = other.gather(1, col.to(other.device)).squeeze(1).double().cpu()
-            run.parts.log_other[active] += other_v
+            other_v = other.gather(1, col.to(other.device)).squeeze(1).double().to(P.device)
+            P.log_other += torch.where(active, other_v, zero)
             tok_inc = tok_inc + other_v
-        return v, lp_v, tok_inc
+        inc += torch.where(active, tok_inc, zero)
+        P.log_p += torch.where(active, lp_v, zero)
+        self._count(run, "tokens_sampled", active)
+        is_eos = active & torch.isin(v, run.eos)
+        cut = active & ~is_eos & (P.length + 1 >= run.max_new_tokens)
+        dead = active & ~torch.isfinite(inc)
+        P.cause = torch.where(dead & (P.cause == 0), torch.ones_like(P.cause), P.cause)
+        grow = active & ~is_eos & ~cut & ~dead
+        P.append(v, active & ~is_eos & ~dead)
+        state.step(v, grow)
+        self._count(run, "tokens_decoded", grow)
+        P.finished |= is_eos
+        P.truncated |= cut
+        P.dead |= dead
+        ended = is_eos | cut | dead
+        state.finish(ended)
+        if proposal.stateful:
+            run.syncs += 1
+            rows = grow.nonzero().flatten().cpu()
+            proposal.on_extend([[int(x)] for x in v[grow].tolist()], rows)
+            proposal.on_finish(ended.nonzero().flatten().cpu())
 
-    def _promote(self, run: _Run, inc: torch.Tensor, a: float) -> None:
+    def _draw_rows(self, run: _Run, lp: torch.Tensor, a_rows: torch.Tensor, active: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """A proposal that is not row-wise (another LM, rollouts) sees only the active rows;
+        returns full-size ``(R,)`` tokens and ``(R, V)`` log q / other / log p (active rows filled)."""
+        P, target = run.parts, run.target
+        rows = active.nonzero().flatten()
+        run.syncs += 1
+        a_act = a_rows[rows]
+        exponent: float | torch.Tensor = (float(a_act[0]) if len(a_act) and bool((a_act == a_act[0]).all())
+                                          else a_act[:, None])
+        sub_lp = lp[rows.to(lp.device)]
+        batch = RowPrefixes(target.lm, run.prompts, P, rows, sub_lp)
+        ctx = ProposalContext(target, batch, run.state, rows.cpu(), exponent, run.generator)
+        sub_q = run.proposal.log_probs(ctx) if len(rows) else sub_lp
+        sub_v = run.proposal.sample(sub_q, run.generator).to(P.device) if len(rows) else rows
+        v = torch.zeros(P.R, dtype=torch.long, device=P.device)
+        v[rows] = sub_v
+        log_q = torch.zeros((P.R, lp.shape[1]), dtype=sub_q.dtype, device=sub_q.device)
+        log_q[rows.to(sub_q.device)] = sub_q
+        sub_other = target.log_next_other(batch) if len(rows) else None
+        other = None
+        if sub_other is not None:
+            other = torch.zeros((P.R, lp.shape[1]), dtype=sub_other.dtype, device=sub_other.device)
+            other[rows.to(sub_other.device)] = sub_other
+        return v, log_q, other, lp
+
+    @staticmethod
+    def _count(run: _Run, name: str, mask: torch.Tensor) -> None:
+        P = run.parts
+        counts = mask.view(P.G, P.N).sum(1)
+        total = run.host.get(name)
+        run.host[name] = counts if total is None else total + counts
+
+    def _promote(self, run: _Run, inc: torch.Tensor, a: torch.Tensor) -> None:
         """Particles that ended this step jump to the final target:
         ``+ (α − a_t) log p(y) + log φ_complete(y) − log ψ_{t−1}``."""
-        parts = run.parts
-        ended = (parts.finished | parts.truncated) & ~parts.dead & ~parts.promoted
-        rows = ended.nonzero().flatten()
-        untwist = torch.zeros(parts.n, dtype=torch.float64)  # log φ_complete − log ψ removed (diagnostics)
-        if len(rows):
-            inc[rows] += (run.alpha - a) * parts.log_p[rows] - parts.log_twist[rows]
-            untwist[rows] -= parts.log_twist[rows]
-            parts.log_twist[rows] = 0.0
-        if len(rows) and run.target.has_complete:
-            idx = rows.tolist()
-            batch = run.target.batch(run.prompt, [run.state.tokens[i] + parts.tail[i] for i in idx], None,
-                                     parts.finished[rows].tolist(), parts.truncated[rows].tolist())
-            lc = run.target.log_complete(batch)
-            inc[rows] += lc
-            untwist[rows] += lc
-            for k in (~torch.isfinite(lc)).nonzero().flatten().tolist():
-                run.causes.setdefault(idx[k], "log_complete is -inf (a constraint or reward on "
-                                      "finished completions rejects it)")
-        parts.promoted[rows] = True
-        if run.target.has_twist:
-            run.record(untwist=untwist.tolist())
+        P, target = run.parts, run.target
+        ended = (P.finished | P.truncated) & ~P.dead & ~P.promoted
+        zero = torch.zeros_like(P.log_p)
+        inc += torch.where(ended, (run.alpha - run.a_rows(a)) * P.log_p - P.log_twist, zero)
+        untwist = torch.where(ended, -P.log_twist, zero)
+        P.log_twist = torch.where(ended, zero, P.log_twist)
+        if target.has_complete:
+            rows = ended.nonzero().flatten()
+            run.syncs += 1
+            if len(rows):
+                batch = RowPrefixes(target.lm, run.prompts, P, rows, None,
+                                    P.finished[rows].tolist(), P.truncated[rows].tolist())
+                lc = target.log_complete(batch).to(device=P.device, dtype=torch.float64)
+                inc[rows] += lc
+                untwist[rows] += lc
+                rejected = ~torch.isfinite(lc) & (P.cause[rows] == 0)
+                zero_cut = getattr(target, "truncation", "keep") == "zero"
+                code = torch.where(P.truncated[rows] & zero_cut, _CUT_CAUSE, 2).to(P.cause.dtype)
+                P.cause[rows] = torch.where(rejected, code, P.cause[rows])
+        P.promoted |= ended
+        if target.has_twist:
+            run.record(untwist=untwist.view(P.G, P.N))
 
     def _update_twists(self, run: _Run, inc: torch.Tensor) -> None:
         """``+ log ψ_t(y_≤t) − log ψ_{t−1}(y_<t)`` for particles still running."""
-        if not run.target.has_twist:
+        P, target = run.parts, run.target
+        if not target.has_twist:
             return
-        parts = run.parts
-        rows = (~parts.done).nonzero().flatten()
+        rows = (~P.done).nonzero().flatten()
+        run.syncs += 1
         if len(rows):
-            idx = rows.tolist()
-            batch = run.target.batch(run.prompt, [run.state.tokens[i] for i in idx], None,
-                                     [False] * len(idx), [False] * len(idx))
-            tw = run.target.log_twist(batch)
-            inc[rows] += tw - parts.log_twist[rows]
-            parts.log_twist[rows] = tw
-            for k in (~torch.isfinite(tw)).nonzero().flatten().tolist():
-                run.causes.setdefault(idx[k], "the twist log ψ (log_prefix) is -inf")
-        run.record(twist=parts.log_twist.tolist())
+            n = len(rows)
+            batch = RowPrefixes(target.lm, run.prompts, P, rows, None, [False] * n, [False] * n)
+            tw = target.log_twist(batch).to(device=P.device, dtype=torch.float64)
+            inc[rows] += tw - P.log_twist[rows]
+            P.log_twist[rows] = tw
+            bad = ~torch.isfinite(tw) & (P.cause[rows] == 0)
+            P.cause[rows] = torch.where(bad, torch.full_like(P.cause[rows], 3), P.cause[rows])
+        run.record(twist=P.log_twist.view(P.G, P.N).clone())
 
-    def _reweight(self, run: _Run, t: int, a: float, inc: torch.Tensor, log_w_before: torch.Tensor) -> None:
-        """``log w += inc``; ``log Ẑ += log Σ_i W̄_i w_i``; kill −∞ particles; record the step."""
-        parts = run.parts
-        new = parts.log_w + inc
-        lse_new = torch.logsumexp(new, 0)
-        if not torch.isfinite(lse_new):
-            raise AllParticlesDied(_all_dead_message(run, t))
-        incr = float(lse_new - torch.logsumexp(log_w_before, 0))
-        run.log_Z += incr
-        parts.log_w = new
-        newly_dead = ~torch.isfinite(new) & ~parts.dead
-        if bool(newly_dead.any()):
-            rows = newly_dead.nonzero().flatten()
-            live = rows[~parts.done[rows]]
-            if len(live):
-                run.state.finish(live)
-                run.proposal.on_finish(live)
-            parts.dead[rows] = True
+    def _reweight(self, run: _Run, inc: torch.Tensor, log_w_before: torch.Tensor,
+                  a: torch.Tensor, t: int) -> torch.Tensor:
+        """``log w += inc``; ``log Ẑ += log Σ_i W̄_i w_i`` per prompt; kill −∞ particles and
+        prompts; record the step.  Returns the ESS per prompt ``(G,)``."""
+        P = run.parts
+        inc_g = inc.view(P.G, P.N)
+        new = P.log_w + inc_g
+        lse_new = torch.logsumexp(new, 1)
+        lse_old = torch.logsumexp(log_w_before, 1)
+        newly_failed = ~torch.isfinite(lse_new) & ~P.failed
+        ok = ~(P.failed | newly_failed)
+        incr = torch.where(ok, lse_new - lse_old, torch.zeros_like(lse_new))
+        P.log_Z = torch.where(newly_failed, torch.full_like(P.log_Z, -math.inf), P.log_Z + incr)
+        P.failed |= newly_failed
+        P.failed_at = torch.where(newly_failed, t, P.failed_at)
+        P.log_w = new
+        newly_dead = ~torch.isfinite(new.reshape(-1)) & ~P.dead
+        live_dying = newly_dead & ~P.done
+        run.state.finish(live_dying)
+        if run.proposal.stateful:
+            run.syncs += 1
+            run.proposal.on_finish(live_dying.nonzero().flatten().cpu())
+        P.dead |= newly_dead
+        ess = torch.where(ok, torch.exp(log_ess(new)), torch.zeros_like(lse_new))
         run.record(
-            exponent=a,
-            log_weights=new.tolist(),
-            ess=ess_of(new),
-            conditional_ess=conditional_ess(log_w_before, inc),
-            log_evidence_increment=incr,
-            alive=int((~parts.done).sum()),
+            exponent=a.clone(), log_weights=new.clone(), ess=ess,
+            conditional_ess=torch.where(ok, conditional_ess(log_w_before, inc_g), torch.zeros_like(ess)),
+            log_evidence_increment=incr, alive=(~P.done).view(P.G, P.N).sum(1),
         )
+        return ess
 
-    def _maybe_resample(self, run: _Run, t: int, a: float) -> None:
-        """Resample when ``ESS < κ N`` (always for κ = 1); then rejuvenate."""
-        parts = run.parts
-        N = parts.n
-        ess = run.steps["ess"][-1]
-        if not (self.ess_threshold >= 1.0 or (self.ess_threshold > 0 and ess < self.ess_threshold * N)):
-            self._record_no_resampling(run)
-            return
-        w = torch.exp(parts.log_w - parts.log_w.max())
-        idx = self.resampler(run.resample_generator, w, N).long().cpu()
-        run.state.reorder(idx)
-        run.proposal.on_reorder(idx)
-        parts.reorder(idx)
+    def _needs_resampling(self, run: _Run, ess: torch.Tensor) -> torch.Tensor:
+        """``(G,)`` bool: prompts with live particles whose ``ESS < κ N`` (always for κ = 1)."""
+        P = run.parts
+        live = (~P.done).view(P.G, P.N).any(1) & ~P.failed
+        if self.ess_threshold >= 1.0:
+            return live
+        if self.ess_threshold <= 0.0:
+            return torch.zeros_like(live)
+        return live & (ess < self.ess_threshold * P.N)
+
+    def _resample(self, run: _Run, need: torch.Tensor, a: torch.Tensor, t: int) -> None:
+        """Resample the prompts in ``need`` (indices within each prompt's rows); then rejuvenate."""
+        P = run.parts
+        w = torch.exp(P.log_w - P.log_w.amax(1, keepdim=True))
+        w = torch.where(need[:, None], w.nan_to_num(0.0), torch.ones_like(w))
+        ident = torch.arange(P.N, device=P.device).expand(P.G, P.N)
+        anc = torch.where(need[:, None], self.resampler(run.generator, w, P.N).to(P.device), ident)
+        rows = (anc + torch.arange(P.G, device=P.device)[:, None] * P.N).reshape(-1)
+        run.state.reorder(rows)
+        if run.proposal.stateful:
+            run.proposal.on_reorder(rows.cpu())
+        P.gather(rows)
         # equal weights after resampling, scaled so that LSE(log_w) − log N = log Ẑ
-        parts.log_w = torch.full((N,), run.log_Z, dtype=torch.float64)
-        run.resampling_count += 1
-        run.record(resampled=True, ancestors=idx.tolist(), unique=len(set(idx.tolist())))
+        P.log_w = torch.where(need[:, None], P.log_Z[:, None].expand(P.G, P.N), P.log_w)
+        srt = torch.sort(anc, 1).values
+        run.record(resampled=need, ancestors=anc, unique=(srt[:, 1:] != srt[:, :-1]).sum(1) + 1)
         if self.rejuvenate is not None:
-            rows = (~parts.done).nonzero().flatten()
-            accepted = 0
-            if len(rows):
-                ctx = MoveContext(run.target, run.state, rows, a, parts.log_p, parts.log_other,
-                                  parts.log_twist, run.generator, step=t)
-                accepted = int(self.rejuvenate.move(ctx))
-            run.moves_accepted += accepted
-            run.record(moves_accepted=accepted, unique_after_move=_distinct_sequences(run))
+            self._rejuvenate(run, a, t)
 
     def _record_no_resampling(self, run: _Run) -> None:
-        N = run.parts.n
-        run.record(resampled=False, ancestors=list(range(N)), unique=N)
+        P = run.parts
+        run.record(resampled=torch.zeros(P.G, dtype=torch.bool, device=P.device),
+                   ancestors=torch.arange(P.N, device=P.device).expand(P.G, P.N),
+                   unique=torch.full((P.G,), P.N, device=P.device))
         if self.rejuvenate is not None:
-            run.record(moves_accepted=0, unique_after_move=_distinct_sequences(run))
+            run.host.setdefault("moves_accepted", []).append([0] * P.G)
+            run.host.setdefault("unique_after_move", []).append(_distinct(P))
 
-    # --------------------------------------------------------------- result
-    def _result(self, run: _Run, prompt_ids: list[int], seed: int | None, seconds: float) -> Result:
-        parts, state, lm = run.parts, run.state, run.target.lm
-        samples = [list(state.tokens[i]) + list(parts.tail[i]) for i in range(parts.n)]
-        texts = [lm.decode(s) for s in samples] if lm.tokenizer is not None else None
-        stats = {
-            "forward_passes": int(state.forward_passes),
-            "tokens_decoded": int(state.tokens_decoded),
-            "tokens_sampled": int(run.tokens_sampled),
-            "wall_time": seconds,
-            "peak_memory": peak_memory(lm.device),
-            "resampling_count": run.resampling_count,
-            "n_steps": len(run.steps.get("ess", [])),
-        }
-        if self.rejuvenate is not None:
-            stats["moves_accepted"] = run.moves_accepted
+    def _rejuvenate(self, run: _Run, a: torch.Tensor, t: int) -> None:
+        """MH moves on the live rows; the engine's token buffer is re-read for them afterwards."""
+        P = run.parts
+        rows = (~P.done).nonzero().flatten().cpu()
+        accepted = [0] * P.G
+        if len(rows):
+            a_host = a.cpu()
+            exponent = float(a_host[0]) if bool((a_host == a_host[0]).all()) else run.a_rows(a).cpu()
+            ctx = MoveContext(run.target, run.state, rows, exponent, P.log_p, P.log_other,
+                              P.log_twist, run.generator, step=t)
+            per_row = self.rejuvenate.move(ctx)
+            moved = run.state.tokens
+            for r in rows.tolist():
+                seq = moved[r]
+                P.tokens[r, : len(seq)] = torch.tensor(seq, dtype=torch.long, device=P.device)
+            if isinstance(per_row, torch.Tensor) and per_row.numel() == P.R:
+                accepted = per_row.view(P.G, P.N).sum(1).tolist()
+            else:
+                accepted[0] = int(per_row)
+        run.host.setdefault("moves_accepted", []).append(accepted)
+        run.host.setdefault("unique_after_move", []).append(_distinct(P))
+
+    def _bad_logprobs_error(self, run: _Run, t: int) -> LanguageModelError:
+        r = int(run.bad_logprobs.nonzero()[0, 0])
+        g, i = divmod(r, run.parts.N)
+        where = f"prompt {g}, " if run.parts.G > 1 else ""
+        return LanguageModelError(f"{run.target.lm.name} produced NaN/+inf log-probabilities for "
+                                  f"{where}particle {i} at SMC step {t}")
+
+    # --------------------------------------------------------------------- results
+    def _results(self, run: _Run, seed: int | None, seconds: float, raise_on_failure: bool
+                 ) -> list[Result]:
+        P, lm, state = run.parts, run.target.lm, run.state
+        traces = {k: torch.stack(v).cpu() for k, v in run.traces.items()}  # (steps, G, ...)
+        samples = P.host_tokens()
+        log_w, log_p = P.log_w.cpu(), P.log_p.cpu().view(P.G, P.N)
+        finished, truncated = P.finished.cpu().view(P.G, P.N), P.truncated.cpu().view(P.G, P.N)
+        failed, log_Z = P.failed.cpu().tolist(), P.log_Z.cpu().tolist()
+        causes = P.cause.cpu().view(P.G, P.N)
+        counts = {k: v.cpu().tolist() for k, v in run.host.items() if isinstance(v, torch.Tensor)}
         config = {
-            "n_particles": parts.n, "proposal": repr(run.proposal), "resampling": str(self.resampling),
+            "n_particles": P.N, "proposal": repr(run.proposal), "resampling": str(self.resampling),
             "ess_threshold": self.ess_threshold, "schedule": repr(self.schedule), "step": repr(self.step),
             "rejuvenate": repr(self.rejuvenate) if self.rejuvenate is not None else None,
             "target": repr(run.target), "max_new_tokens": run.max_new_tokens,
         }
-        return Result(
-            method="smc", prompt_ids=list(prompt_ids), samples=samples,
-            log_weights=parts.log_w.tolist(), texts=texts,
-            finished=parts.finished.tolist(), truncated=parts.truncated.tolist(),
-            log_p=parts.log_p.tolist(), log_evidence=run.log_Z, steps=run.steps, stats=stats,
-            config=config, seed=seed, select=self.select,
-        )
+        out = []
+        for g in range(P.G):
+            rows = slice(g * P.N, (g + 1) * P.N)
+            steps = {k: v[:, g].tolist() for k, v in traces.items()}
+            for k in ("moves_accepted", "unique_after_move"):
+                if k in run.host:
+                    steps[k] = [x[g] for x in run.host[k]]
+            stats = {
+                "forward_passes": int(state.forward_passes),
+                "tokens_decoded": int(counts.get("tokens_decoded", [0] * P.G)[g]),
+                "tokens_sampled": int(counts.get("tokens_sampled", [0] * P.G)[g]),
+                "wall_time": seconds, "peak_memory": peak_memory(lm.device),
+                "resampling_count": int(sum(steps["resampled"])),
+                "n_steps": len(steps["ess"]), "batch_prompts": P.G, "host_syncs": run.syncs,
+            }
+            if self.rejuvenate is not None:
+                stats["moves_accepted"] = int(sum(steps["moves_accepted"]))
+            error = _failure_message(run, g, causes[g]) if failed[g] else None
+            if error is not None and raise_on_failure:
+                raise AllParticlesDied(error)
+            sam = samples[rows]
+            out.append(Result(
+                method="smc", prompt_ids=list(run.prompts[g]), samples=sam,
+                log_weights=log_w[g].tolist(),
+                texts=[lm.decode(s) for s in sam] if lm.tokenizer is not None else None,
+                finished=finished[g].tolist(), truncated=truncated[g].tolist(), log_p=log_p[g].tolist(),
+                log_evidence=log_Z[g], steps=steps, stats=stats, config=config, seed=seed,
+                select=self.select, error=error,
+            ))
+        return out
 
 
-# ------------------------------------------------------------------ helpers
-def _distinct_sequences(run: _Run) -> int:
-    """Number of distinct particle sequences (what rejuvenation moves increase)."""
-    return len({tuple(run.state.tokens[i]) + tuple(run.parts.tail[i]) for i in range(run.parts.n)})
+def _distinct(P: Particles) -> list[int]:
+    """Distinct particle sequences per prompt (what rejuvenation moves increase)."""
+    toks = P.host_tokens()
+    return [len({tuple(s) for s in toks[g * P.N:(g + 1) * P.N]}) for g in range(P.G)]
 
 
-def _check_logprobs(lp: torch.Tensor, rows: torch.Tensor, t: int, name: str) -> None:
-    bad = torch.isnan(lp).any(dim=1) | torch.isposinf(lp).any(dim=1)
-    if bool(bad.any()):
-        k = int(bad.nonzero()[0, 0])
-        raise LanguageModelError(
-            f"{name} produced NaN/+inf log-probabilities for particle {int(rows[k])} at SMC step {t}")
+def _failure_message(run: _Run, g: int, causes: torch.Tensor) -> str:
+    counts: dict[str, int] = {}
+    for c in causes.tolist():
+        text = _CUT_MESSAGE if c == _CUT_CAUSE else CAUSES.get(c, "unknown cause")
+        counts[text] = counts.get(text, 0) + 1
+    why = "; ".join(f"{n} particle(s): {c}" for c, n in counts.items())
+    where = (f"prompt {g}, " if run.parts.G > 1 else "") + f"SMC step {int(run.parts.failed_at[g])}: "
+    hint = (" Every particle was cut: raise max_new_tokens or use truncation='keep'."
+            if set(causes.tolist()) == {_CUT_CAUSE} else
+            " A constraint that nothing satisfies, or a proposal whose support misses the target's?")
+    return (f"{where}every particle has weight zero (log-weight -inf), so the target {run.target!r} "
+            f"gives zero density to all of them — {why}.{hint}")
 
 
-def _all_dead_message(run: _Run, t: int) -> str:
-    causes: dict[str, int] = {}
-    for c in run.causes.values():
-        causes[c] = causes.get(c, 0) + 1
-    why = "; ".join(f"{n} particle(s): {c}" for c, n in causes.items()) or "unknown cause"
-    return (f"SMC step {t}: every particle has weight zero (log-weight -inf), so the target "
-            f"{run.target!r} gives zero density to all of them — {why}. A constraint that nothing "
-            f"satisfies, or a proposal whose support misses the target's?")
-
-
-__all__ = ["SMC"]
+__all__ = ["SMC", "default_proposal"]

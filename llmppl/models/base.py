@@ -63,9 +63,11 @@ class LanguageModel:
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def start(self, prompt_ids: Sequence[int], n: int = 1) -> "LMState":
-        """A decoding state of ``n`` rows, all holding ``prompt_ids`` (encoded once)."""
-        return UncachedState(self, self.check_prompt(prompt_ids), n)
+    def start(self, prompts: Sequence[int] | Sequence[Sequence[int]], n: int = 1,
+              max_new_tokens: int | None = None) -> "LMState":
+        """A decoding state of ``P·n`` rows: row ``r`` holds prompt ``r // n`` (one prompt or P)."""
+        ps = as_prompt_list(prompts)
+        return UncachedState(self, [self.check_prompt(p, max_new_tokens or 0) for p in ps], n)
 
     def check_prompt(self, prompt_ids: Sequence[int], max_new_tokens: int = 0) -> list[int]:
         """Validate a prompt of token ids; returns it as a list."""
@@ -166,8 +168,15 @@ def as_index(indices: Sequence[int] | torch.Tensor, n: int) -> torch.Tensor:
     return idx
 
 
+def as_prompt_list(prompts: Sequence[int] | Sequence[Sequence[int]]) -> list[list[int]]:
+    """One prompt (a sequence of ids) or several (a sequence of sequences) as a list of lists."""
+    if len(prompts) and not isinstance(prompts[0], (int,)) and hasattr(prompts[0], "__len__"):
+        return [[int(t) for t in p] for p in prompts]
+    return [[int(t) for t in prompts]]
+
+
 class LMState:
-    """Incremental batched decoding state over ``n`` rows sharing one prompt.
+    """Incremental batched decoding state over ``P·n`` rows; row ``r`` continues prompt ``r // n``.
 
     ``tokens[i]`` is row i's completion so far (prompt excluded).  ``logprobs(rows)``
     gives ``log p(· | prompt, tokens[i])`` for those rows; ``extend`` appends tokens
@@ -176,13 +185,15 @@ class LMState:
     again, so a backend may free their memory and stop computing them.
     """
 
-    def __init__(self, lm: LanguageModel, prompt_ids: list[int], n: int) -> None:
+    def __init__(self, lm: LanguageModel, prompt_ids: Sequence[int] | Sequence[Sequence[int]],
+                 n: int) -> None:
         if n < 1:
             raise ValueError(f"a decoding state needs at least one row, got n={n}")
         self.lm = lm
-        self.prompt = list(prompt_ids)
-        self.tokens: list[list[int]] = [[] for _ in range(n)]
-        self.finished = torch.zeros(n, dtype=torch.bool)
+        self.prompts = as_prompt_list(prompt_ids)
+        self.group = torch.arange(len(self.prompts)).repeat_interleave(n)
+        self.tokens: list[list[int]] = [[] for _ in range(len(self.group))]
+        self.finished = torch.zeros(len(self.group), dtype=torch.bool)
         self.forward_passes = 0
         self.tokens_decoded = 0
 
@@ -190,14 +201,44 @@ class LMState:
     def n(self) -> int:
         return len(self.tokens)
 
+    @property
+    def prompt(self) -> list[int]:
+        """The prompt of a one-prompt state."""
+        if len(self.prompts) != 1:
+            raise ValueError(f"this state holds {len(self.prompts)} prompts: use prompt_of(row)")
+        return self.prompts[0]
+
+    def prompt_of(self, row: int) -> list[int]:
+        return self.prompts[int(self.group[row])]
+
+    # Device fast path (generic; KV-cached states override) -----------------------
+    def last_logprobs(self) -> torch.Tensor:
+        """``(R, V)`` next-token log-probabilities of every row (0 for finished rows)."""
+        out = torch.zeros((self.n, self.lm.vocab_size), dtype=torch.float32, device=self.lm.device)
+        live = (~self.finished).nonzero().flatten()
+        if len(live):
+            out[live.to(out.device)] = self.logprobs(live).to(out)
+        return out
+
+    def step(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Append ``tokens[r]`` to every ``active`` row; ``(R,)`` float32 ``log p(tokens[r] | row r)``."""
+        out = torch.zeros(self.n, dtype=torch.float32, device=tokens.device)
+        rows = active.nonzero().flatten()
+        if len(rows):
+            lp = self.extend(tokens[rows], rows.cpu())
+            out[rows] = lp[:, 0].to(out)
+        return out
+
     def _rows(self, rows: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
         if rows is None:
             return torch.arange(self.n)
+        if isinstance(rows, torch.Tensor) and rows.dtype == torch.bool:
+            return rows.cpu().nonzero().flatten()
         return as_index(rows, self.n)
 
     def sequences(self, rows: Sequence[int] | torch.Tensor | None = None) -> list[list[int]]:
         """Full token sequences (prompt + completion) of the given rows."""
-        return [self.prompt + self.tokens[i] for i in self._rows(rows).tolist()]
+        return [self.prompt_of(i) + self.tokens[i] for i in self._rows(rows).tolist()]
 
     # Implemented by subclasses ------------------------------------------------
     def logprobs(self, rows: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
@@ -260,7 +301,7 @@ class UncachedState(LMState):
 
     def __init__(self, lm: LanguageModel, prompt_ids: list[int], n: int) -> None:
         super().__init__(lm, prompt_ids, n)
-        self._cache: list[torch.Tensor | None] = [None] * n
+        self._cache: list[torch.Tensor | None] = [None] * self.n
 
     def logprobs(self, rows=None) -> torch.Tensor:
         idx = self._rows(rows).tolist()
@@ -268,7 +309,7 @@ class UncachedState(LMState):
         if missing:
             unique = sorted(set(missing))
             out = self.lm.checked_next_logprobs(
-                [self.prompt + self.tokens[i] for i in unique], step=None
+                [self.prompt_of(i) + self.tokens[i] for i in unique], step=None
             )
             self.forward_passes += 1
             for k, i in enumerate(unique):
@@ -302,9 +343,11 @@ class UncachedState(LMState):
         self.tokens = [list(self.tokens[i]) for i in idx]
         self._cache = [self._cache[i] for i in idx]
         self.finished = self.finished[idx].clone()
+        self.group = self.group[idx]
 
     def copy(self) -> "UncachedState":
-        new = UncachedState(self.lm, self.prompt, self.n)
+        new = UncachedState(self.lm, self.prompts, 1)
+        new.group = self.group.clone()
         new.tokens = [list(t) for t in self.tokens]
         new._cache = list(self._cache)
         new.finished = self.finished.clone()

@@ -1,0 +1,129 @@
+"""Device-resident particle state of a batched run: ``G`` prompts × ``N`` particles.
+
+Row ``r = g·N + i`` is particle ``i`` of prompt ``g``.  Every per-particle quantity is
+a tensor on the LM's device (float64 for accumulated log values), so a token step of
+the engine is a handful of tensor ops over all rows; group-wise reductions (weights,
+ESS, evidence) are reductions over the second axis of a ``(G, N)`` view.  Sampled
+tokens live in ``tokens`` ``(R, T)`` (``-1`` past ``length``; EOS is never stored; a
+token drawn at the last position, the cut, is stored but never fed to the LM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..targets.base import Prefixes
+
+#: why a particle's weight became zero (codes of ``Particles.cause``)
+CAUSES = {
+    1: "the drawn token has zero target density (a token mask / constraint excludes it)",
+    2: "log_complete is -inf (a constraint or reward on finished completions rejects it)",
+    3: "the twist log ψ (log_prefix) is -inf",
+}
+
+
+@dataclass
+class Particles:
+    """Per-row tensors of one batched run (see module docstring)."""
+
+    G: int
+    N: int
+    T: int
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        R, dev, f64 = self.G * self.N, self.device, torch.float64
+        self.log_w = torch.zeros((self.G, self.N), dtype=f64, device=dev)  # LSE − log N = log Ẑ so far
+        self.log_p = torch.zeros(R, dtype=f64, device=dev)       # log p(y_≤t | x)
+        self.log_other = torch.zeros(R, dtype=f64, device=dev)   # Σ_s non-Power token increments
+        self.log_twist = torch.zeros(R, dtype=f64, device=dev)   # log ψ_t(y_≤t)  (0 once ended)
+        self.finished = torch.zeros(R, dtype=torch.bool, device=dev)   # ended with EOS
+        self.truncated = torch.zeros(R, dtype=torch.bool, device=dev)  # cut at max_new_tokens
+        self.dead = torch.zeros(R, dtype=torch.bool, device=dev)       # weight −∞
+        self.promoted = torch.zeros(R, dtype=torch.bool, device=dev)   # jumped to the final target
+        self.cause = torch.zeros(R, dtype=torch.int8, device=dev)      # CAUSES code of a dead row
+        self.length = torch.zeros(R, dtype=torch.long, device=dev)
+        self.tokens = torch.full((R, self.T), -1, dtype=torch.long, device=dev)
+        self.log_Z = torch.zeros(self.G, dtype=f64, device=dev)
+        self.failed = torch.zeros(self.G, dtype=torch.bool, device=dev)  # every particle of the prompt died
+        self.failed_at = torch.zeros(self.G, dtype=torch.long, device=dev)  # the step at which it did
+
+    #: per-row tensors that follow the particles through resampling
+    ROW_FIELDS = ("log_p", "log_other", "log_twist", "finished", "truncated", "dead", "promoted",
+                  "cause", "length", "tokens")
+
+    @property
+    def R(self) -> int:
+        return self.G * self.N
+
+    @property
+    def done(self) -> torch.Tensor:
+        return self.finished | self.truncated | self.dead
+
+    @property
+    def group(self) -> torch.Tensor:
+        return torch.arange(self.G, device=self.device).repeat_interleave(self.N)
+
+    def gather(self, rows: torch.Tensor) -> None:
+        """Row ``r`` becomes a copy of row ``rows[r]`` (resampling; ``rows`` stays within groups)."""
+        for name in self.ROW_FIELDS:
+            setattr(self, name, getattr(self, name).index_select(0, rows))
+
+    def append(self, tokens: torch.Tensor, where: torch.Tensor) -> None:
+        """Store ``tokens[r]`` at position ``length[r]`` of the rows in ``where`` (R,) bool."""
+        col = torch.where(where, self.length, torch.zeros_like(self.length)).clamp_(max=self.T - 1)
+        current = self.tokens.gather(1, col[:, None]).squeeze(1)
+        self.tokens.scatter_(1, col[:, None], torch.where(where, tokens, current)[:, None])
+        self.length += where.long()
+
+    def host_tokens(self, rows: torch.Tensor | None = None) -> list[list[int]]:
+        """Token lists of ``rows`` (all when None): one device→host copy."""
+        toks = self.tokens if rows is None else self.tokens[rows]
+        lens = self.length if rows is None else self.length[rows]
+        width = int(lens.max()) if len(lens) else 0
+        t, n = toks[:, :width].cpu().tolist(), lens.cpu().tolist()
+        return [row[:k] for row, k in zip(t, n)]
+
+
+class RowPrefixes(Prefixes):
+    """A :class:`Prefixes` over rows of a run whose ``tokens`` are read from the device buffer
+    only when a potential asks for them (pure-``Power`` targets never do: no host sync)."""
+
+    def __init__(self, lm: Any, prompts: list[list[int]], particles: Particles,
+                 rows: torch.Tensor | None, base_logprobs: torch.Tensor | None = None,
+                 finished: list[bool] | None = None, truncated: list[bool] | None = None) -> None:
+        self.lm, self.base_logprobs = lm, base_logprobs
+        self.finished, self.truncated = finished, truncated
+        self._texts = None
+        self._particles, self._rows = particles, rows
+        self._tokens: list[list[int]] | None = None
+        self._prompts = prompts
+        n = particles.R if rows is None else len(rows)
+        self._len = n
+
+    @property
+    def prompt(self) -> list[int]:  # type: ignore[override]
+        return self._prompts[0]
+
+    @prompt.setter
+    def prompt(self, value: list[int]) -> None:
+        pass
+
+    @property
+    def tokens(self) -> list[list[int]]:  # type: ignore[override]
+        if self._tokens is None:
+            self._tokens = self._particles.host_tokens(self._rows)
+        return self._tokens
+
+    @tokens.setter
+    def tokens(self, value: list[list[int]]) -> None:
+        self._tokens = value
+
+    def __len__(self) -> int:
+        return self._len
+
+
+__all__ = ["Particles", "RowPrefixes", "CAUSES"]
