@@ -6,8 +6,11 @@
 * ``BestOfN(n, by)``: ``n`` plain samples, keep ``argmax_i score(y_i)`` with
   ``score = log p(y|x)`` (``"logp"``), ``log γ(y)`` (``"target"``) or a reward callable.
 
-All ``n`` rows decode in one batched ``LMState``; weights are uniform (BestOfN: all
-mass on the winner).
+They run on the SMC engine's own token loop (:class:`Decoder`: no resampling, no
+particle ever stopped for a zero target weight), so ``run_batch`` decodes ``G`` prompts
+× ``n`` rows in one state, and "plain decoding" in every benchmark is the same code as
+SMC minus the weights.  Weights are uniform (BestOfN: all mass on the winner);
+``stats["log_target"]`` holds ``log γ(y) = log w + log q(y)`` of each sample.
 """
 
 from __future__ import annotations
@@ -19,29 +22,22 @@ import torch
 
 from ..targets.base import Completion
 from ..targets.target import Target
-from .common import Stopwatch, peak_memory, prepare_run, run_each
-from .decode import Decoded, advance, end_terms
-from .proposals import Base, Temperature
 from .proposal import Proposal, ProposalContext
+from .proposals import Base, Temperature
 from .result import Result
-
-
-class BatchMixin:
-    """``run_batch(target, prompts, max_new_tokens, seed)``: one ``Result`` per prompt."""
-
-    def run_batch(self, target: Target, prompts: Sequence, max_new_tokens: int,
-                  seed: int | None = None) -> list[Result]:
-        return run_each(self.run, target, prompts, max_new_tokens, seed)
+from .smc import SMC
 
 
 def _check_n(n: int) -> int:
-    if not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     return n
 
 
 class ArgMax(Proposal):
     """``q = p``, but ``sample`` returns the mode (greedy decoding)."""
+
+    vectorised = True
 
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
         return ctx.batch.base_logprobs
@@ -50,28 +46,51 @@ class ArgMax(Proposal):
         return log_q.argmax(dim=-1)
 
 
-def decode_run(method: str, proposal: Proposal, n: int, target: Target, prompt, max_new_tokens: int,
-               seed: int | None, config: dict) -> tuple[Result, Decoded]:
-    """Decode ``n`` rows from ``proposal`` to EOS or ``max_new_tokens``; a uniformly weighted Result."""
-    ids, gen = prepare_run(target, prompt, max_new_tokens, seed)
-    with Stopwatch(target.lm.device) as clock:
-        state = target.lm.start(ids, n)
-        d = advance(target, state, torch.arange(n), max_new_tokens, proposal,
-                    target.base_exponent, gen)
-        samples = [list(t) for t in state.tokens]
-        log_target = d.total("log_inc") + end_terms(target, ids, samples, d.ended, final=True)
-    stats = {"forward_passes": state.forward_passes, "tokens_decoded": state.tokens_decoded,
-             "wall_time": clock.seconds, "peak_memory": peak_memory(target.lm.device),
-             "log_target": log_target.tolist()}
-    result = Result(
-        method=method, prompt_ids=ids, samples=samples, log_weights=[0.0] * n,
-        texts=[target.lm.decode(s) for s in samples] if target.lm.tokenizer is not None else None,
-        finished=d.ended.tolist(), truncated=(~d.ended).tolist(), log_p=d.total("log_p").tolist(),
-        stats=stats, config={"n": n, "max_new_tokens": max_new_tokens, "proposal": repr(proposal),
-                             "target": repr(target), **config},
-        seed=seed,
-    )
-    return result, d
+class Decoder(SMC):
+    """``n`` rows per prompt decoded from ``proposal`` to EOS or ``max_new_tokens``: the SMC
+    loop with resampling off and zero-weight particles kept (their weights only record
+    ``log γ(y) − log q(y)``)."""
+
+    kills_zero_weight = False
+
+    def __init__(self, method: str, proposal: Proposal, n: int, config: dict) -> None:
+        super().__init__(_check_n(n), proposal=proposal, ess_threshold=0.0)
+        self.method, self.extra = method, config
+
+    def decode(self, target: Target, prompts: Sequence, max_new_tokens: int,
+               seed: int | None) -> list[Result]:
+        return self._run(target, prompts, max_new_tokens, seed, raise_on_failure=False)
+
+    def _results(self, run, seed, seconds, raise_on_failure) -> list[Result]:
+        out = super()._results(run, seed, seconds, False)
+        P = run.parts
+        log_target = (P.log_w.reshape(-1) + P.log_q).view(P.G, P.N).cpu()
+        for g, res in enumerate(out):
+            res.method, res.log_evidence, res.error = self.method, None, None
+            res.log_weights = [0.0] * P.N
+            res.stats["log_target"] = log_target[g].tolist()
+            res.steps = {"alive": res.steps["alive"]}
+            res.config = {"n": P.N, "max_new_tokens": run.max_new_tokens, "proposal": repr(run.proposal),
+                          "target": repr(run.target), **self.extra}
+        return out
+
+
+class BatchMixin:
+    """``run`` and ``run_batch`` of a decoding baseline from its ``_decoder()`` and ``_finish``."""
+
+    def _decoder(self) -> Decoder:
+        raise NotImplementedError
+
+    def _finish(self, target: Target, res: Result) -> Result:
+        return res
+
+    def run_batch(self, target: Target, prompts: Sequence, max_new_tokens: int,
+                  seed: int | None = None) -> list[Result]:
+        """One ``Result`` per prompt, all prompts decoded as rows of one state."""
+        return [self._finish(target, r) for r in self._decoder().decode(target, prompts, max_new_tokens, seed)]
+
+    def run(self, target: Target, prompt, max_new_tokens: int, seed: int | None = None) -> Result:
+        return self.run_batch(target, [prompt], max_new_tokens, seed)[0]
 
 
 class Plain(BatchMixin):
@@ -80,8 +99,8 @@ class Plain(BatchMixin):
     def __init__(self, n: int = 1) -> None:
         self.n = _check_n(n)
 
-    def run(self, target: Target, prompt, max_new_tokens: int, seed: int | None = None) -> Result:
-        return decode_run("plain", Base(), self.n, target, prompt, max_new_tokens, seed, {})[0]
+    def _decoder(self) -> Decoder:
+        return Decoder("plain", Base(), self.n, {})
 
     def __repr__(self) -> str:
         return f"Plain(n={self.n})"
@@ -95,9 +114,8 @@ class LowTemperature(BatchMixin):
         self.tau = self.proposal.tau
         self.n = _check_n(n)
 
-    def run(self, target: Target, prompt, max_new_tokens: int, seed: int | None = None) -> Result:
-        return decode_run("lowtemp", self.proposal, self.n, target, prompt, max_new_tokens, seed,
-                          {"tau": self.tau})[0]
+    def _decoder(self) -> Decoder:
+        return Decoder("lowtemp", self.proposal, self.n, {"tau": self.tau})
 
     def __repr__(self) -> str:
         return f"LowTemperature(tau={self.tau:g}, n={self.n})"
@@ -106,23 +124,23 @@ class LowTemperature(BatchMixin):
 class Greedy(BatchMixin):
     """``y_t = argmax_v p(v | y_<t)`` (one deterministic completion)."""
 
-    def run(self, target: Target, prompt, max_new_tokens: int, seed: int | None = None) -> Result:
-        return decode_run("greedy", ArgMax(), 1, target, prompt, max_new_tokens, seed, {})[0]
+    def _decoder(self) -> Decoder:
+        return Decoder("greedy", ArgMax(), 1, {})
 
     def __repr__(self) -> str:
         return "Greedy()"
 
 
-def _score_logp(target: Target, res: Result, d: Decoded) -> list[float]:
+def _score_logp(target: Target, res: Result) -> list[float]:
     return list(res.log_p)
 
 
-def _score_target(target: Target, res: Result, d: Decoded) -> list[float]:
+def _score_target(target: Target, res: Result) -> list[float]:
     return list(res.stats["log_target"])
 
 
-#: built-in BestOfN scores: name -> score(target, result, decoded) -> list of floats
-SCORES: dict[str, Callable[[Target, Result, Decoded], list[float]]] = {
+#: built-in BestOfN scores: name -> score(target, result) -> list of floats
+SCORES: dict[str, Callable[[Target, Result], list[float]]] = {
     "logp": _score_logp,
     "target": _score_target,
 }
@@ -144,9 +162,9 @@ class BestOfN(BatchMixin):
         self.proposal = Base() if tau == 1.0 else Temperature(tau)
         self.tau = float(tau)
 
-    def _scores(self, target: Target, res: Result, d: Decoded) -> list[float]:
+    def _scores(self, target: Target, res: Result) -> list[float]:
         if not callable(self.by):
-            return SCORES[self.by](target, res, d)
+            return SCORES[self.by](target, res)
         comps = [Completion(list(s), t, f, c) for s, t, f, c in zip(
             res.samples, res.texts or [None] * res.n, res.finished, res.truncated)]
         values = [float(v) for v in self.by(comps)]
@@ -154,10 +172,12 @@ class BestOfN(BatchMixin):
             raise ValueError(f"BestOfN reward returned {len(values)} scores for {res.n} completions")
         return values
 
-    def run(self, target: Target, prompt, max_new_tokens: int, seed: int | None = None) -> Result:
-        res, d = decode_run("bestofn", self.proposal, self.n, target, prompt, max_new_tokens, seed,
-                            {"by": getattr(self.by, "__name__", str(self.by)), "tau": self.tau})
-        scores = self._scores(target, res, d)
+    def _decoder(self) -> Decoder:
+        return Decoder("bestofn", self.proposal, self.n,
+                       {"by": getattr(self.by, "__name__", str(self.by)), "tau": self.tau})
+
+    def _finish(self, target: Target, res: Result) -> Result:
+        scores = self._scores(target, res)
         finite = [s if not math.isnan(s) else -math.inf for s in scores]
         best = max(range(res.n), key=lambda i: finite[i])
         res.log_weights = [0.0 if i == best else -math.inf for i in range(res.n)]

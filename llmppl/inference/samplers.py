@@ -11,7 +11,7 @@ future; inside ``pp.SMC(proposal=Lookahead(...))`` the weights make it exact.
 from __future__ import annotations
 
 from ..targets.target import Target
-from .baselines import BatchMixin, _check_n, decode_run
+from .baselines import BatchMixin, Decoder, _check_n
 from .lookahead import Lookahead
 from .result import Result
 
@@ -25,17 +25,28 @@ class ScalablePower(BatchMixin):
                                    floor=floor)
         self.n = _check_n(n)
 
-    def run(self, target: Target, prompt, max_new_tokens: int, seed: int | None = None) -> Result:
+    def _decoder(self) -> Decoder:
+        la = self.lookahead
+        return Decoder("scalable_power", la, self.n,
+                       {"top_k": la.top_k, "rollouts": la.rollouts, "horizon": la.horizon,
+                        "jackknife": la.jackknife, "floor": la.floor})
+
+    def run_batch(self, target: Target, prompts, max_new_tokens: int,
+                  seed: int | None = None) -> list[Result]:
+        """Every prompt's rows decode together; the rollouts of all rows share one forked state.
+        ``rollout_tokens`` (added to ``tokens_decoded``) is exact for one prompt and, in a
+        batch, the batch's rollout tokens attributed in proportion to each prompt's own tokens."""
         la = self.lookahead
         la.max_new_tokens = max_new_tokens
         la.forward_passes = la.tokens_decoded = 0
-        res, _ = decode_run("scalable_power", la, self.n, target, prompt, max_new_tokens, seed,
-                            {"top_k": la.top_k, "rollouts": la.rollouts, "horizon": la.horizon,
-                             "jackknife": la.jackknife, "floor": la.floor})
-        res.stats["forward_passes"] += la.forward_passes
-        res.stats["tokens_decoded"] += la.tokens_decoded
-        res.stats["rollout_tokens"] = la.tokens_decoded
-        return res
+        out = super().run_batch(target, prompts, max_new_tokens, seed)
+        own = [res.stats["tokens_decoded"] for res in out]
+        for res, k in zip(out, own):
+            share = la.tokens_decoded * k / max(sum(own), 1) if len(out) > 1 else la.tokens_decoded
+            res.stats["forward_passes"] += la.forward_passes
+            res.stats["rollout_tokens"] = int(round(share))
+            res.stats["tokens_decoded"] += int(round(share))
+        return out
 
     def __repr__(self) -> str:
         return f"ScalablePower({self.lookahead!r}, n={self.n})"
