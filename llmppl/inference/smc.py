@@ -234,7 +234,7 @@ class SMC:
             log_p = P.log_p.view(P.G, P.N)
             mean = (W * log_p).sum(1, keepdim=True)
             spread = (W * (log_p - mean) ** 2).sum(1)
-            q = torch.softmax(run.a_rows(a_prev)[:, None] * lp, -1)
+            q = lp.exp()   # Var under the base LM: what the whole bridge must cover
             m1 = (q * lp).sum(-1)
             token_var = ((q * lp * lp).sum(-1) - m1 ** 2).clamp_min(0.0).view(P.G, P.N)
             return BridgeStats(spread=spread, token_var=(W * token_var).sum(1))
