@@ -113,7 +113,7 @@ def test_gpu_benchmark_runs_on_a_tiny_random_model(tmp_path):
     out = tmp_path / "gpu.json"
     rc = main(["bench", "gpu", "--random-weights", "tiny", "--device", "cpu", "--particles", "1,3",
                "--steps", "3", "--warmup", "1", "--prompt-len", "5", "--force-resample",
-               "--no-engine", "--json", str(out)])
+               "--batch-prompts", "2", "--json", str(out)])
     assert rc == 0
     import json
 
@@ -121,8 +121,11 @@ def test_gpu_benchmark_runs_on_a_tiny_random_model(tmp_path):
     assert [r["n"] for r in res["runs"]] == [1, 3]
     for r in res["runs"]:
         assert r["smc_ms"] > 0 and r["floor_ms"] > 0 and r["dynamic_bN_ms"] > 0
-        assert r["smc_resampled"] == r["smc_steps"] == 4
-        assert r["smc_tokens_decoded"] == 4 * r["n"] and math.isfinite(r["smc_log_evidence"])
+        # resampling at every step but the last (all rows done); the cut token is never fed
+        assert r["smc_steps"] == 3 and r["smc_resampled"] == 2
+        assert r["smc_tokens_decoded"] == 2 * r["n"] and math.isfinite(r["smc_log_evidence"])
+        assert r["smc_host_syncs_per_step"] == 1.0
+    assert res["run_batch"]["prompts"] == 2 and res["run_batch"]["speedup"] > 0
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,13 @@
 
 For each particle count ``N`` it times, on one model and in one process:
 
-* ``plain_b1``: plain sampling, batch 1 (``StaticHFState.step``, CUDA-graph replay on CUDA);
-* ``plain_bN``: plain sampling, batch ``N``;
-* ``smc``: Power-SMC with ``N`` particles on the same path — proposal ``q ∝ p^α``, the
-  token-independent weight ``log Σ_v p(v)^α`` (Power-SMC, Thm 1), systematic resampling on
-  the device when ``ESS < κN`` (every step with ``--force-resample``: no host sync at all),
-  finished particles masked;
-* ``smc_engine``: ``pp.SMC`` (the library engine, host bookkeeping per step) on the same LM;
-* ``dynamic_b1`` / ``dynamic_bN``: the eager ``DynamicCache`` path (``HFState``), for reference;
+* ``plain_b1`` / ``plain_bN``: the plain decoder of ``pp.baselines`` (the SMC engine's token
+  loop without weights), batch 1 / ``N``, static cache (CUDA-graph replay on CUDA);
+* ``smc``: ``pp.SMC(N)`` itself — Power-SMC, ``q ∝ p^α``, resampling when ``ESS < κN``
+  (every step with ``--force-resample``) — on the same LM and cache;
+* ``dynamic_b1`` / ``dynamic_bN``: the plain decoder on the eager ``DynamicCache`` path;
+* optionally ``run_batch`` over several prompts vs one run per prompt, and transformers'
+  own ``generate`` (static cache + ``torch.compile``) as the anchor for plain decoding;
 
 and reports their ratios, the bandwidth floor ``(bytes of weights read per step + KV bytes) /
 measured copy bandwidth`` and the paper's cost model (tokens decoded, forward passes).
@@ -21,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,105 +105,53 @@ def kv_bytes(model: torch.nn.Module, n: int, length: int) -> int:
     return 2 * c.num_hidden_layers * n * c.num_key_value_heads * length * head_dim * elt
 
 
-def _timed(device: torch.device, warmup: int, steps: int, body: Callable[[int], None]) -> float:
-    """ms per call of ``body(t)`` over ``steps`` calls after ``warmup`` untimed ones."""
-    for t in range(warmup):
-        body(t)
-    _sync(device)
-    t0 = time.perf_counter()
-    for t in range(warmup, warmup + steps):
-        body(t)
-    _sync(device)
-    return (time.perf_counter() - t0) / steps * 1e3
-
-
-def time_plain(lm: Any, prompt: list[int], n: int, warmup: int, steps: int,
-               gen: torch.Generator) -> dict[str, Any]:
-    """Plain ancestral sampling of ``n`` rows on the static path."""
-    st = lm.start(prompt, n, max_new_tokens=warmup + steps)
-
-    def body(t: int) -> None:
-        tok = torch.multinomial(st.last.exp(), 1, generator=gen).squeeze(1)
-        st.step(tok)
-
-    ms = _timed(lm.device, warmup, steps, body)
-    return {"ms": ms, "cuda_graph": bool(st.cuda_graph), "graph_error": st.graph_error,
-            "forward_passes": st.forward_passes, "tokens_decoded": st.tokens_decoded}
-
-
-def time_dynamic(lm: Any, prompt: list[int], n: int, warmup: int, steps: int,
-                 gen: torch.Generator) -> float:
-    """Plain sampling through the eager ``DynamicCache`` state (``HFState``)."""
-    from ..models.hf import HFState
-
-    st = HFState(lm, prompt, n)
-
-    def body(t: int) -> None:
-        tok = torch.multinomial(st.logprobs().exp(), 1, generator=gen).squeeze(1)
-        st.extend(tok)
-
-    return _timed(lm.device, warmup, steps, body)
-
-
-def time_power_smc(lm: Any, prompt: list[int], n: int, alpha: float, warmup: int, steps: int,
-                   gen: torch.Generator, ess_threshold: float, force: bool) -> dict[str, Any]:
-    """Power-SMC with ``n`` particles, every step on the device (see module docstring)."""
-    st = lm.start(prompt, n, max_new_tokens=warmup + steps)
-    dev = lm.device
-    log_w = torch.zeros(n, dtype=torch.float64, device=dev)
-    log_z = torch.zeros((), dtype=torch.float64, device=dev)
-    resampled = torch.zeros((), dtype=torch.long, device=dev)
-    offsets = torch.arange(n, device=dev, dtype=torch.float64)
-    eos = lm.eos_token_id
-
-    def body(t: int) -> None:
-        nonlocal log_w
-        scaled = st.last.double() * alpha                      # (N, V): α log p
-        norm = torch.logsumexp(scaled, dim=-1)                 # log Σ_v p(v)^α
-        tok = torch.multinomial(torch.softmax(scaled, -1), 1, generator=gen).squeeze(1)
-        live = ~st.fin_d
-        log_w = log_w + torch.where(live, norm, 0.0)
-        st.step(tok)
-        st.finish_where(live & (tok == eos))
-        lse = torch.logsumexp(log_w, 0)
-        ess = torch.exp(2 * lse - torch.logsumexp(2 * log_w, 0))
-        if force or bool(ess < ess_threshold * n):             # the one host sync (unless forced)
-            w = torch.exp(log_w - lse)
-            u = (torch.rand((), generator=gen, device=dev, dtype=torch.float64) + offsets) / n
-            idx = torch.searchsorted(torch.cumsum(w, 0), u).clamp_(max=n - 1)
-            st.reorder(idx)
-            log_z.add_(lse - math.log(n))
-            log_w = torch.zeros_like(log_w)
-            resampled.add_(1)
-
-    ms = _timed(dev, warmup, steps, body)
-    return {"ms": ms, "resampled": int(resampled), "steps": warmup + steps,
-            "forward_passes": st.forward_passes, "tokens_decoded": st.tokens_decoded,
-            "log_evidence": float(log_z + torch.logsumexp(log_w, 0) - math.log(n)),
-            "cuda_graph": bool(st.cuda_graph), "graph_error": st.graph_error}
-
-
-def time_smc_engine(lm: Any, prompt: list[int], n: int, alpha: float, steps: int,
-                    ess_threshold: float, seed: int) -> dict[str, Any] | None:
-    """``pp.SMC`` on the same LM: ms per step (wall time / steps), or None if it is not built."""
+def _engines(lm: Any, n: int, alpha: float, ess_threshold: float) -> dict[str, Any]:
+    """The library's own Power-SMC and plain decoder (``Plain``'s engine), EOS masked for timing."""
     import llmppl as pp
+    from ..inference.baselines import Decoder
+    from ..inference.common import eos_ids
+    from .engine import NoEOS
 
-    if not hasattr(pp, "SMC"):
+    eos = eos_ids(lm)
+    return {"smc": pp.SMC(n, proposal=NoEOS(pp.proposals.Temperature(1.0 / alpha), eos),
+                          ess_threshold=ess_threshold),
+            "plain": Decoder("plain", NoEOS(pp.proposals.Base(), eos), n, {})}
+
+
+def time_run(engine: Any, target: Any, prompts: list, steps: int, warmup: int, seed: int) -> dict[str, Any]:
+    """ms per step of ``engine.run_batch`` over ``steps`` tokens (a ``warmup``-token run first:
+    allocator, kernels, CUDA-graph capture); stats of the timed run."""
+    from .engine import time_engine
+
+    time_engine(engine, target, prompts, max(warmup, 1), seed)
+    sec, res = time_engine(engine, target, prompts, steps, seed)
+    st = res[0].stats
+    return {"ms": sec / steps * 1e3, "seconds": sec, "steps": st["n_steps"],
+            "resampled": sum(r.stats.get("resampling_count", 0) for r in res),
+            "forward_passes": st["forward_passes"], "tokens_decoded": sum(r.stats["tokens_decoded"] for r in res),
+            "host_syncs_per_step": st.get("host_syncs", 0) / max(st["n_steps"], 1),
+            "log_evidence": [r.log_evidence for r in res]}
+
+
+def time_hf_generate(lm: Any, prompt: list[int], n: int, steps: int, compile_: bool) -> float | None:
+    """ms per token of transformers' own ``generate`` (static cache, optionally ``torch.compile``d),
+    batch ``n``, exactly ``steps`` new tokens: the anchor for "plain decoding at its best"."""
+    model, dev = lm.model, lm.device
+    ids = torch.tensor([prompt] * n, device=dev)
+    kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=True, cache_implementation="static",
+              pad_token_id=lm.pad_token_id)
+    if compile_:
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    try:
+        model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})   # warm-up / compile
+        _sync(dev)
+        t0 = time.perf_counter()
+        model.generate(ids, **kw)
+        _sync(dev)
+        return (time.perf_counter() - t0) / steps * 1e3
+    except Exception as exc:  # pragma: no cover - depends on the transformers build
+        print(f"HF generate anchor failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return None
-    target = pp.Target(lm, pp.Power(alpha))
-    smc = pp.SMC(n_particles=n, proposal=pp.proposals.Temperature(1.0 / alpha),
-                 ess_threshold=ess_threshold, progress=False)
-    smc.run(target, prompt, max_new_tokens=4, seed=seed)  # warm-up (graph capture)
-    _sync(lm.device)
-    t0 = time.perf_counter()
-    res = smc.run(target, prompt, max_new_tokens=steps, seed=seed)
-    _sync(lm.device)
-    wall = time.perf_counter() - t0
-    n_steps = len(res.steps.get("ess", [])) or steps
-    return {"ms": wall / n_steps * 1e3, "steps": n_steps,
-            "resampled": int(sum(bool(r) for r in res.steps.get("resampled", []))),
-            "forward_passes": res.stats.get("forward_passes"),
-            "tokens_decoded": res.stats.get("tokens_decoded")}
 
 
 def cost_model(n: int, steps: int, prompt_len: int, mh_block: int, mh_steps: int) -> dict[str, Any]:
@@ -244,7 +189,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force-resample", action="store_true", help="resample at every step (worst case)")
     p.add_argument("--no-graph", action="store_true", help="do not capture CUDA graphs")
     p.add_argument("--no-dynamic", action="store_true", help="skip the eager DynamicCache reference")
-    p.add_argument("--no-engine", action="store_true", help="skip the pp.SMC engine timing")
+    p.add_argument("--batch-prompts", type=int, default=0,
+                   help="also time run_batch over this many prompts x the largest N vs sequential runs")
+    p.add_argument("--hf-generate", action="store_true",
+                   help="also time transformers' generate (static cache + torch.compile) at batch 1 and 16")
     p.add_argument("--mh-block", type=int, default=16, help="MH block size in the cost model")
     p.add_argument("--mh-steps", type=int, default=2, help="MH moves per stage in the cost model")
     p.add_argument("--seed", type=int, default=0)
@@ -267,48 +215,71 @@ def run(args: argparse.Namespace) -> int:
     else:
         lm = load_model(args.model, device=str(device), dtype=dtype)
         lm.static_cache, lm.cuda_graph = True, not args.no_graph
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    import llmppl as pp
+
     prompt = torch.randint(0, lm.vocab_size - 2, (args.prompt_len,),
                            generator=torch.Generator().manual_seed(args.seed)).tolist()
+    target = pp.Target(lm, pp.Power(args.alpha))
+    kappa = 1.0 if args.force_resample else args.ess_threshold
     bw = copy_bandwidth(device, mib=1024 if device.type == "cuda" else 64)
     wbytes = weight_bytes(lm.model)
-    length = args.prompt_len + args.warmup + args.steps // 2  # mean KV length over the timed steps
+    length = args.prompt_len + args.steps // 2  # mean KV length over the timed steps
     W, S = args.warmup, args.steps
-    b1 = time_plain(lm, prompt, 1, W, S, gen)
-    dyn_b1 = None if args.no_dynamic else time_dynamic(lm, prompt, 1, W, S, gen)
+
+    def dynamic(n: int) -> float | None:
+        if args.no_dynamic:
+            return None
+        lm.static_cache = False
+        try:
+            return time_run(_engines(lm, n, args.alpha, kappa)["plain"], target, [prompt], S, W, args.seed)["ms"]
+        finally:
+            lm.static_cache = True
+
+    b1 = time_run(_engines(lm, 1, args.alpha, kappa)["plain"], target, [prompt], S, W, args.seed)
     out: dict[str, Any] = {
         "benchmark": "gpu", "command": "llmppl " + " ".join(sys.argv[1:]),
+        "timed": "pp.SMC.run_batch and the plain decoder (pp.baselines' engine), EOS masked; ms/step = wall/steps",
         "model": args.random_weights or lm.name, "random_weights": bool(args.random_weights),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
         "dtype": str(dtype).replace("torch.", ""), "steps": S, "warmup": W, "prompt_len": args.prompt_len,
         "alpha": args.alpha, "ess_threshold": args.ess_threshold, "force_resample": args.force_resample,
         "weight_bytes": wbytes, "copy_bandwidth_GBps": bw,
-        "plain_b1_ms": b1["ms"], "dynamic_b1_ms": dyn_b1, "cuda_graph": b1["cuda_graph"],
-        "graph_error": b1["graph_error"], "runs": [],
+        "plain_b1_ms": b1["ms"], "dynamic_b1_ms": dynamic(1), "runs": [],
     }
-    floor1 = (wbytes + kv_bytes(lm.model, 1, length)) / (bw * 1e9) * 1e3  # bytes read once per step
-    out["floor_b1_ms"] = floor1
+    out["floor_b1_ms"] = (wbytes + kv_bytes(lm.model, 1, length)) / (bw * 1e9) * 1e3
+    if args.hf_generate:
+        out["hf_generate_compiled_ms"] = {str(b): time_hf_generate(lm, prompt, b, S, True) for b in (1, 16)}
     for n in ns:
-        bn = time_plain(lm, prompt, n, W, S, gen)
-        smc = time_power_smc(lm, prompt, n, args.alpha, W, S, gen, args.ess_threshold, args.force_resample)
+        e = _engines(lm, n, args.alpha, kappa)
+        bn = time_run(e["plain"], target, [prompt], S, W, args.seed)
+        smc = time_run(e["smc"], target, [prompt], S, W, args.seed)
         floor = (wbytes + kv_bytes(lm.model, n, length)) / (bw * 1e9) * 1e3
         row = {
             "n": n, "plain_bN_ms": bn["ms"], "smc_ms": smc["ms"], "floor_ms": floor,
-            "smc_over_plain_b1": smc["ms"] / b1["ms"], "plain_bN_over_b1": bn["ms"] / b1["ms"],
-            "smc_over_floor": smc["ms"] / floor, "smc_resampled": smc["resampled"],
-            "smc_steps": smc["steps"], "smc_log_evidence": smc["log_evidence"],
+            "smc_over_plain_b1": smc["ms"] / b1["ms"], "smc_over_plain_bN": smc["ms"] / bn["ms"],
+            "plain_bN_over_b1": bn["ms"] / b1["ms"], "smc_over_floor": smc["ms"] / floor,
+            "smc_resampled": smc["resampled"], "smc_steps": smc["steps"],
+            "smc_log_evidence": smc["log_evidence"][0], "smc_host_syncs_per_step": smc["host_syncs_per_step"],
             "smc_forward_passes": smc["forward_passes"], "smc_tokens_decoded": smc["tokens_decoded"],
-            "dynamic_bN_ms": None if args.no_dynamic else time_dynamic(lm, prompt, n, W, S, gen),
-            "smc_engine": None if args.no_engine else time_smc_engine(
-                lm, prompt, n, args.alpha, S, 1.0 if args.force_resample else args.ess_threshold, args.seed),
+            "dynamic_bN_ms": dynamic(n),
             "cost_model": cost_model(n, S, args.prompt_len, args.mh_block, args.mh_steps),
         }
         out["runs"].append(row)
-        eng = row["smc_engine"]
         print(f"N={n:4d}  plain b1 {b1['ms']:8.2f} ms  bN {bn['ms']:8.2f} ms  Power-SMC {smc['ms']:8.2f} ms "
-              f"({row['smc_over_plain_b1']:.2f}x b1, floor {floor:.2f} ms, resampled {smc['resampled']}/{smc['steps']})"
-              + (f"  engine {eng['ms']:.2f} ms" if eng else ""), file=sys.stderr)
+              f"({row['smc_over_plain_b1']:.2f}x b1, {row['smc_over_plain_bN']:.2f}x bN, floor {floor:.2f} ms, "
+              f"resampled {smc['resampled']}/{smc['steps']})", file=sys.stderr)
+    if args.batch_prompts:
+        from .engine import time_sequential
+
+        n, P = max(ns), args.batch_prompts
+        prompts = [[(t + 7 * i) % (lm.vocab_size - 2) for t in prompt] for i in range(P)]
+        smc = _engines(lm, n, args.alpha, kappa)["smc"]
+        batched = time_run(smc, target, prompts, S, W, args.seed)
+        seq_sec = time_sequential(smc, target, prompts, S, args.seed)[0]
+        out["run_batch"] = {"prompts": P, "particles": n, "batched_tokens_per_s": P * n * S / batched["seconds"],
+                            "sequential_tokens_per_s": P * n * S / seq_sec,
+                            "speedup": seq_sec / batched["seconds"]}
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

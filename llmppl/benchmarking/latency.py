@@ -1,114 +1,89 @@
-"""``llmppl bench latency``: Power-SMC against plain decoding, same backend, same tokens.
+"""``llmppl bench latency``: the engines users call, timed against each other in one process.
 
-Measures, in one process: (a) plain decoding of one sequence, (b) plain batched
-decoding of N sequences, (c) Power-SMC with N particles (α = 4, proposal τ = 1/4),
-each for exactly ``T`` new tokens (EOS is masked in every sampler so all runs decode
-the same number of tokens).  Reports medians over repetitions, ``ratio`` = (c)/(a)
-and ``ratio_same_batch`` = (c)/(b) (SMC's own overhead over batched decoding).
+For ``P`` prompts × ``N`` particles, each row decoding exactly ``T`` tokens (EOS masked),
+interleaved over repetitions so drifting machine load hits every run alike:
+
+* ``plain_1``: ``Plain(1).run`` — one sequence;
+* ``plain_batch``: ``Plain(N).run_batch`` over the P prompts — plain decoding of the same rows;
+* ``smc_batch``: ``pp.SMC(N).run_batch`` (Power-SMC, α = 4, ``q ∝ p^4``, ESS-triggered
+  resampling) over the P prompts;
+* ``smc_sequential``: ``pp.SMC(N).run`` on each prompt in turn.
+
+Ratios: ``smc_over_plain_same_rows`` = smc_batch / plain_batch (SMC's own overhead),
+``batch_speedup_tokens_per_s`` = smc_sequential / smc_batch (what batching prompts buys),
+``smc_over_plain_1``.  ``host_syncs_per_step`` comes from the SMC results' stats.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import sys
 from typing import Any
 
-import torch
-
-from ..inference.common import Stopwatch, make_generator
-from ..inference.proposals import ProposalContext, Tempered
+from .engine import NoEOS, machine_info, time_engine, time_sequential
 
 ALPHA = 4.0
+PROMPTS = ["Write a short poem about the sea.", "What is 17 times 23?", "Name three primary colors.",
+           "Explain recursion to a child.", "List four planets.", "Translate 'good morning' to French.",
+           "Give a synonym for happy.", "Why is the sky blue?", "Describe a cat in one sentence.",
+           "What is the capital of Italy?", "Count from one to five.", "Suggest a name for a dog.",
+           "What does a bee make?", "Say hello in Spanish.", "Name a prime number above 10.",
+           "What colour is grass?"]
 
 
-class _TemperedNoEOS(Tempered):
-    """``q ∝ p^{1/τ}`` with EOS masked: every particle decodes exactly T tokens (timing only)."""
-
-    def __init__(self, tau: float, eos: int) -> None:
-        super().__init__(tau)
-        self.eos = eos
-
-    def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
-        lp = ctx.batch.base_logprobs.double() / self.tau
-        lp[:, self.eos] = -torch.inf
-        return torch.log_softmax(lp, dim=-1)
-
-
-def plain_decode(lm: Any, prompt_ids: list[int], n: int, T: int, seed: int) -> float:
-    """Seconds to sample ``T`` tokens for ``n`` rows at temperature 1/α (EOS masked)."""
-    gen = make_generator(seed, lm.device)
-    prop = _TemperedNoEOS(1.0 / ALPHA, lm.eos_token_id)
-    with Stopwatch(lm.device) as w:
-        state = lm.start(prompt_ids, n)
-        for _ in range(T):
-            lp = state.logprobs()
-            log_q = prop.log_probs(ProposalContext(None, _Batch(lp)))
-            state.extend(prop.sample(log_q, gen))
-    return w.seconds
-
-
-class _Batch:
-    def __init__(self, lp: torch.Tensor) -> None:
-        self.base_logprobs = lp
-
-
-def smc_decode(lm: Any, prompt_ids: list[int], n: int, T: int, seed: int) -> tuple[float, Any]:
+def engines(lm: Any, N: int) -> dict[str, Any]:
+    """Power-SMC and the plain decoder (``pp.baselines.Plain``'s engine), EOS masked."""
     import llmppl as pp
+    from ..inference.baselines import Decoder
+    from ..inference.common import eos_ids
 
-    smc = pp.SMC(n, proposal=_TemperedNoEOS(1.0 / ALPHA, lm.eos_token_id))
-    target = pp.Target(lm, pp.Power(ALPHA))
-    with Stopwatch(lm.device) as w:
-        res = smc.run(target, prompt_ids, T, seed=seed)
-    return w.seconds, res
-
-
-def machine_info(device: str) -> dict[str, Any]:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": sys.version.split()[0], "device": device}
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        info["load_average"] = os.getloadavg()
-    except OSError:
-        pass
-    return info
+    eos = eos_ids(lm)
+    smc = pp.SMC(N, proposal=NoEOS(pp.proposals.Temperature(1.0 / ALPHA), eos))
+    base = NoEOS(pp.proposals.Base(), eos)
+    return {"smc": smc, "plain": Decoder("plain", base, N, {}), "plain_1": Decoder("plain", base, 1, {})}
 
 
-def run_latency(model: str | None, particles: int, max_new_tokens: int, device: str, reps: int,
-                prompt: str = "Write a short poem about the sea.", seed: int = 0) -> dict[str, Any]:
+def run_latency(model: str | None, particles: int, prompts: int, max_new_tokens: int, device: str,
+                reps: int, backend: str = "hf", seed: int = 0, lm: Any = None) -> dict[str, Any]:
     """The benchmark itself; returns the JSON-ready dict."""
+    import llmppl as pp
     from ..models import load_model
 
-    if particles < 1 or max_new_tokens < 1 or reps < 1:
-        raise ValueError("--particles, --max-new-tokens and --reps must be >= 1")
-    lm = load_model(model, device=device)
+    if particles < 1 or max_new_tokens < 1 or reps < 1 or not 1 <= prompts <= len(PROMPTS):
+        raise ValueError(f"--particles, --max-new-tokens, --reps must be >= 1 and --prompts in [1, {len(PROMPTS)}]")
+    lm = lm or load_model(model, device=device, backend=backend)
     chat = getattr(lm.tokenizer, "chat_template", None) is not None
-    ids = lm.encode_prompt(prompt, chat=chat)
+    target = pp.Target(lm, pp.Power(ALPHA), chat=chat)
+    texts = (PROMPTS[:prompts] if lm.tokenizer is not None       # an LM without a tokenizer: id prompts
+             else [[i % lm.vocab_size, (3 * i + 1) % lm.vocab_size][: 1 + i % 2] for i in range(prompts)])
     T, N = max_new_tokens, particles
-    plain_decode(lm, ids, N, min(T, 4), seed)          # warm-up (allocator, kernels)
-    times: dict[str, list[float]] = {"plain_1": [], "plain_batch": [], "smc": []}
-    resamplings = []
-    for r in range(reps):   # interleaved, so drifting machine load hits all three alike
-        times["plain_1"].append(plain_decode(lm, ids, 1, T, seed + r))
-        times["plain_batch"].append(plain_decode(lm, ids, N, T, seed + r))
-        sec, res = smc_decode(lm, ids, N, T, seed + r)
-        times["smc"].append(sec)
-        resamplings.append(res.stats["resampling_count"])
-        if res.stats["tokens_sampled"] != N * T:
-            raise RuntimeError("SMC did not decode N·T tokens; the timing would be unfair")
+    e = engines(lm, N)
+    time_engine(e["smc"], target, texts, min(T, 4), seed)      # warm-up (allocator, kernels)
+    times: dict[str, list[float]] = {"plain_1": [], "plain_batch": [], "smc_batch": [], "smc_sequential": []}
+    syncs, resamplings = [], []
+    for r in range(reps):
+        times["plain_1"].append(time_engine(e["plain_1"], target, texts[:1], T, seed + r)[0])
+        times["plain_batch"].append(time_engine(e["plain"], target, texts, T, seed + r)[0])
+        sec, res = time_engine(e["smc"], target, texts, T, seed + r)
+        times["smc_batch"].append(sec)
+        syncs.append(res[0].stats["host_syncs"] / res[0].stats["n_steps"])
+        resamplings.append([x.stats["resampling_count"] for x in res])
+        times["smc_sequential"].append(time_sequential(e["smc"], target, texts, T, seed + r)[0])
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "benchmark": "latency", "model": lm.name, "particles": N, "max_new_tokens": T, "reps": reps,
-        "alpha": ALPHA, "proposal_tau": 1.0 / ALPHA,
+        "benchmark": "latency", "backend": backend, "model": lm.name, "prompts": prompts, "particles": N,
+        "rows": prompts * N, "max_new_tokens": T, "reps": reps, "alpha": ALPHA,
+        "command": (f"llmppl bench latency --backend {backend} --prompts {prompts} --particles {N} "
+                    f"--max-new-tokens {T} --reps {reps}"),
         "seconds": times, "median_seconds": med,
         "per_step_ms": {k: 1000.0 * v / T for k, v in med.items()},
-        "ratio": med["smc"] / med["plain_1"],
-        "ratio_same_batch": med["smc"] / med["plain_batch"],
+        "tokens_per_s": {"smc_batch": prompts * N * T / med["smc_batch"],
+                         "smc_sequential": prompts * N * T / med["smc_sequential"]},
+        "smc_over_plain_same_rows": med["smc_batch"] / med["plain_batch"],
+        "batch_speedup_tokens_per_s": med["smc_sequential"] / med["smc_batch"],
+        "smc_over_plain_1": med["smc_batch"] / med["plain_1"],
+        "host_syncs_per_step": statistics.median(syncs),
         "resampling_count": resamplings,
         "machine": machine_info(str(lm.device)),
     }
@@ -116,6 +91,8 @@ def run_latency(model: str | None, particles: int, max_new_tokens: int, device: 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model spec (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--backend", choices=["hf", "llamacpp"], default="hf")
+    p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--particles", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -124,7 +101,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = run_latency(args.model, args.particles, args.max_new_tokens, args.device, args.reps)
+    out = run_latency(args.model, args.particles, args.prompts, args.max_new_tokens, args.device, args.reps,
+                      backend=args.backend)
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:

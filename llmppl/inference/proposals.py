@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .lookahead import Lookahead
+from .lookahead import Lookahead  # noqa: F401  (pp.proposals.Lookahead)
 from .proposal import Proposal, ProposalContext, exponent_of
 
 

@@ -1,0 +1,99 @@
+"""Timing helpers shared by the benchmarks: the library's own engines, fixed token counts.
+
+Every timed run decodes exactly ``T`` tokens per row: :class:`NoEOS` renormalises the
+proposal without the EOS ids (timing only — it changes the target), so SMC, the plain
+decoder and the reference loop do the same amount of model work.  ``time_engine`` times
+``engine.run_batch`` (the code users call); ``time_model_loop`` times the model's own
+cached forward loop (``model(ids, past_key_values=cache)`` + sampling), the reference for
+the engine's overhead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+from typing import Any
+
+import torch
+
+from ..inference.common import Stopwatch, eos_ids, make_generator
+from ..inference.proposal import Proposal, ProposalContext
+
+
+class NoEOS(Proposal):
+    """``q(v) ∝ inner(v) · 1[v ∉ EOS]``: every row decodes exactly ``max_new_tokens`` (timing only)."""
+
+    def __init__(self, inner: Proposal, eos: tuple[int, ...]) -> None:
+        self.inner, self.eos = inner, list(eos)
+        self.vectorised = getattr(inner, "vectorised", False)
+
+    def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
+        lq = self.inner.log_probs(ctx).clone()
+        lq[:, self.eos] = -math.inf
+        return torch.log_softmax(lq, dim=-1)
+
+    def __repr__(self) -> str:
+        return f"NoEOS({self.inner!r})"
+
+
+def time_engine(engine: Any, target: Any, prompts: list, T: int, seed: int) -> tuple[float, list]:
+    """Seconds of ``engine.run_batch(target, prompts, T, seed)``; checks that every row decoded T tokens."""
+    with Stopwatch(target.lm.device) as w:
+        results = engine.run_batch(target, prompts, T, seed=seed)
+    for r in results:
+        if r.error or any(len(s) != T for s in r.samples):
+            raise RuntimeError("a timed run did not decode T tokens per row; the timing would be unfair")
+    return w.seconds, results
+
+
+def time_sequential(engine: Any, target: Any, prompts: list, T: int, seed: int) -> tuple[float, list]:
+    """Seconds of one ``engine.run`` per prompt, one after the other."""
+    with Stopwatch(target.lm.device) as w:
+        results = [engine.run(target, p, T, seed=seed + i) for i, p in enumerate(prompts)]
+    return w.seconds, results
+
+
+@torch.inference_mode()
+def time_model_loop(lm: Any, prompt_ids: list[list[int]], n: int, T: int, seed: int) -> float:
+    """Seconds of the model's own cached decode loop for ``len(prompt_ids)·n`` rows: one batched
+    prefill (left-padded), then ``T`` steps of ``model(ids, past_key_values=cache)``, log-softmax
+    and a multinomial draw (EOS masked), with a ``DynamicCache`` — no llmppl code inside."""
+    from transformers import DynamicCache
+
+    model, dev = lm.model, lm.device
+    rows = [p for p in prompt_ids for _ in range(n)]
+    width = max(len(p) for p in rows)
+    pad = int(getattr(lm, "pad_token_id", 0) or 0)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows], device=dev)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], device=dev)
+    gen = make_generator(seed, dev)
+    eos = list(eos_ids(lm))
+    with Stopwatch(dev) as w:
+        cache = DynamicCache()
+        pos = (mask.cumsum(1) - 1).clamp_min(0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        last_pos = pos[:, -1:]
+        for _ in range(T):
+            lp = torch.log_softmax(out.logits[:, -1].float(), -1)
+            lp[:, eos] = -math.inf
+            tok = torch.multinomial(lp.exp(), 1, generator=gen)
+            mask = torch.cat([mask, torch.ones_like(tok)], 1)
+            last_pos = last_pos + 1
+            out = model(input_ids=tok, attention_mask=mask, position_ids=last_pos, past_key_values=cache,
+                        use_cache=True)
+    return w.seconds
+
+
+def machine_info(device: str) -> dict[str, Any]:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "python": sys.version.split()[0], "device": device}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        info["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
