@@ -17,6 +17,7 @@ def _register_builtin() -> None:
     from . import latency
 
     BENCHMARKS["latency"] = (latency.add_arguments, latency.run)
+    BENCHMARKS["overhead"] = (latency.add_overhead_arguments, latency.run_overhead_cli)
 
 
 _register_builtin()

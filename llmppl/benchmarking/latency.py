@@ -109,3 +109,63 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             f.write(text + "\n")
     return 0
+
+
+def run_overhead(config: str, prompts: int, particles: int, max_new_tokens: int, reps: int,
+                 device: str = "cpu", static_cache: bool = False, seed: int = 0) -> dict[str, Any]:
+    """ms/step of ``pp.SMC.run_batch`` over the model's own cached forward loop on a tiny
+    random-weight model (the forward is almost free, so the engine's own cost shows)."""
+    import torch
+
+    import llmppl as pp
+    from .engine import time_model_loop
+    from .gpu import random_lm
+
+    lm = random_lm(config, device, torch.float32, static_cache=static_cache)
+    gen = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, lm.vocab_size - 2, (4 + i % 5,), generator=gen).tolist() for i in range(prompts)]
+    target = pp.Target(lm, pp.Power(ALPHA))
+    T, N = max_new_tokens, particles
+    smc = engines(lm, N)["smc"]
+    time_engine(smc, target, ids, min(T, 4), seed)
+    time_model_loop(lm, ids, N, min(T, 4), seed)
+    times: dict[str, list[float]] = {"model_loop": [], "smc_batch": []}
+    syncs = []
+    for r in range(reps):
+        times["model_loop"].append(time_model_loop(lm, ids, N, T, seed + r))
+        sec, res = time_engine(smc, target, ids, T, seed + r)
+        times["smc_batch"].append(sec)
+        syncs.append(res[0].stats["host_syncs"] / res[0].stats["n_steps"])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "benchmark": "engine_overhead", "model": f"random:{config}", "static_cache": static_cache,
+        "prompts": prompts, "particles": N, "rows": prompts * N, "max_new_tokens": T, "reps": reps,
+        "command": (f"llmppl bench overhead --config {config} --prompts {prompts} --particles {N} "
+                    f"--max-new-tokens {T} --reps {reps}" + (" --static-cache" if static_cache else "")),
+        "seconds": times, "per_step_ms": {k: 1000.0 * v / T for k, v in med.items()},
+        "smc_over_model_loop": med["smc_batch"] / med["model_loop"],
+        "host_syncs_per_step": statistics.median(syncs),
+        "machine": machine_info(device),
+    }
+
+
+def add_overhead_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="tiny", help="random-weight model shape (llmppl.benchmarking.gpu.RANDOM_CONFIGS)")
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--particles", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--static-cache", action="store_true")
+    p.add_argument("--json", default=None, help="write the results here")
+
+
+def run_overhead_cli(args: argparse.Namespace) -> int:
+    out = run_overhead(args.config, args.prompts, args.particles, args.max_new_tokens, args.reps,
+                       args.device, args.static_cache)
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    return 0

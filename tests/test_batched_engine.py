@@ -1,0 +1,156 @@
+"""The batched, device-resident SMC engine: grouped resampling, host syncs, masks, bridging, refusals.
+
+Exactness through ``run_batch`` for every scheme and schedule is in ``test_run_batch_exact.py``;
+here: properties of the pieces and the fixes of issue 12 that live in the engine.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import llmppl as pp
+from llmppl.exact import enumerate_target
+from llmppl.inference.common import AllParticlesDied
+from llmppl.inference.resampling import RESAMPLERS
+from llmppl.models import NGramLM
+
+SCHEMES = sorted(RESAMPLERS)
+
+
+# ----------------------------------------------------------------------------- grouped resampling
+@pytest.mark.parametrize("scheme", SCHEMES)
+@settings(max_examples=8, deadline=None)
+@given(w=st.lists(st.lists(st.floats(0.01, 5.0), min_size=5, max_size=5), min_size=2, max_size=4),
+       n=st.integers(1, 9))
+def test_grouped_resampling_is_unbiased_per_group(scheme, w, n):
+    """``E[#offspring_i] = n w_i`` within each group, and indices never leave their group."""
+    weights = torch.tensor(w, dtype=torch.float64)
+    p = (weights / weights.sum(1, keepdim=True)).numpy()
+    gen = torch.Generator().manual_seed(n)
+    reps = 600
+    counts = np.zeros(weights.shape)
+    for _ in range(reps):
+        idx = RESAMPLERS[scheme](gen, weights, n)
+        assert idx.shape == (len(w), n) and int(idx.min()) >= 0 and int(idx.max()) < 5
+        for g in range(len(w)):
+            counts[g] += np.bincount(idx[g].numpy(), minlength=5)
+    mean = counts / reps
+    se = np.sqrt(n * p * (1 - p) / reps) + 1e-9
+    assert np.all(np.abs(mean - n * p) <= 5 * se + 0.02), (mean, n * p)
+
+
+def test_grouped_and_single_group_agree_in_shape():
+    gen = torch.Generator().manual_seed(0)
+    for scheme in SCHEMES:
+        assert RESAMPLERS[scheme](gen, torch.ones(4), 4).shape == (4,)
+        assert RESAMPLERS[scheme](gen, torch.ones(3, 4), 4).shape == (3, 4)
+        with pytest.raises(ValueError):
+            RESAMPLERS[scheme](gen, torch.tensor([[1.0, 1.0], [0.0, 0.0]]), 2)
+
+
+# ----------------------------------------------------------------------------- host syncs, batching
+def test_one_host_sync_per_token_step_for_a_power_target():
+    lm = NGramLM(vocab_size=6, order=2, seed=2)
+    target = pp.Target(lm, pp.Power(3.0))
+    res = pp.SMC(16).run_batch(target, [[0], [1, 2], [3]], 5, seed=0)
+    for r in res:
+        assert r.stats["host_syncs"] == r.stats["n_steps"] and r.stats["batch_prompts"] == 3
+
+
+def test_prompts_do_not_exchange_particles():
+    """Prompts whose completions cannot overlap keep disjoint particles through resampling."""
+    lm = NGramLM(vocab_size=8, order=2, seed=5, concentration=0.5)
+    low = pp.Constraint(mask=torch.tensor([True] * 4 + [False] * 3 + [True]))
+    res = pp.SMC(32, ess_threshold=1.0).run_batch(pp.Target(lm, pp.Power(2.0) * low), [[0], [1], [2]], 4, seed=1)
+    assert all(r.stats["resampling_count"] >= 2 for r in res)
+    for g, r in enumerate(res):
+        anc = np.asarray(r.steps["ancestors"])
+        assert anc.min() >= 0 and anc.max() < 32
+        assert all(t < 4 or t == lm.eos_token_id for s in r.samples for t in s)
+
+
+def test_one_prompt_failing_does_not_stop_the_others():
+    lm = NGramLM(vocab_size=5, order=2, seed=1)
+
+    def needs_token_3(c):            # prompt [3] starts every completion after a 3; others rarely
+        return 3 in c.token_ids
+
+    target = pp.Target(lm, pp.Power(1.0) * pp.Constraint(mask=lambda b: torch.tensor(
+        [[v != 3 for v in range(5)] for _ in b.tokens])) * pp.Constraint(needs_token_3))
+    res = pp.SMC(8).run_batch(target, [[0], [1]], 3, seed=0)
+    assert all(r.error is not None and "prompt" in r.error for r in res)
+    with pytest.raises(AllParticlesDied, match="every particle has weight zero"):
+        pp.SMC(8).run(target, [0], 3, seed=0)
+    ok = pp.Target(lm, pp.Power(1.0))
+    mixed = pp.SMC(8).run_batch(ok, [[0], [1]], 3, seed=0)
+    assert all(r.error is None for r in mixed)
+
+
+# ----------------------------------------------------------------------------- issue 12, item 5: masks
+def test_default_proposal_proposes_inside_the_token_mask():
+    """2 of 8 tokens allowed: the default proposal is q ∝ p^a · mask, so no particle dies, and
+    the weighted particles match the exact target; a tempered proposal that ignores the mask
+    (the old default) kills most particles."""
+    lm = NGramLM(vocab_size=8, order=2, seed=3, concentration=1.0)
+    allowed = torch.zeros(8, dtype=torch.bool)
+    allowed[[2, lm.eos_token_id]] = True
+    target = pp.Target(lm, pp.Power(2.0) * pp.Constraint(mask=allowed))
+    res = pp.SMC(16).run(target, [0], 4, seed=0)
+    assert not any(math.isinf(w) for w in res.log_weights)
+    assert all(t in (2,) for s in res.samples for t in s)
+    ignoring = pp.SMC(16, proposal=pp.proposals.Temperature()).run_batch(target, [[0]], 4, seed=0)[0]
+    assert ignoring.error is not None or sum(math.isinf(w) for w in ignoring.log_weights) >= 8
+    exact = enumerate_target(target, [0], 4)
+    runs = pp.SMC(64).run_batch(target, [[0]] * 8, 4, seed=1)
+    pooled = np.concatenate([r.weights for r in runs]) / len(runs)
+    assert exact.tv([s for r in runs for s in r.samples], pooled) < 0.05
+
+
+# ----------------------------------------------------------------------------- issue 12, item 4
+def test_segment_steps_with_rejuvenation_are_refused():
+    with pytest.raises(ValueError, match="segment steps"):
+        pp.SMC(4, step=pp.steps.Until(2, max_tokens=3), rejuvenate=pp.MH(block_size=1, n_mcmc=1))
+    pp.SMC(4, step=pp.steps.Tokens(2), rejuvenate=pp.MH(block_size=1, n_mcmc=1))   # fixed-length blocks: fine
+
+
+# ----------------------------------------------------------------------------- issue 12, item 6
+def test_adaptive_schedule_bridges_on_an_lm_and_stays_exact():
+    lm = NGramLM(vocab_size=5, order=2, seed=3, concentration=1.0)
+    target = pp.Target(lm, pp.Power(4.0))
+    smc = pp.SMC(64, schedule=pp.schedules.AdaptiveESS(0.5))
+    runs = smc.run_batch(target, [[0]] * 16, 5, seed=2)
+    first = runs[0].steps["exponent"]
+    assert first[0] < 4.0 and first[-1] == pytest.approx(4.0)      # it bridges from identical particles
+    exact = enumerate_target(target, [0], 5)
+    lz = np.array([r.log_evidence for r in runs])
+    ratio = np.exp(lz - exact.log_Z)
+    pooled = np.concatenate([r.weights * z for r, z in zip(runs, ratio / ratio.sum())])
+    assert exact.tv([s for r in runs for s in r.samples], pooled) < 0.04
+    # the greedy rule's failure mode: a constant schedule is what it used to return
+    const = pp.SMC(64).run(target, [0], 5, seed=2).steps["exponent"]
+    assert const[0] == 4.0
+
+
+def test_per_prompt_exponents_differ_when_the_prompts_do():
+    lm = NGramLM(vocab_size=6, order=2, seed=7, concentration=0.3)
+    res = pp.SMC(32, schedule=pp.schedules.AdaptiveESS(0.5)).run_batch(
+        pp.Target(lm, pp.Power(4.0)), [[0], [1], [2], [3]], 6, seed=0)
+    firsts = {round(r.steps["exponent"][0], 6) for r in res}
+    assert len(firsts) > 1
+
+
+def test_decoder_baselines_decode_prompts_as_rows_of_one_state():
+    lm = NGramLM(vocab_size=5, order=2, seed=1)
+    target = pp.Target(lm, pp.Power(2.0))
+    res = pp.baselines.Plain(4).run_batch(target, [[0], [1], [2]], 4, seed=0)
+    assert [r.prompt_ids for r in res] == [[0], [1], [2]]
+    assert all(r.stats["forward_passes"] == res[0].stats["forward_passes"] for r in res)
+    # log γ(y) of each sample equals the target's own density of it
+    for r in res:
+        for s, f, lt in zip(r.samples, r.finished, r.stats["log_target"]):
+            y = s + [lm.eos_token_id] if f else s
+            assert lt == pytest.approx(float(target.log_density(r.prompt_ids, [y], 4)[0]), abs=1e-5)
