@@ -39,20 +39,6 @@ def prepare_prompts(target: Target, prompts: Sequence[Any], max_new_tokens: int)
     return out
 
 
-def prepare_run(
-    target: Target, prompt: str | Sequence[int] | Sequence[dict], max_new_tokens: int,
-    seed: int | None,
-) -> tuple[list[int], torch.Generator]:
-    """Validate the arguments of ``run``; return the prompt ids and the run's generator."""
-    if not isinstance(target, Target):
-        raise ValueError(f"expected a llmppl Target, got {type(target).__name__}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    ids = target.encode(prompt)
-    ids = target.lm.check_prompt(ids, max_new_tokens)
-    return ids, make_generator(seed, target.lm.device)
-
-
 def eos_ids(lm: Any) -> tuple[int, ...]:
     """Every token id that ends a completion (``lm.eos_token_ids``, else ``(lm.eos_token_id,)``)."""
     ids = getattr(lm, "eos_token_ids", None)
@@ -96,20 +82,3 @@ class Stopwatch:
             torch.cuda.synchronize(self.device)
         self.seconds = time.perf_counter() - self._t0
 
-
-def run_each(run_one: Any, target: Target, prompts: Sequence[Any], max_new_tokens: int,
-             seed: int | None, **kwargs: Any) -> list[Any]:
-    """Provisional ``run_batch``: ``run_one`` per prompt (seed ``seed + i``); a prompt whose
-    particles all die gets a Result with ``error`` set instead of stopping the others."""
-    from .result import Result
-
-    ids = prepare_prompts(target, prompts, max_new_tokens)
-    out = []
-    for i, prompt_ids in enumerate(ids):
-        s = None if seed is None else seed + i
-        try:
-            out.append(run_one(target, prompt_ids, max_new_tokens, seed=s, **kwargs))
-        except AllParticlesDied as exc:
-            out.append(Result(method="failed", prompt_ids=prompt_ids, samples=[], log_weights=[],
-                              seed=s, error=str(exc)))
-    return out
