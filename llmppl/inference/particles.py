@@ -41,6 +41,7 @@ class Particles:
         self.log_other = torch.zeros(R, dtype=f64, device=dev)   # Σ_s non-Power token increments
         self.log_q = torch.zeros(R, dtype=f64, device=dev)       # log q(y_≤t): the proposal's path density
         self.log_twist = torch.zeros(R, dtype=f64, device=dev)   # log ψ_t(y_≤t)  (0 once ended)
+        self.length_twist = torch.zeros(R, dtype=f64, device=dev)  # segment steps: −c_t·len (0 once ended)
         self.finished = torch.zeros(R, dtype=torch.bool, device=dev)   # ended with EOS
         self.truncated = torch.zeros(R, dtype=torch.bool, device=dev)  # cut at max_new_tokens
         self.dead = torch.zeros(R, dtype=torch.bool, device=dev)       # weight −∞
@@ -53,7 +54,7 @@ class Particles:
         self.failed_at = torch.zeros(self.G, dtype=torch.long, device=dev)  # the step at which it did
 
     #: per-row tensors that follow the particles through resampling
-    ROW_FIELDS = ("log_p", "log_other", "log_q", "log_twist", "finished", "truncated", "dead", "promoted",
+    ROW_FIELDS = ("log_p", "log_other", "log_q", "log_twist", "length_twist", "finished", "truncated", "dead", "promoted",
                   "cause", "length", "tokens")
 
     @property

@@ -75,6 +75,7 @@ class _Run:
     host: dict[str, list] = field(default_factory=dict)   # traces that are host lists already
     syncs: int = 0
     bad_logprobs: torch.Tensor | None = None
+    step_tokens: torch.Tensor | None = None   # tokens each row drew in the current step
 
     def record(self, **values: torch.Tensor) -> None:
         for k, v in values.items():
@@ -199,9 +200,10 @@ class SMC:
                 t += 1
                 a = self._exponent(run, t, a_prev)
                 log_w_before = P.log_w.clone()
-                inc = self._extend(run, t, a, a_prev)
+                inc, seg_inc = self._extend(run, t, a, a_prev)
                 self._promote(run, inc, a)
                 self._update_twists(run, inc)
+                self._length_twist(run, inc, seg_inc)
                 ess = self._reweight(run, inc, log_w_before, a, t)
                 need = self._needs_resampling(run, ess)
                 flags = torch.stack([P.done.all(), need.any(), run.bad_logprobs.any()]).tolist()
@@ -244,12 +246,15 @@ class SMC:
         a = self.schedule.exponent(ctx)
         return torch.as_tensor(a, dtype=torch.float64, device=P.device).expand(P.G).clone()
 
-    def _extend(self, run: _Run, t: int, a: torch.Tensor, a_prev: torch.Tensor) -> torch.Tensor:
+    def _extend(self, run: _Run, t: int, a: torch.Tensor, a_prev: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Extend every live particle by one step (a token or a block); return the incremental
-        log-weights ``(R,)`` without promotion and twist terms."""
+        log-weights ``(R,)`` without promotion and twist terms, and (variable-length segment
+        steps) the part of them drawn this step, ``a_t log p + log φ^next − log q`` of the block."""
         P = run.parts
         alive = ~P.done
         inc = torch.where(alive, run.a_rows(a - a_prev) * P.log_p, torch.zeros_like(P.log_p))
+        retro = inc.clone()
         start = P.length.clone()
         active = alive
         one_token = isinstance(self.step, Tokens) and self.step.k == 1
@@ -271,8 +276,35 @@ class SMC:
             run.syncs += 1
             if not bool(active.any()):
                 break
+        run.step_tokens = P.length - start
         run.record(segment_length=(P.length - start).view(P.G, P.N).amax(1))
-        return inc
+        if one_token or isinstance(self.step, Tokens):
+            return inc, None
+        return inc, torch.where(alive, inc - retro, torch.zeros_like(inc))
+
+    def _length_twist(self, run: _Run, inc: torch.Tensor, seg_inc: torch.Tensor | None) -> None:
+        """Variable-length segments: ``log ψ_t(y) = −c_t · len(y)`` for live particles, with
+        ``c_t`` the prompt's mean log-increment per token drawn this step (over live rows).
+
+        ``p(y_≤t)^a`` compares prefixes of different lengths, and a shorter one still has more
+        tokens to pay for (at ``a > 1`` each costs about ``c_t < 0`` of future Rényi mass), so
+        resampling on it copies short prefixes that lose their weight later: consistent, but
+        with a variance that swamps the estimate.  The twist puts every prefix on a common
+        horizon; like every twist it is removed when a particle ends (the target is unchanged).
+        """
+        if seg_inc is None:
+            return
+        P = run.parts
+        live = ~P.done
+        drawn = torch.where(torch.isfinite(seg_inc), seg_inc, torch.zeros_like(seg_inc))
+        n_tok = run.step_tokens.double()
+        per_group_inc = torch.where(live | (n_tok > 0), drawn, torch.zeros_like(drawn)).view(P.G, P.N).sum(1)
+        per_group_tok = n_tok.view(P.G, P.N).sum(1).clamp_min(1.0)
+        c = (per_group_inc / per_group_tok).repeat_interleave(P.N)
+        remaining = (run.max_new_tokens - P.length).double()
+        new = torch.where(live, c * remaining, torch.zeros_like(c))
+        inc += torch.where(live, new - P.length_twist, torch.zeros_like(inc))
+        P.length_twist = new
 
     def _draw(self, run: _Run, t: int, a_rows: torch.Tensor, active: torch.Tensor,
               inc: torch.Tensor) -> None:
@@ -361,9 +393,10 @@ class SMC:
         P, target = run.parts, run.target
         ended = (P.finished | P.truncated) & ~P.dead & ~P.promoted
         zero = torch.zeros_like(P.log_p)
-        inc += torch.where(ended, (run.alpha - run.a_rows(a)) * P.log_p - P.log_twist, zero)
+        inc += torch.where(ended, (run.alpha - run.a_rows(a)) * P.log_p - P.log_twist - P.length_twist, zero)
         untwist = torch.where(ended, -P.log_twist, zero)
         P.log_twist = torch.where(ended, zero, P.log_twist)
+        P.length_twist = torch.where(ended, zero, P.length_twist)
         if target.has_complete:
             rows = ended.nonzero().flatten()
             run.syncs += 1
