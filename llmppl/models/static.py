@@ -196,11 +196,12 @@ class StaticHFState(KVCachedState):
         """Re-read the host view from the device buffers if a no-sync method left it stale."""
         if not self.__dict__.get("_stale", False):
             return
-        ntok, fed, fin = self.ntok_d.cpu(), self.fed_d.cpu(), self.fin_d.cpu()
+        # copies (on a CPU model .cpu() would alias the buffers that reorder gathers in place)
+        ntok, fed, fin = (t.to("cpu", copy=True) for t in (self.ntok_d, self.fed_d, self.fin_d))
         width = int(ntok.max()) if len(ntok) else 0
         hist = self.hist[:, :width].cpu()
         self._tokens = [hist[i, : int(ntok[i])].tolist() for i in range(self._n)]
-        self._fed, self._finished, self._group = fed, fin, self.group_d.cpu()
+        self._fed, self._finished, self._group = fed, fin, self.group_d.to("cpu", copy=True)
         self._max_fed = int(fed.max())
         self._stale = False
 

@@ -1,0 +1,54 @@
+"""Tiny random-weight transformers models of several families, built from configs (no download)."""
+
+from __future__ import annotations
+
+import torch
+
+#: sliding window of the families that have one (every test sequence runs well past it)
+WINDOW = 4
+VOCAB = 64
+
+BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            eos_token_id=VOCAB - 1, bos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
+
+#: family -> config overrides; each exercises what its *ForCausalLM.forward does differently
+FAMILIES = {
+    "llama": {},
+    "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
+                  layer_types=["full_attention", "sliding_attention"]),
+    "gemma2": dict(head_dim=8, sliding_window=WINDOW, final_logit_softcapping=2.0,
+                   attn_logit_softcapping=10.0, query_pre_attn_scalar=8,
+                   layer_types=["sliding_attention", "full_attention"]),
+    "gemma3_text": dict(head_dim=8, sliding_window=WINDOW, final_logit_softcapping=2.0,
+                        query_pre_attn_scalar=8, layer_types=["sliding_attention", "full_attention"]),
+    "granite": dict(logits_scaling=0.25, embedding_multiplier=3.0, residual_multiplier=0.5,
+                    attention_multiplier=0.2),
+    "cohere": dict(logit_scale=4.0),
+    "phi3": dict(sliding_window=WINDOW),
+    "mistral": dict(sliding_window=WINDOW),
+}
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(BASE, **FAMILIES[family])
+    kw.update(overrides)
+    config = AutoConfig.for_model(family, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    # random init leaves logits tiny; sharpen the head so post-processing matters
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model
+
+
+def own_logprobs(model, sequences: list[list[int]]) -> torch.Tensor:
+    """``log_softmax(model(ids).logits[:, -1])`` of each sequence on its own (the reference)."""
+    rows = []
+    with torch.no_grad():
+        for seq in sequences:
+            logits = model(torch.tensor([seq], device=model.device)).logits
+            rows.append(torch.log_softmax(logits[0, -1].float(), dim=-1))
+    return torch.stack(rows)
