@@ -35,6 +35,8 @@ def tiny_model(family: str, seed: int = 0, **overrides):
 
     kw = dict(BASE, **FAMILIES[family])
     kw.update(overrides)
+    if "vocab_size" in overrides and "eos_token_id" not in overrides:
+        kw["eos_token_id"] = overrides["vocab_size"] - 1
     config = AutoConfig.for_model(family, **kw)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
@@ -52,3 +54,29 @@ def own_logprobs(model, sequences: list[list[int]]) -> torch.Tensor:
             logits = model(torch.tensor([seq], device=model.device)).logits
             rows.append(torch.log_softmax(logits[0, -1].float(), dim=-1))
     return torch.stack(rows)
+
+
+WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "and", "then", "it", "was", "red", "blue",
+         "one", "two", "three", "user", "assistant"]
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}"
+                 "<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+
+
+def tiny_tokenizer(add_bos: bool = True, order: list[str] | None = None):
+    """An offline word-level tokenizer whose post-processor adds BOS (like Llama-2 / Gemma)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab_list = SPECIALS + (order if order is not None else WORDS)
+    vocab = {t: i for i, t in enumerate(vocab_list)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<pad>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast

@@ -139,7 +139,8 @@ class HFLM(LanguageModel):
                  eos_token_id: int | Sequence[int] | None = None, verify: bool = True) -> None:
         config = model.config
         vocab = int(model.get_output_embeddings().weight.shape[0])
-        eos = eos_token_ids(model, tokenizer) if eos_token_id is None else eos_token_id
+        eos = ([e for e in eos_token_ids(model, tokenizer) if 0 <= e < vocab]
+               if eos_token_id is None else eos_token_id)
         if eos is None or (isinstance(eos, (list, tuple)) and not eos):
             raise ValueError("the model defines no EOS token id: pass eos_token_id=")
         bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
