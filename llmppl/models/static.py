@@ -187,9 +187,11 @@ class StaticHFState(KVCachedState):
             hist[:, :C] = self.hist[:, :C]
             self._set_buffers(kv, self.last, self.fed_d, self.ntok_d, hist, self.fin_d, self.group_d)
 
-    def _ensure(self, extra: int) -> None:
-        if self._max_fed + extra > self.C:
-            self._grow(self._max_fed + extra)
+    def _ensure(self, extra: int, need: int | None = None) -> None:
+        """Grow when a row could run past the capacity (``need``: the exact requirement)."""
+        need = self._max_fed + extra if need is None else need
+        if need > self.C:
+            self._grow(need)
 
     # ------------------------------------------------------------- host view
     def _sync(self) -> None:
@@ -327,14 +329,15 @@ class StaticHFState(KVCachedState):
     def _feed(self, rows: list[int], blocks: list[list[int]], record: bool = True) -> torch.Tensor:
         """Host path: feed ``blocks`` to ``rows``; ``(len(rows), L)`` float64 CPU log-probs (-inf padded)."""
         width = max(len(b) for b in blocks)
-        self._ensure(width)
         rows_t = torch.tensor(rows, dtype=torch.long)
+        lens_k = torch.tensor([len(b) for b in blocks], dtype=torch.long)
+        self._ensure(width, int((self._fed[rows_t] + lens_k).max()))
         ids = torch.full((self._n, width), self.lm.pad_token_id, dtype=torch.long)
         ids[rows_t] = torch.nn.utils.rnn.pad_sequence(
             [torch.tensor(b, dtype=torch.long) for b in blocks], batch_first=True,
             padding_value=self.lm.pad_token_id)
         lens = torch.zeros(self._n, dtype=torch.long)
-        lens[rows_t] = torch.tensor([len(b) for b in blocks], dtype=torch.long)
+        lens[rows_t] = lens_k
         dev = self.lm.device
         with torch.no_grad():
             if width == 1 and record:
