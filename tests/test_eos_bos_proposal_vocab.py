@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from tiny_models import tiny_model, tiny_tokenizer
 
 import llmppl as pp
 from llmppl.exact import enumerate_target
 from llmppl.inference.proposals import FromLM, ProposalContext
 from llmppl.models import HFLM, LanguageModel
-from tiny_models import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)

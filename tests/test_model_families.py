@@ -10,11 +10,11 @@ extend / step / reorder / finish / truncate / copy.
 
 import pytest
 import torch
+from tiny_models import FAMILIES, VOCAB, WINDOW, own_logprobs, tiny_model
 
 from llmppl.models import HFLM
 from llmppl.models.hf import HFState
 from llmppl.models.static import StaticHFState
-from tiny_models import FAMILIES, VOCAB, WINDOW, own_logprobs, tiny_model
 
 TOL = 1e-4
 
@@ -59,7 +59,7 @@ def test_sliding_window_matters(name):
 
 
 def test_next_logprobs_equals_own_forward(family):
-    name, model = family
+    _, model = family
     lm = HFLM(model)
     gen = torch.Generator().manual_seed(1)
     seqs = [torch.randint(2, VOCAB - 1, (k,), generator=gen).tolist() for k in (1, 3 * WINDOW + 2, 7, 2 * WINDOW)]
@@ -68,7 +68,7 @@ def test_next_logprobs_equals_own_forward(family):
 
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_states_equal_own_forward(family, static):
-    name, model = family
+    _, model = family
     lm = HFLM(model, static_cache=static, cuda_graph=False)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16], [17, 18]]
     st = lm.start(prompts, 2, max_new_tokens=16)
@@ -113,7 +113,7 @@ def test_states_equal_own_forward(family, static):
 
 
 def test_one_prompt_start_is_unchanged(family):
-    name, model = family
+    _, model = family
     lm = HFLM(model)
     st = lm.start([4, 5, 6, 7], 3)
     assert st.prompt == [4, 5, 6, 7] and st.n == 3

@@ -8,9 +8,9 @@ mask ``finish``) and the host API (``extend``, ``truncate``, ``copy``).
 
 import pytest
 import torch
+from tiny_models import own_logprobs
 
 from llmppl.models import HFLM, NGramLM, UncachedState
-from tiny_models import own_logprobs
 
 TOL = 1e-4
 
@@ -28,7 +28,7 @@ def test_generic_state_of_a_third_party_lm():
     assert isinstance(st, UncachedState) and st.n == 6 and st.group.tolist() == [0, 0, 1, 1, 2, 2]
     assert st.prompts == prompts and st.prompt_of(3) == [1, 2, 3]
     with pytest.raises(ValueError, match="3 prompts"):
-        st.prompt
+        _ = st.prompt
     ref = lambda: lm.next_logprobs(st.sequences())  # noqa: E731
     assert torch.allclose(st.last_logprobs(), ref())
     before = st.last_logprobs()

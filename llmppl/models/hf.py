@@ -176,6 +176,7 @@ class HFLM(LanguageModel):
         dtype: str | torch.dtype | None = None,
         name: str | None = None,
         static_cache: bool = False,
+        eos_token_id: int | Sequence[int] | None = None,
         **kwargs: Any,
     ) -> "HFLM":
         """Load from a local directory, a hub id (cached; offline is respected) or a GGUF file.
@@ -194,7 +195,8 @@ class HFLM(LanguageModel):
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=_resolve_dtype(dtype), **extra, **kwargs
         )
-        return cls(model.to(device), tokenizer, name=name or str(path_or_id), static_cache=static_cache)
+        return cls(model.to(device), tokenizer, name=name or str(path_or_id), static_cache=static_cache,
+                   eos_token_id=eos_token_id)
 
     @property
     def device(self) -> torch.device:
@@ -300,10 +302,10 @@ class HFLM(LanguageModel):
             return torch.log_softmax(logits[0, -1].float(), dim=-1)
 
         try:
-            worst = float((self.next_logprobs(seqs) - torch.stack([own(s) for s in seqs])).abs().max())
+            ref = torch.stack([own(s) for s in seqs])
+            worst = float((self.next_logprobs(seqs) - ref).abs().max())
             state = HFState(self, [seqs[0][:3], seqs[1][:2]], 1)
             state.extend([seqs[0][3:], seqs[1][2:]])
-            ref = torch.stack([own(s) for s in seqs])
             worst = max(worst, float((state.logprobs() - ref).abs().max()))
             if self.static_cache:
                 from .static import StaticHFState
