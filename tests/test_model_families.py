@@ -1,9 +1,10 @@
 """HFLM equals each model family's own forward (``log_softmax(model(ids).logits[:, -1])``).
 
 Tiny random-weight models built from configs: Llama, Qwen2 (with sliding-window layers),
-Gemma-2 and Gemma-3 (final logit soft-capping, alternating sliding/full layers), Granite
-(``logits_scaling``), Cohere (``logit_scale``), Phi-3 and Mistral (sliding window).  Every
-sequence runs past the window.  Paths: ``next_logprobs`` (uncached), the dynamic
+Gemma-2 and Gemma-3 (final logit soft-capping, alternating sliding/full layers), Granite and
+GraniteMoE (``logits_scaling``), Cohere (``logit_scale``) and Cohere2 (with sliding layers),
+Phi-3, Mistral, Starcoder2 and EXAONE-4 (sliding window), Qwen3, OLMo-2, GPT-2, GPT-NeoX,
+Falcon and OPT.  Every sequence runs past the window.  Paths: ``next_logprobs`` (uncached), the dynamic
 ``HFState`` and the static ``StaticHFState``, with ragged multi-prompt batches through
 extend / step / reorder / finish / truncate / copy.
 """
@@ -36,7 +37,7 @@ def family(request):
     return request.param, tiny_model(request.param)
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gemma3_text", "granite", "cohere"])
+@pytest.mark.parametrize("name", ["gemma2", "gemma3_text", "granite", "cohere", "cohere2", "granitemoe"])
 def test_post_processing_matters(name):
     """Impostor: the output embedding alone (what HFLM did before) is not the model's forward."""
     model = tiny_model(name)
@@ -47,13 +48,15 @@ def test_post_processing_matters(name):
     assert (naive - own_logprobs(model, [seq])[0]).abs().max() > 0.1
 
 
-@pytest.mark.parametrize("name", ["qwen2", "gemma2", "gemma3_text", "phi3", "mistral"])
+@pytest.mark.parametrize("name", ["qwen2", "gemma2", "gemma3_text", "phi3", "mistral", "cohere2",
+                                  "starcoder2", "exaone4"])
 def test_sliding_window_matters(name):
     """Impostor: the same weights without the window give other log-probs on these sequences."""
     seq = list(range(3, 3 + 3 * WINDOW))
     windowed = own_logprobs(tiny_model(name), [seq])[0]
     no_window = {"qwen2": dict(use_sliding_window=False, layer_types=["full_attention"] * 2),
-                 "gemma2": dict(sliding_window=256), "gemma3_text": dict(sliding_window=256)}
+                 "gemma2": dict(sliding_window=256), "gemma3_text": dict(sliding_window=256),
+                 "cohere2": dict(sliding_window=256), "exaone4": dict(sliding_window=256)}
     full = own_logprobs(tiny_model(name, **no_window.get(name, dict(sliding_window=None))), [seq])[0]
     assert (windowed - full).abs().max() > 1e-3
 

@@ -27,13 +27,29 @@ FAMILIES = {
     "cohere": dict(logit_scale=4.0),
     "phi3": dict(sliding_window=WINDOW),
     "mistral": dict(sliding_window=WINDOW),
+    "qwen3": dict(head_dim=8),
+    "cohere2": dict(sliding_window=WINDOW, logit_scale=4.0),
+    "granitemoe": dict(logits_scaling=0.25, num_local_experts=2, num_experts_per_tok=1),
+    "starcoder2": dict(sliding_window=WINDOW),
+    "olmo2": {},
+    "exaone4": dict(sliding_window=WINDOW),
+    # families whose configs use other argument names
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=128),
+    "gpt_neox": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+    "falcon": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4),
+    "opt": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32),
 }
+#: families configured from scratch (not from ``BASE``)
+RAW = {"gpt2", "gpt_neox", "falcon", "opt"}
 
 
 def tiny_model(family: str, seed: int = 0, **overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kw = dict(BASE, **FAMILIES[family])
+    if family in RAW:
+        kw = dict(FAMILIES[family], vocab_size=VOCAB, eos_token_id=VOCAB - 1, bos_token_id=1, pad_token_id=0)
+    else:
+        kw = dict(BASE, **FAMILIES[family])
     kw.update(overrides)
     if "vocab_size" in overrides and "eos_token_id" not in overrides:
         kw["eos_token_id"] = overrides["vocab_size"] - 1
