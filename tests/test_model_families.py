@@ -104,6 +104,11 @@ def test_states_equal_own_forward(family, static):
     assert len(st.tokens[1]) == len(st.tokens[0]) - 1
     _check(st, model)
     st.truncate([0, 2, 4], [1, 0, 2])
+    st.reorder(torch.tensor([4, 1, 2, 3, 0, 5]))  # the truncated rows are re-fed lazily
+    st.step(torch.full((6,), 7), ~st.finished)
+    _check(st, model)
+    st.truncate([1, 3], [0, 1])  # a finished row may be cut back: it is live again
+    assert not st.finished[1]
     _check(st, model)
     fork = st.copy()
     fork.extend([[20, 21, 22]], rows=[2])

@@ -357,10 +357,12 @@ class StaticHFState(KVCachedState):
         return out.masked_fill_(torch.arange(width)[None, :] >= lens[rows_t][:, None], -math.inf)
 
     def _refresh(self, rows: list[int] | None = None) -> None:
-        """Feed the tokens of ``rows`` (default: all unfinished) that ``truncate`` left out of the cache."""
+        """Feed the tokens that ``truncate`` left out of the cache (every unfinished row)."""
+        if not self.__dict__.get("_pending", False):
+            return
+        self._pending = False
         self._sync()
-        if rows is None:
-            rows = (~self._finished).nonzero().flatten().tolist()
+        rows = (~self._finished).nonzero().flatten().tolist()
         seqs = [(i, (self.prompt_of(i) + self._tokens[i])[int(self._fed[i]):]) for i in rows]
         seqs = [(i, s) for i, s in seqs if s]
         if seqs:
@@ -432,6 +434,7 @@ class StaticHFState(KVCachedState):
         new._decoded_d = self._decoded_d.clone()
         new._max_fed = self._max_fed
         new._exact = self._exact
+        new._pending = self.__dict__.get("_pending", False)
         new.forward_passes = self.forward_passes
         return new
 
@@ -453,12 +456,12 @@ class StaticHFState(KVCachedState):
             self.fin_d[i] = False
             self.fed_d[i] = torch.tensor(keep, device=dev)
             self.ntok_d[i] = torch.tensor(length, device=dev)
+            self._pending = True
 
     # ------------------------------------------------------------- no-sync fast path
     def last_logprobs(self) -> torch.Tensor:
         """``(N, V)`` next-token log-probs of every row (device; finished rows: stale values)."""
-        if not self.__dict__.get("_stale", False):
-            self._refresh()
+        self._refresh()
         return self.last
 
     def step(self, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
@@ -468,8 +471,7 @@ class StaticHFState(KVCachedState):
         advance).  Returns the ``(N,)`` float32 log-probs ``log p(tokens[i] | row i)``
         on the device; the next-token log-probs are then ``last_logprobs()``.
         """
-        if not self.__dict__.get("_stale", False):
-            self._refresh()
+        self._refresh()
         self._ensure(1)
         with torch.no_grad():
             live = ~self.fin_d
