@@ -150,3 +150,24 @@ def test_verify_catches_a_forward_it_cannot_reproduce():
     model.forward = odd_forward
     with pytest.raises(ValueError, match="does not reproduce"):
         HFLM(model)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_long_blocks_are_fed_in_column_chunks(monkeypatch, static):
+    """A block longer than the logit budget allows is fed in column chunks: same numbers."""
+    import llmppl.models.hf as hf
+
+    model = tiny_model("gemma2")
+    lm = HFLM(model, static_cache=static, cuda_graph=False)
+    monkeypatch.setattr(hf, "LOGIT_BUDGET", 4 * VOCAB * 2)  # 4 rows -> 2 columns per forward
+    st = lm.start([[3, 4], [5, 6, 7]], 2, max_new_tokens=12)
+    before = st.forward_passes
+    blocks = [list(range(10, 17)), [20], list(range(30, 40)), [40, 41, 42]]
+    out = st.extend(blocks)
+    assert st.forward_passes - before == 5  # ceil(10 / 2)
+    seqs = st.sequences()
+    for k, b in enumerate(blocks):  # each token's log-prob against the model's own forward
+        prefix = seqs[k][: len(seqs[k]) - len(b)]
+        ref = own_logprobs(model, [prefix + b[:j] for j in range(len(b))])
+        assert (out[k, : len(b)] - ref[torch.arange(len(b)), b].double()).abs().max() < TOL
+    _check(st, model)
