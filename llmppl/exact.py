@@ -24,7 +24,8 @@ class ExactDistribution:
     """The normalised target over completions (token tuples without EOS).
 
     A completion of length ``max_new_tokens`` is truncated (no EOS); shorter ones
-    ended in EOS.  ``log_Z = log Σ_y γ(y)``.
+    ended in EOS (any of ``lm.eos_token_ids``: a completion's mass sums over them).
+    ``log_Z = log Σ_y γ(y)``.
     """
 
     sequences: list[tuple[int, ...]]
@@ -89,7 +90,7 @@ def enumerate_target(target: Target, prompt: str | Sequence[int], max_new_tokens
     lm = target.lm
     ids = target.encode(prompt) if isinstance(prompt, str) else lm.check_prompt(prompt)
     lm.check_prompt(ids, max_new_tokens)
-    eos = lm.eos_token_id
+    eos = set(getattr(lm, "eos_token_ids", (lm.eos_token_id,)))
     frontier: list[tuple[int, ...]] = [()]
     frontier_lg = torch.zeros(1, dtype=torch.float64)
     done: list[tuple[int, ...]] = []
@@ -111,7 +112,7 @@ def enumerate_target(target: Target, prompt: str | Sequence[int], max_new_tokens
         for i, f in enumerate(frontier):
             row = total[i]
             for v in torch.isfinite(row).nonzero().flatten().tolist():
-                if v == eos:
+                if v in eos:
                     done.append(f)
                     done_lg.append(float(row[v]))
                     done_trunc.append(False)
@@ -123,6 +124,8 @@ def enumerate_target(target: Target, prompt: str | Sequence[int], max_new_tokens
                     new_frontier.append(f + (v,))
                     new_lg.append(float(row[v]))
         frontier, frontier_lg = new_frontier, torch.tensor(new_lg, dtype=torch.float64)
+    if len(eos) > 1:
+        done, done_lg, done_trunc = _merge_eos(done, done_lg, done_trunc)
     log_gamma = torch.tensor(done_lg, dtype=torch.float64)
     if target.has_complete and done:
         batch = target.batch(ids, [list(s) for s in done], None,
@@ -131,6 +134,26 @@ def enumerate_target(target: Target, prompt: str | Sequence[int], max_new_tokens
     keep = torch.isfinite(log_gamma)
     seqs = [s for s, k in zip(done, keep.tolist()) if k]
     return ExactDistribution(seqs, log_gamma[keep], max_new_tokens)
+
+
+def _merge_eos(done: list[tuple[int, ...]], lg: list[float], trunc: list[bool]
+               ) -> tuple[list[tuple[int, ...]], list[float], list[bool]]:
+    """One entry per completion: ``y`` ended by any of several EOS ids has
+    ``γ(y) = Σ_e γ(y, e)`` (samples carry no EOS, so the ids are indistinguishable)."""
+    index: dict[tuple[int, ...], int] = {}
+    seqs: list[tuple[int, ...]] = []
+    parts: list[list[float]] = []
+    flags: list[bool] = []
+    for s, g, t in zip(done, lg, trunc):
+        if s in index:
+            parts[index[s]].append(g)
+        else:
+            index[s] = len(seqs)
+            seqs.append(s)
+            parts.append([g])
+            flags.append(t)
+    merged = [float(torch.logsumexp(torch.tensor(p, dtype=torch.float64), 0)) for p in parts]
+    return seqs, merged, flags
 
 
 def exact(target: Target, prompt: str | Sequence[int], max_new_tokens: int) -> ExactDistribution:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import llmppl as pp
-from llmppl.models import LanguageModel, LanguageModelError, NGramLM
+from llmppl.models import HFLM, LanguageModel, LanguageModelError, NGramLM
 
 TOL = 1e-4
 
@@ -125,3 +125,21 @@ def test_lm_constructor_errors():
         NGramLM(vocab_size=3, eos_token_id=7)
     with pytest.raises(ValueError, match="empty prompt"):
         NGramLM().start([], 1)
+
+
+def test_finish_masks_and_reorder_gathers_in_place(one_thread):
+    """Finishing rows never copies the cache; a same-size reorder writes into the same buffers."""
+    from tiny_models import own_logprobs, tiny_model
+
+    model = tiny_model("llama")
+    lm = HFLM(model)
+    st = lm.start([[3, 4, 5], [6, 7]], 2)
+    st.extend([[8], [9], [10], [11]])
+    ptrs = [layer.keys.data_ptr() for layer in st.cache.layers]
+    st.finish([1, 2])
+    st.reorder([0, 0, 3, 3])
+    assert [layer.keys.data_ptr() for layer in st.cache.layers] == ptrs
+    assert st.cache.layers[0].keys.shape[0] == 4
+    st.step(torch.tensor([12, 13, 14, 15]), ~st.finished)
+    ref = own_logprobs(model, st.sequences())
+    assert (st.logprobs() - ref).abs().max() < TOL

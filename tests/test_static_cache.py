@@ -170,3 +170,26 @@ def test_cuda_static_equals_dynamic(tiny_cuda):
         s.truncate([1], [1])
         s.finish([0])
     _same(dyn, st)
+
+
+def test_static_capacity_is_exact_and_masks_finish(one_thread):
+    """``max_new_tokens`` fixes the capacity (longest prompt + it); a run past it grows to exactly
+    what is needed; ``step(tokens, active)`` and a mask ``finish`` on a tiny model."""
+    from tiny_models import own_logprobs, tiny_model
+
+    model = tiny_model("mistral")
+    lm = HFLM(model, static_cache=True)
+    st = lm.start([[3, 4, 5, 6], [7]], 2, max_new_tokens=3)
+    assert st.C == 4 + 3
+    ptr = st._kv.layers[0].keys.data_ptr()
+    for t in range(3):
+        st.step(torch.full((4,), 10 + t), torch.tensor([True, t != 1, True, True]))
+    st.finish(torch.tensor([False, False, True, False]))
+    st.reorder(torch.tensor([3, 1, 2, 0]))
+    assert st._kv.layers[0].keys.data_ptr() == ptr and st.C == 7  # in place, no reallocation
+    st.extend([[20, 21]], rows=[1])  # row 1 has 2 tokens: 4 + 2 + 2 = 8 > 7
+    assert st.C == 8
+    live = (~st.finished).nonzero().flatten().tolist()
+    assert (st.logprobs(live) - own_logprobs(model, st.sequences(live))).abs().max() < TOL
+    with pytest.raises(ValueError, match="prompt 1: .*exceeds"):
+        lm.start([[1], [2] * 120], 1, max_new_tokens=10)

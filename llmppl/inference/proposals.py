@@ -101,6 +101,13 @@ class FromLM(Proposal):
 
     Its own decoding state follows the engine's particles through the hooks, so the
     proposal LM also decodes incrementally with its KV cache.
+
+    The two LMs may pad their vocabularies differently (Qwen2.5-0.5B has 151936 output
+    rows, Qwen2.5-7B 152064) as long as the tokenizer is shared: the proposal's rows
+    past the target's vocabulary are dropped, and target ids past the proposal's
+    vocabulary get ``q = 0`` (-inf) -- they are never proposed, which is exact as long
+    as the target gives them no mass (padding rows of a trained model carry ~0).
+    A real tokenizer mismatch raises ``ValueError``.
     """
 
     def __init__(self, lm: Any, tau: float = 1.0) -> None:
@@ -109,21 +116,21 @@ class FromLM(Proposal):
         self.lm = lm
         self.tau = float(tau)
         self.state = None
+        self._checked: set[int] = set()
 
-    def start(self, target: Any, prompt_ids: list[int], n: int) -> None:
-        if self.lm.vocab_size < target.lm.vocab_size:
-            raise ValueError(
-                f"proposal LM vocabulary ({self.lm.vocab_size}) is smaller than the target's "
-                f"({target.lm.vocab_size}): they must share a tokenizer"
-            )
-        self.state = self.lm.start(prompt_ids, n)
+    def start(self, target: Any, prompt_ids: Any, n: int, max_new_tokens: int | None = None) -> None:
+        """``prompt_ids``: one prompt or a list of prompts (rows as in ``lm.start``)."""
+        if id(target.lm) not in self._checked:
+            check_shared_tokenizer(target.lm, self.lm)
+            self._checked.add(id(target.lm))
+        self.state = self.lm.start(prompt_ids, n, max_new_tokens) if max_new_tokens else self.lm.start(prompt_ids, n)
 
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
         if self.state is None:
             raise RuntimeError("FromLM.start was not called")
-        V = ctx.batch.base_logprobs.shape[-1]
-        lp = self.state.logprobs(ctx.rows)[:, :V].double().to(ctx.batch.base_logprobs.device)
-        return torch.log_softmax(lp / self.tau, dim=-1)
+        base = ctx.batch.base_logprobs
+        lp = self.state.logprobs(ctx.rows).double().to(base.device)
+        return torch.log_softmax(fit_vocab(lp, base.shape[-1]) / self.tau, dim=-1)
 
     def on_extend(self, tokens, rows) -> None:
         self.state.extend(tokens, rows)
@@ -136,6 +143,46 @@ class FromLM(Proposal):
 
     def __repr__(self) -> str:
         return f"FromLM({self.lm.name}, tau={self.tau:g})"
+
+
+def fit_vocab(logprobs: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``(B, V')`` log-probs cut or ``-inf``-padded to ``(B, vocab_size)`` columns."""
+    V = logprobs.shape[-1]
+    if V >= vocab_size:
+        return logprobs[..., :vocab_size]
+    pad = logprobs.new_full((*logprobs.shape[:-1], vocab_size - V), float("-inf"))
+    return torch.cat([logprobs, pad], dim=-1)
+
+
+def check_shared_tokenizer(target_lm: Any, proposal_lm: Any) -> None:
+    """Raise ``ValueError`` unless the two LMs share a tokenizer (padded vocab sizes may differ).
+
+    With tokenizers on both sides their vocabularies (token -> id) must be equal and fit
+    in both models' output rows; without, the vocabulary sizes must be equal.
+    """
+    ta, tb = getattr(target_lm, "tokenizer", None), getattr(proposal_lm, "tokenizer", None)
+    Vt, Vp = target_lm.vocab_size, proposal_lm.vocab_size
+    if ta is None or tb is None:
+        if Vt != Vp:
+            raise ValueError(
+                f"proposal LM vocabulary ({Vp}) differs from the target's ({Vt}) and a shared "
+                "tokenizer cannot be checked (an LM has no tokenizer)")
+        return
+    if ta is not tb:
+        va, vb = ta.get_vocab(), tb.get_vocab()
+        if va != vb:
+            diff = next((t for t in va if vb.get(t) != va[t]), None)
+            if diff is None:
+                diff = next(t for t in vb if va.get(t) != vb[t])
+            raise ValueError(
+                f"the proposal LM's tokenizer differs from the target's ({len(vb)} vs {len(va)} "
+                f"tokens; {diff!r} is id {va.get(diff)} in the target, {vb.get(diff)} in the "
+                "proposal): FromLM needs a shared tokenizer")
+    n_tok = len(ta)
+    if n_tok > min(Vt, Vp):
+        raise ValueError(
+            f"the tokenizer has {n_tok} tokens but an LM has only {min(Vt, Vp)} output rows "
+            f"(target {Vt}, proposal {Vp})")
 
 
 class _Restricted(Proposal):

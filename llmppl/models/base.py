@@ -31,6 +31,9 @@ class LanguageModel:
     ``sequences`` are full token-id lists (prompt tokens included).  Subclasses may
     also set ``tokenizer`` (an object with ``encode``/``decode``), ``bos_token_id``
     and ``max_context`` (the longest sequence the model accepts).
+
+    ``eos_token_id`` is one id or a sequence of ids: any of them ends a sequence.
+    ``lm.eos_token_ids`` is the tuple of all of them, ``lm.eos_token_id`` the first.
     """
 
     tokenizer: Any = None
@@ -38,20 +41,40 @@ class LanguageModel:
     def __init__(
         self,
         vocab_size: int,
-        eos_token_id: int,
+        eos_token_id: int | Sequence[int],
         bos_token_id: int | None = None,
         max_context: int | None = None,
         name: str | None = None,
     ) -> None:
         if not isinstance(vocab_size, int) or vocab_size < 2:
             raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
-        if not isinstance(eos_token_id, int) or not 0 <= eos_token_id < vocab_size:
-            raise ValueError(f"eos_token_id must be in [0, {vocab_size}), got {eos_token_id!r}")
+        ids = [eos_token_id] if not isinstance(eos_token_id, (list, tuple, torch.Tensor)) else list(eos_token_id)
+        if not ids:
+            raise ValueError("eos_token_id must be an id or a non-empty sequence of ids, got []")
+        clean: list[int] = []
+        for e in ids:
+            if isinstance(e, torch.Tensor):
+                e = e.item()
+            if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < vocab_size:
+                raise ValueError(f"eos_token_id must be in [0, {vocab_size}), got {e!r}")
+            if e not in clean:
+                clean.append(int(e))
         self.vocab_size = vocab_size
-        self.eos_token_id = eos_token_id
+        #: every id that ends a sequence (the first is ``eos_token_id``)
+        self.eos_token_ids: tuple[int, ...] = tuple(clean)
         self.bos_token_id = bos_token_id
         self.max_context = max_context
         self.name = name or type(self).__name__
+
+    @property
+    def eos_token_id(self) -> int:
+        """The first EOS id (the one a single-EOS caller uses)."""
+        return self.eos_token_ids[0]
+
+    def is_eos(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Bool tensor: which entries of ``tokens`` are one of ``eos_token_ids``."""
+        eos = torch.tensor(self.eos_token_ids, dtype=tokens.dtype, device=tokens.device)
+        return (tokens[..., None] == eos).any(-1)
 
     # ----------------------------------------------------------------- contract
     def next_logprobs(self, sequences: list[list[int]]) -> torch.Tensor:
@@ -63,14 +86,44 @@ class LanguageModel:
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def start(self, prompts: Sequence[int] | Sequence[Sequence[int]], n: int = 1,
-              max_new_tokens: int | None = None) -> "LMState":
-        """A decoding state of ``P·n`` rows: row ``r`` holds prompt ``r // n`` (one prompt or P)."""
-        ps = as_prompt_list(prompts)
-        return UncachedState(self, [self.check_prompt(p, max_new_tokens or 0) for p in ps], n)
+    def start(
+        self,
+        prompts: Sequence[int] | Sequence[Sequence[int]],
+        n: int = 1,
+        max_new_tokens: int | None = None,
+    ) -> "LMState":
+        """A decoding state of ``P * n`` rows: row ``r`` holds prompt ``r // n``.
+
+        ``prompts`` is one prompt (token ids) or a list of ``P`` prompts (ragged).
+        The base class returns an :class:`UncachedState` over ``next_logprobs``.
+        """
+        return UncachedState(self, self.check_prompts(prompts, max_new_tokens), n)
+
+    def check_prompts(
+        self, prompts: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int | None = None
+    ) -> list[list[int]]:
+        """One prompt or a list of prompts, validated; returns a list of ``P`` id lists.
+
+        Errors of a list name the prompt index (``"prompt 2: ..."``).
+        """
+        extra = int(max_new_tokens or 0)
+        if is_single_prompt(prompts):
+            return [self.check_prompt(prompts, extra)]
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("empty prompt list: pass one prompt (token ids) or a non-empty list of prompts")
+        out = []
+        for i, p in enumerate(prompts):
+            try:
+                out.append(self.check_prompt(p, extra))
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"prompt {i}: {exc}") from None
+        return out
 
     def check_prompt(self, prompt_ids: Sequence[int], max_new_tokens: int = 0) -> list[int]:
         """Validate a prompt of token ids; returns it as a list."""
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.reshape(-1).tolist()
         ids = [int(t) for t in prompt_ids]
         if not ids:
             raise ValueError(
@@ -93,7 +146,10 @@ class LanguageModel:
     ) -> list[int]:
         """Token ids of a prompt given as text, token ids or a chat ``messages`` list.
 
-        An empty text prompt becomes ``[bos_token_id]`` when the LM has a BOS token.
+        Text gets the special tokens the tokenizer adds by default (BOS for Llama-2 or
+        Gemma tokenizers, nothing for GPT-2 style ones); chat messages follow the
+        tokenizer's chat template (whose text already holds any BOS: none is added
+        twice).  An empty prompt becomes ``[bos_token_id]`` when the LM has a BOS token.
         """
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -101,19 +157,22 @@ class LanguageModel:
             if chat:
                 prompt = [{"role": "user", "content": prompt}]
             else:
-                ids = list(self.tokenizer.encode(prompt, add_special_tokens=False)) if prompt else []
+                ids = [int(t) for t in self.tokenizer.encode(prompt)] if prompt else []
                 if not ids and self.bos_token_id is not None:
                     ids = [self.bos_token_id]
                 return ids
         if prompt and isinstance(prompt[0], dict):
             if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError(f"{self.name} has no chat template: pass a text prompt")
-            out = self.tokenizer.apply_chat_template(
-                list(prompt), add_generation_prompt=True, tokenize=True
+            text = self.tokenizer.apply_chat_template(
+                list(prompt), add_generation_prompt=True, tokenize=False
             )
-            if isinstance(out, dict) or hasattr(out, "input_ids"):
-                out = out["input_ids"]
-            return [int(t) for t in out]
+            # the template's text carries its own BOS: encode without adding one
+            ids = [int(t) for t in self.tokenizer.encode(text, add_special_tokens=False)]
+            bos = self.bos_token_id
+            while bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+                ids = ids[1:]
+            return ids
         ids = [int(t) for t in prompt]
         if not ids and self.bos_token_id is not None:
             ids = [self.bos_token_id]
@@ -131,6 +190,23 @@ class LanguageModel:
         """``next_logprobs`` with its output validated: shape, finiteness, normalisation."""
         out = self.next_logprobs(sequences)
         return validate_logprobs(out, len(sequences), self.vocab_size, self.name, step)
+
+
+def is_single_prompt(prompts: Any) -> bool:
+    """True when ``prompts`` is one prompt of token ids (not a list of prompts)."""
+    if isinstance(prompts, torch.Tensor):
+        return prompts.dim() <= 1
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError("prompts must be token ids here: encode text with lm.encode_prompt first")
+    try:
+        first = prompts[0]
+    except (IndexError, KeyError):
+        return False
+    except TypeError:
+        raise TypeError(f"prompts must be a sequence of token ids or of prompts, got {type(prompts)}") from None
+    if isinstance(first, torch.Tensor):
+        return first.dim() == 0
+    return isinstance(first, int) or hasattr(first, "__index__")
 
 
 def validate_logprobs(
@@ -168,32 +244,34 @@ def as_index(indices: Sequence[int] | torch.Tensor, n: int) -> torch.Tensor:
     return idx
 
 
-def as_prompt_list(prompts: Sequence[int] | Sequence[Sequence[int]]) -> list[list[int]]:
-    """One prompt (a sequence of ids) or several (a sequence of sequences) as a list of lists."""
-    if len(prompts) and not isinstance(prompts[0], (int,)) and hasattr(prompts[0], "__len__"):
-        return [[int(t) for t in p] for p in prompts]
-    return [[int(t) for t in prompts]]
-
-
 class LMState:
-    """Incremental batched decoding state over ``P·n`` rows; row ``r`` continues prompt ``r // n``.
+    """Incremental batched decoding state over ``R = P * n`` rows and ``P`` prompts.
 
-    ``tokens[i]`` is row i's completion so far (prompt excluded).  ``logprobs(rows)``
-    gives ``log p(· | prompt, tokens[i])`` for those rows; ``extend`` appends tokens
-    and returns their log-probabilities; ``reorder(idx)`` makes row j a copy of row
-    ``idx[j]`` (resampling); ``finish(rows)`` says those rows will never be extended
-    again, so a backend may free their memory and stop computing them.
+    Row ``r`` belongs to prompt ``group[r]`` (``r // n`` at the start; ``reorder``
+    permutes ``group`` with the rows).  ``tokens[r]`` is row r's completion so far
+    (prompt excluded).  ``logprobs(rows)`` gives ``log p(· | prompt, tokens[r])`` for
+    those rows; ``extend`` appends tokens and returns their log-probabilities;
+    ``reorder(idx)`` makes row j a copy of row ``idx[j]`` (resampling); ``finish(rows)``
+    says those rows will never be extended again.
+
+    The device fast path (what engines call every token step): ``last_logprobs()``
+    ``(R, V)`` on ``lm.device``; ``step(tokens, active)``; ``reorder`` with a device
+    index; ``finish`` with a device bool mask.  This base class implements it over the
+    host API, so any subclass that implements the host API gets it for free.
     """
 
-    def __init__(self, lm: LanguageModel, prompt_ids: Sequence[int] | Sequence[Sequence[int]],
-                 n: int) -> None:
+    def __init__(self, lm: LanguageModel, prompts: list[list[int]] | list[int], n: int) -> None:
         if n < 1:
             raise ValueError(f"a decoding state needs at least one row, got n={n}")
+        if prompts and not isinstance(prompts[0], (list, tuple)):
+            prompts = [prompts]  # one prompt given as a flat list
+        if not prompts:
+            raise ValueError("a decoding state needs at least one prompt")
         self.lm = lm
-        self.prompts = as_prompt_list(prompt_ids)
+        self.prompts: list[list[int]] = [list(p) for p in prompts]
         self.group = torch.arange(len(self.prompts)).repeat_interleave(n)
-        self.tokens: list[list[int]] = [[] for _ in range(len(self.group))]
-        self.finished = torch.zeros(len(self.group), dtype=torch.bool)
+        self.tokens: list[list[int]] = [[] for _ in range(len(self.prompts) * n)]
+        self.finished = torch.zeros(len(self.prompts) * n, dtype=torch.bool)
         self.forward_passes = 0
         self.tokens_decoded = 0
 
@@ -203,37 +281,27 @@ class LMState:
 
     @property
     def prompt(self) -> list[int]:
-        """The prompt of a one-prompt state."""
+        """The prompt when the state holds one prompt (else ``ValueError``: use ``prompt_of``)."""
         if len(self.prompts) != 1:
-            raise ValueError(f"this state holds {len(self.prompts)} prompts: use prompt_of(row)")
+            raise ValueError(f"this state holds {len(self.prompts)} prompts: use state.prompt_of(row)")
         return self.prompts[0]
 
     def prompt_of(self, row: int) -> list[int]:
+        """The prompt of row ``row``."""
         return self.prompts[int(self.group[row])]
 
-    # Device fast path (generic; KV-cached states override) -----------------------
-    def last_logprobs(self) -> torch.Tensor:
-        """``(R, V)`` next-token log-probabilities of every row (0 for finished rows)."""
-        out = torch.zeros((self.n, self.lm.vocab_size), dtype=torch.float32, device=self.lm.device)
-        live = (~self.finished).nonzero().flatten()
-        if len(live):
-            out[live.to(out.device)] = self.logprobs(live).to(out)
-        return out
-
-    def step(self, tokens: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """Append ``tokens[r]`` to every ``active`` row; ``(R,)`` float32 ``log p(tokens[r] | row r)``."""
-        out = torch.zeros(self.n, dtype=torch.float32, device=tokens.device)
-        rows = active.nonzero().flatten()
-        if len(rows):
-            lp = self.extend(tokens[rows], rows.cpu())
-            out[rows] = lp[:, 0].to(out)
-        return out
+    def prompt_lengths(self) -> torch.Tensor:
+        """``(R,)`` CPU long: the prompt length of each row."""
+        lens = torch.tensor([len(p) for p in self.prompts], dtype=torch.long)
+        return lens[self.group]
 
     def _rows(self, rows: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
         if rows is None:
             return torch.arange(self.n)
         if isinstance(rows, torch.Tensor) and rows.dtype == torch.bool:
-            return rows.cpu().nonzero().flatten()
+            if rows.numel() != self.n:
+                raise ValueError(f"a row mask needs {self.n} entries, got {rows.numel()}")
+            return rows.reshape(-1).cpu().nonzero().flatten()
         return as_index(rows, self.n)
 
     def sequences(self, rows: Sequence[int] | torch.Tensor | None = None) -> list[list[int]]:
@@ -259,7 +327,10 @@ class LMState:
         raise NotImplementedError
 
     def reorder(self, indices: Sequence[int] | torch.Tensor) -> None:
-        """Row j becomes a copy of row ``indices[j]``; the number of rows may change."""
+        """Row j becomes a copy of row ``indices[j]``; the number of rows may change.
+
+        ``indices`` may be a device ``LongTensor``.
+        """
         raise NotImplementedError
 
     def copy(self) -> "LMState":
@@ -267,12 +338,42 @@ class LMState:
         raise NotImplementedError
 
     def finish(self, rows: Sequence[int] | torch.Tensor) -> None:
-        """Mark rows as never to be extended again (their cache may be freed)."""
+        """Mark rows (indices, or a bool mask of ``R`` entries, host or device) as never to be
+        extended again (their cache may be masked out)."""
         self.finished[self._rows(rows)] = True
 
     def truncate(self, rows: Sequence[int] | torch.Tensor, lengths: Sequence[int]) -> None:
         """Cut row ``rows[k]``'s completion back to ``lengths[k]`` tokens."""
         raise NotImplementedError
+
+    # Device fast path (generic: over the host API) ----------------------------
+    def last_logprobs(self) -> torch.Tensor:
+        """``(R, V)`` float tensor on ``lm.device``: ``log p(· | row)`` for every row.
+
+        Finished rows hold finite filler values (uniform), which callers ignore.
+        """
+        V = self.lm.vocab_size
+        out = torch.full((self.n, V), -math.log(V), dtype=torch.float32)
+        live = (~self.finished).nonzero().flatten()
+        if len(live):
+            out[live] = self.logprobs(live).float().cpu()
+        return out.to(self.lm.device)
+
+    def step(self, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Append ``tokens[r]`` to every ``active`` row; ``(R,)`` float32 ``log p(tokens[r] | row r)``.
+
+        ``tokens`` ``(R,)`` long and ``active`` ``(R,)`` bool (default: unfinished rows),
+        on ``lm.device``.  Entries of inactive rows are 0.
+        """
+        tok = torch.as_tensor(tokens).reshape(-1).cpu()
+        act = (~self.finished if active is None else torch.as_tensor(active)).reshape(-1).cpu().bool()
+        if tok.numel() != self.n or act.numel() != self.n:
+            raise ValueError(f"step needs {self.n} tokens and active flags, got {tok.numel()} and {act.numel()}")
+        out = torch.zeros(self.n, dtype=torch.float32)
+        rows = act.nonzero().flatten()
+        if len(rows):
+            out[rows] = self.extend(tok[rows], rows)[:, 0].float()
+        return out.to(self.lm.device)
 
 
 def _normalise_blocks(
@@ -299,8 +400,8 @@ class UncachedState(LMState):
     step costs one batched ``next_logprobs`` call over the rows being extended.
     """
 
-    def __init__(self, lm: LanguageModel, prompt_ids: list[int], n: int) -> None:
-        super().__init__(lm, prompt_ids, n)
+    def __init__(self, lm: LanguageModel, prompts: list[list[int]] | list[int], n: int) -> None:
+        super().__init__(lm, prompts, n)
         self._cache: list[torch.Tensor | None] = [None] * self.n
 
     def logprobs(self, rows=None) -> torch.Tensor:
@@ -308,9 +409,7 @@ class UncachedState(LMState):
         missing = [i for i in idx if self._cache[i] is None]
         if missing:
             unique = sorted(set(missing))
-            out = self.lm.checked_next_logprobs(
-                [self.prompt_of(i) + self.tokens[i] for i in unique], step=None
-            )
+            out = self.lm.checked_next_logprobs(self.sequences(unique), step=None)
             self.forward_passes += 1
             for k, i in enumerate(unique):
                 self._cache[i] = out[k]
@@ -343,7 +442,7 @@ class UncachedState(LMState):
         self.tokens = [list(self.tokens[i]) for i in idx]
         self._cache = [self._cache[i] for i in idx]
         self.finished = self.finished[idx].clone()
-        self.group = self.group[idx]
+        self.group = self.group[idx].clone()
 
     def copy(self) -> "UncachedState":
         new = UncachedState(self.lm, self.prompts, 1)
@@ -366,13 +465,87 @@ class UncachedState(LMState):
 class KVCachedState(LMState):
     """Shared parts of KV-cached states (``HFState``, ``StaticHFState``).
 
-    A subclass keeps each row's next-token log-probabilities in ``last`` and provides
-    ``_refresh(rows)`` (feed tokens that ``truncate`` left out of the cache) and
-    ``_feed(rows, blocks)`` (feed blocks; float64 log-probs of their tokens).
+    The device tensors of a subclass are the source of truth; the host view
+    (``tokens``, ``finished``, ``group``) follows them.  The no-sync methods (``step``,
+    ``reorder`` / ``finish`` with device tensors) only append to a log of device ops,
+    which the host view replays (one batch of device→host copies) the next time it is
+    read.  A subclass keeps each row's next-token log-probabilities in ``last`` and
+    provides ``_refresh(rows)`` (feed tokens that ``truncate`` left out of the cache)
+    and ``_feed(rows, blocks)`` (feed blocks; float64 log-probs of their tokens).
     """
 
     last: torch.Tensor
 
+    # ------------------------------------------------------------- host view
+    @property
+    def tokens(self) -> list[list[int]]:
+        self._sync()
+        return self._tokens
+
+    @tokens.setter
+    def tokens(self, value: list[list[int]]) -> None:
+        self._tokens = value
+        self._n = len(value)
+
+    @property
+    def finished(self) -> torch.Tensor:
+        self._sync()
+        return self._finished
+
+    @finished.setter
+    def finished(self, value: torch.Tensor) -> None:
+        self._finished = value
+
+    @property
+    def group(self) -> torch.Tensor:
+        self._sync()
+        return self._group
+
+    @group.setter
+    def group(self, value: torch.Tensor) -> None:
+        self._group = value
+
+    @property
+    def tokens_decoded(self) -> int:
+        self._sync()
+        return self._ntd
+
+    @tokens_decoded.setter
+    def tokens_decoded(self, value: int) -> None:
+        self._ntd = int(value)
+
+    @property
+    def n(self) -> int:
+        return self._n
+
+    def _log(self, kind: str, *tensors: torch.Tensor) -> None:
+        """Record a device op for the host view (no sync)."""
+        self.__dict__.setdefault("_ops", []).append((kind, tensors))
+
+    def _sync(self) -> None:
+        """Replay the logged device ops on the host view."""
+        ops = self.__dict__.get("_ops")
+        if not ops:
+            return
+        self._ops = []
+        args = [[t.cpu() for t in ts] for _, ts in ops]
+        tokens, finished, group = self._tokens, self._finished, self._group
+        for (kind, _), a in zip(ops, args):
+            if kind == "step":
+                tok, act = a[0].tolist(), a[1].tolist()
+                for r, on in enumerate(act):
+                    if on:
+                        tokens[r] = tokens[r] + [tok[r]]
+                self._ntd += sum(act)
+            elif kind == "reorder":
+                idx = a[0]
+                tokens = [list(tokens[i]) for i in idx.tolist()]
+                finished, group = finished[idx], group[idx]
+            elif kind == "finish":
+                finished = finished | a[0].bool()
+        self._tokens, self._finished, self._group = tokens, finished, group
+
+    # ------------------------------------------------------------- subclass hooks
     def _refresh(self, rows: list[int]) -> None:
         raise NotImplementedError
 
@@ -405,3 +578,15 @@ class KVCachedState(LMState):
             part = self._feed([idx[k] for k in nonempty], [blocks[k] for k in nonempty])
             out[nonempty, : part.shape[1]] = part
         return out
+
+    def _device_rows(self, rows) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(mask, index)`` on the device for a no-sync ``finish`` / ``reorder`` argument.
+
+        A tensor on ``lm.device`` takes the no-sync path (on a CPU model, any CPU tensor);
+        returns ``(None, None)`` for a host argument (a list, or a tensor elsewhere).
+        """
+        if isinstance(rows, torch.Tensor) and rows.device == self.lm.device:
+            if rows.dtype == torch.bool:
+                return rows.reshape(-1), None
+            return None, rows.reshape(-1).long()
+        return None, None

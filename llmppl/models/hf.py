@@ -1,16 +1,25 @@
 """``HFLM``: any transformers causal LM behind the batched LM interface.
 
-The decoding state keeps one ``DynamicCache`` whose batch rows are the *live*
-rows of the state (finished rows are dropped from it).  Rows may have different
-lengths: the cache is a rectangle with a boolean ``valid`` mask over its columns,
-positions are passed explicitly, and rows not extended in a forward pass get a
-masked pad column.  ``reorder`` is one ``index_select`` per layer; no prefix is
-ever re-encoded, and the prompt is encoded once and broadcast to every row.
+Every forward pass is the model's own ``*ForCausalLM.forward`` (so its logit
+post-processing -- Gemma-2/3 soft-capping, Granite ``logits_scaling``, Cohere
+``logit_scale`` -- is applied on every path), with explicit ``position_ids`` and a
+4-D attention mask built here from each cache column's position and validity:
+a query at position ``q`` sees the valid columns at positions ``k <= q`` (and
+``q - k < sliding_window`` for sliding-window layers).  That one rule serves
+ragged prompts (left-padded when encoded), ragged blocks, masked (finished) rows
+and truncation, for full and sliding-window attention alike.
+
+The dynamic decoding state (:class:`HFState`) keeps one ``DynamicCache`` whose batch
+rows are the state's rows (finished rows are masked, never dropped or copied);
+``valid``/``kpos`` say which cache columns each row sees and at which position.
+``reorder`` is one ``index_select`` per layer; the P prompts are encoded in one
+left-padded forward and broadcast to their ``n`` rows.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 from collections.abc import Sequence
@@ -21,8 +30,16 @@ import torch
 
 from .base import KVCachedState, LanguageModel, LMState, as_index
 
-#: positions per chunk when projecting hidden states to vocabulary log-probs
-_LOGIT_CHUNK = 64
+#: at most this many float32 logits are materialised at once when a block is fed
+#: (a long block is fed in column chunks through the cache)
+LOGIT_BUDGET = 1 << 25
+
+#: end-of-turn tokens of common chat templates: an EOS when the template uses them
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|eot|>",
+                      "<|end_of_turn|>", "<|endofturn|>", "<|END_OF_TURN_TOKEN|>")
+
+#: attention layer kinds the mask builder knows
+_LAYER_KINDS = ("full_attention", "sliding_attention")
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -37,37 +54,118 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}: use float32, float16 or bfloat16") from None
 
 
+def _as_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value if v is not None]
+    return [int(value)]
+
+
+def eos_token_ids(model: Any, tokenizer: Any = None) -> list[int]:
+    """Every id that ends a sequence: the tokenizer's EOS, the generation config's and the
+    model config's EOS ids, and the end-of-turn tokens the chat template uses."""
+    ids: list[int] = []
+    if tokenizer is not None:
+        ids += _as_ids(getattr(tokenizer, "eos_token_id", None))
+    gen = getattr(model, "generation_config", None)
+    ids += _as_ids(getattr(gen, "eos_token_id", None))
+    ids += _as_ids(getattr(model.config, "eos_token_id", None))
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if isinstance(template, str):
+        unk = getattr(tokenizer, "unk_token_id", None)
+        for tok in END_OF_TURN_TOKENS:
+            if tok in template:
+                tid = tokenizer.convert_tokens_to_ids(tok)
+                if isinstance(tid, int) and tid != unk:
+                    ids.append(tid)
+    out: list[int] = []
+    for i in ids:
+        if i not in out:
+            out.append(i)
+    return out
+
+
+def attention_layout(model: Any) -> tuple[tuple[str, ...] | None, int | None]:
+    """``(kinds, window)``: how the model's decoder takes an attention mask.
+
+    ``kinds`` is None when the decoder takes one mask (with the sliding window
+    ``window`` applied to every layer when it is not None, as Mistral / Phi-3 do), or
+    the layer kinds of a decoder that takes a dict of masks by layer kind
+    (Gemma-2/3, Qwen2, ...).  Raises ``ValueError`` for kinds it cannot build
+    (chunked or linear attention).
+    """
+    config = model.config
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    try:
+        src = inspect.getsource(inspect.getmodule(type(decoder)))
+    except (OSError, TypeError):
+        src = ""
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    name = type(model).__name__
+    if layer_types:
+        unknown = sorted(set(layer_types) - set(_LAYER_KINDS))
+        if unknown:
+            raise ValueError(
+                f"HFLM supports full and sliding-window attention; {name} has layers of kind "
+                f"{unknown}, whose masks it cannot build"
+            )
+    if "causal_mask_mapping" in src and layer_types:
+        kinds = tuple(k for k in _LAYER_KINDS if k in set(layer_types))
+        if "sliding_attention" in kinds and not window:
+            raise ValueError(f"{name} has sliding-window layers but config.sliding_window = {window!r}")
+        return kinds, window
+    if "create_chunked_causal_mask" in src and getattr(config, "attention_chunk_size", None):
+        raise ValueError(f"HFLM does not support chunked attention ({name})")
+    if "create_sliding_window_causal_mask" in src and window:
+        return None, int(window)
+    return None, None
+
+
 class HFLM(LanguageModel):
-    """A ``transformers`` causal LM: ``p(v | s) = softmax(model(s).logits[-1])[v]``."""
+    """A ``transformers`` causal LM: ``p(v | s) = softmax(model(s).logits[-1])[v]``.
+
+    ``eos_token_ids`` are read from the tokenizer, the generation config, the model
+    config and the chat template's end-of-turn tokens (Llama-3 ``<|eot_id|>``,
+    ChatML ``<|im_end|>``); ``eos_token_id`` overrides them.  With ``verify`` (the
+    default) a few tokens are run through every path at construction and compared
+    with ``model(ids).logits``: a model whose forward this class cannot reproduce
+    raises ``ValueError`` instead of giving wrong numbers.
+    """
 
     def __init__(self, model: Any, tokenizer: Any = None, name: str | None = None,
-                 static_cache: bool = False, cuda_graph: bool = True) -> None:
+                 static_cache: bool = False, cuda_graph: bool = True,
+                 eos_token_id: int | Sequence[int] | None = None, verify: bool = True) -> None:
         config = model.config
         vocab = int(model.get_output_embeddings().weight.shape[0])
-        eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-        if eos is None:
-            eos = config.eos_token_id
-        if isinstance(eos, (list, tuple)):
-            eos = eos[0]
-        if eos is None:
-            raise ValueError("the model defines no EOS token id")
+        eos = ([e for e in eos_token_ids(model, tokenizer) if 0 <= e < vocab]
+               if eos_token_id is None else eos_token_id)
+        if eos is None or (isinstance(eos, (list, tuple)) and not eos):
+            raise ValueError("the model defines no EOS token id: pass eos_token_id=")
         bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
         if bos is None:
             bos = getattr(config, "bos_token_id", None)
         super().__init__(
             vocab_size=vocab,
-            eos_token_id=int(eos),
+            eos_token_id=eos,
             bos_token_id=bos,
             max_context=getattr(config, "max_position_embeddings", None),
             name=name or getattr(config, "_name_or_path", None) or "HFLM",
         )
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.pad_token_id = int(getattr(config, "pad_token_id", None) or self.eos_token_id)
+        pad = getattr(config, "pad_token_id", None)
+        self.pad_token_id = int(pad) if isinstance(pad, int) and 0 <= pad < vocab else self.eos_token_id
         #: ``start`` returns a :class:`~llmppl.models.static.StaticHFState` (preallocated cache,
         #: CUDA-graph decode step when ``cuda_graph`` and the model is on CUDA)
         self.static_cache = bool(static_cache)
         self.cuda_graph = bool(cuda_graph)
+        self.mask_kinds, self.sliding_window = attention_layout(model)
+        params = inspect.signature(model.forward).parameters
+        self._logits_to_keep = "logits_to_keep" in params
+        if verify:
+            self.verify()
 
     @classmethod
     def from_pretrained(
@@ -78,6 +176,7 @@ class HFLM(LanguageModel):
         dtype: str | torch.dtype | None = None,
         name: str | None = None,
         static_cache: bool = False,
+        eos_token_id: int | Sequence[int] | None = None,
         **kwargs: Any,
     ) -> "HFLM":
         """Load from a local directory, a hub id (cached; offline is respected) or a GGUF file.
@@ -96,292 +195,397 @@ class HFLM(LanguageModel):
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=_resolve_dtype(dtype), **extra, **kwargs
         )
-        return cls(model.to(device), tokenizer, name=name or str(path_or_id), static_cache=static_cache)
+        return cls(model.to(device), tokenizer, name=name or str(path_or_id), static_cache=static_cache,
+                   eos_token_id=eos_token_id)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
     # ----------------------------------------------------------------- contract
     @torch.inference_mode()
     def next_logprobs(self, sequences: list[list[int]]) -> torch.Tensor:
-        """Uncached reference: right-padded batch, log-softmax at each row's last token."""
+        """Uncached reference: one left-padded batch, log-softmax after each row's last token."""
+        dev = self.device
         lengths = torch.tensor([len(s) for s in sequences])
         width = int(lengths.max())
         ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
         for i, s in enumerate(sequences):
-            ids[i, : len(s)] = torch.tensor(s)
-        cols = torch.arange(width)[None, :]
-        mask = (cols < lengths[:, None]).long()
-        keep = cols == (lengths[:, None] - 1)
-        return self._forward(ids, mask, cols.expand(len(sequences), -1), None, keep)
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        valid, pos = left_padded(lengths, width)
+        return self.run(ids.to(dev), pos.to(dev), valid.to(dev), valid.to(dev), pos.to(dev), None, True)[:, 0]
 
-    def start(self, prompt_ids: Sequence[int], n: int = 1, max_new_tokens: int | None = None) -> LMState:
-        """A KV-cached state; static (preallocated for ``max_new_tokens``) when ``static_cache``."""
+    def start(self, prompts: Sequence[int] | Sequence[Sequence[int]], n: int = 1,
+              max_new_tokens: int | None = None) -> LMState:
+        """A KV-cached state of ``P * n`` rows; static (preallocated for the longest prompt +
+        ``max_new_tokens``) when ``static_cache``."""
+        checked = self.check_prompts(prompts, max_new_tokens)
         if self.static_cache:
             from .static import StaticHFState
 
-            return StaticHFState(self, self.check_prompt(prompt_ids), n, max_new_tokens, self.cuda_graph)
-        return HFState(self, self.check_prompt(prompt_ids), n)
+            return StaticHFState(self, checked, n, max_new_tokens, self.cuda_graph)
+        return HFState(self, checked, n)
 
     # ------------------------------------------------------------- internals
-    def _forward(
-        self,
-        ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        cache: Any,
-        keep: torch.Tensor,
-    ) -> torch.Tensor:
-        """Run the decoder on ``ids`` (B, L); return float32 log-probs at ``keep`` (B, L) positions.
+    def attention_mask(self, qpos: torch.Tensor, qvalid: torch.Tensor, kvalid: torch.Tensor,
+                       kpos: torch.Tensor, own: bool = True) -> Any:
+        """Additive 4-D mask(s) ``(B, 1, L, W)``: query j of row b sees column k iff the column is
+        valid, ``kpos[b, k] <= qpos[b, j]`` and (sliding layers) ``qpos - kpos < window``.
 
-        Projects only the kept hidden states onto the vocabulary, in chunks, so a long
-        block never materialises a (B, L, V) tensor.
+        A padding query (``qvalid`` False) sees only its own column (the last ``L`` columns
+        are the queries' own; ``own=False`` skips this for layouts where every query sees
+        some column anyway), so no row of the mask is empty.  Returns one tensor, or a
+        dict by layer kind for decoders that take one.
         """
-        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
-        dev = self.device
-        kw = dict(
-            input_ids=ids.to(dev),
-            attention_mask=attention_mask.to(dev),
-            position_ids=position_ids.to(dev),
-            past_key_values=cache,
-            use_cache=cache is not None,
-        )
-        keep = keep.to(dev)
-        if decoder is None:
-            logits = self.model(**kw).logits
-            return torch.log_softmax(logits[keep].float(), dim=-1)
-        hidden = decoder(**kw).last_hidden_state[keep]
-        head = self.model.get_output_embeddings()
-        parts = [
-            torch.log_softmax(head(hidden[i : i + _LOGIT_CHUNK]).float(), dim=-1)
-            for i in range(0, hidden.shape[0], _LOGIT_CHUNK)
-        ]
-        return torch.cat(parts) if parts else torch.empty(0, self.vocab_size, device=dev)
+        B, L = qpos.shape
+        W = kpos.shape[1]
+        dq = qpos[:, :, None] - kpos[:, None, :]
+        causal = kvalid[:, None, :] & (dq >= 0)
+        if own:
+            diag = (torch.arange(W, device=qpos.device)[None, :]
+                    == (torch.arange(L, device=qpos.device) + (W - L))[:, None])
+            pad = (~qvalid)[:, :, None] & diag[None]
+        else:
+            pad = None
+        dtype = self.dtype if self.dtype.is_floating_point else torch.float32
+        low = torch.finfo(dtype).min
+
+        def build(window: int | None) -> torch.Tensor:
+            allowed = causal if window is None else causal & (dq < window)
+            if pad is not None:
+                allowed = allowed | pad
+            return torch.zeros((B, 1, L, W), dtype=dtype, device=qpos.device).masked_fill_(
+                ~allowed[:, None], low)
+
+        if self.mask_kinds is None:
+            return build(self.sliding_window)
+        return {kind: build(self.sliding_window if kind == "sliding_attention" else None)
+                for kind in self.mask_kinds}
+
+    def run(self, ids: torch.Tensor, qpos: torch.Tensor, qvalid: torch.Tensor,
+            kvalid: torch.Tensor, kpos: torch.Tensor, cache: Any, last_only: bool,
+            mask: Any = None) -> torch.Tensor:
+        """The model's own forward on ``ids`` (B, L) at positions ``qpos``.
+
+        ``kvalid``/``kpos`` (B, W) describe every key column the layers will see (the cache's
+        columns followed by the ``L`` new ones).  Returns float32 log-probs ``(B, 1, V)``
+        after the last column (``last_only``) or ``(B, L, V)`` after every column.
+        """
+        if mask is None:
+            mask = self.attention_mask(qpos, qvalid, kvalid, kpos)
+        kw: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, position_ids=qpos,
+                                  past_key_values=cache, use_cache=cache is not None)
+        if self._logits_to_keep:
+            kw["logits_to_keep"] = 1 if last_only else 0
+        logits = self.model(**kw).logits
+        if last_only:
+            logits = logits[:, -1:]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    @torch.inference_mode()
+    def verify(self, tol: float | None = None) -> float:
+        """Compare every path on a few tokens with ``log_softmax(model(ids).logits[:, -1])``.
+
+        Returns the largest absolute difference; raises ``ValueError`` above ``tol``
+        (1e-3 in float32, 0.5 in half precision: a wrong logit transform is off by nats).
+        """
+        tol = tol if tol is not None else (1e-3 if self.dtype == torch.float32 else 0.5)
+        V = self.vocab_size
+        seqs = [[(7 * i + 3) % V for i in range(5)], [(11 * i + 5) % V for i in range(3)]]
+
+        def own(seq: list[int]) -> torch.Tensor:
+            logits = self.model(input_ids=torch.tensor([seq], device=self.device)).logits
+            return torch.log_softmax(logits[0, -1].float(), dim=-1)
+
+        try:
+            ref = torch.stack([own(s) for s in seqs])
+            worst = float((self.next_logprobs(seqs) - ref).abs().max())
+            state = HFState(self, [seqs[0][:3], seqs[1][:2]], 1)
+            state.extend([seqs[0][3:], seqs[1][2:]])
+            worst = max(worst, float((state.logprobs() - ref).abs().max()))
+            if self.static_cache:
+                from .static import StaticHFState
+
+                st = StaticHFState(self, [seqs[0][:3], seqs[1][:2]], 1, 4, cuda_graph=False)
+                st.extend([seqs[0][3:], seqs[1][2:]])
+                worst = max(worst, float((st.logprobs() - ref).abs().max()))
+        except ValueError:
+            raise
+        except Exception as exc:  # a model whose forward does not take our masks / cache
+            raise ValueError(
+                f"HFLM cannot run {type(self.model).__name__} ({self.name}): "
+                f"{type(exc).__name__}: {exc}") from exc
+        if not worst <= tol:
+            raise ValueError(
+                f"HFLM does not reproduce {type(self.model).__name__}'s own forward ({self.name}): "
+                f"max |log p difference| = {worst:.3g} > {tol:g}")
+        return worst
+
+
+def left_padded(lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(valid, pos)`` (B, width) of left-padded rows of the given lengths (pads at position 0)."""
+    cols = torch.arange(width)[None, :]
+    start = width - lengths[:, None]
+    return cols >= start, (cols - start).clamp(min=0)
 
 
 class HFState(KVCachedState):
-    """KV-cached decoding state of an :class:`HFLM` (see module docstring)."""
+    """KV-cached decoding state of an :class:`HFLM` over ``P * n`` rows (see module docstring).
 
-    def __init__(self, lm: HFLM, prompt_ids: list[int], n: int, _empty: bool = False) -> None:
-        super().__init__(lm, prompt_ids, n)
+    Device tensors: ``last`` (R, V) next-token log-probs, ``fed`` (R,) tokens of the row in
+    the cache (prompt included), ``valid``/``kpos`` (R, W) the cache columns each row sees
+    and their positions, and the ``DynamicCache`` itself (batch row r = state row r).
+    """
+
+    def __init__(self, lm: HFLM, prompts: list[list[int]] | list[int], n: int,
+                 _empty: bool = False) -> None:
+        super().__init__(lm, prompts, n)
         self.lm: HFLM = lm
-        V = lm.vocab_size
-        self.last = torch.zeros((n, V), dtype=torch.float32, device=lm.device)
-        self.fed = torch.zeros(n, dtype=torch.long)  # tokens (prompt incl.) in the cache per row
-        self.slot = torch.full((n,), -1, dtype=torch.long)  # row -> cache batch row
-        self.cache: Any = None
-        self.valid = torch.zeros((0, 0), dtype=torch.bool)
+        self._pending = False  # rows truncated and not yet re-fed
         if _empty:
             return
         from transformers import DynamicCache
 
-        # encode the prompt once (all but its last token), broadcast the cache to n rows
+        dev = lm.device
+        lengths = torch.tensor([len(p) for p in self.prompts])
+        width = int(lengths.max())
+        ids = torch.full((len(self.prompts), width), lm.pad_token_id, dtype=torch.long)
+        for i, p in enumerate(self.prompts):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid, pos = (t.to(dev) for t in left_padded(lengths, width))
+        self.cache = DynamicCache()
         with torch.inference_mode():
-            self.cache = DynamicCache()
-            P = len(prompt_ids)
-            ids = torch.tensor([prompt_ids])
-            lp = lm._forward(
-                ids,
-                torch.ones((1, P), dtype=torch.long),
-                torch.arange(P)[None],
-                self.cache,
-                keep=torch.tensor([[False] * (P - 1) + [True]]),
-            )
-            self.forward_passes += 1
-        self.cache.reorder_cache(torch.zeros(n, dtype=torch.long, device=lm.device))
-        self.valid = torch.ones((n, P), dtype=torch.bool)
-        self.last[:] = lp
-        self.fed[:] = P
-        self.slot = torch.arange(n)
+            lp = lm.run(ids.to(dev), pos, valid, valid, pos, self.cache, True)[:, 0]
+        self.forward_passes += 1
+        g = self._group.to(dev)
+        if len(self.prompts) != self._n or n != 1:
+            self.cache.reorder_cache(g)
+        self.last = lp.index_select(0, g)
+        self.fed = lengths.to(dev).index_select(0, g)
+        self.valid = valid.index_select(0, g)
+        self.kpos = pos.index_select(0, g)
 
-    # ------------------------------------------------------------ bookkeeping
-    def _pending(self, i: int) -> list[int]:
-        """Tokens of row i not yet in the cache (after a truncate)."""
-        have = int(self.fed[i]) - len(self.prompt)
-        return self.tokens[i][have:]
-
+    # ------------------------------------------------------------ forward passes
     def _compact(self) -> None:
-        """Drop cache rows of finished rows and squeeze out masked columns."""
-        live = (self.slot >= 0).nonzero().flatten()
-        used = self.slot[live]
-        n_cache = self.valid.shape[0]
-        if len(used) != n_cache or (len(used) and not torch.equal(used, torch.arange(n_cache))):
-            self._select_cache(used)
-            self.slot[:] = -1
-            self.slot[live] = torch.arange(len(live))
-        counts = self.valid.sum(1)
+        """Left-align each row's valid columns when most columns are masked (host sync)."""
         width = self.valid.shape[1]
-        if self.valid.numel() and width > 2 * int(counts.max()) + 32:
-            # left-align every row's valid columns (keeps their order, hence positions)
-            new_w = int(counts.max())
-            order = torch.sort((~self.valid).to(torch.int8), dim=1, stable=True).indices[:, :new_w]
-            dev = self.lm.device
-            for layer in self.cache.layers:
-                g = order.to(dev)[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-                layer.keys = layer.keys.gather(2, g)
-                layer.values = layer.values.gather(2, g)
-            self.valid = torch.arange(new_w)[None, :] < counts[:, None]
-
-    def _select_cache(self, cache_rows: torch.Tensor) -> None:
-        if len(cache_rows) == 0:
-            self.cache = None
-            self.valid = torch.zeros((0, 0), dtype=torch.bool)
+        counts = self.valid.sum(1)
+        keep = int(counts.max())
+        if width <= 2 * keep + 32:
             return
-        self.cache.reorder_cache(cache_rows.to(self.lm.device))
-        self.valid = self.valid[cache_rows]
+        order = torch.sort((~self.valid).to(torch.int8), dim=1, stable=True).indices[:, :keep]
+        for layer in self.cache.layers:
+            g = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys = layer.keys.gather(2, g)
+            layer.values = layer.values.gather(2, g)
+        self.valid = self.valid.gather(1, order)
+        self.kpos = self.kpos.gather(1, order)
+
+    def _forward(self, ids: torch.Tensor, qvalid: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """Feed ``ids`` (R, L) at the rows' next positions; columns with ``qvalid`` False are masked."""
+        L = ids.shape[1]
+        qpos = self.fed[:, None] + torch.arange(L, device=ids.device)[None, :]
+        valid = torch.cat([self.valid, qvalid], dim=1)
+        kpos = torch.cat([self.kpos, qpos], dim=1)
+        with torch.inference_mode():
+            lp = self.lm.run(ids, qpos, qvalid, valid, kpos, self.cache, last_only)
+        self.valid, self.kpos = valid, kpos
+        self.fed = self.fed + qvalid.sum(1)
+        self.forward_passes += 1
+        return lp
 
     def _feed(self, rows: list[int], blocks: list[list[int]]) -> torch.Tensor:
-        """Feed ``blocks`` to rows (all live); return their tokens' log-probs (float64, -inf padded).
+        """Feed ``blocks`` to ``rows`` (host path); float64 CPU log-probs of their tokens, -inf padded.
 
-        The log-prob of a block's first token comes from ``last`` (the row's current
-        next-token distribution); later ones from this forward pass.
+        The log-prob of a block's first token comes from ``last``; later ones from this
+        pass.  A long block is fed in column chunks so at most ``LOGIT_BUDGET`` logits exist.
         """
         self._compact()
-        width = max(len(b) for b in blocks)
-        n_cache = self.valid.shape[0]
-        ids = torch.full((n_cache, width), self.lm.pad_token_id, dtype=torch.long)
-        new_valid = torch.zeros((n_cache, width), dtype=torch.bool)
-        pos = torch.zeros((n_cache, width), dtype=torch.long)
-        keep = torch.zeros((n_cache, width), dtype=torch.bool)
-        for i, b in zip(rows, blocks):
-            s = int(self.slot[i])
-            ids[s, : len(b)] = torch.tensor(b)
-            new_valid[s, : len(b)] = True
-            pos[s] = int(self.fed[i]) + torch.arange(width)
-            keep[s, : len(b)] = True
-        mask = torch.cat([self.valid, new_valid], dim=1)
-        with torch.inference_mode():
-            lp = self.lm._forward(ids, mask.long(), pos, self.cache, keep)
-        self.forward_passes += 1
-        self.valid = mask
-        out = torch.full((len(rows), width + 1), -math.inf, dtype=torch.float64)
-        offset = 0
-        # `lp` rows follow the row-major order of `keep`, i.e. by cache slot
-        by_slot = sorted(range(len(rows)), key=lambda k: int(self.slot[rows[k]]))
-        for k in by_slot:
-            i, b = rows[k], blocks[k]
-            seg = lp[offset : offset + len(b)]
-            offset += len(b)
-            # log-probs of b[0] from `last`, of b[j] from seg[j-1]
-            targets = torch.tensor(b, device=seg.device)
-            prev = torch.cat([self.last[i : i + 1], seg[:-1]])
-            out[k, : len(b)] = prev.gather(1, targets[:, None]).squeeze(1).double().cpu()
-            self.last[i] = seg[-1]
-            self.fed[i] += len(b)
-            self.tokens_decoded += len(b)
-        return out[:, :width]
+        dev, R, V = self.lm.device, self._n, self.lm.vocab_size
+        rows_t = torch.tensor(rows, dtype=torch.long)
+        lens_k = torch.tensor([len(b) for b in blocks], dtype=torch.long)
+        width = int(lens_k.max())
+        ids = torch.full((R, width), self.lm.pad_token_id, dtype=torch.long)
+        ids[rows_t] = torch.nn.utils.rnn.pad_sequence(
+            [torch.tensor(b, dtype=torch.long) for b in blocks], batch_first=True,
+            padding_value=self.lm.pad_token_id)
+        lens = torch.zeros(R, dtype=torch.long)
+        lens[rows_t] = lens_k
+        ids, lens = ids.to(dev), lens.to(dev)
+        ar = torch.arange(width, device=dev)
+        out = torch.empty((R, width), dtype=torch.float32, device=dev)
+        out[:, 0] = self.last.gather(1, ids[:, :1]).squeeze(1)
+        last = self.last
+        rix = torch.arange(R, device=dev)
+        chunk = max(1, LOGIT_BUDGET // (R * V))
+        for j0 in range(0, width, chunk):
+            j1 = min(width, j0 + chunk)
+            lp = self._forward(ids[:, j0:j1], ar[None, j0:j1] < lens[:, None], last_only=False)
+            nxt = ids[:, j0 + 1: j1 + 1]
+            m = nxt.shape[1]
+            if m:
+                out[:, j0 + 1: j0 + 1 + m] = lp[:, :m].gather(2, nxt[..., None]).squeeze(2)
+            at = lens - 1 - j0
+            here = (at >= 0) & (at < j1 - j0)
+            last = torch.where(here[:, None], lp[rix, at.clamp(0, j1 - j0 - 1)], last)
+        self.last = last
+        self._ntd += int(lens_k.sum())
+        res = out.index_select(0, rows_t.to(dev)).double().cpu()
+        return res.masked_fill_(torch.arange(width)[None, :] >= lens_k[:, None], -math.inf)
 
-    def _refresh(self, rows: list[int]) -> None:
-        """Feed pending tokens (left by ``truncate``) of the given rows."""
-        todo = [(i, self._pending(i)) for i in rows]
-        todo = [(i, p) for i, p in todo if p]
+    def _refresh(self, rows: list[int] | None = None) -> None:
+        """Re-feed the tokens ``truncate`` cut out of the cache (every unfinished row)."""
+        if not self._pending:
+            return
+        self._pending = False
+        self._sync()
+        fed = self.fed.cpu().tolist()
+        todo = []
+        for i in range(self._n):
+            if bool(self._finished[i]):
+                continue
+            seq = self.prompt_of(i) + self._tokens[i]
+            if fed[i] < len(seq):
+                todo.append((i, seq[fed[i]:], max(0, len(self.prompt_of(i)) - fed[i])))
         if todo:
-            self._feed([i for i, _ in todo], [p for _, p in todo])
+            self._feed([i for i, _, _ in todo], [s for _, s, _ in todo])
+            self._ntd -= sum(k for _, _, k in todo)  # re-fed prompt tokens are not decoded
+
+    # ------------------------------------------------------------- device fast path
+    def last_logprobs(self) -> torch.Tensor:
+        self._refresh()
+        return self.last
+
+    def step(self, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        self._refresh()
+        dev = self.lm.device
+        tok = tokens.reshape(-1).to(dev, torch.long)
+        act = (~self.finished if active is None else active).reshape(-1).to(dev, torch.bool)
+        if tok.numel() != self._n or act.numel() != self._n:
+            raise ValueError(f"step needs {self._n} tokens and active flags, got {tok.numel()} and {act.numel()}")
+        out = self.last.gather(1, tok[:, None]).squeeze(1)
+        lp = self._forward(tok[:, None], act[:, None], last_only=True)[:, 0]
+        self.last = torch.where(act[:, None], lp, self.last)
+        self._log("step", tok.clone(), act.clone())
+        return out
 
     # ------------------------------------------------------------- interface
     def extend(self, tokens, rows=None) -> torch.Tensor:
         idx, blocks = self._extend_args(tokens, rows)
-        self._refresh(idx)
+        self._refresh()
         for i, b in zip(idx, blocks):
-            self.tokens[i] = self.tokens[i] + b
+            self._tokens[i] = self._tokens[i] + b
         return self._feed_blocks(idx, blocks)
 
     def finish(self, rows) -> None:
-        idx = self._rows(rows)
-        self.finished[idx] = True
-        self.slot[idx] = -1
+        mask, _ = self._device_rows(rows)
+        if mask is not None:
+            if mask.numel() != self._n:
+                raise ValueError(f"a row mask needs {self._n} entries, got {mask.numel()}")
+            self._log("finish", mask.clone())
+            return
+        self._sync()
+        self._finished[self._rows(rows)] = True
 
     def reorder(self, indices) -> None:
-        idx = as_index(indices, self.n)
-        slots = self.slot[idx]
-        live = (slots >= 0).nonzero().flatten()
-        if self.cache is not None and len(live):
-            self._select_cache(slots[live])
-        elif self.cache is not None:
-            self._select_cache(torch.zeros(0, dtype=torch.long))
-        new_slot = torch.full((len(idx),), -1, dtype=torch.long)
-        new_slot[live] = torch.arange(len(live))
-        self.slot = new_slot
-        self.last = self.last[idx.to(self.last.device)]
-        self.fed = self.fed[idx]
-        self.finished = self.finished[idx]
-        self.tokens = [list(self.tokens[i]) for i in idx.tolist()]
+        """Row j := row ``indices[j]`` (a gather of every layer; in place when the count is kept)."""
+        _, idx_d = self._device_rows(indices)
+        host = idx_d is None
+        if host:
+            self._sync()
+            idx = as_index(indices, self._n)
+            idx_d = idx.to(self.lm.device)
+        same = len(idx_d) == self._n
+        with torch.inference_mode():
+            for layer in self.cache.layers:
+                if same:
+                    layer.keys.copy_(layer.keys.index_select(0, idx_d))
+                    layer.values.copy_(layer.values.index_select(0, idx_d))
+                else:
+                    layer.keys = layer.keys.index_select(0, idx_d)
+                    layer.values = layer.values.index_select(0, idx_d)
+        self.last = self.last.index_select(0, idx_d)
+        self.fed = self.fed.index_select(0, idx_d)
+        self.valid = self.valid.index_select(0, idx_d)
+        self.kpos = self.kpos.index_select(0, idx_d)
+        if host:
+            self._tokens = [list(self._tokens[i]) for i in idx.tolist()]
+            self._finished = self._finished[idx]
+            self._group = self._group[idx]
+        else:
+            self._log("reorder", idx_d.clone())
+        self._n = len(idx_d)
 
     def copy(self) -> "HFState":
-        new = HFState(self.lm, self.prompt, self.n, _empty=True)
-        new.tokens = [list(t) for t in self.tokens]
-        new.finished = self.finished.clone()
-        new.last = self.last.clone()
-        new.fed = self.fed.clone()
-        new.slot = self.slot.clone()
+        self._sync()
+        new = HFState(self.lm, self.prompts, 1, _empty=True)
+        new.tokens = [list(t) for t in self._tokens]
+        new.finished = self._finished.clone()
+        new.group = self._group.clone()
+        new.last, new.fed = self.last.clone(), self.fed.clone()
+        new.valid, new.kpos = self.valid.clone(), self.kpos.clone()
         new.cache = copy.deepcopy(self.cache)
-        new.valid = self.valid.clone()
+        new._ntd, new.forward_passes, new._pending = self._ntd, self.forward_passes, self._pending
         return new
 
     def concat(self, other: "HFState") -> "HFState":
         """A new state whose rows are this state's rows followed by ``other``'s."""
         from transformers import DynamicCache
 
-        if other.prompt != self.prompt:
-            raise ValueError("can only concatenate states over the same prompt")
-        self._compact()
-        other._compact()
-        new = HFState(self.lm, self.prompt, self.n + other.n, _empty=True)
-        new.tokens = [list(t) for t in self.tokens + other.tokens]
-        new.finished = torch.cat([self.finished, other.finished])
+        if other.prompts != self.prompts:
+            raise ValueError("can only concatenate states over the same prompts")
+        self._sync()
+        other._sync()
+        new = HFState(self.lm, self.prompts, 1, _empty=True)
+        new.tokens = [list(t) for t in self._tokens + other._tokens]
+        new.finished = torch.cat([self._finished, other._finished])
+        new.group = torch.cat([self._group, other._group])
         new.last = torch.cat([self.last, other.last])
         new.fed = torch.cat([self.fed, other.fed])
-        n_self = self.valid.shape[0]
-        other_slot = torch.where(other.slot >= 0, other.slot + n_self, other.slot)
-        new.slot = torch.cat([self.slot, other_slot])
-        parts = [s for s in (self, other) if s.cache is not None and s.valid.shape[0]]
-        if not parts:
-            return new
-        width = max(s.valid.shape[1] for s in parts)
-        layers, valids = [], []
-        for s in parts:
-            pad = width - s.valid.shape[1]
-            valids.append(torch.nn.functional.pad(s.valid, (0, pad), value=False))
-        for li in range(len(parts[0].cache.layers)):
-            ks, vs = [], []
-            for s in parts:
-                pad = width - s.valid.shape[1]
-                layer = s.cache.layers[li]
-                ks.append(torch.nn.functional.pad(layer.keys, (0, 0, 0, pad)))
-                vs.append(torch.nn.functional.pad(layer.values, (0, 0, 0, pad)))
+        W = max(self.valid.shape[1], other.valid.shape[1])
+        pad = torch.nn.functional.pad
+        new.valid = torch.cat([pad(s.valid, (0, W - s.valid.shape[1]), value=False) for s in (self, other)])
+        new.kpos = torch.cat([pad(s.kpos, (0, W - s.kpos.shape[1])) for s in (self, other)])
+        layers = []
+        for la, lb in zip(self.cache.layers, other.cache.layers):
+            ks = [pad(x.keys, (0, 0, 0, W - x.keys.shape[2])) for x in (la, lb)]
+            vs = [pad(x.values, (0, 0, 0, W - x.values.shape[2])) for x in (la, lb)]
             layers.append((torch.cat(ks), torch.cat(vs)))
         new.cache = DynamicCache(ddp_cache_data=layers)
-        new.valid = torch.cat(valids)
+        new._ntd = self._ntd + other._ntd
+        new._pending = self._pending or other._pending
         return new
 
     def truncate(self, rows, lengths) -> None:
-        for i, length in zip(self._rows(rows).tolist(), lengths):
-            cur = len(self.tokens[i])
+        """Cut completions back; the cache keeps prompt + ``length - 1`` tokens of the row and
+        the last kept token is re-fed lazily (so ``last`` is right).  A finished row may be
+        truncated: it is unfinished."""
+        self._sync()
+        idx = self._rows(rows).tolist()
+        lengths = [int(x) for x in lengths]
+        if len(lengths) != len(idx):
+            raise ValueError(f"truncate got {len(lengths)} lengths for {len(idx)} rows")
+        fed = self.fed.cpu()
+        cut_rows, keeps = [], []
+        for i, length in zip(idx, lengths):
+            cur = len(self._tokens[i])
             if not 0 <= length <= cur:
                 raise ValueError(f"cannot truncate row {i} of length {cur} to {length}")
             if length == cur:
                 continue
-            if self.slot[i] < 0:
-                raise ValueError(f"row {i} was finished and its cache freed: it cannot be truncated")
-            self.tokens[i] = self.tokens[i][:length]
-            # keep the cache for prompt + first (length - 1) tokens; the last one is re-fed
-            keep_total = len(self.prompt) + max(length - 1, 0)
-            if length == 0:
-                keep_total = len(self.prompt) - 1
-            keep_total = min(keep_total, int(self.fed[i]))
-            s = int(self.slot[i])
-            row_valid = self.valid[s]
-            cum = torch.cumsum(row_valid.long(), 0)
-            self.valid[s] = row_valid & (cum <= keep_total)
-            self.fed[i] = keep_total
-            if length == 0:
-                # re-feed the prompt's last token so `last` is the prompt's next-token dist
-                self.tokens[i] = []
-                self._feed_prompt_tail(i)
-
-    def _feed_prompt_tail(self, i: int) -> None:
-        tail = self.prompt[-1]
-        self.last[i] = 0.0  # unused: the returned log-prob of the prompt token is discarded
-        self._feed([i], [[tail]])
-        self.tokens_decoded -= 1
+            plen = len(self.prompt_of(i))
+            self._tokens[i] = self._tokens[i][:length]
+            self._finished[i] = False
+            cut_rows.append(i)
+            keeps.append(min(plen + length - 1, int(fed[i])))
+        if cut_rows:
+            dev = self.lm.device
+            r = torch.tensor(cut_rows, device=dev)
+            k = torch.tensor(keeps, device=dev)
+            self.valid[r] = self.valid[r] & (self.kpos[r] < k[:, None])
+            self.fed[r] = k
+            self._pending = True

@@ -3,13 +3,16 @@
 Every tensor of the state is preallocated once, for ``N`` rows × capacity ``C``
 positions (prompt + ``max_new_tokens``), and afterwards only written in place:
 
-* the KV cache of every layer is a ``(N, H, C + 1, D)`` buffer; a token at position
-  ``p`` of a row lives in column ``p`` (``scatter_`` of the new keys/values, no
+* the KV cache of every layer is a ``(N, H, C + 1, D)`` buffer (``N = P * n`` rows of
+  ``P`` ragged prompts, ``C`` = the longest prompt + ``max_new_tokens``); a token at
+  position ``p`` of a row lives in column ``p`` (``scatter_`` of the new keys/values, no
   ``torch.cat``); column ``C`` is a *trash* column that absorbs the writes of rows
   that are not extended in a forward pass (finished rows, padding) and is never read;
-* attention of a query at position ``p`` sees columns ``k ≤ p`` (``k < C``): a 4-D
-  additive mask built on the device from the row positions, so rows of different
-  lengths (ragged blocks, ``truncate``) share one rectangular cache;
+* attention of a query at position ``p`` sees columns ``k ≤ p`` (``k < C``, and
+  ``p - k < window`` in sliding-window layers): a 4-D additive mask built on the device
+  from the row positions, so rows of different lengths (ragged prompts and blocks,
+  ``truncate``) share one rectangular cache; the forward is the model's own (its logit
+  post-processing included);
 * resampling (``reorder`` with ``N`` rows) is an in-place gather of every buffer
   (``buf.copy_(buf.index_select(0, idx))``); finished rows are masked, not removed;
 * the one-token decode step of all ``N`` rows (forward, log-softmax, the log-prob of
@@ -17,12 +20,14 @@ positions (prompt + ``max_new_tokens``), and afterwards only written in place:
   captured once in a ``torch.cuda.CUDAGraph`` and replayed (one launch per step); on
   the CPU, or when capture fails, the same function runs eagerly.
 
-The device buffers are the source of truth.  The host view (``tokens``, ``finished``)
-is kept in step by the :class:`~llmppl.models.base.LMState` methods; the no-sync
-methods :meth:`StaticHFState.step`, :meth:`StaticHFState.finish_where` and
+The device buffers are the source of truth.  The host view (``tokens``, ``finished``,
+``group``) is kept in step by the :class:`~llmppl.models.base.LMState` methods; the
+no-sync methods :meth:`StaticHFState.step`, ``finish`` with a device mask and
 ``reorder`` with a device index leave it stale and it is re-read (one device→host
-copy) on the next access.  The capacity grows (doubling, graphs re-captured) when a
-row would run past it, so ``start(prompt, n)`` without ``max_new_tokens`` is correct too.
+copy) on the next access.  Started with ``max_new_tokens`` the capacity is exact and
+never changes in a run that stays within it (graphs are captured once per
+(rows, capacity)); a row running past it grows the buffers to exactly what is needed.
+Without ``max_new_tokens`` the capacity starts at ``DEFAULT_MAX_NEW_TOKENS`` and doubles.
 """
 
 from __future__ import annotations
@@ -87,57 +92,64 @@ class RowCache(Cache):
 
 
 class StaticHFState(KVCachedState):
-    """Decoding state with a static KV cache (see the module docstring)."""
+    """Decoding state with a static KV cache over ``P * n`` rows (see the module docstring)."""
 
-    def __init__(self, lm: "HFLM", prompt_ids: list[int], n: int,
+    def __init__(self, lm: "HFLM", prompts: list[list[int]] | list[int], n: int,
                  max_new_tokens: int | None = None, cuda_graph: bool = True,
                  _empty: bool = False) -> None:
-        super().__init__(lm, prompt_ids, n)
+        super().__init__(lm, prompts, n)
         self.lm = lm
-        self.P = len(prompt_ids)
         self.cuda_graph = cuda_graph and lm.device.type == "cuda"
         self.graph_error: str | None = None
-        self._graph: Any = None
-        self._reorder_graph: Any = None
+        self._graphs: dict[tuple, Any] = {}
+        self._exact = max_new_tokens is not None
+        self._stale = False
+        self._fed = self.prompt_lengths()
         if _empty:
             return
-        cap = self.P + (max_new_tokens if max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS)
         dev = lm.device
-        from transformers import DynamicCache
+        P = len(self.prompts)
+        lengths = torch.tensor([len(p) for p in self.prompts])
+        Lmax = int(lengths.max())
+        cap = Lmax + (max_new_tokens if max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS)
+        # encode the P prompts left-padded in one forward, writing each token at column = position
+        from .hf import left_padded
 
-        with torch.inference_mode():
-            dyn = DynamicCache()
-            P = self.P
-            lp = lm._forward(torch.tensor([prompt_ids]), torch.ones((1, P), dtype=torch.long),
-                             torch.arange(P)[None], dyn, keep=torch.tensor([[False] * (P - 1) + [True]]))
-            prompt_kv = [(layer.keys.clone(), layer.values.clone()) for layer in dyn.layers]
-            lp = lp.clone()
-        self.forward_passes += 1
+        ids = torch.full((P, Lmax), lm.pad_token_id, dtype=torch.long)
+        for i, p in enumerate(self.prompts):
+            ids[i, Lmax - len(p):] = torch.tensor(p, dtype=torch.long)
+        valid, pos = (t.to(dev) for t in left_padded(lengths, Lmax))
+        shapes = _kv_shapes(lm)
+        dtype = lm.dtype
         with torch.no_grad():
-            kv = []
-            for k, v in prompt_kv:
-                K = torch.zeros((n, k.shape[1], cap + 1, k.shape[3]), dtype=k.dtype, device=dev)
-                V = torch.zeros((n, v.shape[1], cap + 1, v.shape[3]), dtype=v.dtype, device=dev)
-                K[:, :, :P] = k
-                V[:, :, :P] = v
-                kv.append((K, V))
+            kv = [(torch.zeros((P, h, cap + 1, d), dtype=dtype, device=dev),
+                   torch.zeros((P, h, cap + 1, d), dtype=dtype, device=dev)) for h, d in shapes]
+            self._kv = RowCache(kv)
+            self.C = cap
+            self._cols = torch.arange(cap + 1, device=dev)
+            lp = self._forward(ids.to(dev), pos, torch.where(valid, pos, cap), True)[:, 0]
+            g = self._group.to(dev)
+            kv = [(k.index_select(0, g), v.index_select(0, g)) for k, v in kv]
+            R = self._n
             self._set_buffers(
                 kv=kv,
-                last=lp.expand(n, -1).clone(),
-                fed=torch.full((n,), P, dtype=torch.long, device=dev),
-                ntok=torch.zeros(n, dtype=torch.long, device=dev),
-                hist=torch.zeros((n, cap - P + 1), dtype=torch.long, device=dev),
-                fin=torch.zeros(n, dtype=torch.bool, device=dev),
+                last=lp.index_select(0, g),
+                fed=lengths.to(dev).index_select(0, g),
+                ntok=torch.zeros(R, dtype=torch.long, device=dev),
+                hist=torch.zeros((R, cap + 1), dtype=torch.long, device=dev),
+                fin=torch.zeros(R, dtype=torch.bool, device=dev),
+                group=g.clone(),
             )
+        self.forward_passes += 1
         self._decoded_d = torch.zeros((), dtype=torch.long, device=dev)
-        self._stale = False
-        self._max_fed = P  # host upper bound on max(fed): capacity checks without a sync
+        self._max_fed = Lmax  # host upper bound on max(fed): capacity checks without a sync
 
     # ------------------------------------------------------------- buffers
-    def _set_buffers(self, kv, last, fed, ntok, hist, fin) -> None:
-        """(Re)bind every device buffer; drops captured graphs (their addresses changed)."""
+    def _set_buffers(self, kv, last, fed, ntok, hist, fin, group) -> None:
+        """(Re)bind every device buffer; graphs of an earlier (rows, capacity) are dropped."""
         self._kv = RowCache(kv)
-        self.last, self.fed_d, self.ntok_d, self.hist, self.fin_d = last, fed, ntok, hist, fin
+        self.last, self.fed_d, self.ntok_d, self.hist, self.fin_d, self.group_d = (
+            last, fed, ntok, hist, fin, group)
         self.C = kv[0][0].shape[2] - 1
         self._n = last.shape[0]
         dev = last.device
@@ -146,16 +158,22 @@ class StaticHFState(KVCachedState):
         self._in_lens = torch.zeros(self._n, dtype=torch.long, device=dev)
         self._in_idx = torch.arange(self._n, device=dev)
         self._out = torch.zeros(self._n, dtype=torch.float32, device=dev)
-        self._graph = self._reorder_graph = None
+        self._graphs = {}
 
     def _buffers(self) -> list[torch.Tensor]:
         """Every per-row device buffer (row = dim 0)."""
         kv = [t for layer in self._kv.layers for t in (layer.keys, layer.values)]
-        return kv + [self.last, self.fed_d, self.ntok_d, self.hist, self.fin_d]
+        return kv + [self.last, self.fed_d, self.ntok_d, self.hist, self.fin_d, self.group_d]
+
+    def _rebind(self, bufs: list[torch.Tensor]) -> None:
+        L = (len(bufs) - 6) // 2
+        self._set_buffers(list(zip(bufs[0:2 * L:2], bufs[1:2 * L:2])), *bufs[2 * L:])
 
     def _grow(self, need: int) -> None:
-        """Reallocate for capacity ``max(need, 2C)`` (keeps contents; graphs re-captured)."""
-        C, new = self.C, max(need, 2 * self.C)
+        """Reallocate for capacity ``need`` (``max(need, 2C)`` when started without
+        ``max_new_tokens``); keeps contents, graphs are re-captured."""
+        C = self.C
+        new = need if self._exact else max(need, 2 * C)
         with torch.no_grad():
             kv = []
             for layer in self._kv.layers:
@@ -165,45 +183,29 @@ class StaticHFState(KVCachedState):
                     b[:, :, :C] = t[:, :, :C]
                     pair.append(b)
                 kv.append(tuple(pair))
-            hist = self.hist.new_zeros((self._n, new - self.P + 1))
-            hist[:, : C - self.P] = self.hist[:, : C - self.P]
-            self._set_buffers(kv, self.last, self.fed_d, self.ntok_d, hist, self.fin_d)
+            hist = self.hist.new_zeros((self._n, new + 1))
+            hist[:, :C] = self.hist[:, :C]
+            self._set_buffers(kv, self.last, self.fed_d, self.ntok_d, hist, self.fin_d, self.group_d)
 
-    def _ensure(self, extra: int) -> None:
-        if self._max_fed + extra > self.C:
-            self._grow(self._max_fed + extra)
+    def _ensure(self, extra: int, need: int | None = None) -> None:
+        """Grow when a row could run past the capacity (``need``: the exact requirement)."""
+        need = self._max_fed + extra if need is None else need
+        if need > self.C:
+            self._grow(need)
 
     # ------------------------------------------------------------- host view
-    def _host(self) -> None:
+    def _sync(self) -> None:
         """Re-read the host view from the device buffers if a no-sync method left it stale."""
         if not self.__dict__.get("_stale", False):
             return
-        ntok, fed, fin = self.ntok_d.cpu(), self.fed_d.cpu(), self.fin_d.cpu()
+        # copies (on a CPU model .cpu() would alias the buffers that reorder gathers in place)
+        ntok, fed, fin = (t.to("cpu", copy=True) for t in (self.ntok_d, self.fed_d, self.fin_d))
         width = int(ntok.max()) if len(ntok) else 0
         hist = self.hist[:, :width].cpu()
         self._tokens = [hist[i, : int(ntok[i])].tolist() for i in range(self._n)]
-        self._fed, self._finished = fed, fin
+        self._fed, self._finished, self._group = fed, fin, self.group_d.to("cpu", copy=True)
         self._max_fed = int(fed.max())
         self._stale = False
-
-    @property
-    def tokens(self) -> list[list[int]]:
-        self._host()
-        return self._tokens
-
-    @tokens.setter
-    def tokens(self, value: list[list[int]]) -> None:  # LMState.__init__ only
-        self._tokens = value
-        self._fed = torch.full((len(value),), len(self.prompt), dtype=torch.long)
-
-    @property
-    def finished(self) -> torch.Tensor:
-        self._host()
-        return self._finished
-
-    @finished.setter
-    def finished(self, value: torch.Tensor) -> None:  # LMState.__init__ only
-        self._finished = value
 
     @property
     def tokens_decoded(self) -> int:
@@ -214,20 +216,16 @@ class StaticHFState(KVCachedState):
         if "_decoded_d" in self.__dict__:
             self._decoded_d.fill_(int(value))
 
-    @property
-    def n(self) -> int:
-        return self._n if "_n" in self.__dict__ else len(self._tokens)
-
     # ------------------------------------------------------------- forward passes
-    def _decode(self, ids: torch.Tensor, pos: torch.Tensor, write: torch.Tensor) -> torch.Tensor:
-        """Hidden states of ``ids`` (N, L) at positions ``pos``, their K/V written at columns ``write``."""
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, write: torch.Tensor,
+                 last_only: bool) -> torch.Tensor:
+        """The model's forward on ``ids`` (N, L) at positions ``pos``, K/V written at columns
+        ``write`` (column ``C`` = trash); float32 log-probs (N, 1 or L, V)."""
         self._kv.write_index = write
-        seen = (self._cols[None, None, None, :] <= pos[:, None, :, None]) & (self._cols < self.C)
-        dtype = self._kv.layers[0].keys.dtype
-        mask = torch.zeros(seen.shape, dtype=dtype, device=ids.device).masked_fill_(~seen, torch.finfo(dtype).min)
-        out = self.lm.model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=pos,
-                                          past_key_values=self._kv, use_cache=True)
-        return out.last_hidden_state
+        B = ids.shape[0]
+        cols = self._cols[None, :].expand(B, -1)
+        mask = self.lm.attention_mask(pos, write < self.C, cols < self.C, cols, own=False)
+        return self.lm.run(ids, pos, None, None, None, self._kv, last_only, mask=mask)
 
     def _step_impl(self) -> None:
         """One token for rows with ``_in_lens == 1``: reads/writes static buffers only (graph-safe)."""
@@ -235,8 +233,7 @@ class StaticHFState(KVCachedState):
         active = lens > 0
         pos = self.fed_d[:, None]
         write = torch.where(active[:, None], pos, self.C)
-        h = self._decode(tok[:, None], pos, write)
-        lp = torch.log_softmax(self.lm.model.get_output_embeddings()(h[:, -1]).float(), dim=-1)
+        lp = self._forward(tok[:, None], pos, write, True)[:, 0]
         self._out.copy_(self.last.gather(1, tok[:, None]).squeeze(1))
         self.last.copy_(torch.where(active[:, None], lp, self.last))
         col = torch.where(active, self.ntok_d, self.hist.shape[1] - 1)
@@ -251,19 +248,20 @@ class StaticHFState(KVCachedState):
             buf.copy_(buf.index_select(0, self._in_idx))
 
     def _run(self, name: str) -> None:
-        """Run ``_step_impl`` / ``_reorder_impl``, through a captured CUDA graph when enabled."""
+        """Run ``_step_impl`` / ``_reorder_impl``, through a CUDA graph captured once per
+        (op, rows, capacity) when enabled."""
         impl = getattr(self, f"_{name}_impl")
         if not self.cuda_graph:
             impl()
             return
-        attr = "_graph" if name == "step" else "_reorder_graph"
-        graph = getattr(self, attr)
+        key = (name, self._n, self.C)
+        graph = self._graphs.get(key)
         if graph is None:
             graph = self._capture(name, impl)
-            setattr(self, attr, graph)
             if graph is None:
                 impl()
                 return
+            self._graphs[key] = graph
         graph.replay()
 
     def _capture(self, name: str, impl) -> Any:
@@ -292,28 +290,32 @@ class StaticHFState(KVCachedState):
             self._in_idx.copy_(saved[1])
 
     def _block(self, ids: torch.Tensor, lens: torch.Tensor, record: bool) -> torch.Tensor:
-        """Feed ``ids[i, :lens[i]]`` to every row (eager); ``(N, L)`` float32 log-probs of those tokens."""
+        """Feed ``ids[i, :lens[i]]`` to every row (eager); ``(N, L)`` float32 log-probs of those tokens.
+
+        Fed in column chunks so that at most ``LOGIT_BUDGET`` logits exist at once.
+        """
+        from .hf import LOGIT_BUDGET
+
         N, L = ids.shape
-        ar = torch.arange(L, device=ids.device)
-        pos = self.fed_d[:, None] + ar
+        dev = ids.device
+        ar = torch.arange(L, device=dev)
         valid = ar[None, :] < lens[:, None]
-        h = self._decode(ids, pos, torch.where(valid, pos, self.C))
-        head = self.lm.model.get_output_embeddings()
-        out = torch.empty((N, L), dtype=torch.float32, device=ids.device)
+        out = torch.empty((N, L), dtype=torch.float32, device=dev)
         out[:, 0] = self.last.gather(1, ids[:, :1]).squeeze(1)
         new_last = self.last.clone()
-        rows = torch.arange(N, device=ids.device)
-        step = max(1, _LOGIT_ROWS // N)
+        rows = torch.arange(N, device=dev)
+        fed0 = self.fed_d.clone()
+        step = max(1, LOGIT_BUDGET // (N * self.lm.vocab_size))
         for j0 in range(0, L, step):
             j1 = min(L, j0 + step)
-            lp = torch.log_softmax(head(h[:, j0:j1]).float(), dim=-1)  # (N, l, V)
-            if j0 + 1 < L:
-                nxt = ids[:, j0 + 1 : j1 + 1]
-                out[:, j0 + 1 : j0 + 1 + nxt.shape[1]] = lp[:, : nxt.shape[1]].gather(2, nxt[..., None]).squeeze(2)
+            pos = fed0[:, None] + ar[None, j0:j1]
+            lp = self._forward(ids[:, j0:j1], pos, torch.where(valid[:, j0:j1], pos, self.C), False)
+            nxt = ids[:, j0 + 1: j1 + 1]
+            if nxt.shape[1]:
+                out[:, j0 + 1: j0 + 1 + nxt.shape[1]] = lp[:, : nxt.shape[1]].gather(2, nxt[..., None]).squeeze(2)
             at = lens - 1 - j0
             here = (at >= 0) & (at < j1 - j0)
-            cand = lp[rows, at.clamp(0, j1 - j0 - 1)]
-            new_last = torch.where(here[:, None], cand, new_last)
+            new_last = torch.where(here[:, None], lp[rows, at.clamp(0, j1 - j0 - 1)], new_last)
         self.last.copy_(new_last)
         if record:
             col = torch.where(valid, self.ntok_d[:, None] + ar, self.hist.shape[1] - 1)
@@ -321,17 +323,21 @@ class StaticHFState(KVCachedState):
             self.ntok_d.add_(lens)
         self.fed_d.add_(lens)
         self._decoded_d.add_(lens.sum())
+        self.forward_passes += (L + step - 1) // step - 1
         return out.masked_fill_(~valid, -math.inf)
 
     def _feed(self, rows: list[int], blocks: list[list[int]], record: bool = True) -> torch.Tensor:
         """Host path: feed ``blocks`` to ``rows``; ``(len(rows), L)`` float64 CPU log-probs (-inf padded)."""
         width = max(len(b) for b in blocks)
-        self._ensure(width)
+        rows_t = torch.tensor(rows, dtype=torch.long)
+        lens_k = torch.tensor([len(b) for b in blocks], dtype=torch.long)
+        self._ensure(width, int((self._fed[rows_t] + lens_k).max()))
         ids = torch.full((self._n, width), self.lm.pad_token_id, dtype=torch.long)
+        ids[rows_t] = torch.nn.utils.rnn.pad_sequence(
+            [torch.tensor(b, dtype=torch.long) for b in blocks], batch_first=True,
+            padding_value=self.lm.pad_token_id)
         lens = torch.zeros(self._n, dtype=torch.long)
-        for i, b in zip(rows, blocks):
-            ids[i, : len(b)] = torch.tensor(b, dtype=torch.long)
-            lens[i] = len(b)
+        lens[rows_t] = lens_k
         dev = self.lm.device
         with torch.no_grad():
             if width == 1 and record:
@@ -342,35 +348,52 @@ class StaticHFState(KVCachedState):
             else:
                 lp = self._block(ids.to(dev), lens.to(dev), record)
         self.forward_passes += 1
-        for i, b in zip(rows, blocks):
-            self._fed[i] += len(b)
-            if record:
+        self._fed = self._fed + lens
+        if record:
+            for i, b in zip(rows, blocks):
                 self._tokens[i] = self._tokens[i] + b
         self._max_fed = max(self._max_fed, int(self._fed.max()))
-        out = lp[torch.as_tensor(rows, device=lp.device)].double().cpu()
-        return out.masked_fill_(torch.arange(width)[None, :] >= lens[rows][:, None], -math.inf)
+        out = lp.index_select(0, rows_t.to(lp.device)).double().cpu()
+        return out.masked_fill_(torch.arange(width)[None, :] >= lens[rows_t][:, None], -math.inf)
 
-    def _refresh(self, rows: list[int]) -> None:
-        """Feed the tokens of ``rows`` that ``truncate`` left out of the cache."""
-        seqs = [(i, (self.prompt + self._tokens[i])[int(self._fed[i]):]) for i in rows]
+    def _refresh(self, rows: list[int] | None = None) -> None:
+        """Feed the tokens that ``truncate`` left out of the cache (every unfinished row)."""
+        if not self.__dict__.get("_pending", False):
+            return
+        self._pending = False
+        self._sync()
+        rows = (~self._finished).nonzero().flatten().tolist()
+        seqs = [(i, (self.prompt_of(i) + self._tokens[i])[int(self._fed[i]):]) for i in rows]
         seqs = [(i, s) for i, s in seqs if s]
         if seqs:
-            self._feed([i for i, _ in seqs], [s for _, s in seqs], record=False)
             # re-fed prompt tokens (truncation to length 0) are not decoded tokens
-            self._decoded_d -= sum(max(0, self.P - int(self._fed[i]) + len(s)) for i, s in seqs)
+            refed = sum(max(0, len(self.prompt_of(i)) - int(self._fed[i])) for i, _ in seqs)
+            self._feed([i for i, _ in seqs], [s for _, s in seqs], record=False)
+            self._decoded_d -= refed
 
     # ------------------------------------------------------------- LMState interface
     def extend(self, tokens, rows=None) -> torch.Tensor:
-        self._host()
+        self._sync()
         idx, blocks = self._extend_args(tokens, rows)
         self._refresh(idx)
         return self._feed_blocks(idx, blocks)
 
     def finish(self, rows) -> None:
-        self._host()
+        """Finish rows (indices, or a bool mask: a device mask is applied without a host sync)."""
+        mask, _ = self._device_rows(rows)
+        if mask is not None:
+            self.fin_d |= mask.to(self.fin_d.device)
+            self._stale = True
+            return
+        self._sync()
         idx = self._rows(rows)
         self._finished[idx] = True
         self.fin_d[idx.to(self.fin_d.device)] = True
+
+    def finish_where(self, mask: torch.Tensor) -> None:
+        """Finish the rows where the device bool ``mask`` is set, without a host sync."""
+        self.fin_d |= mask.to(self.fin_d.device)
+        self._stale = True
 
     def reorder(self, indices) -> None:
         """Row j := row ``indices[j]``: an in-place gather when the row count is unchanged.
@@ -383,7 +406,7 @@ class StaticHFState(KVCachedState):
         if on_device:
             idx_d = indices.reshape(-1).to(device=self.last.device, dtype=torch.long)
         else:
-            self._host()
+            self._sync()
             idx = as_index(indices, self._n)
             idx_d = idx.to(self.last.device)
         with torch.no_grad():
@@ -391,9 +414,7 @@ class StaticHFState(KVCachedState):
                 self._in_idx.copy_(idx_d)
                 self._run("reorder")
             else:
-                bufs = [b.index_select(0, idx_d) for b in self._buffers()]
-                L = len(self._kv.layers)
-                self._set_buffers(list(zip(bufs[0:2 * L:2], bufs[1:2 * L:2])), *bufs[2 * L:])
+                self._rebind([b.index_select(0, idx_d) for b in self._buffers()])
         if on_device:
             self._n = len(idx_d)
             self._stale = True
@@ -401,23 +422,26 @@ class StaticHFState(KVCachedState):
         self._tokens = [list(self._tokens[i]) for i in idx.tolist()]
         self._fed = self._fed[idx]
         self._finished = self._finished[idx]
+        self._group = self._group[idx]
 
     def copy(self) -> "StaticHFState":
-        self._host()
-        new = StaticHFState(self.lm, self.prompt, self._n, cuda_graph=self.cuda_graph, _empty=True)
+        self._sync()
+        new = StaticHFState(self.lm, self.prompts, 1, cuda_graph=self.cuda_graph, _empty=True)
         with torch.no_grad():
-            bufs = [b.clone() for b in self._buffers()]
-        L = len(self._kv.layers)
-        new._set_buffers(list(zip(bufs[0:2 * L:2], bufs[1:2 * L:2])), *bufs[2 * L:])
+            new._rebind([b.clone() for b in self._buffers()])
         new._tokens = [list(t) for t in self._tokens]
-        new._fed, new._finished = self._fed.clone(), self._finished.clone()
+        new._fed, new._finished, new._group = self._fed.clone(), self._finished.clone(), self._group.clone()
         new._decoded_d = self._decoded_d.clone()
         new._max_fed = self._max_fed
+        new._exact = self._exact
+        new._pending = self.__dict__.get("_pending", False)
         new.forward_passes = self.forward_passes
         return new
 
     def truncate(self, rows, lengths) -> None:
-        self._host()
+        """Cut completions back (the cache keeps prompt + ``length - 1`` tokens; the last is
+        re-fed lazily).  A finished row may be truncated: it is unfinished."""
+        self._sync()
         dev = self.fed_d.device
         for i, length in zip(self._rows(rows).tolist(), lengths):
             cur = len(self._tokens[i])
@@ -425,36 +449,53 @@ class StaticHFState(KVCachedState):
                 raise ValueError(f"cannot truncate row {i} of length {cur} to {length}")
             if length == cur:
                 continue
-            if bool(self._finished[i]):
-                raise ValueError(f"row {i} was finished: it cannot be truncated")
             self._tokens[i] = self._tokens[i][:length]
-            # keep prompt + first (length - 1) tokens; the last one is re-fed for `last`
-            keep = min(self.P + length - 1, int(self._fed[i]))
+            keep = min(len(self.prompt_of(i)) + length - 1, int(self._fed[i]))
             self._fed[i] = keep
+            self._finished[i] = False
+            self.fin_d[i] = False
             self.fed_d[i] = torch.tensor(keep, device=dev)
             self.ntok_d[i] = torch.tensor(length, device=dev)
+            self._pending = True
 
     # ------------------------------------------------------------- no-sync fast path
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append ``tokens[i]`` to every unfinished row i without a host sync.
+    def last_logprobs(self) -> torch.Tensor:
+        """``(N, V)`` next-token log-probs of every row (device; finished rows: stale values)."""
+        self._refresh()
+        return self.last
 
-        ``tokens``: ``(N,)`` ids on the model's device (entries of finished rows are
-        ignored).  Returns the ``(N,)`` float32 log-probs ``log p(tokens[i] | row i)``
-        on the device; the next-token log-probs are then ``self.last`` ``(N, V)``.
+    def step(self, tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        """Append ``tokens[i]`` to every active (default: unfinished) row without a host sync.
+
+        ``tokens``/``active``: ``(N,)`` on the model's device (finished rows never
+        advance).  Returns the ``(N,)`` float32 log-probs ``log p(tokens[i] | row i)``
+        on the device; the next-token log-probs are then ``last_logprobs()``.
         """
-        if not self.__dict__.get("_stale", False):
-            self._refresh([i for i in range(self._n) if not bool(self._finished[i])])
+        self._refresh()
         self._ensure(1)
         with torch.no_grad():
+            live = ~self.fin_d
+            if active is not None:
+                live = live & active.reshape(-1).to(live.device, torch.bool)
             self._in_tok.copy_(tokens.reshape(-1))
-            self._in_lens.copy_((~self.fin_d).long())
+            self._in_lens.copy_(live.long())
             self._run("step")
         self.forward_passes += 1
         self._max_fed += 1
         self._stale = True
         return self._out.clone()
 
-    def finish_where(self, mask: torch.Tensor) -> None:
-        """Finish the rows where the device bool ``mask`` is set, without a host sync."""
-        self.fin_d |= mask.to(self.fin_d.device)
-        self._stale = True
+
+def _kv_shapes(lm: "HFLM") -> list[tuple[int, int]]:
+    """``(kv_heads, head_dim)`` of every layer, from a one-token forward through a DynamicCache."""
+    from transformers import DynamicCache
+
+    if getattr(lm, "_kv_shapes", None):
+        return lm._kv_shapes
+    dev = lm.device
+    cache = DynamicCache()
+    one = torch.ones((1, 1), dtype=torch.long, device=dev)
+    with torch.no_grad():
+        lm.model(input_ids=one * lm.pad_token_id, position_ids=one * 0, past_key_values=cache, use_cache=True)
+    lm._kv_shapes = [(layer.keys.shape[1], layer.keys.shape[3]) for layer in cache.layers]
+    return lm._kv_shapes

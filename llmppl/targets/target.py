@@ -92,18 +92,18 @@ class Target:
                     max_new_tokens: int | None = None) -> torch.Tensor:
         """``log γ(y)`` of whole completions (uncached, for tests and small checks).
 
-        A sequence ending in EOS is finished; one without EOS is truncated and needs
-        ``len == max_new_tokens``.
+        A sequence ending in an EOS id (any of ``lm.eos_token_ids``) is finished; one
+        without EOS is truncated and needs ``len == max_new_tokens``.
         """
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        eos = self.lm.eos_token_id
+        eos = set(getattr(self.lm, "eos_token_ids", (self.lm.eos_token_id,)))
         out = torch.zeros(len(sequences), dtype=torch.float64)
         toks, fin, trunc = [], [], []
         for i, seq in enumerate(sequences):
             seq = [int(t) for t in seq]
-            if eos in seq[:-1]:
+            if any(t in eos for t in seq[:-1]):
                 raise ValueError(f"sequence {i} has EOS before its end")
-            finished = bool(seq) and seq[-1] == eos
+            finished = bool(seq) and seq[-1] in eos
             if not finished and max_new_tokens is not None and len(seq) != max_new_tokens:
                 raise ValueError(f"sequence {i} has no EOS and is not of length max_new_tokens")
             for t in range(len(seq)):
