@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llmppl as pp
+from llmppl.methods import Method
 from llmppl.evaluation.runner import Job, MethodSpec, ResultStore, run_eval, score_result
 from llmppl.evaluation.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap, pass_at_k, wilson
 from llmppl.evaluation.tasks import Extraction, Problem, Task, canonical_number, extract_number, get_task
@@ -144,13 +145,15 @@ def _jobs(kill_after: int | None = None):
     def make(name, tau):
         sampler = pp.baselines.Plain(n=3) if tau == 1.0 else pp.baselines.LowTemperature(tau=tau, n=3)
 
-        def run(*a, **k):
-            calls["n"] += 1
-            if kill_after is not None and calls["n"] > kill_after:
-                raise _Killed("simulated kill")
-            return sampler.run(*a, **k)
+        class Killable:
+            def run_batch(self, *a, **k):
+                calls["n"] += 1
+                if kill_after is not None and calls["n"] > kill_after:
+                    raise _Killed("simulated kill")
+                return sampler.run_batch(*a, **k)
 
-        return Job(MethodSpec.parse(name), run, pp.Target(lm), {"method": name})
+        method = Method(name, Killable(), {"method": name}, sharpened=False)
+        return Job(MethodSpec.parse(name), method, pp.Target(lm), {"method": name})
 
     return [make("plain", 1.0), make("lowtemp", 0.5)]
 
