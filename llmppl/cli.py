@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
         print(f"llmppl: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("llmppl: interrupted (every record written so far is complete: rerun to resume)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -202,6 +202,12 @@ class TargetRecipe:
         chat = self.chat and getattr(getattr(lm, "tokenizer", None), "chat_template", None) is not None
         return Target(lm, Power(self.alpha), chat=chat)
 
+    def on_device(self, device: str) -> "TargetRecipe":
+        """The same recipe loading the model on ``device`` (a CPU recipe moved to a GPU actor)."""
+        import dataclasses
+
+        return self if self.device != "cpu" else dataclasses.replace(self, device=device)
+
     def config(self, target: Any) -> dict[str, Any]:
         return {"model": self.model or "default", "backend": self.backend, "dtype": self.dtype,
                 "target_alpha": self.alpha, "chat": bool(target.chat)}

@@ -417,7 +417,8 @@ def plan_dataset(items: Sequence[Item], output: str | Path, config: dict[str, An
 
 @dataclass
 class RunSummary:
-    """What a run did: records written now, prompts done in total, error records written now."""
+    """What a run did: records written now, prompts done in total, error records written now,
+    seconds, tokens decoded, and (distributed runs) how many dead workers were replaced."""
 
     written: int
     done: int
@@ -425,6 +426,7 @@ class RunSummary:
     errors: int
     seconds: float
     tokens: int
+    restarts: int = 0
 
 
 def run_dataset(method: Any, target: Any, items: Sequence[Item], output: str | Path, *,
