@@ -72,9 +72,11 @@ def check_address(address: str, timeout: float = 5.0) -> str:
 
 
 def connect(address: str | None = None) -> bool:
-    """Connect to the Ray cluster at ``address`` or start a local one; True if this call started it.
+    """Connect to the Ray cluster at ``address`` or start a new local one; True if this call started it.
 
-    A process already connected to Ray (``ray.is_initialized()``) keeps its connection.
+    ``None`` always starts a fresh local instance (even when ``ray start`` runs on this
+    machine: join that one with ``"auto"``).  A process already connected to Ray
+    (``ray.is_initialized()``) keeps its connection.
     """
     import ray
 
@@ -84,7 +86,7 @@ def connect(address: str | None = None) -> bool:
         return False
     try:
         if address is None:
-            ray.init(include_dashboard=False, log_to_driver=True)
+            ray.init(address="local", include_dashboard=False, log_to_driver=True)
         else:
             ray.init(address=address, log_to_driver=True)
     except (ConnectionError, TimeoutError) as exc:
