@@ -184,6 +184,29 @@ def test_resume_after_simulated_kill_loses_and_duplicates_nothing(tmp_path):
     assert run_eval(task, problems, _jobs(), ResultStore(path), 6, 0, {}, progress=False) == 0
 
 
+def test_eval_batches_problems_through_the_dataset_runner(tmp_path):
+    """One problem a batch keeps the seeds of results files written before the runner; larger
+    batches are seeded per batch and resume to the same records."""
+    from llmppl.runner import batch_seed
+
+    task, problems = _ToyTask(), _ToyTask().problems(5)
+    one = tmp_path / "one.jsonl"
+    run_eval(task, problems, _jobs(), ResultStore(one), 6, 3, {}, progress=False)
+    assert sorted({(r["problem"], r["seed"]) for r in ResultStore(one).records.values()}) == [
+        (i, 3 * 1_000_003 + i) for i in range(5)]
+    clean, part = tmp_path / "clean.jsonl", tmp_path / "part.jsonl"
+    assert run_eval(task, problems, _jobs(), ResultStore(clean), 6, 3, {}, progress=False, batch_prompts=2) == 10
+    recs = list(ResultStore(clean).records.values())
+    assert {(r["problem"], r["seed"]) for r in recs} == {(i, batch_seed(3, i // 2)) for i in range(5)}
+    with pytest.raises(_Killed):  # killed after 3 run_batch calls: batch 0 both methods, batch 1 plain
+        run_eval(task, problems, _jobs(kill_after=3), ResultStore(part), 6, 3, {}, progress=False, batch_prompts=2)
+    assert len(part.read_text().splitlines()) == 6
+    assert run_eval(task, problems, _jobs(), ResultStore(part), 6, 3, {}, progress=False, batch_prompts=2) == 4
+    strip = lambda r: {k: v for k, v in r.items() if "wall_time" not in k}  # noqa: E731
+    assert {k: strip(r) for k, r in ResultStore(part).records.items()} == {
+        k: strip(r) for k, r in ResultStore(clean).records.items()}
+
+
 def test_resume_refuses_a_different_configuration(tmp_path):
     path = tmp_path / "r.jsonl"
     task, problems = _ToyTask(), _ToyTask().problems(1)

@@ -37,7 +37,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tau", type=float, default=None, help="lowtemp temperature (default 1/alpha)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-prompts", type=int, default=1,
-                   help="problems per run_batch call (default 1); batch b is seeded by (seed, b)")
+                   help="problems per run_batch call (default 1: problem i seeded by seed*1000003+i, as "
+                   "before; larger batches b seeded by SeedSequence([seed, b]))")
     add_engine_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy box)")
     p.add_argument("--time-limit", type=float, default=None, help="stop cleanly after this many seconds")
@@ -92,7 +93,9 @@ def evaluate(args: argparse.Namespace) -> int:
         target = pp.Target(lm, pp.Power(method.target_alpha(ns.alpha)), chat=chat)
         jobs.append(Job(spec, method, target, method_config(spec, ns)))
     run_config = {"model": args.model or "default", "task_config": task_config, "seed": args.seed,
-                  "max_new_tokens": args.max_new_tokens, "chat": chat, "batch_prompts": args.batch_prompts}
+                  "max_new_tokens": args.max_new_tokens, "chat": chat}
+    if args.batch_prompts != 1:  # batches > 1 change the seeds (results files before them have none)
+        run_config["batch_prompts"] = args.batch_prompts
     ran = run_eval(task, problems, jobs, store, args.max_new_tokens, args.seed, run_config,
                    progress=not args.quiet, time_limit=args.time_limit, batch_prompts=args.batch_prompts)
     done = sum(1 for p in problems for j in jobs if (task.spec, run_config["model"], p.index, j.spec.label) in store)

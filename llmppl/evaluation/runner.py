@@ -174,6 +174,16 @@ class Job:
     config: dict[str, Any]
 
 
+def single_problem_seed(seed: int, problem: int) -> int:
+    """The seed of problem ``problem`` when each batch holds one problem (``batch_prompts=1``).
+
+    ``seed·1000003 + problem``: the seeding of results files written before ``llmppl eval``
+    ran through the dataset runner, kept so that they resume with identical records.  Larger
+    batches use ``llmppl.runner.batch_seed(seed, batch index)``.
+    """
+    return int(seed) * 1_000_003 + int(problem)
+
+
 def run_eval(task: Task, problems: list[Problem], jobs: list[Job], store: ResultStore,
              max_new_tokens: int, seed: int, run_config: dict[str, Any],
              progress: bool = True, time_limit: float | None = None, batch_prompts: int = 1) -> int:
@@ -200,6 +210,9 @@ def run_eval(task: Task, problems: list[Problem], jobs: list[Job], store: Result
     items = [dataset.Item(p.index, task.prompt(p)) for p in problems]
     batches = dataset.make_batches(items, batch_prompts, seed,
                                    done=lambda it: all(key(it.id, j) in store for j in jobs))
+    if batch_prompts == 1:  # one problem a batch: the seed results files before the runner used
+        for b in batches:
+            b.seed = single_problem_seed(seed, b.items[0].id)
     todo_items = [it for b in batches for it in b.items]
     encoded = {id(j): dataset.encode_items(j.target, todo_items, max_new_tokens) for j in jobs}
     total = len(problems) * len(jobs)
