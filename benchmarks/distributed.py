@@ -7,9 +7,10 @@ Every configuration runs the same JSONL (``--prompts`` text prompts) with the sa
 each rep so drifting machine load hits all alike.  Timed: ``seconds`` = the run loop
 (``RunSummary.seconds``: first batch dispatched to last record written; the Ray rows include
 loading the second replica when it is not ready yet) and ``wall`` = the whole call (model
-loading, actor start-up, input checks).  CPU threads are split so that every configuration
-uses the same cores: single process and 1 worker get ``--cpus`` torch threads, 2 workers get
-``--cpus // 2`` each.  One local Ray instance serves all the Ray runs.
+loading, actor start-up, input checks).  Every process (the single-process runner, each Ray
+worker) runs torch on ``--threads`` threads (default 1: on a small shared box, several torch
+threads per process oversubscribe the cores and spin), so 2 workers use twice the cores of 1.
+One local Ray instance serves all the Ray runs.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--batch-prompts", type=int, default=4)
     p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="CPUs of the local Ray instance")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     p.add_argument("--out", default="benchmarks/results/distributed_cpu.json")
     ns = p.parse_args()
     import ray
@@ -74,14 +76,14 @@ def main() -> None:
     ray_start = time.perf_counter() - t
 
     def single(out: Path):
-        torch.set_num_threads(ns.cpus)
+        torch.set_num_threads(ns.threads)
         method, target = recipe(), target_recipe()
         return runner.run_dataset(method, target, items, out, config=target_recipe.config(target), **kw)
 
     def ray_run(k: int):
         def go(out: Path):
             return pp.distributed.run_dataset(recipe, target_recipe, items, out, workers=k,
-                                              threads_per_worker=max(1, ns.cpus // k), **kw)
+                                              threads_per_worker=ns.threads, **kw)
         return go
 
     configs = {"single_process": single, "ray_1_worker": ray_run(1), "ray_2_workers": ray_run(2)}
@@ -106,7 +108,7 @@ def main() -> None:
         "model": "smollm2-135m-instruct", "method": "smc", "particles": ns.particles,
         "max_new_tokens": ns.max_new_tokens, "prompts": ns.prompts, "batch_prompts": ns.batch_prompts,
         "reps": ns.reps, "cpus_used": ns.cpus,
-        "threads": {"single_process": ns.cpus, "ray_1_worker": ns.cpus, "ray_2_workers": max(1, ns.cpus // 2)},
+        "torch_threads_per_process": ns.threads,
         "ray_version": ray.__version__, "ray_local_start_seconds": ray_start,
         "runs": runs,
         "median_loop_seconds": med,

@@ -12,12 +12,10 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-from .methods import METHODS, add_engine_arguments, build_method  # noqa: E402  (re-exported)
+from .methods import METHODS, add_engine_arguments, build_method  # noqa: E402,F401  (re-exported)
 
 
 def add_sample(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +40,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     if args.particles < 1:
         raise ValueError(f"--particles must be >= 1, got {args.particles}")
-    potential = pp.Power(args.alpha)  # bad input fails before the model loads
+    pp.Power(args.alpha)  # bad input fails before the model loads
     lm = pp.models.load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     chat = not args.no_chat and getattr(lm.tokenizer, "chat_template", None) is not None
     method = build_method(args.method, args)

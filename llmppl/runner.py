@@ -32,7 +32,6 @@ batches on Ray actors and writes through the same store.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence

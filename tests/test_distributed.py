@@ -101,7 +101,14 @@ def test_two_workers_write_every_id_once_and_the_single_process_records(cluster,
 def _ids_in_flight_kill(out: Path, run, kill):
     """Run ``run()`` in a thread; once two records are on disk call ``kill()``; return run's value."""
     box: dict = {}
-    th = threading.Thread(target=lambda: box.setdefault("v", run()), daemon=True)
+
+    def target():
+        try:
+            box["v"] = run()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            box["exc"] = exc
+
+    th = threading.Thread(target=target, daemon=True)
     th.start()
     deadline, killed = time.monotonic() + 150, False
     while th.is_alive() and time.monotonic() < deadline:
@@ -111,8 +118,10 @@ def _ids_in_flight_kill(out: Path, run, kill):
         time.sleep(0.02)
     th.join(timeout=max(1.0, deadline - time.monotonic()))
     assert not th.is_alive(), "the run did not finish in time"
+    if "exc" in box:
+        raise box["exc"]
     assert killed, "the run finished before the kill"
-    return box.get("v")
+    return box["v"]
 
 
 def test_an_actor_killed_mid_run_is_replaced_and_nothing_is_lost(cluster, data, reference):
@@ -128,11 +137,15 @@ def test_an_actor_killed_mid_run_is_replaced_and_nothing_is_lost(cluster, data, 
         return pp.distributed.run_dataset(recipe, target, inp, out, workers=2, max_new_tokens=4,
                                           batch_prompts=2, seed=5, threads_per_worker=1, progress=False)
 
+    def named():
+        return {(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith("llmppl-worker-")}
+
+    earlier = named()  # actors of earlier runs (killed; may still be listed for a moment)
+
     def kill():
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a["name"].startswith("llmppl-worker-")]
-        ns = [a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == names[0]]
-        ray.kill(ray.get_actor(sorted(names)[0], namespace=ns[0]))
+        name, namespace = sorted(named() - earlier)[0]
+        ray.kill(ray.get_actor(name, namespace=namespace))
 
     summary = _ids_in_flight_kill(out, run, kill)
     assert summary.restarts >= 1 and summary.done == N
