@@ -5,8 +5,7 @@
 Every configuration runs the same JSONL (``--prompts`` text prompts) with the same method,
 ``--batch-prompts`` and seed, into a fresh output file; the configurations alternate within
 each rep so drifting machine load hits all alike.  Timed: ``seconds`` = the run loop
-(``RunSummary.seconds``: first batch dispatched to last record written; the Ray rows include
-loading the second replica when it is not ready yet) and ``wall`` = the whole call (model
+(``RunSummary.seconds``: first batch dispatched to last record written, every replica loaded) and ``wall`` = the whole call (model
 loading, actor start-up, input checks).  Every process (the single-process runner, each Ray
 worker) runs torch on ``--threads`` threads (default 1: on a small shared box, several torch
 threads per process oversubscribe the cores and spin), so 2 workers use twice the cores of 1.

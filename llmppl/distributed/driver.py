@@ -188,9 +188,11 @@ def run_dataset(engine_factory: Callable[[], Any], target_factory: Callable[[], 
 
         for i in range(workers):
             actors[i] = spawn()
-        first = ray.get(actors[0].describe.remote())
-        if "error" in first:
-            raise ValueError(f"a worker failed to build the method or the model: {first['error']}")
+        described = ray.get([a.describe.remote() for a in actors.values()])  # replicas load in parallel
+        for d in described:
+            if "error" in d:
+                raise ValueError(f"a worker failed to build the method or the model: {d['error']}")
+        first = described[0]
         cfg = runner.run_config(first["method_config"], max_new_tokens, batch_prompts, seed,
                                 {**first["target_config"], **(config or {})})
         plan = runner.plan_dataset(items, output, cfg, max_new_tokens=max_new_tokens,
