@@ -60,10 +60,16 @@ class MethodEntry:
         return Method(name or "?", engine, config, self.sharpened, kwargs)
 
 
+def _temperature(proposals: Any, alpha: float) -> Any:
+    """The proposal ``q ∝ p^alpha`` (temperature ``1/alpha``), under its current or its former name."""
+    cls = getattr(proposals, "Temperature", None) or proposals.Tempered
+    return cls(1.0 / alpha)
+
+
 def _smc(ns: Any) -> tuple[Any, dict]:
     from .inference import SMC, proposals
 
-    return SMC(n_particles=ns.particles, proposal=proposals.Tempered(1.0 / ns.alpha),
+    return SMC(n_particles=ns.particles, proposal=_temperature(proposals, ns.alpha),
                resampling=ns.resampling, ess_threshold=ns.ess_threshold,
                progress=not getattr(ns, "quiet", True)), {}
 
@@ -72,7 +78,7 @@ def _mh(ns: Any) -> tuple[Any, dict]:
     from .inference import MH, proposals
 
     block = ns.block_size or max(1, ns.max_new_tokens // 4)
-    return MH(block_size=block, n_mcmc=ns.n_mcmc, proposal=proposals.Tempered(1.0 / ns.alpha)), \
+    return MH(block_size=block, n_mcmc=ns.n_mcmc, proposal=_temperature(proposals, ns.alpha)), \
         {"chains": ns.particles}
 
 
