@@ -14,6 +14,7 @@ from .inference import MH, baselines, samplers
 from .inference.result import Result
 from .targets import Constraint, Power, RewardTilt, Target, Tempered
 from .targets import rewards
+from . import distributed, methods, runner
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,4 @@ __all__ = [
     "Target", "Power", "Tempered", "RewardTilt", "Constraint",
     "SMC", "schedules", "steps",
 ]
-__all__ += ["MH", "baselines", "samplers"]
+__all__ += ["MH", "baselines", "samplers", "distributed", "methods", "runner"]

@@ -1,89 +1,21 @@
-"""``llmppl`` command line: ``sample``, ``bench``, ``eval``, ``models``.
+"""``llmppl`` command line: ``sample``, ``run``, ``bench``, ``eval``, ``models``.
 
 Each sub-command is an entry of ``COMMANDS`` (name -> function adding its parser);
-sampling methods are entries of ``METHODS`` (name -> builder of a run function from
-the parsed arguments), so a new engine is one registry line, not another ``elif``.
+sampling methods are entries of ``llmppl.methods.METHODS`` (name -> builder of a
+``Method`` from the parsed arguments), so a new engine is one registry line.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def _smc(args: argparse.Namespace) -> Any:
-    import llmppl as pp
-
-    return pp.SMC(n_particles=args.particles, proposal=pp.proposals.Temperature(1.0 / args.alpha),
-                  resampling=args.resampling, ess_threshold=args.ess_threshold,
-                  progress=not args.quiet).run
-
-
-def _mh(args: argparse.Namespace) -> Any:
-    import llmppl as pp
-
-    block = args.block_size or max(1, args.max_new_tokens // 4)
-    mh = pp.MH(block_size=block, n_mcmc=args.n_mcmc, proposal=pp.proposals.Temperature(1.0 / args.alpha))
-    return functools.partial(mh.run, chains=args.particles)
-
-
-def _plain(args: argparse.Namespace) -> Any:
-    import llmppl as pp
-
-    return pp.baselines.Plain(n=args.particles).run
-
-
-def _lowtemp(args: argparse.Namespace) -> Any:
-    import llmppl as pp
-
-    return pp.baselines.LowTemperature(tau=1.0 / args.alpha, n=args.particles).run
-
-
-def _bestofn(args: argparse.Namespace) -> Any:
-    import llmppl as pp
-
-    return pp.baselines.BestOfN(n=args.particles).run
-
-
-def _lookahead(args: argparse.Namespace) -> Any:
-    import llmppl as pp
-
-    return pp.samplers.ScalablePower(top_k=args.top_k, rollouts=args.rollouts, horizon=args.horizon,
-                                     n=args.particles).run
-
-
-#: method name -> builder of a ``run(target, prompt, max_new_tokens, seed=...) -> Result`` callable
-METHODS: dict[str, Callable[[argparse.Namespace], Any]] = {
-    "smc": _smc,
-    "mh": _mh,
-    "plain": _plain,
-    "lowtemp": _lowtemp,
-    "bestofn": _bestofn,
-    "lookahead": _lookahead,
-}
-
-
-def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    """The options every ``METHODS`` builder reads (shared by ``sample`` and ``eval``)."""
-    p.add_argument("--resampling", default="systematic")
-    p.add_argument("--ess-threshold", type=float, default=0.5)
-    p.add_argument("--block-size", type=int, default=None, help="MH block size (default max_new_tokens/4)")
-    p.add_argument("--n-mcmc", type=int, default=2, help="MH steps per block")
-    p.add_argument("--top-k", type=int, default=4, help="look-ahead candidates")
-    p.add_argument("--rollouts", type=int, default=2, help="look-ahead rollouts per candidate")
-    p.add_argument("--horizon", type=int, default=8, help="look-ahead rollout length")
-    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--backend", choices=["hf", "llamacpp"], default="hf",
-                   help="inference backend: transformers (hf) or llama.cpp for GGUF files")
+from .methods import METHODS, add_engine_arguments, build_method  # noqa: E402,F401  (re-exported)
 
 
 def add_sample(sub: argparse._SubParsersAction) -> None:
@@ -108,12 +40,12 @@ def run_sample(args: argparse.Namespace) -> int:
 
     if args.particles < 1:
         raise ValueError(f"--particles must be >= 1, got {args.particles}")
-    potential = pp.Power(args.alpha)  # bad input fails before the model loads
+    pp.Power(args.alpha)  # bad input fails before the model loads
     lm = pp.models.load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     chat = not args.no_chat and getattr(lm.tokenizer, "chat_template", None) is not None
-    target = pp.Target(lm, potential, chat=chat)
-    run = METHODS[args.method](args)
-    result = run(target, prompt=args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    method = build_method(args.method, args)
+    target = pp.Target(lm, pp.Power(method.target_alpha(args.alpha)), chat=chat)
+    result = method.run(target, args.prompt, args.max_new_tokens, seed=args.seed)
     best = result.best
     print(best if isinstance(best, str) else json.dumps(best))
     print(result.summary(), file=sys.stderr)
@@ -123,6 +55,84 @@ def run_sample(args: argparse.Namespace) -> int:
         from .diagnostics.report import write_report
 
         write_report(result, args.report)
+    return 0
+
+
+def add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="run a JSONL dataset of prompts through a method (batched, resumable)",
+        description="Each input line is {\"id\": ..., \"prompt\": text | token ids | messages, ...}; "
+        "each output line is that id's record (text, tokens, log evidence, ESS, cost, config). "
+        "Rerunning with the same --output skips the ids already written.")
+    p.add_argument("--input", required=True, help="input JSONL, one {id, prompt, ...} object a line")
+    p.add_argument("--output", required=True, help="output JSONL (appended batch by batch; resumes)")
+    p.add_argument("--method", choices=sorted(METHODS), default="smc")
+    p.add_argument("--model", default=None, help="model name, local dir, .gguf file or hub id "
+                   "(default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--alpha", type=float, default=4.0, help="power of the base LM (default 4)")
+    p.add_argument("--tau", type=float, default=None, help="lowtemp temperature (default 1/alpha)")
+    p.add_argument("--particles", type=int, default=8, help="particles / samples / chains (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-prompts", type=int, default=8, help="prompts per run_batch call (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="run seed; batch b uses SeedSequence([seed, b])")
+    add_engine_arguments(p)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per worker with --workers)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an --output written with a different config")
+    p.add_argument("--time-limit", type=float, default=None, help="stop cleanly after this many seconds")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--workers", type=int, default=None,
+                   help="run on K Ray actors, one model replica each (needs llmppl[ray])")
+    p.add_argument("--ray-address", default=None,
+                   help="an existing Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: start a local one)")
+    p.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per actor (default: 1 when the cluster has a GPU per worker, else 0)")
+    p.set_defaults(func=run_dataset_command)
+
+
+def _check_run_args(args: argparse.Namespace) -> None:
+    import math
+
+    for name in ("particles", "max_new_tokens", "batch_prompts"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not (math.isfinite(args.alpha) and args.alpha > 0):
+        raise ValueError(f"--alpha must be finite and > 0, got {args.alpha}")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if args.workers is None and (args.ray_address or args.gpus_per_worker is not None):
+        raise ValueError("--ray-address and --gpus-per-worker need --workers")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+
+
+def run_dataset_command(args: argparse.Namespace) -> int:
+    from .runner import read_items
+
+    _check_run_args(args)
+    items = read_items(args.input)  # bad input fails before the model loads
+    if args.workers is not None:
+        from .distributed.cli import run_distributed
+
+        summary = run_distributed(args, items)
+    else:
+        import torch
+
+        from . import runner
+        from .methods import MethodRecipe, TargetRecipe
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        recipe = MethodRecipe.from_args(args)
+        target_recipe = TargetRecipe.from_args(args, sharpened=recipe.sharpened)
+        method = recipe()
+        target = target_recipe()
+        summary = runner.run_dataset(method, target, items, args.output, max_new_tokens=args.max_new_tokens,
+                                     batch_prompts=args.batch_prompts, seed=args.seed,
+                                     config=target_recipe.config(target), force=args.force,
+                                     progress=not args.quiet, time_limit=args.time_limit)
+    print(f"{summary.written} records written ({summary.errors} with errors), {summary.done}/{summary.total} "
+          f"prompts done in {args.output}", file=sys.stderr)
     return 0
 
 
@@ -138,6 +148,7 @@ def _lazy(module: str, name: str) -> Callable[[argparse._SubParsersAction], None
 #: sub-command name -> function that adds its parser (each sets ``func``)
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "sample": add_sample,
+    "run": add_run,
     "bench": _lazy("llmppl.benchmarking.cli", "add_bench"),
     "eval": _lazy("llmppl.evaluation.cli", "add_eval"),
     "models": _lazy("llmppl.models.fetch", "add_models"),
@@ -160,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
         print(f"llmppl: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("llmppl: interrupted (every record written so far is complete: rerun to resume)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ def test_cli_methods_use_particles_as_chains_and_samples(tmp_path):
                             quiet=True, block_size=2, n_mcmc=1, top_k=2, rollouts=1, horizon=2,
                             max_new_tokens=4)
     for name, build in METHODS.items():
-        res = build(ns)(target, [0], 4, seed=0)
+        method = build(ns, name)
+        res = method.run(target, [0], 4, seed=0)
+        (batched,) = method.run_batch(target, [[0]], 4, seed=0)
+        assert batched.samples == res.samples, name
         assert res.n == (1 if name == "greedy" else 3), name
 
 

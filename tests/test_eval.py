@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import llmppl as pp
+from llmppl.methods import Method
 from llmppl.evaluation.runner import Job, MethodSpec, ResultStore, run_eval, score_result
 from llmppl.evaluation.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap, pass_at_k, wilson
 from llmppl.evaluation.tasks import Extraction, Problem, Task, canonical_number, extract_number, get_task
@@ -144,13 +145,15 @@ def _jobs(kill_after: int | None = None):
     def make(name, tau):
         sampler = pp.baselines.Plain(n=3) if tau == 1.0 else pp.baselines.LowTemperature(tau=tau, n=3)
 
-        def run(*a, **k):
-            calls["n"] += 1
-            if kill_after is not None and calls["n"] > kill_after:
-                raise _Killed("simulated kill")
-            return sampler.run(*a, **k)
+        class Killable:
+            def run_batch(self, *a, **k):
+                calls["n"] += 1
+                if kill_after is not None and calls["n"] > kill_after:
+                    raise _Killed("simulated kill")
+                return sampler.run_batch(*a, **k)
 
-        return Job(MethodSpec.parse(name), run, pp.Target(lm), {"method": name})
+        method = Method(name, Killable(), {"method": name}, sharpened=False)
+        return Job(MethodSpec.parse(name), method, pp.Target(lm), {"method": name})
 
     return [make("plain", 1.0), make("lowtemp", 0.5)]
 
@@ -179,6 +182,29 @@ def test_resume_after_simulated_kill_loses_and_duplicates_nothing(tmp_path):
     by_key = {(r["problem"], r["method"]): strip(r) for r in map(json.loads, clean.read_text().splitlines())}
     assert all(by_key[(r["problem"], r["method"])] == strip(r) for r in recs)
     assert run_eval(task, problems, _jobs(), ResultStore(path), 6, 0, {}, progress=False) == 0
+
+
+def test_eval_batches_problems_through_the_dataset_runner(tmp_path):
+    """One problem a batch keeps the seeds of results files written before the runner; larger
+    batches are seeded per batch and resume to the same records."""
+    from llmppl.runner import batch_seed
+
+    task, problems = _ToyTask(), _ToyTask().problems(5)
+    one = tmp_path / "one.jsonl"
+    run_eval(task, problems, _jobs(), ResultStore(one), 6, 3, {}, progress=False)
+    assert sorted({(r["problem"], r["seed"]) for r in ResultStore(one).records.values()}) == [
+        (i, 3 * 1_000_003 + i) for i in range(5)]
+    clean, part = tmp_path / "clean.jsonl", tmp_path / "part.jsonl"
+    assert run_eval(task, problems, _jobs(), ResultStore(clean), 6, 3, {}, progress=False, batch_prompts=2) == 10
+    recs = list(ResultStore(clean).records.values())
+    assert {(r["problem"], r["seed"]) for r in recs} == {(i, batch_seed(3, i // 2)) for i in range(5)}
+    with pytest.raises(_Killed):  # killed after 3 run_batch calls: batch 0 both methods, batch 1 plain
+        run_eval(task, problems, _jobs(kill_after=3), ResultStore(part), 6, 3, {}, progress=False, batch_prompts=2)
+    assert len(part.read_text().splitlines()) == 6
+    assert run_eval(task, problems, _jobs(), ResultStore(part), 6, 3, {}, progress=False, batch_prompts=2) == 4
+    strip = lambda r: {k: v for k, v in r.items() if "wall_time" not in k}  # noqa: E731
+    assert {k: strip(r) for k, r in ResultStore(part).records.items()} == {
+        k: strip(r) for k, r in ResultStore(clean).records.items()}
 
 
 def test_resume_refuses_a_different_configuration(tmp_path):

@@ -19,8 +19,7 @@ DEFAULT_METHODS = "plain,lowtemp,smc,mh"
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    from ..cli import add_engine_arguments
-    from .runner import EVAL_METHODS
+    from ..methods import METHODS, add_engine_arguments
 
     p = sub.add_parser("eval", help="reasoning evaluation (accuracy, pass@k, cost) or --plot a results file",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,13 +29,16 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=100, help="number of problems (default 100)")
     p.add_argument("--seed", type=int, default=0, help="problem-set and sampling seed")
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help=f"comma-separated, each name[:key=value...]; names: {', '.join(sorted(EVAL_METHODS))}")
+                   help=f"comma-separated, each name[:key=value...]; names: {', '.join(sorted(METHODS))}")
     p.add_argument("--model", default=None, help="model name, local dir or .gguf (default: SmolLM2-135M)")
     p.add_argument("--json", default=None, help="results JSONL (appended; resumes)")
     p.add_argument("--particles", type=int, default=8, help="samples / particles / chains per problem (default 8)")
     p.add_argument("--alpha", type=float, default=4.0, help="power of the base LM for smc/mh/lookahead (default 4)")
     p.add_argument("--tau", type=float, default=None, help="lowtemp temperature (default 1/alpha)")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-prompts", type=int, default=1,
+                   help="problems per run_batch call (default 1: problem i seeded by seed*1000003+i, as "
+                   "before; larger batches b seeded by SeedSequence([seed, b]))")
     add_engine_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy box)")
     p.add_argument("--time-limit", type=float, default=None, help="stop cleanly after this many seconds")
@@ -64,11 +66,12 @@ def evaluate(args: argparse.Namespace) -> int:
 
     import llmppl as pp
 
-    from .runner import EVAL_METHODS, Job, MethodSpec, ResultStore, method_config, method_namespace, run_eval
+    from ..methods import METHODS
+    from .runner import Job, MethodSpec, ResultStore, method_config, method_namespace, run_eval
     from .tasks import get_task
 
-    if args.n < 1 or args.particles < 1 or args.max_new_tokens < 1:
-        raise ValueError("--n, --particles and --max-new-tokens must be >= 1")
+    if args.n < 1 or args.particles < 1 or args.max_new_tokens < 1 or args.batch_prompts < 1:
+        raise ValueError("--n, --particles, --max-new-tokens and --batch-prompts must be >= 1")
     try:
         task_config = json.loads(args.task_config)
     except json.JSONDecodeError as exc:
@@ -82,17 +85,19 @@ def evaluate(args: argparse.Namespace) -> int:
     store = ResultStore(args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = pp.models.load_model(args.model, device=args.device, dtype=args.dtype)
+    lm = pp.models.load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     chat = not args.no_chat and getattr(getattr(lm, "tokenizer", None), "chat_template", None) is not None
     jobs = []
     for spec, ns in zip(specs, namespaces):
-        alpha = ns.alpha if EVAL_METHODS[spec.name].sharpened else 1.0
-        target = pp.Target(lm, pp.Power(alpha), chat=chat)
-        jobs.append(Job(spec, EVAL_METHODS[spec.name].build(ns), target, method_config(spec, ns)))
+        method = METHODS[spec.name](ns, spec.name)
+        target = pp.Target(lm, pp.Power(method.target_alpha(ns.alpha)), chat=chat)
+        jobs.append(Job(spec, method, target, method_config(spec, ns)))
     run_config = {"model": args.model or "default", "task_config": task_config, "seed": args.seed,
                   "max_new_tokens": args.max_new_tokens, "chat": chat}
+    if args.batch_prompts != 1:  # batches > 1 change the seeds (results files before them have none)
+        run_config["batch_prompts"] = args.batch_prompts
     ran = run_eval(task, problems, jobs, store, args.max_new_tokens, args.seed, run_config,
-                   progress=not args.quiet, time_limit=args.time_limit)
+                   progress=not args.quiet, time_limit=args.time_limit, batch_prompts=args.batch_prompts)
     done = sum(1 for p in problems for j in jobs if (task.spec, run_config["model"], p.index, j.spec.label) in store)
     print(f"{ran} runs now, {done}/{len(problems) * len(jobs)} done in {args.json}", file=sys.stderr)
     return 0

@@ -1,10 +1,13 @@
-"""Resumable evaluation runner: one JSONL record per (problem, method).
+"""Resumable evaluation on the dataset runner (``llmppl.runner``): one record per (problem, method).
 
-Records are keyed by ``(task, model, problem, method)``.  Each record is appended, flushed and fsync'ed as soon as its method finishes on its
-problem, so a killed run loses at most the pair in progress.  On restart the store
-is re-read (a torn last line is cut off), finished ``(task, problem, method)`` keys
-are skipped, and a record whose configuration differs from the current one is an
-error rather than a silent mix.
+Problems are cut into batches of ``batch_prompts`` in order (batch ``b`` seeded by
+``llmppl.runner.batch_seed(seed, b)``); each method runs a batch with ``run_batch`` and its
+records are written in one fsync'd append (``llmppl.runner.JsonlStore``), so a killed
+run loses at most the batch in progress.  Records are keyed by
+``(task, model, problem, method)``; on restart a torn last line is cut off, finished
+keys are skipped (a batch with some missing is re-run whole with the same seed), and a
+record whose configuration differs from the current one is an error rather than a
+silent mix.
 
 Per record (``score_result``): every sample's text, extracted answer, correctness,
 normalised weight ``W_i`` and ``log p(y_i|x)``; ``pass1 = Σ_i W_i·1[y_i correct]``
@@ -17,20 +20,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import runner as dataset
 from ..inference.result import Result
+from ..methods import METHODS, Method
 from .tasks import Problem, Task
 
-EngineRun = Callable[..., Result]
+#: the methods ``llmppl eval`` knows: the shared registry of ``llmppl.methods``
+EVAL_METHODS = METHODS
 
 
 # ---------------------------------------------------------------- methods
@@ -57,52 +62,10 @@ class MethodSpec:
         return cls(text.strip(), name, options)
 
 
-def _lowtemp(ns: argparse.Namespace) -> EngineRun:
-    from ..inference.baselines import LowTemperature
-
-    return LowTemperature(tau=ns.tau if ns.tau is not None else 1.0 / ns.alpha, n=ns.particles).run
-
-
-def _greedy(ns: argparse.Namespace) -> EngineRun:
-    from ..inference.baselines import Greedy
-
-    return Greedy().run
-
-
-def _from_cli(name: str) -> Callable[[argparse.Namespace], EngineRun]:
-    def build(ns: argparse.Namespace) -> EngineRun:
-        from ..cli import METHODS
-
-        return METHODS[name](ns)  # MH runs ``particles`` chains, like the CLI
-
-    return build
-
-
-@dataclass(frozen=True)
-class EvalMethod:
-    """How ``llmppl eval`` builds a method: its engine and the exponent of its target ``p^a``."""
-
-    build: Callable[[argparse.Namespace], EngineRun]
-    sharpened: bool  # target Power(alpha) if True, the base LM Power(1) otherwise
-    options: tuple[str, ...] = ("particles", "alpha")
-
-
-#: method name -> how to build it (engine and target exponent)
-EVAL_METHODS: dict[str, EvalMethod] = {
-    "plain": EvalMethod(_from_cli("plain"), False, ("particles",)),
-    "lowtemp": EvalMethod(_lowtemp, False, ("particles", "alpha", "tau")),
-    "greedy": EvalMethod(_greedy, False, ()),
-    "smc": EvalMethod(_from_cli("smc"), True, ("particles", "alpha", "resampling", "ess_threshold")),
-    "mh": EvalMethod(_from_cli("mh"), True, ("particles", "alpha", "block_size", "n_mcmc")),
-    "lookahead": EvalMethod(_from_cli("lookahead"), True, ("particles", "alpha", "top_k", "rollouts", "horizon")),
-    "bestofn": EvalMethod(_from_cli("bestofn"), False, ("particles",)),
-}
-
-
 def method_namespace(spec: MethodSpec, args: argparse.Namespace) -> argparse.Namespace:
     """The CLI arguments with ``spec``'s overrides applied (unknown keys are an error)."""
-    if spec.name not in EVAL_METHODS:
-        raise ValueError(f"unknown method {spec.name!r}; choose from {sorted(EVAL_METHODS)}")
+    if spec.name not in METHODS:
+        raise ValueError(f"unknown method {spec.name!r}; choose from {sorted(METHODS)}")
     ns = argparse.Namespace(**vars(args))
     for k, v in spec.options.items():
         if not hasattr(ns, k):
@@ -114,8 +77,7 @@ def method_namespace(spec: MethodSpec, args: argparse.Namespace) -> argparse.Nam
 
 def method_config(spec: MethodSpec, ns: argparse.Namespace) -> dict[str, Any]:
     """The options that define ``spec`` (stored with each record, checked on resume)."""
-    m = EVAL_METHODS[spec.name]
-    return {"method": spec.name, **{k: getattr(ns, k, None) for k in m.options}}
+    return {"method": spec.name, **{k: getattr(ns, k, None) for k in METHODS[spec.name].options}}
 
 
 # ---------------------------------------------------------------- scoring
@@ -128,7 +90,20 @@ def _weighted_vote(answers: list[str | None], weights: np.ndarray) -> str | None
 
 
 def score_result(task: Task, problem: Problem, result: Result) -> dict[str, Any]:
-    """Per-sample answers and correctness plus the per-problem metrics of one run."""
+    """Per-sample answers and correctness plus the per-problem metrics of one run.
+
+    A result with ``error`` set (every particle died) scores as wrong, with its error kept.
+    """
+    if result.error is not None:
+        return {"texts": [], "answers": [], "extracted_how": [], "scores": [], "correct": [],
+                "weights": [], "log_p": [], "lengths": [], "finished": [], "pass1": 0.0,
+                "best_index": None, "best_answer": None, "best_correct": False, "maj_answer": None,
+                "maj_correct": False, "n_correct": 0, "n_samples": 0, "log_p_mean": None,
+                "log_p_per_token": None, "unique": 0, "log_evidence": None,
+                "tokens_decoded": result.stats.get("tokens_decoded"),
+                "forward_passes": result.stats.get("forward_passes"), "output_tokens": 0,
+                "engine_wall_time": result.stats.get("wall_time"), "engine": result.method,
+                "error": result.error}
     texts = result.texts or [None] * result.n
     extracted = [task.extract(t) for t in texts]
     answers = [e.answer for e in extracted]
@@ -156,6 +131,7 @@ def score_result(task: Task, problem: Problem, result: Result) -> dict[str, Any]
         "output_tokens": int(sum(lengths)),
         "engine_wall_time": result.stats.get("wall_time"),
         "engine": result.method,
+        "error": None,
     }
 
 
@@ -167,46 +143,14 @@ def record_key(rec: dict[str, Any]) -> Key:
     return (rec["task"], rec.get("config", {}).get("model", "?"), int(rec["problem"]), rec["method"])
 
 
-class ResultStore:
-    """Append-only JSONL file of records, crash-safe (flush + fsync per record)."""
+class ResultStore(dataset.JsonlStore):
+    """The evaluation's JSONL file: the runner's crash-safe store keyed by :func:`record_key`."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.records: dict[Key, dict[str, Any]] = {}
-        if self.path.exists():
-            self._load()
-
-    def _load(self) -> None:
-        data = self.path.read_bytes()
-        good = 0  # byte offset after the last complete, valid line
-        for lineno, line in enumerate(data.split(b"\n")[:-1], start=1):
-            end = good + len(line) + 1
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    if end >= len(data.rstrip(b"\n")):  # torn last line: drop it
-                        break
-                    raise ValueError(f"{self.path}:{lineno} is not valid JSON: {exc}") from None
-                self.records[record_key(rec)] = rec
-            good = end
-        if good < len(data):  # a partial last line (no newline) from a killed writer
-            with open(self.path, "r+b") as f:
-                f.truncate(good)
-
-    def __contains__(self, key: Key) -> bool:
-        return key in self.records
+        super().__init__(path, key=record_key)
 
     def append(self, rec: dict[str, Any]) -> None:
-        key = record_key(rec)
-        if key in self.records:
-            raise ValueError(f"record {key} is already in {self.path}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.records[key] = rec
+        self.write([rec])
 
 
 def load_records(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
@@ -222,57 +166,89 @@ def load_records(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- the loop
 @dataclass
 class Job:
-    """One method to evaluate: its spec, its engine's ``run`` and its target."""
+    """One method to evaluate: its spec, its engine (a ``Method``: ``run_batch``), its target."""
 
     spec: MethodSpec
-    run: EngineRun
+    method: Method
     target: Any
     config: dict[str, Any]
 
 
+def single_problem_seed(seed: int, problem: int) -> int:
+    """The seed of problem ``problem`` when each batch holds one problem (``batch_prompts=1``).
+
+    ``seed·1000003 + problem``: the seeding of results files written before ``llmppl eval``
+    ran through the dataset runner, kept so that they resume with identical records.  Larger
+    batches use ``llmppl.runner.batch_seed(seed, batch index)``.
+    """
+    return int(seed) * 1_000_003 + int(problem)
+
+
 def run_eval(task: Task, problems: list[Problem], jobs: list[Job], store: ResultStore,
              max_new_tokens: int, seed: int, run_config: dict[str, Any],
-             progress: bool = True, time_limit: float | None = None,
-             problem_seed: Callable[[int, int], int] = lambda seed, i: seed * 1_000_003 + i,
-             ) -> int:
+             progress: bool = True, time_limit: float | None = None, batch_prompts: int = 1) -> int:
     """Evaluate every (problem, method) pair missing from ``store``; return how many ran.
 
-    Problems are the outer loop, so a partial run has every method on the same problems
-    (paired comparisons).  Stops cleanly after ``time_limit`` seconds.
+    Batches of problems are the outer loop and methods the inner one, so a partial run
+    has every method on the same problems (paired comparisons).  Every prompt is checked
+    against the model's context before any compute.  Stops cleanly (between batches)
+    after ``time_limit`` seconds.
     """
-    from tqdm.auto import tqdm
-
     model = run_config.get("model", "?")
-    todo = [(p, j) for p in problems for j in jobs if (task.spec, model, p.index, j.spec.label) not in store]
+
+    def key(index: int, job: Job) -> Key:
+        return (task.spec, model, index, job.spec.label)
+
     for p, j in ((p, j) for p in problems for j in jobs):
-        rec = store.records.get((task.spec, model, p.index, j.spec.label))
+        rec = store.records.get(key(p.index, j))
         want = {**run_config, **j.config}
         if rec is not None and rec.get("config") != want:
             raise ValueError(
                 f"{store.path} already holds {j.spec.label!r} on problem {p.index} with config "
                 f"{rec.get('config')}, not {want}: use another --json file or method label")
+    by_index = {p.index: p for p in problems}
+    items = [dataset.Item(p.index, task.prompt(p)) for p in problems]
+    batches = dataset.make_batches(items, batch_prompts, seed,
+                                   done=lambda it: all(key(it.id, j) in store for j in jobs))
+    if batch_prompts == 1:  # one problem a batch: the seed results files before the runner used
+        for b in batches:
+            b.seed = single_problem_seed(seed, b.items[0].id)
+    todo_items = [it for b in batches for it in b.items]
+    encoded = {id(j): dataset.encode_items(j.target, todo_items, max_new_tokens) for j in jobs}
     total = len(problems) * len(jobs)
-    bar = tqdm(total=total, initial=total - len(todo), disable=not progress, desc=task.spec,
-               unit="run", dynamic_ncols=True)
-    t0, ran = time.monotonic(), 0
+    done = sum(1 for p in problems for j in jobs if key(p.index, j) in store)
+    bar = dataset.Progress(total, done, progress, desc=task.spec, unit="run")
+    t0, ran, offset = time.monotonic(), 0, 0
     hits: dict[str, list[float]] = defaultdict(list)
     try:
-        for problem, job in todo:
+        for b in batches:
             if time_limit is not None and time.monotonic() - t0 > time_limit:
                 break
-            s = problem_seed(seed, problem.index)
-            start = time.perf_counter()
-            result = job.run(job.target, task.prompt(problem), max_new_tokens, seed=s)
-            wall = time.perf_counter() - start
-            rec = {"task": task.spec, "problem": problem.index, "method": job.spec.label,
-                   "question": problem.question, "reference": problem.answer, "seed": s,
-                   "wall_time": wall, "config": {**run_config, **job.config},
-                   **score_result(task, problem, result)}
-            store.append(rec)
-            ran += 1
-            hits[job.spec.label].append(rec["pass1"])
-            bar.set_postfix({k: f"{np.mean(v):.2f}" for k, v in hits.items()}, refresh=False)
-            bar.update(1)
+            for job in jobs:
+                todo = [key(it.id, job) not in store for it in b.items]
+                if not any(todo):
+                    continue
+                ids = encoded[id(job)][offset:offset + len(b.items)]
+                start = time.perf_counter()
+                results = job.method.run_batch(job.target, ids, max_new_tokens, seed=b.seed)
+                wall = (time.perf_counter() - start) / len(b.items)
+                recs = []
+                for it, result, t in zip(b.items, results, todo):
+                    if not t:
+                        continue
+                    problem = by_index[it.id]
+                    recs.append({"task": task.spec, "problem": problem.index, "method": job.spec.label,
+                                 "question": problem.question, "reference": problem.answer,
+                                 "seed": b.seed, "batch": b.index, "wall_time": wall,
+                                 "config": {**run_config, **job.config},
+                                 **score_result(task, problem, result)})
+                recs = [dataset.json_safe(r) for r in recs]
+                store.write(recs)
+                ran += len(recs)
+                for r in recs:
+                    hits[job.spec.label].append(r["pass1"])
+                bar.update(recs, {k: f"{np.mean(v):.2f}" for k, v in hits.items()})
+            offset += len(b.items)
     finally:
         bar.close()
     return ran
