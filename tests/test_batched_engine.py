@@ -154,3 +154,27 @@ def test_decoder_baselines_decode_prompts_as_rows_of_one_state():
         for s, f, lt in zip(r.samples, r.finished, r.stats["log_target"]):
             y = s + [lm.eos_token_id] if f else s
             assert lt == pytest.approx(float(target.log_density(r.prompt_ids, [y], 4)[0]), abs=1e-5)
+
+
+def test_potentials_see_each_rows_own_prompt():
+    """A mask that depends on the prompt (allow only the prompt's first token, or EOS): in a batch
+    of prompts every row is masked by its own prompt, in SMC and in MH."""
+    lm = NGramLM(vocab_size=6, order=2, seed=4, concentration=1.0)
+    eos = lm.eos_token_id
+
+    def own_token(batch):
+        allowed = torch.zeros((len(batch), 6), dtype=torch.bool)
+        for i, p in enumerate(batch.prompts):
+            allowed[i, [p[0], eos]] = True
+        return allowed
+
+    target = pp.Target(lm, pp.Power(2.0) * pp.Constraint(mask=own_token))
+    prompts = [[0], [1, 0], [2], [3]]
+    for res in (pp.SMC(8).run_batch(target, prompts, 3, seed=0),
+                pp.MH(block_size=1, n_mcmc=1, proposal=pp.proposals.LocallyOptimal()).run_batch(
+                    target, prompts, 3, chains=4, seed=0)):
+        for p, r in zip(prompts, res):
+            assert r.error is None and all(t == p[0] for s in r.samples for t in s), (p, r.samples)
+    with pytest.raises(ValueError, match="several prompts"):
+        pp.SMC(4).run_batch(pp.Target(lm, pp.Power(1.0) * pp.Constraint(mask=lambda b: b.prompt and None)),
+                            [[0], [1]], 2, seed=0)

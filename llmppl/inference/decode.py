@@ -87,7 +87,6 @@ def advance(
     log_inc = log_q.clone()
     ended = torch.zeros(R, dtype=torch.bool)
     eos = torch.tensor(eos_ids(target.lm))
-    prompt = state.prompts[0]   # potentials see completions; prompts are per row in the state
     per_row = isinstance(exponent, torch.Tensor)
     for j in range(W):
         live = ((start + j < stop_t) & ~ended).nonzero().flatten()
@@ -95,7 +94,8 @@ def advance(
             break
         srows = rows[live]
         lp = state.logprobs(srows)
-        batch = target.batch(prompt, [state.tokens[r] for r in srows.tolist()], lp)
+        batch = target.batch([state.prompt_of(r) for r in srows.tolist()],
+                             [state.tokens[r] for r in srows.tolist()], lp)
         a = exponent[live][:, None] if per_row else exponent
         ctx = ProposalContext(target, batch, state, srows, a, generator)
         lq = proposal.log_probs(ctx)
@@ -121,18 +121,19 @@ def advance(
     return Decoded(tokens, log_q, log_p, log_inc, ended, length)
 
 
-def end_terms(target: Target, prompt: list[int], tokens: list[list[int]], ended: torch.Tensor,
+def end_terms(target: Target, prompts: list[list[int]], tokens: list[list[int]], ended: torch.Tensor,
               final: bool) -> torch.Tensor:
-    """``log φ_complete`` of finished (and, when ``final``, truncated) rows; ``log ψ`` of the others."""
+    """``log φ_complete`` of finished (and, when ``final``, truncated) rows; ``log ψ`` of the others.
+    ``prompts[i]`` is row i's prompt."""
     n = len(tokens)
     out = torch.zeros(n, dtype=torch.float64)
     complete = ended if not final else torch.ones(n, dtype=torch.bool)
     if target.has_complete and bool(complete.any()):
         idx = complete.nonzero().flatten().tolist()
-        batch = target.batch(prompt, [tokens[i] for i in idx], None,
+        batch = target.batch([prompts[i] for i in idx], [tokens[i] for i in idx], None,
                              [bool(ended[i]) for i in idx], [not bool(ended[i]) for i in idx])
         out[idx] = target.log_complete(batch)
     if target.has_twist and not bool(complete.all()):
         idx = (~complete).nonzero().flatten().tolist()
-        out[idx] = target.log_twist(target.batch(prompt, [tokens[i] for i in idx]))
+        out[idx] = target.log_twist(target.batch([prompts[i] for i in idx], [tokens[i] for i in idx]))
     return out

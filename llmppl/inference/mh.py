@@ -181,7 +181,7 @@ class MH:
                     decoded[grow] += (d.tokens >= 0).sum(1) - d.ended.long()
                     cur.write(grow, start, d)
                 log_gamma = _masked_sum(cur.log_inc, cur.positions()) + end_terms(
-                    target, state.prompts[0], state.tokens, cur.ended, final)
+                    target, [state.prompt_of(r) for r in range(n)], state.tokens, cur.ended, final)
                 accepted = torch.zeros(n)
                 for _ in range(self.n_mcmc):
                     m = _uniform_index(cur.length, gen)
@@ -200,7 +200,7 @@ class MH:
                             f"of chain {int(bad[0])} (its current suffix from position {int(m[bad[0]])}); "
                             "use a proposal whose support covers the target's")
                     prop_gamma = _masked_sum(prop.log_inc, prop.positions()) + end_terms(
-                        target, state.prompts[0], state.tokens[n:], prop.ended, final)
+                        target, [state.prompt_of(r) for r in range(n, 2 * n)], state.tokens[n:], prop.ended, final)
                     # log q(y|y') = rev − log len(y'),  log q(y'|y) = fwd − log len(y)
                     log_a = (prop_gamma - log_gamma) + (rev - prop.length.double().log()) - (
                         fwd - cur.length.double().log())
@@ -284,7 +284,8 @@ class MH:
                 raise ValueError(
                     f"MH.move: the proposal {proposal!r} gives zero probability to the current suffix of "
                     f"particle {int(rows[bad[0]])}; use a proposal whose support covers the target's")
-            twist_new = (target.log_twist(target.batch(state.prompts[0], [state.tokens[r] for r in new.tolist()]))
+            twist_new = (target.log_twist(target.batch([state.prompt_of(r) for r in new.tolist()],
+                                                        [state.tokens[r] for r in new.tolist()]))
                          if target.has_twist else torch.zeros(R, dtype=torch.float64))
             log_a = (inc[R:] - inc[:R]) + (twist_new - ctx.log_twist[rows]) + (lq[:R] - lq[R:])
             acc = _log_uniform(R, gen) < log_a

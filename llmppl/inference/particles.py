@@ -107,11 +107,30 @@ class RowPrefixes(Prefixes):
         self._len = n
 
     @property
+    def prompts(self) -> list[list[int]]:  # type: ignore[override]
+        rows = (torch.arange(self._particles.R) if self._rows is None else self._rows.cpu())
+        return [self._prompts[g] for g in (rows // self._particles.N).tolist()]
+
+    @property
     def prompt(self) -> list[int]:  # type: ignore[override]
-        return self._prompts[0]
+        if len(self._prompts) == 1:
+            return self._prompts[0]
+        ps = self.prompts
+        if all(p == ps[0] for p in ps):
+            return ps[0]
+        raise ValueError("this batch holds rows of several prompts (run_batch): use batch.prompts[i], "
+                         "the prompt of row i")
 
     @prompt.setter
     def prompt(self, value: list[int]) -> None:
+        pass
+
+    @property
+    def row_prompts(self) -> list[list[int]]:  # type: ignore[override]
+        return self.prompts
+
+    @row_prompts.setter
+    def row_prompts(self, value: list[list[int]] | None) -> None:
         pass
 
     @property

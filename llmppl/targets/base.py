@@ -49,9 +49,16 @@ class Prefixes:
     finished: list[bool] | None = None
     truncated: list[bool] | None = None
     _texts: list[str | None] | None = field(default=None, repr=False)
+    #: each row's prompt when the rows continue different prompts (``run_batch``)
+    row_prompts: list[list[int]] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        """The prompt of every row (rows of a batch may continue different prompts)."""
+        return self.row_prompts if self.row_prompts is not None else [self.prompt] * len(self)
 
     @property
     def texts(self) -> list[str | None]:

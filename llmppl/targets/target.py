@@ -57,8 +57,13 @@ class Target:
     def encode(self, prompt: str | Sequence[int] | Sequence[dict]) -> list[int]:
         return self.lm.encode_prompt(prompt, chat=self.chat)
 
-    def batch(self, prompt: list[int], tokens: list[list[int]], base_logprobs: torch.Tensor | None = None,
-              finished: list[bool] | None = None, truncated: list[bool] | None = None) -> Prefixes:
+    def batch(self, prompt: list[int] | list[list[int]], tokens: list[list[int]],
+              base_logprobs: torch.Tensor | None = None, finished: list[bool] | None = None,
+              truncated: list[bool] | None = None) -> Prefixes:
+        """Prefixes for potentials; ``prompt`` is one prompt or one per row."""
+        if prompt and not isinstance(prompt[0], int):
+            rows = [list(p) for p in prompt]
+            return Prefixes(self.lm, rows[0], tokens, base_logprobs, finished, truncated, row_prompts=rows)
         return Prefixes(self.lm, prompt, tokens, base_logprobs, finished, truncated)
 
     # ------------------------------------------------------------------ density
