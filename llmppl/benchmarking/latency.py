@@ -80,13 +80,14 @@ def machine_info(device: str) -> dict[str, Any]:
 
 
 def run_latency(model: str | None, particles: int, max_new_tokens: int, device: str, reps: int,
-                prompt: str = "Write a short poem about the sea.", seed: int = 0) -> dict[str, Any]:
+                prompt: str = "Write a short poem about the sea.", seed: int = 0,
+                backend: str = "hf") -> dict[str, Any]:
     """The benchmark itself; returns the JSON-ready dict."""
     from ..models import load_model
 
     if particles < 1 or max_new_tokens < 1 or reps < 1:
         raise ValueError("--particles, --max-new-tokens and --reps must be >= 1")
-    lm = load_model(model, device=device)
+    lm = load_model(model, device=device, backend=backend)
     chat = getattr(lm.tokenizer, "chat_template", None) is not None
     ids = lm.encode_prompt(prompt, chat=chat)
     T, N = max_new_tokens, particles
@@ -103,7 +104,7 @@ def run_latency(model: str | None, particles: int, max_new_tokens: int, device: 
             raise RuntimeError("SMC did not decode N·T tokens; the timing would be unfair")
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "benchmark": "latency", "model": lm.name, "particles": N, "max_new_tokens": T, "reps": reps,
+        "benchmark": "latency", "model": lm.name, "backend": backend, "particles": N, "max_new_tokens": T, "reps": reps,
         "alpha": ALPHA, "proposal_tau": 1.0 / ALPHA,
         "seconds": times, "median_seconds": med,
         "per_step_ms": {k: 1000.0 * v / T for k, v in med.items()},
@@ -119,12 +120,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--particles", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--backend", choices=["hf", "llamacpp"], default="hf",
+                   help="inference backend: transformers (hf) or llama.cpp for GGUF files")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json", default=None, help="write the results here")
 
 
 def run(args: argparse.Namespace) -> int:
-    out = run_latency(args.model, args.particles, args.max_new_tokens, args.device, args.reps)
+    out = run_latency(args.model, args.particles, args.max_new_tokens, args.device, args.reps,
+                      backend=args.backend)
     text = json.dumps(out, indent=2)
     print(text)
     if args.json:

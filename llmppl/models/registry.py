@@ -70,9 +70,37 @@ def load_gguf_cached(gguf: Path, name: str, device: str | torch.device = "cpu",
     return HFLM.from_pretrained(target, device=device, dtype=dtype, name=name)
 
 
-def default_lm(device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> HFLM:
-    """The bundled SmolLM2-135M-Instruct, offline (see module docstring)."""
+def default_lm(device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+               backend: str = "hf"):
+    """The bundled SmolLM2-135M-Instruct, offline (see module docstring).
+
+    ``backend="llamacpp"`` runs the bundled GGUF natively through llama.cpp
+    (:class:`~llmppl.models.llamacpp.LlamaCppLM`, no conversion).
+    """
+    if backend == "llamacpp":
+        return load_llamacpp(smollm2_gguf_path(), DEFAULT_MODEL, device=device, dtype=dtype)
+    if backend != "hf":
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     return load_gguf_cached(smollm2_gguf_path(), DEFAULT_MODEL, device=device, dtype=dtype)
+
+
+def load_llamacpp(path: str | os.PathLike, name: str | None = None, device: str | torch.device = "cpu",
+                  dtype: str | torch.dtype | None = None, **kwargs):
+    """A :class:`~llmppl.models.llamacpp.LlamaCppLM` over a local GGUF file.
+
+    ``device="cuda"`` offloads every layer (``n_gpu_layers=-1``; needs a GPU build of
+    llama-cpp-python).  ``dtype`` must be None: the GGUF fixes the weights' types.
+    """
+    from .llamacpp import LlamaCppLM
+
+    if dtype not in (None, "auto"):
+        raise ValueError(f"the llama.cpp backend runs the GGUF's own weight types; dtype={dtype!r} is not supported")
+    dev = str(device)
+    if dev.startswith("cuda"):
+        kwargs.setdefault("n_gpu_layers", -1)
+    elif dev != "cpu":
+        raise ValueError(f"the llama.cpp backend runs on cpu or cuda, not {dev!r}")
+    return LlamaCppLM(path, name=name, **kwargs)
 
 
 #: name -> loader; ``load_model`` resolves names here before trying paths or hub ids
@@ -89,15 +117,24 @@ BACKENDS = ("hf", "llamacpp")
 
 
 def load_model(spec: str | None = None, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = None, backend: str = "hf") -> HFLM:
+               dtype: str | torch.dtype | None = None, backend: str = "hf"):
     """A registered name, a local directory, a ``.gguf`` file or a (cached) hub id.
 
-    ``backend``: ``"hf"`` (transformers) or ``"llamacpp"`` (GGUF files through llama.cpp).
+    ``backend``: ``"hf"`` (transformers) or ``"llamacpp"`` (a local ``.gguf`` file, or the
+    default model's bundled GGUF, through llama.cpp).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "llamacpp":
-        raise NotImplementedError("the llama.cpp backend is not built yet")
+        if spec is None or spec in ("default", DEFAULT_MODEL):
+            return default_lm(device=device, dtype=dtype, backend="llamacpp")
+        path = Path(spec)
+        if path.suffix != ".gguf":
+            raise ValueError(f"the llama.cpp backend loads local .gguf files (or the default model); "
+                             f"got {spec!r}")
+        if not path.exists():
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        return load_llamacpp(path, path.stem, device=device, dtype=dtype)
     if spec is None or spec in MODELS:
         return MODELS[spec or "default"](device=device, dtype=dtype)
     path = Path(spec)
