@@ -335,7 +335,7 @@ class LlamaCppLM(LanguageModel):
             if n_out:
                 ptr = lc.llama_get_logits(self._ctx)
                 logits = np.ctypeslib.as_array(ptr, shape=(n_out, self.vocab_size))
-                outs.append(torch.log_softmax(torch.from_numpy(logits.copy()), dim=-1))
+                outs.append(torch.log_softmax(torch.from_numpy(logits), dim=-1))  # a new tensor
         if not outs:
             return torch.empty(0, self.vocab_size)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -431,6 +431,7 @@ class LlamaCppState(LMState):
         self.fed = [0] * R
         self.seq = [-1] * R
         self.last = torch.zeros((R, lm.vocab_size), dtype=torch.float32)
+        self._stale: set[int] = set()  # rows with tokens not in their cache (after truncate)
         if _empty:
             return
         if max_new_tokens is not None:
@@ -490,49 +491,48 @@ class LlamaCppState(LMState):
 
     # ------------------------------------------------------------- internals
     def _pending(self, i: int) -> list[int]:
-        p = self.prompt_of(i)
-        full_len = len(p) + len(self.tokens[i])
-        f = self.fed[i]
-        if f >= full_len:
+        """Tokens of row i not in its cache (only rows in ``_stale``, after ``truncate``)."""
+        if i not in self._stale:
             return []
+        p = self.prompt_of(i)
+        f = self.fed[i]
         return (p[f:] + self.tokens[i]) if f < len(p) else self.tokens[i][f - len(p):]
 
-    def _feed(self, rows: list[int], blocks: list[list[int]]) -> list[torch.Tensor]:
-        """Decode ``blocks`` (each a row's not-yet-cached tokens) in one batch.
+    def _feed(self, rows: list[int], blocks: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+        """Decode ``blocks`` (each a row's not-yet-cached tokens, non-empty) in one batch.
 
-        Returns per row the ``(len(block) + 1, V)`` log-probs *before* each token of the
-        block and after the last one (row 0 is the row's previous ``last``).
+        Returns the ``(Σ len(block), V)`` log-probs after each fed token and the offset of
+        each row's block in it; ``last`` of the rows becomes the log-probs after their block.
         """
         items = []
+        offsets = []
         for i, b in zip(rows, blocks):
             s, f = self.seq[i], self.fed[i]
+            offsets.append(len(items))
             items.extend((t, f + j, s, True) for j, t in enumerate(b))
+            self.fed[i] = f + len(b)
         lp = self.lm._decode(items)
         self.forward_passes += 1
-        out, off = [], 0
-        new_last = []
-        for i, b in zip(rows, blocks):
-            seg = lp[off : off + len(b)]
-            off += len(b)
-            out.append(torch.cat([self.last[i : i + 1], seg]))
-            new_last.append(seg[-1])
-            self.fed[i] += len(b)
-            self.tokens_decoded += len(b)
+        self.tokens_decoded += len(items)
+        ends = torch.tensor([o + len(b) - 1 for o, b in zip(offsets, blocks)])
         if len(rows) == self.n and rows == list(range(self.n)):
-            self.last = torch.stack(new_last)
+            self.last = lp if len(items) == self.n else lp[ends]
         else:
-            self.last = self.last.index_copy(0, torch.tensor(rows), torch.stack(new_last))
-        return out
+            self.last = self.last.index_copy(0, torch.tensor(rows), lp[ends])
+        self._stale.difference_update(rows)
+        return lp, offsets
 
     def _refresh(self, rows: list[int]) -> None:
-        todo = [(i, self._pending(i)) for i in rows]
+        if not self._stale:
+            return
+        todo = [(i, self._pending(i)) for i in rows if i in self._stale]
         todo = [(i, p) for i, p in todo if p]
         if todo:
             self._feed([i for i, _ in todo], [p for _, p in todo])
 
     def _check_live(self, idx: list[int], what: str) -> None:
-        dead = [i for i in idx if self.finished[i]]
-        if dead:
+        if idx and bool(self.finished[idx].any()):
+            dead = [i for i in idx if self.finished[i]]
             raise ValueError(f"cannot {what} row {dead[0]}: it was finished")
 
     # ------------------------------------------------------------- host API
@@ -555,13 +555,26 @@ class LlamaCppState(LMState):
         work = [(k, i, self._pending(i) + b, len(b)) for k, (i, b) in enumerate(zip(idx, blocks)) if b]
         if not work:
             return out
-        for k, i, full, nb in work:
+        for k, i, _, _ in work:
             self.tokens[i] = self.tokens[i] + blocks[k]
-        lps = self._feed([i for _, i, _, _ in work], [full for _, _, full, _ in work])
-        for (k, i, full, nb), lp in zip(work, lps):
-            t = torch.tensor(full[-nb:])
-            before = lp[len(full) - nb : len(full)]  # distributions each new token was drawn from
-            out[k, :nb] = before.gather(1, t[:, None]).squeeze(1).double()
+        prev = self.last
+        lp, offsets = self._feed([i for _, i, _, _ in work], [full for _, _, full, _ in work])
+        # token j of a fed block was drawn from the distribution before it: `prev` for j = 0,
+        # else the output after token j - 1
+        a_pos, a_src, a_tok, b_pos, b_src, b_tok = [], [], [], [], [], []
+        for (k, i, full, nb), off in zip(work, offsets):
+            for j in range(len(full) - nb, len(full)):
+                col = j - (len(full) - nb)
+                if j == 0:
+                    b_pos.append((k, col)), b_src.append(i), b_tok.append(full[j])
+                else:
+                    a_pos.append((k, col)), a_src.append(off + j - 1), a_tok.append(full[j])
+        if a_pos:
+            ks, cs = zip(*a_pos)
+            out[list(ks), list(cs)] = lp[a_src, a_tok].double()
+        if b_pos:
+            ks, cs = zip(*b_pos)
+            out[list(ks), list(cs)] = prev[b_src, b_tok].double()
         return out
 
     def finish(self, rows: Any) -> None:
@@ -608,6 +621,7 @@ class LlamaCppState(LMState):
         self.finished = self.finished[t_idx]
         self.group = self.group[t_idx]
         self.tokens = [list(self.tokens[i]) for i in idx]
+        self._stale = {j for j, i in enumerate(idx) if i in self._stale}
 
     def copy(self) -> "LlamaCppState":
         """An independent state with the same rows (each live sequence ``seq_cp``'d to a new id)."""
@@ -624,6 +638,7 @@ class LlamaCppState(LMState):
         new.finished = self.finished.clone()
         new.fed = list(self.fed)
         new.last = self.last.clone()
+        new._stale = set(self._stale)
         return new
 
     def truncate(self, rows: Any, lengths: Sequence[int]) -> None:
@@ -645,12 +660,14 @@ class LlamaCppState(LMState):
                 seqs[i] = s
                 self._set_seqs(seqs)
                 self.fed[i] = 0
+                self._stale.add(i)
             else:
                 # keep prompt + first (length - 1) tokens; the last kept token is re-decoded
                 keep = min(len(self.prompt_of(i)) + length - 1, self.fed[i])
                 if not self.lm._lc.llama_memory_seq_rm(self.lm._mem, self.seq[i], keep, -1):
                     raise RuntimeError(f"llama.cpp could not remove the tail of row {i} (a recurrent model?)")
                 self.fed[i] = keep
+            self._stale.add(i)
             self.finished[i] = False
 
     # ------------------------------------------------------------ fast path
@@ -672,7 +689,7 @@ class LlamaCppState(LMState):
             raise ValueError(f"step: token ids out of range [0, {self.lm.vocab_size})")
         self._refresh(rows)
         out = self.last.gather(1, tok.clamp(0, self.lm.vocab_size - 1)[:, None]).squeeze(1)
-        out = torch.where(act, out, torch.zeros_like(out))
+        out = out.masked_fill(~act, 0.0)
         if rows:
             tl = tok.tolist()
             for i in rows:
