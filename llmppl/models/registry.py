@@ -84,17 +84,27 @@ def default_lm(device: str | torch.device = "cpu", dtype: str | torch.dtype | No
     return load_gguf_cached(smollm2_gguf_path(), DEFAULT_MODEL, device=device, dtype=dtype)
 
 
+_LLAMACPP_WEIGHTS = {None: None, "auto": None, "float32": "f32", "fp32": "f32", "f32": "f32",
+                     "float16": "f16", "fp16": "f16", "f16": "f16", "bfloat16": "bf16", "bf16": "bf16",
+                     "q8_0": "q8_0"}
+
+
 def load_llamacpp(path: str | os.PathLike, name: str | None = None, device: str | torch.device = "cpu",
                   dtype: str | torch.dtype | None = None, **kwargs):
     """A :class:`~llmppl.models.llamacpp.LlamaCppLM` over a local GGUF file.
 
     ``device="cuda"`` offloads every layer (``n_gpu_layers=-1``; needs a GPU build of
-    llama-cpp-python).  ``dtype`` must be None: the GGUF fixes the weights' types.
+    llama-cpp-python).  ``dtype``: ``None`` runs the GGUF's own (quantised) weights;
+    float32 / float16 / bfloat16 / q8_0 run a copy re-encoded once by llama.cpp.
     """
     from .llamacpp import LlamaCppLM
 
-    if dtype not in (None, "auto"):
-        raise ValueError(f"the llama.cpp backend runs the GGUF's own weight types; dtype={dtype!r} is not supported")
+    weights = _LLAMACPP_WEIGHTS.get(str(dtype).replace("torch.", "") if dtype is not None else None, "?")
+    if weights == "?":
+        raise ValueError(f"the llama.cpp backend takes dtype None (the GGUF's own weights), float32, float16, "
+                         f"bfloat16 or q8_0; got {dtype!r}")
+    if weights is not None:
+        kwargs.setdefault("weights", weights)
     dev = str(device)
     if dev.startswith("cuda"):
         kwargs.setdefault("n_gpu_layers", -1)
