@@ -31,6 +31,18 @@ from .latency import ALPHA, machine_info, plain_decode, smc_decode
 BACKENDS = ("hf", "llamacpp", "llamacpp_f32")
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (None where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def run_backends(particles: list[int], max_new_tokens: int, reps: int, threads: int,
                  prompt: str = "Write a short poem about the sea.", seed: int = 0) -> dict[str, Any]:
     """The benchmark itself; returns the JSON-ready dict."""
@@ -71,6 +83,7 @@ def run_backends(particles: list[int], max_new_tokens: int, reps: int, threads: 
                    for m in ("plain", "smc")} for b in BACKENDS if b != "hf"}
     overhead = {b: {str(n): ms[b]["smc"][str(n)] / ms[b]["plain"][str(n)] for n in particles} for b in BACKENDS}
     info = machine_info("cpu")
+    info["cpu_model"] = cpu_model()
     info["threads"] = threads
     info["load_average_after_each_rep"] = loads
     import llama_cpp
