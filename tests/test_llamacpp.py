@@ -257,6 +257,15 @@ def test_context_and_sequence_limits(prompt):
     state = small.start(prompt, 4)
     with pytest.raises(ValueError, match=r"n_seq_max=4"):
         state.copy()
+    # without max_new_tokens nothing is reserved: a full cache is an error naming n_ctx
+    del state
+    state = small.start(prompt, 4)
+    with pytest.raises(RuntimeError, match=r"n_ctx=256"):
+        for _ in range(100):
+            state.extend(torch.full((4,), 42))
+    state.truncate([0, 1, 2], [1, 1, 1])  # the state stays usable after the error
+    state.finish([3])  # next_logprobs needs a free (scratch) sequence id
+    agree(state, small, [0, 1, 2])
     with pytest.raises(ValueError, match="n_seq_max must be in"):
         LlamaCppLM(smollm2_gguf_path(), n_seq_max=1000)
 

@@ -556,8 +556,17 @@ class LlamaCppState(LMState):
             s, f = self.seq[i], self.fed[i]
             offsets.append(len(items))
             items.extend((t, f + j, s, True) for j, t in enumerate(b))
-            self.fed[i] = f + len(b)
-        lp = self.lm._decode(items)
+        try:
+            lp = self.lm._decode(items)
+        except Exception:
+            # a failed decode may leave part of the batch in the cache: drop the rows' tails
+            # beyond what was fed and re-decode them when next needed
+            for i in rows:
+                self.lm._lc.llama_memory_seq_rm(self.lm._mem, self.seq[i], self.fed[i], -1)
+            self._stale.update(rows)
+            raise
+        for i, b in zip(rows, blocks):
+            self.fed[i] += len(b)
         self.forward_passes += 1
         self.tokens_decoded += len(items)
         ends = torch.tensor([o + len(b) - 1 for o, b in zip(offsets, blocks)])
