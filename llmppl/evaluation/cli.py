@@ -85,7 +85,8 @@ def evaluate(args: argparse.Namespace) -> int:
     store = ResultStore(args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = pp.models.load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
+    backend = getattr(args, "backend", "hf")
+    lm = pp.models.load_model(args.model, device=args.device, dtype=args.dtype, backend=backend)
     chat = not args.no_chat and getattr(getattr(lm, "tokenizer", None), "chat_template", None) is not None
     jobs = []
     for spec, ns in zip(specs, namespaces):
@@ -96,6 +97,9 @@ def evaluate(args: argparse.Namespace) -> int:
                   "max_new_tokens": args.max_new_tokens, "chat": chat}
     if args.batch_prompts != 1:  # batches > 1 change the seeds (results files before them have none)
         run_config["batch_prompts"] = args.batch_prompts
+    if backend != "hf":  # (absent for hf, so files written before --backend existed still resume)
+        run_config["backend"] = backend
+        run_config["model"] = f"{run_config['model']}@{backend}"  # records of two backends do not collide
     ran = run_eval(task, problems, jobs, store, args.max_new_tokens, args.seed, run_config,
                    progress=not args.quiet, time_limit=args.time_limit, batch_prompts=args.batch_prompts)
     done = sum(1 for p in problems for j in jobs if (task.spec, run_config["model"], p.index, j.spec.label) in store)

@@ -70,9 +70,47 @@ def load_gguf_cached(gguf: Path, name: str, device: str | torch.device = "cpu",
     return HFLM.from_pretrained(target, device=device, dtype=dtype, name=name)
 
 
-def default_lm(device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> HFLM:
-    """The bundled SmolLM2-135M-Instruct, offline (see module docstring)."""
+def default_lm(device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+               backend: str = "hf"):
+    """The bundled SmolLM2-135M-Instruct, offline (see module docstring).
+
+    ``backend="llamacpp"`` runs the bundled GGUF natively through llama.cpp
+    (:class:`~llmppl.models.llamacpp.LlamaCppLM`, no conversion).
+    """
+    if backend == "llamacpp":
+        return load_llamacpp(smollm2_gguf_path(), DEFAULT_MODEL, device=device, dtype=dtype)
+    if backend != "hf":
+        raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     return load_gguf_cached(smollm2_gguf_path(), DEFAULT_MODEL, device=device, dtype=dtype)
+
+
+_LLAMACPP_WEIGHTS = {None: None, "auto": None, "float32": "f32", "fp32": "f32", "f32": "f32",
+                     "float16": "f16", "fp16": "f16", "f16": "f16", "bfloat16": "bf16", "bf16": "bf16",
+                     "q8_0": "q8_0"}
+
+
+def load_llamacpp(path: str | os.PathLike, name: str | None = None, device: str | torch.device = "cpu",
+                  dtype: str | torch.dtype | None = None, **kwargs):
+    """A :class:`~llmppl.models.llamacpp.LlamaCppLM` over a local GGUF file.
+
+    ``device="cuda"`` offloads every layer (``n_gpu_layers=-1``; needs a GPU build of
+    llama-cpp-python).  ``dtype``: ``None`` runs the GGUF's own (quantised) weights;
+    float32 / float16 / bfloat16 / q8_0 run a copy re-encoded once by llama.cpp.
+    """
+    from .llamacpp import LlamaCppLM
+
+    weights = _LLAMACPP_WEIGHTS.get(str(dtype).replace("torch.", "") if dtype is not None else None, "?")
+    if weights == "?":
+        raise ValueError(f"the llama.cpp backend takes dtype None (the GGUF's own weights), float32, float16, "
+                         f"bfloat16 or q8_0; got {dtype!r}")
+    if weights is not None:
+        kwargs.setdefault("weights", weights)
+    dev = str(device)
+    if dev.startswith("cuda"):
+        kwargs.setdefault("n_gpu_layers", -1)
+    elif dev != "cpu":
+        raise ValueError(f"the llama.cpp backend runs on cpu or cuda, not {dev!r}")
+    return LlamaCppLM(path, name=name, **kwargs)
 
 
 #: name -> loader; ``load_model`` resolves names here before trying paths or hub ids
@@ -89,15 +127,24 @@ BACKENDS = ("hf", "llamacpp")
 
 
 def load_model(spec: str | None = None, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = None, backend: str = "hf") -> HFLM:
+               dtype: str | torch.dtype | None = None, backend: str = "hf"):
     """A registered name, a local directory, a ``.gguf`` file or a (cached) hub id.
 
-    ``backend``: ``"hf"`` (transformers) or ``"llamacpp"`` (GGUF files through llama.cpp).
+    ``backend``: ``"hf"`` (transformers) or ``"llamacpp"`` (a local ``.gguf`` file, or the
+    default model's bundled GGUF, through llama.cpp).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "llamacpp":
-        raise NotImplementedError("the llama.cpp backend is not built yet")
+        if spec is None or spec in ("default", DEFAULT_MODEL):
+            return default_lm(device=device, dtype=dtype, backend="llamacpp")
+        path = Path(spec)
+        if path.suffix != ".gguf":
+            raise ValueError(f"the llama.cpp backend loads local .gguf files (or the default model); "
+                             f"got {spec!r}")
+        if not path.exists():
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        return load_llamacpp(path, path.stem, device=device, dtype=dtype)
     if spec is None or spec in MODELS:
         return MODELS[spec or "default"](device=device, dtype=dtype)
     path = Path(spec)
