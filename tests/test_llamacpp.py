@@ -311,10 +311,11 @@ def test_cli_sample_and_latency_on_llamacpp(capsys, tmp_path):
         assert "smc" in capsys.readouterr().err
         out = tmp_path / "lat.json"
         assert main(["bench", "latency", "--backend", "llamacpp", "--model", str(smollm2_gguf_path()),
-                     "--particles", "2", "--max-new-tokens", "3", "--reps", "1", "--json", str(out)]) == 0
+                     "--prompts", "2", "--particles", "2", "--max-new-tokens", "3", "--reps", "1",
+                     "--json", str(out)]) == 0
     finally:
         torch.set_num_threads(n)
     import json
 
     res = json.loads(out.read_text())
-    assert res["backend"] == "llamacpp" and res["per_step_ms"]["smc"] > 0
+    assert res["backend"] == "llamacpp" and res["per_step_ms"]["smc_batch"] > 0 and res["rows"] == 4
