@@ -73,7 +73,7 @@ def validation_error(errors: list[Any]) -> APIError:
         msg = f"unknown field {where!r}: not an OpenAI or llmppl request field"
     elif kind == "missing":
         msg = f"{where}: this field is required"
-    elif kind == "model_attributes_type" and not where:
+    elif kind in ("model_attributes_type", "model_type", "dict_type") and not where:
         msg = "the request body must be a JSON object"
     else:
         text = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
