@@ -24,30 +24,44 @@ import torch
 import uvicorn
 
 import llmppl as pp
-from llmppl.models import NGramLM
+from llmppl.models import LanguageModel, NGramLM
 from llmppl.server import ServerConfig, create_app
 
 KEY = "test-key"
 
 
-class SlowLM(NGramLM):
-    """A toy n-gram LM whose forward pass takes ``delay`` seconds (a stand-in for a big model's cost)."""
+class SlowLM(LanguageModel):
+    """A toy LM whose forward pass takes ``delay`` seconds (a stand-in for a big model's cost).
 
-    def __init__(self, delay: float = 0.0, max_context: int = 32, eos_boost: float = 0.3) -> None:
-        super().__init__(vocab_size=6, seed=0, eos_boost=eos_boost)
+    Tokens 1-3 and EOS (5) follow a seeded bigram table, except that a sequence starting with 2
+    never ends (it runs ``max_tokens`` steps: a request of known duration), and after token 0 the
+    next token is always 4, which the toy server's potential forbids: a prompt ending in 0 kills
+    every particle.
+    """
+
+    def __init__(self, delay: float = 0.0, max_context: int = 32) -> None:
+        super().__init__(vocab_size=6, eos_token_id=5, max_context=max_context, name="toy")
         self.delay = delay
-        self.max_context = max_context
-        self.name = "toy"
+        self.table = NGramLM(vocab_size=6, seed=0, eos_token_id=5)
 
     def next_logprobs(self, sequences):
         if self.delay:
             time.sleep(self.delay)
-        return super().next_logprobs(sequences)
+        rows = []
+        for s in sequences:
+            lp = torch.full((6,), -torch.inf)
+            if s[-1] == 0:
+                lp[4] = 0.0
+            else:
+                allowed = [1, 2, 3] if s[0] == 2 else [1, 2, 3, 5]
+                lp[allowed] = self.table.distribution((s[-1],))[allowed]
+                lp = torch.log_softmax(lp, -1)
+            rows.append(lp)
+        return torch.stack(rows)
 
 
-def _doomed(batch):
-    """Prompts that start with token 0 allow no token at all: their particles all die."""
-    return torch.full((len(batch.tokens), batch.lm.vocab_size), batch.prompt[0] != 0)
+#: the toy server's extra factor: token 4 is forbidden
+NO_FOUR = pp.Constraint(mask=[0, 1, 2, 3, 5])
 
 
 @contextlib.contextmanager
@@ -98,7 +112,7 @@ def toy():
     lm = SlowLM()
     config = ServerConfig(model_name="toy", particles=4, max_tokens=4, max_tokens_limit=16, max_particles=8,
                           api_key=KEY, max_body_bytes=4096, queue_size=8)
-    with running_server(lm, config, potential=pp.Constraint(mask=_doomed)) as (base, _):
+    with running_server(lm, config, potential=NO_FOUR) as (base, _):
         yield base, lm
 
 
@@ -256,10 +270,10 @@ def test_dead_prompt_fails_only_its_own_request(toy):
     lm.delay = 0.1
     try:
         with ThreadPoolExecutor(3) as pool:
-            blocker = pool.submit(_post, base, {"prompt": [1], "max_tokens": 8})
+            blocker = pool.submit(_post, base, {"prompt": [2], "max_tokens": 8})
             _wait_for(base, lambda h: h["running"] == 1)
             good = pool.submit(_post, base, {"prompt": [2, 3], "max_tokens": 3})
-            bad = pool.submit(_post, base, {"prompt": [0, 3], "max_tokens": 3})
+            bad = pool.submit(_post, base, {"prompt": [3, 0], "max_tokens": 3})
             _wait_for(base, lambda h: h["queued"] == 2)
             good, bad = good.result(30), bad.result(30)
             assert blocker.result(30).status_code == 200
@@ -274,12 +288,12 @@ def test_dead_prompt_fails_only_its_own_request(toy):
 
 def test_full_queue_is_429_and_a_disconnected_client_is_dropped(toy):
     """queue_size=1: one request runs, one waits, the next is refused; clients that leave are dropped."""
-    lm = SlowLM(delay=0.05, eos_boost=0.0)  # never ends early: every run lasts max_tokens steps
+    lm = SlowLM(delay=0.05)
     config = ServerConfig(model_name="toy", particles=2, max_tokens=4, api_key=KEY, queue_size=1)
     with running_server(lm, config) as (base, _), ThreadPoolExecutor(4) as pool:
-        first = pool.submit(_post, base, {"prompt": [1], "max_tokens": 10})
+        first = pool.submit(_post, base, {"prompt": [2], "max_tokens": 10})
         _wait_for(base, lambda h: h["running"] == 1)
-        second = pool.submit(_post, base, {"prompt": [2], "max_tokens": 2})
+        second = pool.submit(_post, base, {"prompt": [1], "max_tokens": 2})
         _wait_for(base, lambda h: h["queued"] == 1)
         with pytest.raises(openai.RateLimitError) as e:
             _client(base).completions.create(model="toy", prompt=[3], max_tokens=2)
@@ -288,14 +302,14 @@ def test_full_queue_is_429_and_a_disconnected_client_is_dropped(toy):
         assert _health(base)["stats"]["rejected"] == 1
 
         # a client that gives up while its request runs, and one that gives up while queued
-        running = pool.submit(_post, base, {"prompt": [1], "max_tokens": 16})
+        running = pool.submit(_post, base, {"prompt": [2], "max_tokens": 16})
         _wait_for(base, lambda h: h["running"] == 1)
         with pytest.raises(httpx.ReadTimeout):
-            _post(base, {"prompt": [2], "max_tokens": 10}, timeout=0.3)  # queued behind it, then gone
+            _post(base, {"prompt": [1], "max_tokens": 10}, timeout=0.3)  # queued behind it, then gone
         _wait_for(base, lambda h: h["stats"]["disconnected"] == 1 and h["queued"] == 0)
         assert running.result(30).status_code == 200  # the batch it was waiting for is undisturbed
         with pytest.raises(httpx.ReadTimeout):
-            _post(base, {"prompt": [3], "max_tokens": 10}, timeout=0.3)  # leaves mid-batch
+            _post(base, {"prompt": [2], "max_tokens": 10}, timeout=0.3)  # leaves mid-batch
         h = _wait_for(base, lambda h: h["stats"]["disconnected"] == 2 and h["running"] == 0)
         assert h["status"] == "ok"
         after = _post(base, {"prompt": [1, 2], "max_tokens": 2})

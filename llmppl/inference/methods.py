@@ -70,20 +70,25 @@ def _quiet(s: Any) -> bool:
     return bool(getattr(s, "quiet", True))
 
 
+def _temperature(tau: float) -> Any:
+    """The proposal ``q ∝ p^{1/τ}`` (``proposals.Temperature``; ``Tempered`` before its rename)."""
+    from . import proposals
+
+    return getattr(proposals, "Temperature", proposals.Tempered)(tau)
+
+
 def _smc(s: Any) -> Runner:
-    from .proposals import Tempered
     from .smc import SMC
 
-    return Runner(SMC(n_particles=s.particles, proposal=Tempered(1.0 / s.alpha), resampling=s.resampling,
+    return Runner(SMC(n_particles=s.particles, proposal=_temperature(1.0 / s.alpha), resampling=s.resampling,
                       ess_threshold=s.ess_threshold, progress=not _quiet(s)))
 
 
 def _mh(s: Any) -> Runner:
     from .mh import MH
-    from .proposals import Tempered
 
     block = getattr(s, "block_size", None) or max(1, s.max_new_tokens // 4)
-    return Runner(MH(block_size=block, n_mcmc=s.n_mcmc, proposal=Tempered(1.0 / s.alpha)),
+    return Runner(MH(block_size=block, n_mcmc=s.n_mcmc, proposal=_temperature(1.0 / s.alpha)),
                   chains=s.particles)
 
 
