@@ -46,6 +46,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _git_describe() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def start_server(args: argparse.Namespace, port: int, log: Any) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -111,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--max-batch-prompts", type=int, default=32)
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the server")
+    p.add_argument("--code", default=None, help="which code was measured (default: git describe of this checkout)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_cpu.json"))
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -127,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=1800)
         one_request(client, model, 0)  # warm-up
         out: dict[str, Any] = {
-            "benchmark": "serve", "model": model, "method": "smc", "alpha": 4.0, "particles": args.particles,
-            "max_tokens": args.max_tokens, "server_startup_seconds": startup, "levels": {},
+            "benchmark": "serve", "code": args.code or _git_describe(), "model": model, "method": "smc",
+            "alpha": 4.0, "particles": args.particles, "max_tokens": args.max_tokens,
+            "load_average_start": os.getloadavg(), "server_startup_seconds": startup, "levels": {},
         }
         for c in levels:
             n = max(c, args.min_requests)

@@ -36,7 +36,7 @@ class SlowLM(LanguageModel):
     Tokens 1-3 and EOS (5) follow a seeded bigram table, except that a sequence starting with 2
     never ends (it runs ``max_tokens`` steps: a request of known duration), and after token 0 the
     next token is always 4, which the toy server's potential forbids: a prompt ending in 0 kills
-    every particle.
+    every particle.  A batch holding a sequence that starts with 3, 3, 3 makes the forward raise.
     """
 
     def __init__(self, delay: float = 0.0, max_context: int = 32) -> None:
@@ -47,6 +47,8 @@ class SlowLM(LanguageModel):
     def next_logprobs(self, sequences):
         if self.delay:
             time.sleep(self.delay)
+        if any(s[:3] == [3, 3, 3] for s in sequences):
+            raise RuntimeError("toy forward failure")
         rows = []
         for s in sequences:
             lp = torch.full((6,), -torch.inf)
@@ -284,6 +286,29 @@ def test_dead_prompt_fails_only_its_own_request(toy):
     assert bad.status_code == 422
     err = bad.json()["error"]
     assert err["code"] == "all_particles_died" and "weight zero" in err["message"]
+
+
+def test_a_batch_that_raises_is_rerun_request_by_request(toy):
+    """If run_batch raises, each request of the batch runs alone: only the culprit fails (a 500)."""
+    base, lm = toy
+    lm.delay = 0.1
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            blocker = pool.submit(_post, base, {"prompt": [2], "max_tokens": 8})
+            _wait_for(base, lambda h: h["running"] == 1)
+            before = _health(base)["stats"]
+            good = pool.submit(_post, base, {"prompt": [1, 2], "max_tokens": 2})
+            broken = pool.submit(_post, base, {"prompt": [3, 3, 3], "max_tokens": 2})
+            _wait_for(base, lambda h: h["queued"] == 2)
+            good, broken = good.result(30), broken.result(30)
+            assert blocker.result(30).status_code == 200
+    finally:
+        lm.delay = 0.0
+    assert good.status_code == 200 and good.json()["choices"]
+    assert broken.status_code == 500 and broken.json()["error"]["code"] == "sampling_failed"
+    assert "toy forward failure" in broken.json()["error"]["message"]
+    after = _health(base)["stats"]
+    assert after["batch_failures"] - before["batch_failures"] == 1
 
 
 def test_full_queue_is_429_and_a_disconnected_client_is_dropped(toy):

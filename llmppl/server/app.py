@@ -150,8 +150,6 @@ def _settings(body: ChatCompletionRequest | CompletionRequest, config: ServerCon
                           "resampling")
     if s.n_mcmc > config.max_n_mcmc:
         raise bad_request(f"n_mcmc={s.n_mcmc} exceeds the server's limit of {config.max_n_mcmc}", "n_mcmc")
-    if s.block_size is not None and s.block_size > max_tokens:
-        raise bad_request(f"block_size={s.block_size} exceeds max_tokens={max_tokens}", "block_size")
     samples = 1 if method == "greedy" else s.particles
     if body.n > samples:
         raise bad_request(f"n={body.n} exceeds the {samples} sample(s) method {method!r} returns"

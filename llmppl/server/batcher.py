@@ -74,6 +74,7 @@ class Stats:
     largest_batch: int = 0  # most requests in one run_batch
     tokens_decoded: int = 0
     busy_seconds: float = 0.0
+    batch_failures: int = 0  # run_batch calls that raised (their requests were then re-run one by one)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -169,7 +170,8 @@ class Batcher:
                 outcomes = await loop.run_in_executor(self._executor, self._run_group, group)
             except asyncio.CancelledError:
                 raise
-            except BaseException as exc:  # the executor itself failed
+            except Exception as exc:  # the executor itself failed
+                log.exception("batch of %d requests failed", len(group))
                 outcomes = [exc] * len(group)
             finally:
                 self.running = []
@@ -219,8 +221,9 @@ class Batcher:
                 if len(live) == 1:
                     out[id(live[0])] = exc
                 else:
-                    log.warning("run_batch of %d requests failed (%s); re-running them one by one",
-                                len(live), exc)
+                    log.warning("run_batch of %d requests failed (%s: %s); re-running them one by one",
+                                len(live), type(exc).__name__, exc, exc_info=True)
+                    self.stats.batch_failures += 1
                     for job in live:
                         try:
                             out[id(job)] = self._run([job])
