@@ -46,6 +46,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def _git_describe() -> str | None:
     try:
         return subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
@@ -165,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.pair} concurrent / {args.pair} sequential: {out['pair']['ratio']:.2f}", file=sys.stderr)
         import torch
 
-        out["machine"] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        out["machine"] = {"platform": platform.platform(), "cpu_model": _cpu_model(),
+                          "processor": platform.processor() or platform.machine(),
                           "cpu_count": os.cpu_count(), "torch": torch.__version__, "server_threads": args.threads,
                           "python": sys.version.split()[0], "device": "cpu", "load_average_end": os.getloadavg()}
         out["server_stats"] = stats(base)
