@@ -15,8 +15,7 @@ from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from .inference import methods as _methods  # noqa: E402  (light: engines import lazily)
-
+from .inference import methods as _methods
 
 #: method name -> builder of a runner (``run`` / ``run_batch``) from the parsed arguments; the
 #: library's registry (``llmppl.inference.methods``), shared with ``eval`` and ``serve``

@@ -151,7 +151,7 @@ def test_seed_makes_a_request_reproducible(toy):
     c = _client(base)
     a, b = (c.completions.create(model="toy", prompt=[2, 3], max_tokens=6, n=4, seed=11,
                                  extra_body={"particles": 4}) for _ in range(2))
-    toks = lambda r: [d["tokens"] for d in r.model_extra["llmppl"]["choices"]]  # noqa: E731
+    toks = lambda r: [d["tokens"] for d in r.model_extra["llmppl"]["choices"]]
     assert toks(a) == toks(b) and a.model_extra["llmppl"]["seed"] == 11
 
 
@@ -440,31 +440,30 @@ def test_llmppl_serve_command(tmp_path):
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "LLMPPL_API_KEY": KEY,
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "llmppl.cli", "serve", "--port", str(port), "--particles", "2",
-                             "--max-new-tokens", "4", "--log-level", "warning"], env=env, stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 150
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            assert time.monotonic() < deadline, "llmppl serve did not come up within 150 s"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.5)
-        h = _health(base)
-        assert h["config"]["particles"] == 2 and h["config"]["auth"] and h["model"] == "smollm2-135m-instruct"
-        with pytest.raises(openai.AuthenticationError):
-            _client(base, key="nope").models.list()
-        r = _client(base).chat.completions.create(model="smollm2-135m-instruct",
-                                                  messages=[{"role": "user", "content": "Hi!"}])
-        assert r.choices[0].message.content and r.model_extra["llmppl"]["particles"] == 2
-    finally:
-        proc.terminate()
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "llmppl.cli", "serve", "--port", str(port), "--particles", "2",
+                                 "--max-new-tokens", "4", "--log-level", "warning"], env=env, stdout=log, stderr=log)
         try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
+            deadline = time.monotonic() + 150
+            while True:
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+                assert time.monotonic() < deadline, "llmppl serve did not come up within 150 s"
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(base + "/health", timeout=2).status_code == 200:
+                        break
+                time.sleep(0.5)
+            h = _health(base)
+            assert h["config"]["particles"] == 2 and h["config"]["auth"] and h["model"] == "smollm2-135m-instruct"
+            with pytest.raises(openai.AuthenticationError):
+                _client(base, key="nope").models.list()
+            r = _client(base).chat.completions.create(model="smollm2-135m-instruct",
+                                                      messages=[{"role": "user", "content": "Hi!"}])
+            assert r.choices[0].message.content and r.model_extra["llmppl"]["particles"] == 2
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)

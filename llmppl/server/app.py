@@ -34,7 +34,13 @@ from ..inference.resampling import RESAMPLERS
 from . import responses
 from .batcher import Batcher, Job, QueueFull
 from .config import ServerConfig
-from .errors import APIError, bad_request, error_body, install_handlers, validation_error
+from .errors import (
+    APIError,
+    bad_request,
+    error_body,
+    install_handlers,
+    validation_error,
+)
 from .schemas import ChatCompletionRequest, CompletionRequest, unsupported_fields
 
 
