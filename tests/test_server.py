@@ -377,6 +377,14 @@ def test_chat_completion_on_the_default_model(smol_server):
     longest = max(len(d["tokens"]) for d in info["choices"])
     assert r.usage.completion_tokens == info["tokens_decoded"] >= max(longest, 3)  # every particle's tokens
 
+    chunks = list(_client(smol_server).chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Hi!"}], max_tokens=4, stream=True,
+        extra_body={"particles": 2}))
+    assert len(chunks) == 1 and chunks[0].object == "chat.completion.chunk"  # the whole answer, once
+    delta = chunks[0].choices[0].delta
+    assert delta.role == "assistant" and isinstance(delta.content, str)
+    assert chunks[0].choices[0].finish_reason in ("stop", "length")
+
 
 @pytest.mark.model
 def test_text_completion_mh_and_context_limit_on_the_default_model(smol_server):
