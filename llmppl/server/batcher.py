@@ -151,7 +151,7 @@ class Batcher:
         return group
 
     async def _worker(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Serve batches until cancelled; an unexpected error fails its batch, never the worker."""
         assert self._wake is not None
         while True:
             if not self.pending:
@@ -162,38 +162,46 @@ class Batcher:
                 if not self.pending:
                     continue
             group = self._take()
-            self.running = group
-            started = time.perf_counter()
-            for job in group:
-                job.started = started
             try:
-                outcomes = await loop.run_in_executor(self._executor, self._run_group, group)
+                await self._serve(group)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # the executor itself failed
-                log.exception("batch of %d requests failed", len(group))
-                outcomes = [exc] * len(group)
+            except Exception as exc:
+                log.exception("batcher error")
+                for job in group:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
             finally:
                 self.running = []
-            seconds = time.perf_counter() - started
-            batch = {"id": next(self._ids), "requests": len(group), "prompts": sum(len(j.prompts) for j in group),
-                     "wall_time": seconds}
-            s = self.stats
-            s.batches += 1
-            s.batched_requests += len(group)
-            s.batched_prompts += batch["prompts"]
-            s.largest_batch = max(s.largest_batch, len(group))
-            s.busy_seconds += seconds
-            for job, out in zip(group, outcomes):
-                job.batch = batch
-                if isinstance(out, list):
-                    s.tokens_decoded += sum(int(r.stats.get("tokens_decoded", 0)) for r in out)
-                if job.future.done():
-                    continue
-                if isinstance(out, BaseException):
-                    job.future.set_exception(out)
-                else:
-                    job.future.set_result(out)
+
+    async def _serve(self, group: list[Job]) -> None:
+        """Run ``group`` in the worker thread, then hand each request its results (or its error)."""
+        loop = asyncio.get_running_loop()
+        self.running = group
+        started = time.perf_counter()
+        for job in group:
+            job.started = started
+        outcomes = await loop.run_in_executor(self._executor, self._run_group, group)
+        self.running = []
+        seconds = time.perf_counter() - started
+        batch = {"id": next(self._ids), "requests": len(group), "prompts": sum(len(j.prompts) for j in group),
+                 "wall_time": seconds}
+        s = self.stats
+        s.batches += 1
+        s.batched_requests += len(group)
+        s.batched_prompts += batch["prompts"]
+        s.largest_batch = max(s.largest_batch, len(group))
+        s.busy_seconds += seconds
+        for job, out in zip(group, outcomes):
+            job.batch = batch
+            if isinstance(out, list):
+                s.tokens_decoded += sum(int(r.stats.get("tokens_decoded", 0)) for r in out)
+            if job.cancelled or job.future.done():  # its client has gone: nobody reads it
+                continue
+            if isinstance(out, BaseException):
+                job.future.set_exception(out)
+            else:
+                job.future.set_result(out)
 
     # ------------------------------------------------------------ in the worker thread
     def target(self, alpha: float) -> Target:
