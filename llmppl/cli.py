@@ -1,4 +1,4 @@
-"""``llmppl`` command line: ``sample``, ``run``, ``bench``, ``eval``, ``models``.
+"""``llmppl`` command line: ``sample``, ``run``, ``bench``, ``eval``, ``serve``, ``models``.
 
 Each sub-command is an entry of ``COMMANDS`` (name -> function adding its parser);
 sampling methods are entries of ``llmppl.methods.METHODS`` (name -> builder of a
@@ -151,6 +151,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "run": add_run,
     "bench": _lazy("llmppl.benchmarking.cli", "add_bench"),
     "eval": _lazy("llmppl.evaluation.cli", "add_eval"),
+    "serve": _lazy("llmppl.server.cli", "add_serve"),
     "models": _lazy("llmppl.models.fetch", "add_models"),
 }
 
