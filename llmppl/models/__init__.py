@@ -3,11 +3,11 @@
 from .base import LanguageModel, LanguageModelError, LMState, UncachedState, validate_logprobs
 from .hf import HFLM, HFState
 from .registry import cache_dir, default_lm, load_model, register_model
-from .toy import NGramLM, TabularLM, pivotal_lm
+from .toy import EXACTNESS, ExactnessSetup, ForkingLM, NGramLM, TabularLM, pivotal_lm
 from . import fetch  # registers the fetchable models (llmppl models fetch NAME)
 
 __all__ = [
     "LanguageModel", "LanguageModelError", "LMState", "UncachedState", "validate_logprobs",
     "HFLM", "HFState", "default_lm", "load_model", "register_model", "cache_dir",
-    "NGramLM", "TabularLM", "pivotal_lm",
+    "NGramLM", "TabularLM", "pivotal_lm", "ForkingLM", "ExactnessSetup", "EXACTNESS",
 ]
