@@ -103,6 +103,10 @@ def test_exactness_setups_are_not_degenerate(name):
         for j in range(i):
             assert tv_distance(targets[i], targets[j]) > 0.1
     assert sorted({len(p) for p in setup.prompts}) == ([2] if len(setup.prompts) == 1 else [2, 3, 5])
+    assert len({len(p) for p in setup.prompts[:3]}) == min(3, len(setup.prompts))   # ragged
+    if name != "truncating":    # completions end after 2 or 3 tokens: particles finish at different steps
+        lengths = {len(s) for s, p in ex.as_dict().items() if p > 0.1 / len(ex.sequences)}
+        assert {2, 3} <= lengths
 
 
 def test_forking_lm_contract():
@@ -114,6 +118,8 @@ def test_forking_lm_contract():
     assert float(lp[0, eos].exp()) < 1e-8                     # no EOS before 3 completion tokens
     assert float(lp[1, eos].exp()) == pytest.approx(0.9)      # n = 3 after the last SEP
     assert float(lp[2, eos].exp()) == pytest.approx(0.9)      # no SEP: n counts from the start
+    assert ForkingLM(seed=3, eos_profile=(0.0, 0.0, 0.35, 0.85)).next_logprobs(
+        [[0, sep, 1, 2]])[0, eos].exp() == pytest.approx(0.35)
     assert float(lp[:, sep].exp().max()) < 1e-8               # SEP is never generated
     assert torch.equal(ForkingLM(seed=3).next_logprobs([[0, sep]]), lp[:1])   # seeded
     for kw in ({"vocab_size": 4}, {"fork": (0.0, 1.0)}, {"spill": (0.5, 1.0)}, {"flat": 1.5},
