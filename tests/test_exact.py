@@ -103,7 +103,7 @@ def test_exactness_setups_are_not_degenerate(name):
         for j in range(i):
             assert tv_distance(targets[i], targets[j]) > 0.1
     assert sorted({len(p) for p in setup.prompts}) == ([2] if len(setup.prompts) == 1 else [2, 3, 5])
-    assert len({len(p) for p in setup.prompts[:3]}) == min(3, len(setup.prompts))   # ragged
+    assert len(setup.prompts) == 1 or len({len(p) for p in setup.prompts[:3]}) > 1   # ragged
     if name != "truncating":    # completions end after 2 or 3 tokens: particles finish at different steps
         lengths = {len(s) for s, p in ex.as_dict().items() if p > 0.1 / len(ex.sequences)}
         assert {2, 3} <= lengths

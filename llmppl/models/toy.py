@@ -281,14 +281,14 @@ class ExactnessSetup:
 #:   different steps) or are cut; ``1/Σπ²`` = 36, 22, 14 at α = 1, 2, 4;
 #: * ``"truncating"``: EOS less likely, so that ``π(truncated)`` = 0.47, 0.29, 0.11 at
 #:   α = 1, 2, 4 (for ``Target(..., truncation=...)``);
-#: * ``"prompts"``: eight ragged prompts (lengths 2, 3 and 5) for ``run_batch``; the last
-#:   three prompt tokens set the first token's context, so prompts condition the target;
-#:   α ∈ {1, 2} (``1/Σπ²`` ≥ 10.3).
+#: * ``"prompts"``: eight ragged prompts (lengths 2, 3 and 5; the first three 3, 5, 3) for
+#:   ``run_batch``; the last three prompt tokens set the first token's context, so prompts
+#:   condition the target; α ∈ {1, 2} (``1/Σπ²`` ≥ 10.3).
 EXACTNESS: dict[str, ExactnessSetup] = {
     "fork": ExactnessSetup("fork", (0.0, 0.0, 0.35, 0.85), ((0, 4),)),
     "truncating": ExactnessSetup("truncating", (0.0, 0.0, 0.15, 0.45), ((0, 4),), min_truncated=0.05),
     "prompts": ExactnessSetup(
         "prompts", (0.0, 0.0, 0.35, 0.85),
-        ((3, 0, 4), (0, 4), (0, 4, 1, 3, 4), (3, 1, 4), (0, 3, 4), (2, 0, 4), (3, 4), (0, 4, 3, 3, 4)),
+        ((3, 0, 4), (0, 4, 1, 3, 4), (3, 1, 4), (0, 4), (0, 3, 4), (2, 0, 4), (3, 4), (0, 4, 3, 3, 4)),
         alphas=(1.0, 2.0)),
 }
