@@ -25,6 +25,8 @@ SETUP = EXACTNESS["fork"]                     # exactness: completions of 2 or 3
 FORK = SETUP.lm()
 PROMPT, T = SETUP.prompt, SETUP.max_new_tokens
 THRESHOLD = 0.05
+#: chains per run (two runs pooled): p^2 spreads over more sequences than p^4
+CHAINS = {2.0: 3500, 4.0: 2500}
 
 
 def mh_check(mh, target, alpha, label, lm=FORK, chains=5000, runs=2, others=None):
@@ -39,7 +41,7 @@ def mh_check(mh, target, alpha, label, lm=FORK, chains=5000, runs=2, others=None
 @pytest.mark.parametrize("alpha", [2.0, 4.0])
 def test_mh_matches_power_with_eos_inside_blocks(alpha):
     res = mh_check(pp.MH(block_size=2, n_mcmc=8), pp.Target(FORK, pp.Power(alpha)), alpha,
-                   f"MH alpha={alpha}")[0]
+                   f"MH alpha={alpha}", chains=CHAINS[alpha])[0]
     print(f"acceptance per stage {res.steps['acceptance']}")
     assert res.steps["stage_length"] == [2, 4]
     # EOS ended chains inside the second block (after 2 or 3 tokens): the final lengths vary
@@ -58,8 +60,8 @@ def test_too_few_steps_are_detectably_wrong():
 def test_mh_matches_power_without_eos(alpha):
     """A ForkingLM that never ends (EOS probability 1e-9): every chain is cut at T."""
     lm = ForkingLM(seed=SETUP.seed, eos_profile=(0.0,))
-    res = mh_check(pp.MH(block_size=2, n_mcmc=8), pp.Target(lm, pp.Power(alpha)), alpha,
-                   f"MH alpha={alpha} no EOS", lm=lm)[0]
+    res = mh_check(pp.MH(block_size=2, n_mcmc=12), pp.Target(lm, pp.Power(alpha)), alpha,
+                   f"MH alpha={alpha} no EOS", lm=lm, chains=3000)[0]
     assert all(len(s) == T for s in res.samples) and all(res.truncated)
 
 
@@ -71,7 +73,7 @@ def test_mh_uses_the_full_density_reward_and_twist():
     others = {"p^2 without the reward": enumerate_target(pp.Target(FORK, pp.Power(2.0)), PROMPT, T).as_dict(),
               "base LM": enumerate_target(pp.Target(FORK), PROMPT, T).as_dict()}
     mh_check(pp.MH(block_size=2, n_mcmc=12), target, 2.0, "MH Power(2) * RewardTilt", others=others,
-             chains=4500)
+             chains=CHAINS[2.0])
 
 
 @settings(max_examples=4, deadline=None)
