@@ -122,6 +122,7 @@ def test_forking_lm_contract():
         [[0, sep, 1, 2]])[0, eos].exp() == pytest.approx(0.35)
     assert float(lp[:, sep].exp().max()) < 1e-8               # SEP is never generated
     assert torch.equal(ForkingLM(seed=3).next_logprobs([[0, sep]]), lp[:1])   # seeded
+    assert torch.isfinite(ForkingLM(spill=(0.0, 0.0)).next_logprobs([[0, sep], [1, 2, 3]])).all()
     for kw in ({"vocab_size": 4}, {"fork": (0.0, 1.0)}, {"spill": (0.5, 1.0)}, {"flat": 1.5},
                {"eos_profile": ()}, {"eos_profile": (0.0, 1.0)}, {"order": 0}):
         with pytest.raises(ValueError):

@@ -98,8 +98,8 @@ class ForkingLM(LanguageModel):
     Why: with ``r`` near 1 the ``2^n`` fork paths have similar probabilities, so
     ``p^α`` keeps an effective support ``1/Σπ² ≥ 10`` at ``α = 4``; flat contexts have
     a much smaller future Rényi mass ``Σ_y p(y|c)^α`` than forks (``g^{1−α}`` against
-    about ``2^{1−α}`` per step, ``g = V − 2``), so that ``p^α`` differs from token-level low temperature ``softmax(α log p)``
-    and from the base LM (an NGramLM with EOS equally likely at every step makes
+    about ``2^{1−α}`` per step, ``g = V − 2``), so that ``p^α`` differs from token-level
+    low temperature ``softmax(α log p)`` and from the base LM (an NGramLM with EOS equally likely at every step makes
     ``p^α`` pile onto the shortest completions instead).  Prompts ending in
     ``[x, SEP]`` give, with ``order ≥ 3``, a different first-token context per ``x``
     and the same length profile whatever the prompt's length.
@@ -154,9 +154,9 @@ class ForkingLM(LanguageModel):
                 return self._body[context]
             f = rng.choice(g, 2, replace=False)
             r, s = rng.uniform(*self.fork), rng.uniform(*self.spill)
-            probs = rng.dirichlet(np.ones(g)) * s
-            probs[f] = 0.0
-            probs = probs / probs.sum() * s
+            other = rng.dirichlet(np.ones(g))
+            other[f] = 0.0
+            probs = other / other.sum() * s
             probs[f[0]] += (1.0 - s) / (1.0 + r)
             probs[f[1]] += (1.0 - s) * r / (1.0 + r)
             self._body[context] = probs
