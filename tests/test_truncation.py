@@ -79,7 +79,8 @@ def test_run_batch_honours_the_option():
 ALL_CUT = (
     "engine defect (smc.py's all-dead message): under truncation='zero', when every particle is "
     "cut at max_new_tokens, SMC blames 'a constraint or reward on finished completions' instead "
-    "of saying that all particles were cut and suggesting a larger max_new_tokens")
+    "of saying that all particles were cut and suggesting a larger max_new_tokens "
+    "(Target.explain_zero_weight gives the sentence)")
 
 
 @pytest.mark.xfail(strict=True, reason=ALL_CUT)
@@ -88,6 +89,15 @@ def test_smc_says_when_every_particle_is_cut():
     target = pp.Target(LM, pp.Power(ALPHA), truncation="zero")
     with pytest.raises(AllParticlesDied, match="max_new_tokens"):
         pp.SMC(16).run(target, PROMPT, 2, seed=0)
+
+
+def test_target_explains_an_all_cut_population():
+    """What an engine can put in its error when every particle is cut under 'zero'."""
+    zero = pp.Target(LM, pp.Power(ALPHA), truncation="zero")
+    assert "raise max_new_tokens" in zero.explain_zero_weight([True, True], 2)
+    assert "max_new_tokens=2" in zero.explain_zero_weight([True, True], 2)
+    assert zero.explain_zero_weight([True, False], 2) is None
+    assert pp.Target(LM, pp.Power(ALPHA)).explain_zero_weight([True, True], 2) is None
 
 
 def test_truncated_share_and_summary():

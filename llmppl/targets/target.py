@@ -115,6 +115,16 @@ class Target:
             out = out + self._other.log_complete(batch).to(torch.float64)
         return out
 
+    def explain_zero_weight(self, truncated: Sequence[bool], max_new_tokens: int) -> str | None:
+        """The reason every row weighs nothing when it is this target's truncation option
+        (every row cut under ``truncation="zero"``), else None — for engines' error messages."""
+        flags = [bool(t) for t in truncated]
+        if self.truncation == "zero" and flags and all(flags):
+            return (f"every completion was cut at max_new_tokens={max_new_tokens} and "
+                    f"truncation='zero' gives cut completions zero weight: raise max_new_tokens "
+                    f"(or use truncation='keep')")
+        return None
+
     def log_twist(self, batch: Prefixes) -> torch.Tensor:
         """``(B,)`` float64: ``log ψ(y_<t)``, the twists of unfinished prefixes (0 when none)."""
         if self._other is None or not self.has_twist:
