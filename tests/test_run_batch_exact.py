@@ -15,7 +15,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 import llmppl as pp
 from llmppl.exact import enumerate_target, tv_distance
@@ -36,12 +35,12 @@ THRESHOLD = 0.03
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def exact(k, alpha=ALPHA):
     return enumerate_target(pp.Target(LM, pp.Power(alpha)), PROMPTS[k], T)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def others(k, P, alpha=ALPHA):
     """Impostors of prompt k: low temperature, base LM, and the targets of the other prompts
     of the batch that differ from its own."""

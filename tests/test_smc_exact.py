@@ -32,12 +32,12 @@ BUDGET = {1.0: (2000, 8), 2.0: (1500, 6), 4.0: (1000, 6)}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def exact_power(alpha):
     return enumerate_target(pp.Target(LM, pp.Power(alpha)), PROMPT, T)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def power_impostors(alpha):
     return impostors(LM, PROMPT, T, alpha)
 
