@@ -236,7 +236,6 @@ def test_determinism_and_result_fields():
 
 
 def test_bad_input():
-    target = pp.Target(LM, pp.Power(2.0))
     for kw in ({"n_particles": 0}, {"n_particles": 2, "ess_threshold": 1.5},
                {"n_particles": 2, "resampling": "nope"}, {"n_particles": 2, "ess_threshold": -0.1}):
         with pytest.raises(ValueError):
