@@ -44,6 +44,25 @@ class ExactDistribution:
     def Z(self) -> float:
         return math.exp(self.log_Z)
 
+    @property
+    def effective_support(self) -> float:
+        """``1 / Σ_y π(y)²``: how many equally likely sequences ``π`` is worth.
+
+        A test whose target has an effective support near 1 passes for a sampler
+        that always returns the mode; the exactness tests use targets with ≥ 10.
+        """
+        return float(1.0 / (self.probs**2).sum())
+
+    @property
+    def truncated_mass(self) -> float:
+        """``π(y truncated)``: the mass on completions cut at ``max_new_tokens`` (no EOS).
+
+        A finished completion has at most ``max_new_tokens − 1`` tokens besides its EOS,
+        so the truncated ones are exactly those of length ``max_new_tokens``.
+        """
+        cut = [i for i, s in enumerate(self.sequences) if len(s) == self.max_new_tokens]
+        return float(self.probs[cut].sum()) if cut else 0.0
+
     def prob(self, sequence: Sequence[int]) -> float:
         i = self._index.get(tuple(sequence))
         return 0.0 if i is None else float(self.probs[i])
@@ -132,6 +151,13 @@ def enumerate_target(target: Target, prompt: str | Sequence[int], max_new_tokens
                              [not t for t in done_trunc], done_trunc)
         log_gamma = log_gamma + target.log_complete(batch)
     keep = torch.isfinite(log_gamma)
+    finished = torch.tensor([not t for t in done_trunc], dtype=torch.bool)
+    if target.truncation == "zero" and any(done_trunc) and not bool(keep[finished].any()):
+        raise ValueError(
+            f"the target gives zero mass to every completion: under truncation='zero' the "
+            f"{sum(done_trunc)} completions cut at max_new_tokens={max_new_tokens} weigh nothing and "
+            f"no completion that finishes within {max_new_tokens} tokens has positive weight; "
+            f"raise max_new_tokens")
     seqs = [s for s, k in zip(done, keep.tolist()) if k]
     return ExactDistribution(seqs, log_gamma[keep], max_new_tokens)
 

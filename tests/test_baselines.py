@@ -8,26 +8,38 @@ import torch
 import llmppl as pp
 from llmppl.exact import enumerate_target
 from llmppl.models import NGramLM
+from llmppl.models.toy import EXACTNESS
+
+from _exactness import check
 
 LM = NGramLM(vocab_size=4, order=2, seed=4)
+SETUP = EXACTNESS["fork"]
+FORK, PROMPT, T = SETUP.lm(), SETUP.prompt, SETUP.max_new_tokens
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_plain_and_low_temperature_sample_their_distributions():
-    target = pp.Target(LM, pp.Power(4.0))   # the baselines ignore the target's sharpening
-    plain = pp.baselines.Plain(n=2000).run(target, [0], 4, seed=0)
-    assert enumerate_target(pp.Target(LM), [0], 4).tv(plain.samples) < 0.05
-    low = pp.baselines.LowTemperature(tau=0.5, n=2000).run(target, [0], 4, seed=0)
-    assert enumerate_target(pp.Target(LM, pp.Tempered(0.5)), [0], 4).tv(low.samples) < 0.05
+    """Plain decoding samples the base LM and low temperature its token-level law — each far
+    from the other, from the mode and from p^2 (what the target asks for and they ignore)."""
+    target = pp.Target(FORK, pp.Power(2.0))   # the baselines ignore the target's sharpening
+    base = enumerate_target(pp.Target(FORK), PROMPT, T)
+    lowd = enumerate_target(pp.Target(FORK, pp.Tempered(0.5)), PROMPT, T)
+    power = enumerate_target(target, PROMPT, T).as_dict()
+    plain = pp.baselines.Plain(n=20000).run(target, PROMPT, T, seed=0)
+    check(base, plain.samples, None, 0.04, {"p^2": power, "low temperature 1/2": lowd.as_dict()}, "Plain")
+    low = pp.baselines.LowTemperature(tau=0.5, n=20000).run(target, PROMPT, T, seed=0)
+    check(lowd, low.samples, None, 0.04, {"p^2": power, "base LM": base.as_dict()}, "LowTemperature(0.5)")
     for res in (plain, low):
-        assert res.n == 2000 and list(res.weights) == pytest.approx([1 / 2000] * 2000)
+        assert res.n == 20000 and list(res.weights) == pytest.approx([1 / 20000] * 20000)
         for key in ("forward_passes", "tokens_decoded", "wall_time", "peak_memory"):
             assert key in res.stats
-        assert res.stats["forward_passes"] <= 5   # one batched forward per position
+        assert res.stats["forward_passes"] <= T + 1   # one batched forward per position
         assert all(f != t for f, t in zip(res.finished, res.truncated))
-        assert all(len(s) == 4 for s, t in zip(res.samples, res.truncated) if t)
+        assert all(len(s) == T for s, t in zip(res.samples, res.truncated) if t)
+    target = pp.Target(LM, pp.Power(4.0))
+    low = pp.baselines.LowTemperature(tau=0.5, n=50).run(target, [0], 4, seed=0)
     # log p and log γ of the samples agree with the target's own density
     seqs = [s + [LM.eos_token_id] if f else s for s, f in zip(low.samples[:20], low.finished[:20])]
     assert torch.allclose(torch.tensor(low.log_p[:20], dtype=torch.float64),

@@ -10,6 +10,9 @@ from hypothesis import strategies as st
 import llmppl as pp
 from llmppl.exact import enumerate_target
 from llmppl.models import NGramLM
+from llmppl.models.toy import EXACTNESS, ForkingLM
+
+from _exactness import check, impostors, pooled
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -17,52 +20,60 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
-LM = NGramLM(vocab_size=4, order=2, seed=4)   # EOS inside blocks; p^2 and p^4 both spread
+LM = NGramLM(vocab_size=4, order=2, seed=4)   # structural tests (traces, stats, errors)
+SETUP = EXACTNESS["fork"]                     # exactness: completions of 2 or 3 tokens, cut at 4
+FORK = SETUP.lm()
+PROMPT, T = SETUP.prompt, SETUP.max_new_tokens
+THRESHOLD = 0.05
+#: chains per run (two runs pooled): p^2 spreads over more sequences than p^4
+CHAINS = {2.0: 3500, 4.0: 2500}
+
+
+def mh_check(mh, target, alpha, label, lm=FORK, chains=5000, runs=2, others=None):
+    exact = enumerate_target(target, PROMPT, T)
+    res = []
+    s, w = pooled(lambda seed: res.append(mh.run(target, PROMPT, T, chains=chains, seed=seed)) or res[-1],
+                  range(runs))
+    check(exact, s, w, THRESHOLD, impostors(lm, PROMPT, T, alpha) if others is None else others, label)
+    return res
 
 
 @pytest.mark.parametrize("alpha", [2.0, 4.0])
 def test_mh_matches_power_with_eos_inside_blocks(alpha):
-    target = pp.Target(LM, pp.Power(alpha))
-    exact = enumerate_target(target, [0], 5)
-    res = pp.MH(block_size=2, n_mcmc=20).run(target, [0], 5, chains=1500, seed=1)
-    tv = exact.tv(res.samples)
-    print(f"alpha={alpha}: TV(MH, exact) = {tv:.4f}, acceptance per stage {res.steps['acceptance']}")
-    assert tv < 0.05
-    assert res.steps["stage_length"] == [2, 4, 5]
-    # EOS ended chains inside blocks: the final lengths vary
-    assert any(res.finished) and len({len(s) for s in res.samples}) >= 2
+    res = mh_check(pp.MH(block_size=2, n_mcmc=8), pp.Target(FORK, pp.Power(alpha)), alpha,
+                   f"MH alpha={alpha}", chains=CHAINS[alpha])[0]
+    print(f"acceptance per stage {res.steps['acceptance']}")
+    assert res.steps["stage_length"] == [2, 4]
+    # EOS ended chains inside the second block (after 2 or 3 tokens): the final lengths vary
+    assert any(res.finished) and {2, 3} <= {len(s) for s in res.samples}
 
 
 def test_too_few_steps_are_detectably_wrong():
-    """The same check fails without enough MH steps (the test can fail)."""
-    target = pp.Target(LM, pp.Power(4.0))
-    exact = enumerate_target(target, [0], 5)
-    res = pp.MH(block_size=5, n_mcmc=0).run(target, [0], 5, chains=2000, seed=1)
-    assert exact.tv(res.samples) > 0.1
+    """The same check fails without MH steps: the chains are then low-temperature draws."""
+    target = pp.Target(FORK, pp.Power(4.0))
+    exact = enumerate_target(target, PROMPT, T)
+    res = pp.MH(block_size=4, n_mcmc=0).run(target, PROMPT, T, chains=5000, seed=1)
+    assert exact.tv(res.samples) > 0.15
 
 
-@pytest.mark.parametrize("alpha", [2.0, 4.0])
+@pytest.mark.parametrize("alpha", [4.0])
 def test_mh_matches_power_without_eos(alpha):
-    lm = NGramLM(vocab_size=3, order=2, seed=6, eos_boost=0.0)
-    target = pp.Target(lm, pp.Power(alpha))
-    exact = enumerate_target(target, [0], 4)
-    res = pp.MH(block_size=2, n_mcmc=15).run(target, [0], 4, chains=1000, seed=2)
-    assert all(len(s) == 4 for s in res.samples) and all(res.truncated)
-    tv = exact.tv(res.samples)
-    print(f"alpha={alpha} no EOS: TV = {tv:.4f}")
-    assert tv < 0.05
+    """A ForkingLM that never ends (EOS probability 1e-9): every chain is cut at T."""
+    lm = ForkingLM(seed=SETUP.seed, eos_profile=(0.0,))
+    res = mh_check(pp.MH(block_size=2, n_mcmc=12), pp.Target(lm, pp.Power(alpha)), alpha,
+                   f"MH alpha={alpha} no EOS", lm=lm, chains=3000)[0]
+    assert all(len(s) == T for s in res.samples) and all(res.truncated)
 
 
 def test_mh_uses_the_full_density_reward_and_twist():
     """Non-factorising log_complete (reward) at the end, twists at intermediate stages."""
     reward = lambda cs: [0.5 * c.token_ids.count(1) for c in cs]  # noqa: E731
     prm = lambda cs: [0.3 * len(c.token_ids) for c in cs]  # noqa: E731
-    target = pp.Target(LM, pp.Power(2.0) * pp.RewardTilt(reward, 0.5, process_reward=prm))
-    exact = enumerate_target(target, [0], 5)
-    res = pp.MH(block_size=2, n_mcmc=20).run(target, [0], 5, chains=1500, seed=3)
-    tv = exact.tv(res.samples)
-    print(f"Power(2) * RewardTilt: TV = {tv:.4f}")
-    assert tv < 0.05
+    target = pp.Target(FORK, pp.Power(2.0) * pp.RewardTilt(reward, 0.5, process_reward=prm))
+    others = {"p^2 without the reward": enumerate_target(pp.Target(FORK, pp.Power(2.0)), PROMPT, T).as_dict(),
+              "base LM": enumerate_target(pp.Target(FORK), PROMPT, T).as_dict()}
+    mh_check(pp.MH(block_size=2, n_mcmc=12), target, 2.0, "MH Power(2) * RewardTilt", others=others,
+             chains=CHAINS[2.0])
 
 
 @settings(max_examples=4, deadline=None)

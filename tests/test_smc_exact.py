@@ -1,5 +1,12 @@
-"""SMC against exact enumeration on toy LMs: weighted particles and the evidence Ẑ."""
+"""SMC against exact enumeration on toy LMs: weighted particles and the evidence Ẑ.
 
+The target is ``p^α`` on the ``"fork"`` setup (``llmppl.models.toy.EXACTNESS``): its
+effective support is 26, 15 and 12 sequences at α = 1, 2, 4, and each check also
+asserts that the mode, low-temperature decoding at τ = 1/α and the base LM are
+farther from the target than the threshold (``tests/_exactness.py``).
+"""
+
+import functools
 import math
 
 import numpy as np
@@ -7,189 +14,207 @@ import pytest
 import torch
 
 import llmppl as pp
-from llmppl.exact import enumerate_target, tv_distance
+from llmppl.exact import enumerate_target
 from llmppl.models import NGramLM
+from llmppl.models.toy import EXACTNESS
 
-PROMPT = [0]
-T = 5
-# (vocab, seed, concentration, eos_boost): toy LMs where p^α is not a point mass
-LMS = {"a": (4, 0, 1.0, 1.0), "b": (4, 4, 1.0, 2.0), "c": (4, 5, 2.0, 2.0), "d": (5, 3, 1.0, 3.0)}
+from _exactness import check, impostors, pooled
+
+SETUP = EXACTNESS["fork"]
+LM = SETUP.lm()
+PROMPT = SETUP.prompt
+T = SETUP.max_new_tokens
+THRESHOLD = 0.04
+#: particles × runs per α: p^1 spreads over more sequences, so it needs more samples
+BUDGET = {1.0: (2000, 8), 2.0: (1500, 6), 4.0: (1000, 6)}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def lm_of(key):
-    V, seed, conc, boost = LMS[key]
-    return NGramLM(vocab_size=V, order=2, seed=seed, concentration=conc, eos_boost=boost)
+@functools.cache
+def exact_power(alpha):
+    return enumerate_target(pp.Target(LM, pp.Power(alpha)), PROMPT, T)
 
 
-def pooled(smc, target, runs=6, seed0=0):
-    samples, weights = [], []
-    for r in range(runs):
-        res = smc.run(target, PROMPT, T, seed=seed0 + r)
-        samples += res.samples
-        weights += list(res.weights / runs)
-    return samples, weights
+@functools.cache
+def power_impostors(alpha):
+    return impostors(LM, PROMPT, T, alpha)
 
 
-def smc_tv(smc, target, runs=6):
-    """TV between the exact target and the weighted particles pooled over ``runs`` seeds."""
-    ex = enumerate_target(target, PROMPT, T)
-    s, w = pooled(smc, target, runs)
-    return ex.tv(s, w), ex
+def check_smc(smc, target, alpha, runs, label, others=None, exact=None):
+    exact = exact or enumerate_target(target, PROMPT, T)
+    s, w = pooled(lambda seed: smc.run(target, PROMPT, T, seed=seed), range(runs))
+    return check(exact, s, w, THRESHOLD, power_impostors(alpha) if others is None else others, label)
 
 
-CASES = [  # (lm, alpha, resampling, schedule, proposal)
-    ("b", 1.0, "systematic", None, None),
-    ("a", 2.0, "multinomial", None, None),
-    ("d", 2.0, "residual", None, None),
-    ("d", 4.0, "systematic", pp.schedules.AdaptiveESS(0.5), None),
-    ("a", 4.0, "stratified", None, None),
-    ("b", 4.0, "residual", None, None),
-    ("b", 2.0, "systematic", pp.schedules.Linear(1.0, 3), None),
-    ("c", 4.0, "residual", pp.schedules.Linear(1.0, 3), pp.proposals.Base()),
-    ("c", 4.0, "systematic", pp.schedules.AdaptiveESS(0.5), None),
-    ("c", 2.0, "multinomial", pp.schedules.Geometric(1.0, 2), pp.proposals.Base()),
-    ("d", 1.0, "stratified", None, pp.proposals.Base()),
-    ("a", 4.0, "systematic", None, pp.proposals.Tempered(0.5)),
+CASES = [  # (alpha, resampling, ess_threshold, schedule, proposal); κ = 1 resamples every step
+    (1.0, "systematic", 0.5, None, None),
+    (2.0, "residual", 0.5, None, None),
+    (4.0, "multinomial", 1.0, None, None),
+    (4.0, "stratified", 1.0, None, None),
+    (4.0, "systematic", 1.0, None, None),
+    (4.0, "residual", 1.0, None, None),
+    (4.0, "systematic", 0.5, pp.schedules.AdaptiveESS(0.5), None),
+    (2.0, "systematic", 0.5, pp.schedules.Linear(1.0, 3), None),
+    (4.0, "residual", 0.5, pp.schedules.Linear(1.0, 3), pp.proposals.Base()),
+    (4.0, "multinomial", 0.5, pp.schedules.Geometric(1.0, 3), None),
+    (2.0, "stratified", 0.5, pp.schedules.Geometric(1.0, 2), pp.proposals.Base()),
+    (4.0, "systematic", 0.5, None, pp.proposals.Tempered(0.5)),
 ]
 
 
-@pytest.mark.parametrize("key,alpha,scheme,schedule,proposal", CASES)
-def test_power_targets_match_exact(key, alpha, scheme, schedule, proposal):
-    lm = lm_of(key)
-    target = pp.Target(lm, pp.Power(alpha))
-    # p^1 spreads its mass over many sequences: more particles to beat Monte Carlo noise
-    smc = pp.SMC(1000 if alpha == 1 else 500, proposal=proposal, resampling=scheme, schedule=schedule)
-    tv, ex = smc_tv(smc, target, runs=8 if alpha == 1 else 6)
-    low = enumerate_target(pp.Target(lm, pp.Tempered(1.0 / alpha)), PROMPT, T)
-    tv_low = tv_distance(ex.as_dict(), low.as_dict())
-    print(f"{key} alpha={alpha} {scheme} {schedule} {proposal}: TV(SMC)={tv:.4f}  TV(low temp)={tv_low:.4f}")
-    assert tv < 0.04
-    if alpha > 1:   # plain low-temperature sampling targets something else
-        assert tv_low > tv + 0.1
+@pytest.mark.parametrize("alpha,scheme,kappa,schedule,proposal", CASES)
+def test_power_targets_match_exact(alpha, scheme, kappa, schedule, proposal):
+    n, runs = BUDGET[alpha]
+    if scheme == "multinomial" and kappa == 1.0:
+        n *= 2      # the noisiest scheme, applied at every step
+    smc = pp.SMC(n, proposal=proposal, resampling=scheme, ess_threshold=kappa, schedule=schedule)
+    check_smc(smc, pp.Target(LM, pp.Power(alpha)), alpha, runs,
+              f"alpha={alpha} {scheme} kappa={kappa} {schedule} {proposal}", exact=exact_power(alpha))
 
 
-@pytest.mark.parametrize("kappa", [0.0, 1.0])
-def test_never_and_always_resample(kappa):
-    target = pp.Target(lm_of("c"), pp.Power(2.0))
-    smc = pp.SMC(400, ess_threshold=kappa, resampling="systematic")
-    tv, _ = smc_tv(smc, target, runs=4)
-    res = smc.run(target, PROMPT, T, seed=0)
-    assert all(res.steps["resampled"][:-1]) if kappa == 1.0 else not any(res.steps["resampled"])
-    assert tv < 0.04
+def test_never_and_always_resample():
+    target = pp.Target(LM, pp.Power(4.0))
+    never = pp.SMC(BUDGET[4.0][0], ess_threshold=0.0)
+    check_smc(never, target, 4.0, BUDGET[4.0][1], "kappa=0", exact=exact_power(4.0))
+    assert not any(never.run(target, PROMPT, T, seed=0).steps["resampled"])
+    assert all(pp.SMC(16, ess_threshold=1.0).run(target, PROMPT, T, seed=0).steps["resampled"][:-1])
 
 
 def mask(batch):
-    """Token 1 is never allowed right after token 2 (a prefix-dependent mask)."""
+    """Token 1 is never allowed right after token 1 (a prefix-dependent mask; it moves
+    about 0.2 of the mass of ``Tempered(0.5)`` and of ``p^2``)."""
     m = torch.ones(len(batch), batch.base_logprobs.shape[-1], dtype=torch.bool)
     for i, toks in enumerate(batch.tokens):
-        if toks and toks[-1] == 2:
+        if toks and toks[-1] == 1:
             m[i, 1] = False
     return m
 
 
 def test_locally_optimal_on_tempered_constraint():
-    target = pp.Target(lm_of("d"), pp.Tempered(0.5) * pp.Constraint(mask=mask))
-    smc = pp.SMC(500)                                   # default proposal: LocallyOptimal
-    tv, ex = smc_tv(smc, target, runs=5)
-    assert tv < 0.04
+    target = pp.Target(LM, pp.Tempered(0.5) * pp.Constraint(mask=mask))
+    unmasked = enumerate_target(pp.Target(LM, pp.Tempered(0.5)), PROMPT, T).as_dict()
+    others = {"low temperature without the mask": unmasked,
+              "base LM": enumerate_target(pp.Target(LM), PROMPT, T).as_dict()}
+    smc = pp.SMC(BUDGET[2.0][0])                       # default proposal: LocallyOptimal
+    check_smc(smc, target, 2.0, 6, "Tempered(0.5) * mask", others)
     res = smc.run(target, PROMPT, T, seed=1)
     assert "LocallyOptimal" in res.config["proposal"]
     for s in res.samples:
-        assert all(not (x == 2 and y == 1) for x, y in zip(s, s[1:]))
+        assert all(not (x == 1 and y == 1) for x, y in zip(s, s[1:]))
 
 
-def test_segment_steps_match_exact():
-    lm = lm_of("b")
-    target = pp.Target(lm, pp.Power(2.0))
-    for step in (pp.steps.Tokens(2), pp.steps.Until(1, max_tokens=3)):
-        smc = pp.SMC(400, step=step, schedule=pp.schedules.Linear(1.0, 2))
-        tv, _ = smc_tv(smc, target, runs=4)
-        assert tv < 0.04, step
+SEGMENT_BIAS = (
+    "engine defect: SMC with variable-length segment steps (pp.steps.Until) and resampling is "
+    "biased on the fork setup (TV 0.08-0.25 to p^4 at 12k particles, delimiter 0 or 1, any "
+    "resampling scheme); the same runs without resampling (ess_threshold=0) or with fixed-length "
+    "Tokens(k) segments are exact")
 
 
-Z_CASES = [
-    ("a", 2.0, "multinomial", 0.5, None, None),
-    ("b", 4.0, "systematic", 1.0, pp.schedules.Linear(1.0, 3), None),
-    ("c", 4.0, "residual", 0.5, None, pp.proposals.Base()),
-    ("c", 2.0, "stratified", 0.5, pp.schedules.AdaptiveESS(0.7), None),
-]
+@pytest.mark.parametrize("step", [
+    pp.steps.Tokens(2),
+    pytest.param(pp.steps.Until(1, max_tokens=3),
+                 marks=pytest.mark.xfail(strict=True, reason=SEGMENT_BIAS)),
+], ids=["tokens2", "until"])
+def test_segment_steps_match_exact(step):
+    target = pp.Target(LM, pp.Power(4.0))
+    smc = pp.SMC(BUDGET[4.0][0], step=step, schedule=pp.schedules.Linear(1.0, 2))
+    check_smc(smc, target, 4.0, BUDGET[4.0][1], repr(step), exact=exact_power(4.0))
 
 
-@pytest.mark.parametrize("key,alpha,scheme,kappa,schedule,proposal", Z_CASES)
-def test_evidence_is_unbiased(key, alpha, scheme, kappa, schedule, proposal):
-    target = pp.Target(lm_of(key), pp.Power(alpha))
+def test_segment_steps_without_resampling_match_exact():
+    """The Until segments themselves are right: without resampling the weights are exact."""
+    smc = pp.SMC(BUDGET[4.0][0], step=pp.steps.Until(1, max_tokens=3), ess_threshold=0.0)
+    check_smc(smc, pp.Target(LM, pp.Power(4.0)), 4.0, BUDGET[4.0][1], "Until, no resampling",
+              exact=exact_power(4.0))
+
+
+def evidence_check(smc, target, runs=200):
+    """Mean Ẑ over ``runs`` seeds within 4 SE of the exact Z, and 4 SE small enough
+    (< 10 % of Z) that an estimator biased by 10 % would fail."""
     ex = enumerate_target(target, PROMPT, T)
-    smc = pp.SMC(4, proposal=proposal, resampling=scheme, ess_threshold=kappa, schedule=schedule)
-    Z = np.array([math.exp(smc.run(target, PROMPT, T, seed=s).log_evidence) for s in range(250)])
+    Z = np.array([math.exp(smc.run(target, PROMPT, T, seed=s).log_evidence) for s in range(runs)])
     se = Z.std(ddof=1) / math.sqrt(len(Z))
-    print(f"Zhat mean {Z.mean():.5f} ± {se:.5f}  exact {ex.Z:.5f}")
-    assert abs(Z.mean() - ex.Z) < 4 * se + 1e-12
-
-
-def test_evidence_with_constraint_is_unbiased():
-    target = pp.Target(lm_of("a"), pp.Power(2.0) * pp.Constraint(mask=mask))
-    ex = enumerate_target(target, PROMPT, T)
-    smc = pp.SMC(4, proposal=pp.proposals.Tempered(0.5))
-    Z = np.array([math.exp(smc.run(target, PROMPT, T, seed=s).log_evidence) for s in range(250)])
-    se = Z.std(ddof=1) / math.sqrt(len(Z))
+    print(f"Zhat mean {Z.mean():.6g} ± {se:.3g}  exact {ex.Z:.6g}  (4 SE = {4 * se / ex.Z:.1%} of Z)")
+    assert 4 * se < 0.1 * ex.Z
     assert abs(Z.mean() - ex.Z) < 4 * se
 
 
+Z_CASES = [
+    (2.0, "multinomial", 0.5, None, None),
+    (4.0, "systematic", 1.0, pp.schedules.Linear(1.0, 3), None),
+    (4.0, "residual", 0.5, None, pp.proposals.Base()),
+    (2.0, "stratified", 0.5, pp.schedules.AdaptiveESS(0.7), None),
+]
+
+
+@pytest.mark.parametrize("alpha,scheme,kappa,schedule,proposal", Z_CASES)
+def test_evidence_is_unbiased(alpha, scheme, kappa, schedule, proposal):
+    n = 8 if isinstance(proposal, pp.proposals.Base) else 4    # q = p: noisier weights
+    smc = pp.SMC(n, proposal=proposal, resampling=scheme, ess_threshold=kappa, schedule=schedule)
+    evidence_check(smc, pp.Target(LM, pp.Power(alpha)))
+
+
+def test_evidence_with_constraint_is_unbiased():
+    evidence_check(pp.SMC(4, proposal=pp.proposals.Tempered(0.5)),
+                   pp.Target(LM, pp.Power(2.0) * pp.Constraint(mask=mask)))
+
+
 class ExactGibbsKernel:
-    """An exact independent MH kernel for ``γ_t`` on unfinished prefixes of the same length:
-    propose a whole prefix from the base LM (no EOS), accept with the γ_t/q ratio."""
+    """An exact independent MH kernel for ``γ_t ∝ p^{a_t}`` on unfinished prefixes: propose a
+    whole prefix of the same length from the base LM without EOS (one batched forward per
+    position for all rows), accept with the ``γ_t/q`` ratio."""
 
     def __init__(self):
         self.calls = 0
 
     def move(self, ctx):
         self.calls += 1
-        lm, state, eos = ctx.target.lm, ctx.state, ctx.target.lm.eos_token_id
-        accepted = 0
-        for i in ctx.rows.tolist():
-            L = len(state.tokens[i])
-            prop, logq, logp = [], 0.0, 0.0
-            for _ in range(L):
-                lp = lm.next_logprobs([state.prompt + prop])[0].double()
-                lp_noeos = lp.clone()
-                lp_noeos[eos] = -math.inf
-                q = torch.log_softmax(lp_noeos, 0)
-                v = int(torch.multinomial(q.exp(), 1, generator=ctx.generator))
-                logq += float(q[v])
-                logp += float(lp[v])
-                prop.append(v)
-            # q(y) for the current prefix
-            cur, logq_cur = state.tokens[i], 0.0
-            for t in range(L):
-                lp = lm.next_logprobs([state.prompt + cur[:t]])[0].double()
-                lp[eos] = -math.inf
-                logq_cur += float(torch.log_softmax(lp, 0)[cur[t]])
-            log_a = ctx.exponent * (logp - float(ctx.log_p[i])) + logq_cur - logq
-            if math.log(float(torch.rand(1, generator=ctx.generator, dtype=torch.float64))) < log_a:
-                state.truncate([i], [0])
-                if prop:
-                    state.extend([prop], [i])
-                ctx.log_p[i] = logp
-                accepted += 1
-        return accepted
+        lm, state, eos, gen = ctx.target.lm, ctx.state, ctx.target.lm.eos_token_id, ctx.generator
+        rows = ctx.rows.tolist()
+        cur = [list(state.tokens[i]) for i in rows]
+        L = len(cur[0])
+        assert all(len(c) == L for c in cur) and L > 0
+        prompts = [seq[:len(seq) - L] for seq in state.sequences(ctx.rows)]
+        prop = [[] for _ in rows]
+        logq = torch.zeros(len(rows), dtype=torch.float64)
+        logp, logq_cur = logq.clone(), logq.clone()
+        for t in range(L):
+            lp = lm.next_logprobs([p + y for p, y in zip(prompts, prop)]).double()
+            q = lp.clone()
+            q[:, eos] = -math.inf
+            q = torch.log_softmax(q, -1)
+            v = torch.multinomial(q.exp(), 1, generator=gen).squeeze(1)
+            logq += q.gather(1, v[:, None]).squeeze(1)
+            logp += lp.gather(1, v[:, None]).squeeze(1)
+            for y, x in zip(prop, v.tolist()):
+                y.append(x)
+            lc = lm.next_logprobs([p + c[:t] for p, c in zip(prompts, cur)]).double()
+            lc[:, eos] = -math.inf
+            logq_cur += torch.log_softmax(lc, -1)[torch.arange(len(rows)), [c[t] for c in cur]]
+        log_a = ctx.exponent * (logp - ctx.log_p[ctx.rows]) + logq_cur - logq
+        acc = torch.rand(len(rows), generator=gen, dtype=torch.float64).log() < log_a
+        moved = [rows[k] for k in acc.nonzero().flatten().tolist()]
+        if moved:
+            state.truncate(moved, [0] * len(moved))
+            state.extend([prop[k] for k in acc.nonzero().flatten().tolist()], moved)
+            ctx.log_p[moved] = logp[acc]
+        return len(moved)
 
 
 def test_rejuvenation_hook_keeps_the_target():
-    target = pp.Target(lm_of("c"), pp.Power(4.0))
+    target = pp.Target(LM, pp.Power(4.0))
     kernel = ExactGibbsKernel()
-    smc = pp.SMC(300, ess_threshold=1.0, rejuvenate=kernel)
-    tv, _ = smc_tv(smc, target, runs=4)
+    smc = pp.SMC(BUDGET[4.0][0], ess_threshold=1.0, rejuvenate=kernel)
+    check_smc(smc, target, 4.0, 6, "SMC + exact independent MH moves", exact=exact_power(4.0))
     res = smc.run(target, PROMPT, T, seed=9)
     assert kernel.calls > 0 and res.stats["moves_accepted"] > 0
     assert len(res.steps["moves_accepted"]) == len(res.steps["ess"])
-    assert tv < 0.04
 
 
 def test_determinism_and_result_fields():
-    target = pp.Target(lm_of("a"), pp.Power(2.0))
+    target = pp.Target(LM, pp.Power(2.0))
     smc = pp.SMC(16, resampling="residual")
     r1, r2 = smc.run(target, PROMPT, T, seed=3), smc.run(target, PROMPT, T, seed=3)
     assert r1.samples == r2.samples and r1.log_weights == r2.log_weights
@@ -211,12 +236,11 @@ def test_determinism_and_result_fields():
 
 
 def test_bad_input():
-    target = pp.Target(lm_of("a"), pp.Power(2.0))
     for kw in ({"n_particles": 0}, {"n_particles": 2, "ess_threshold": 1.5},
                {"n_particles": 2, "resampling": "nope"}, {"n_particles": 2, "ess_threshold": -0.1}):
         with pytest.raises(ValueError):
             pp.SMC(**kw)
-    impossible = pp.Target(lm_of("a"), pp.Power(2.0) * pp.Constraint(lambda c: False))
+    impossible = pp.Target(LM, pp.Power(2.0) * pp.Constraint(lambda c: False))
     with pytest.raises(ValueError, match="step .*every particle has weight zero.*log_complete"):
         pp.SMC(8).run(impossible, PROMPT, T, seed=0)
 
@@ -231,11 +255,12 @@ class NaNLM(NGramLM):
 def test_nan_from_the_lm_names_the_step():
     target = pp.Target(NaNLM(vocab_size=4, seed=0, eos_boost=1e-3), pp.Power(2.0))
     with pytest.raises(ValueError, match="NaN.*row|particle"):
-        pp.SMC(4).run(target, PROMPT, T, seed=0)
+        pp.SMC(4).run(target, [0], T, seed=0)
 
 
-@pytest.mark.parametrize("proposal", [pp.proposals.TopK(1, epsilon=0.2), pp.proposals.TopP(0.5, epsilon=0.2)])
+@pytest.mark.parametrize("proposal", [pp.proposals.TopK(1, epsilon=0.5), pp.proposals.TopP(0.5, epsilon=0.5)])
 def test_restricted_proposals_stay_exact(proposal):
-    target = pp.Target(lm_of("d"), pp.Power(2.0))
-    tv, _ = smc_tv(pp.SMC(500, proposal=proposal), target, runs=5)
-    assert tv < 0.04
+    """Weight-corrected top-k/top-p: p^4 splits its mass between the two fork tokens, so the
+    second one comes from the defensive mixture (ε) with a large weight: more particles."""
+    check_smc(pp.SMC(2500, proposal=proposal), pp.Target(LM, pp.Power(4.0)), 4.0, 6, repr(proposal),
+              exact=exact_power(4.0))

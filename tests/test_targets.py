@@ -67,6 +67,26 @@ def test_target_exponent_rules():
     assert pp.Target(LM, pp.RewardTilt(reward_len, 1.0)).base_exponent == 1.0
 
 
+def test_tempered_replaces_the_base_factor():
+    """Decided (issue 12 item 9): a Tempered factor without a Power factor *replaces* p
+    (base_exponent 0); ``Power(1) * Tempered(τ)`` keeps both.  Checked on the densities."""
+    from llmppl.exact import enumerate_target
+
+    seqs = [[1, 2, LM.eos_token_id], [2, LM.eos_token_id]]
+    base = pp.Target(LM).log_density(PROMPT, seqs)
+    low = pp.Target(LM, pp.Tempered(0.5)).log_density(PROMPT, seqs)
+    both = pp.Target(LM, pp.Power(1.0) * pp.Tempered(0.5))
+    assert both.base_exponent == 1.0
+    assert torch.allclose(both.log_density(PROMPT, seqs), base + low, atol=1e-5)
+    tilted = pp.Target(LM, pp.Tempered(0.5) * pp.RewardTilt(reward_len, 1.0))
+    assert tilted.base_exponent == 0.0
+    r = torch.tensor([float(len(s) - 1) for s in seqs], dtype=torch.float64)
+    assert torch.allclose(tilted.log_density(PROMPT, seqs), low + r, atol=1e-5)
+    # Target(lm, Tempered(τ)) is the law of low-temperature decoding: its Z is 1
+    assert enumerate_target(pp.Target(LM, pp.Tempered(0.5)), PROMPT, 3).log_Z == pytest.approx(0.0, abs=1e-5)
+    assert "replaces" in pp.Target.__doc__
+
+
 def test_power_density_by_hand():
     t = pp.Target(LM, pp.Power(2.5))
     seq = [1, 2, 3]

@@ -102,6 +102,21 @@ class Result:
         return [float(1.0 / np.sum(w**2))]
 
     @property
+    def truncated_share(self) -> float:
+        """``Σ_i W_i · 1[y_i truncated]``: the normalised weight on completions cut at
+        ``max_new_tokens`` (0 when none is; NaN when no sample has positive weight).
+
+        Under ``Target(..., truncation="keep")`` a large share says the target favours
+        completions that never end (raise ``max_new_tokens`` or use ``truncation="zero"``).
+        """
+        if not any(self.truncated):
+            return 0.0
+        lw = np.asarray(self.log_weights, dtype=np.float64)
+        if lw.size == 0 or not np.isfinite(lw).any():
+            return math.nan
+        return float(np.sum(self.weights[np.asarray(self.truncated, dtype=bool)]))
+
+    @property
     def final_ess(self) -> float:
         w = self.weights
         return float(1.0 / np.sum(w**2))
@@ -144,7 +159,8 @@ class Result:
         if "wall_time" in self.stats:
             parts.append(f"seconds={self.stats['wall_time']:.2f}")
         if any(self.truncated):
-            parts.append(f"truncated={sum(self.truncated)}/{self.n}")
+            parts.append(f"truncated={sum(self.truncated)}/{self.n} "
+                         f"(weight share {self.truncated_share:.3f})")
         return "  ".join(parts)
 
     # ------------------------------------------------------------- serialise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,20 +15,44 @@ from .potentials import Power, Tempered
 class Target:
     """A base LM times potentials: ``log γ(y) = Σ_t [a·log p(y_t|y_<t) + Σ_k log φ_k^next] + Σ_k log φ_k(y)``.
 
-    ``a`` (``base_exponent``) is the sum of the ``Power`` factors; with no ``Power``
-    factor it is 1 (the base LM) unless a ``Tempered`` factor already supplies the
-    token distribution, in which case it is 0.  The sequence space is completions
-    ending in EOS within ``max_new_tokens`` tokens, plus the truncated ones that reach
-    ``max_new_tokens`` without EOS (their base probability is the prefix marginal).
+    **Base exponent.** ``a`` (``base_exponent``) is the sum of the ``Power`` factors.
+    With no ``Power`` factor it is 1 (the base LM: ``Target(lm, RewardTilt(r, β))`` is
+    ``p · exp(r/β)``) — unless a ``Tempered(τ)`` factor is present, in which case it is
+    0: ``Tempered`` is itself a whole (locally normalised) token-level distribution and
+    *replaces* ``p``, so ``Target(lm, Tempered(τ))`` is the law of low-temperature
+    sampling and ``Tempered(τ) * RewardTilt(r, β)`` is ``p_τ · exp(r/β)``.  To keep
+    ``p`` as well, say so: ``Power(1) * Tempered(τ)`` is ``p · p_τ`` (``a = 1``).
+
+    **Truncation.** The sequence space is completions ending in EOS within
+    ``max_new_tokens`` tokens (EOS counted), plus the *truncated* ones that reach
+    ``max_new_tokens`` without EOS.  ``truncation`` says what a truncated completion
+    weighs:
+
+    * ``"keep"`` (default): its base factor is the prefix marginal ``p(y_≤T)^a`` (and
+      potentials see it with ``truncated=True``), so ``π`` lives on finished and cut
+      completions alike — what decoding to a token budget does, but with ``a > 1``
+      this favours loops that never end;
+    * ``"zero"``: weight 0 — ``π ∝ p^a·Π φ`` restricted to completions that finish
+      within ``max_new_tokens``, the honest target when the answer must end.  It is
+      implemented as a factor on finished sequences (``log_complete`` is ``−∞`` on
+      truncated rows), so every engine and ``llmppl.exact`` honour it unchanged; an
+      engine's particles that are all cut die, like any zero-weight particles.
     """
 
-    def __init__(self, lm: Any, potential: Potential | None = None, chat: bool = False) -> None:
+    #: the values of ``truncation``
+    TRUNCATION = ("keep", "zero")
+
+    def __init__(self, lm: Any, potential: Potential | None = None, chat: bool = False,
+                 truncation: str = "keep") -> None:
         from ..models.base import LanguageModel
 
         if not isinstance(lm, LanguageModel):
             raise ValueError(f"Target needs a llmppl.models.LanguageModel, got {type(lm).__name__}")
         if potential is not None and not isinstance(potential, Potential):
             raise ValueError(f"potential must be a llmppl Potential, got {type(potential).__name__}")
+        if truncation not in self.TRUNCATION:
+            raise ValueError(f"truncation must be one of {self.TRUNCATION}, got {truncation!r}")
+        self.truncation = truncation
         self.lm = lm
         self.potential = potential if potential is not None else Power(1.0)
         self.chat = chat
@@ -51,8 +76,9 @@ class Target:
 
     @property
     def has_complete(self) -> bool:
-        """True when some factor is defined on finished sequences (rewards, predicates)."""
-        return any(not f.factorises for f in self.others)
+        """True when ``log_complete`` can be non-zero: a factor defined on finished sequences
+        (rewards, predicates), or ``truncation="zero"``."""
+        return self.truncation == "zero" or any(not f.factorises for f in self.others)
 
     def encode(self, prompt: str | Sequence[int] | Sequence[dict]) -> list[int]:
         return self.lm.encode_prompt(prompt, chat=self.chat)
@@ -82,10 +108,27 @@ class Target:
         return None if self._other is None else self._other.log_next(batch)
 
     def log_complete(self, batch: Prefixes) -> torch.Tensor:
-        """``(B,)`` float64: ``Σ_k log φ_k(y)`` of the non-factorising factors on finished rows."""
-        if self._other is None:
-            return torch.zeros(len(batch), dtype=torch.float64)
-        return self._other.log_complete(batch).to(torch.float64)
+        """``(B,)`` float64: ``Σ_k log φ_k(y)`` of the non-factorising factors on ended rows,
+        and ``−∞`` on the truncated ones (``batch.truncated``) under ``truncation="zero"``."""
+        out = torch.zeros(len(batch), dtype=torch.float64)
+        if self.truncation == "zero" and batch.truncated is not None:
+            cut = torch.tensor([bool(t) for t in batch.truncated], dtype=torch.bool)
+            out[cut] = -math.inf
+            if bool(cut.all()):
+                return out          # no need to score rows that weigh nothing
+        if self._other is not None:
+            out = out + self._other.log_complete(batch).to(torch.float64)
+        return out
+
+    def explain_zero_weight(self, truncated: Sequence[bool], max_new_tokens: int) -> str | None:
+        """The reason every row weighs nothing when it is this target's truncation option
+        (every row cut under ``truncation="zero"``), else None — for engines' error messages."""
+        flags = [bool(t) for t in truncated]
+        if self.truncation == "zero" and flags and all(flags):
+            return (f"every completion was cut at max_new_tokens={max_new_tokens} and "
+                    f"truncation='zero' gives cut completions zero weight: raise max_new_tokens "
+                    f"(or use truncation='keep')")
+        return None
 
     def log_twist(self, batch: Prefixes) -> torch.Tensor:
         """``(B,)`` float64: ``log ψ(y_<t)``, the twists of unfinished prefixes (0 when none)."""
@@ -123,4 +166,5 @@ class Target:
         return out
 
     def __repr__(self) -> str:
-        return f"Target({self.lm.name}, {self.potential!r})"
+        extra = ", truncation='zero'" if self.truncation == "zero" else ""
+        return f"Target({self.lm.name}, {self.potential!r}{extra})"
