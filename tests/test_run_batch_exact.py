@@ -163,14 +163,7 @@ class DoomedLM(ForkingLM):
         return out
 
 
-MH_ZERO_DENSITY = (
-    "engine defect: MH does not notice that every chain of a prompt has target density zero "
-    "(log γ = -inf): it returns them with uniform weights and no error, and run() does not raise "
-    "AllParticlesDied")
-
-
-@pytest.mark.parametrize("name", ["smc", pytest.param("mh", marks=pytest.mark.xfail(
-    strict=True, reason=MH_ZERO_DENSITY))])
+@pytest.mark.parametrize("name", ["smc", "mh"])
 def test_a_prompt_whose_particles_all_die_gets_an_error(name):
     """(Plain ignores the target's density: it has no particles to lose.)"""
     lm = DoomedLM(seed=SETUP.seed, eos_profile=SETUP.eos_profile)

@@ -105,17 +105,9 @@ def test_locally_optimal_on_tempered_constraint():
         assert all(not (x == 1 and y == 1) for x, y in zip(s, s[1:]))
 
 
-SEGMENT_BIAS = (
-    "engine defect: SMC with variable-length segment steps (pp.steps.Until) and resampling is "
-    "biased on the fork setup (TV 0.08-0.25 to p^4 at 12k particles, delimiter 0 or 1, any "
-    "resampling scheme); the same runs without resampling (ess_threshold=0) or with fixed-length "
-    "Tokens(k) segments are exact")
-
-
 @pytest.mark.parametrize("step", [
     pp.steps.Tokens(2),
-    pytest.param(pp.steps.Until(1, max_tokens=3),
-                 marks=pytest.mark.xfail(strict=True, reason=SEGMENT_BIAS)),
+    pp.steps.Until(1, max_tokens=3),
 ], ids=["tokens2", "until"])
 def test_segment_steps_match_exact(step):
     target = pp.Target(LM, pp.Power(4.0))

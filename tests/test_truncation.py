@@ -76,14 +76,6 @@ def test_run_batch_honours_the_option():
     assert "truncation='zero'" in results[0].config["target"]
 
 
-ALL_CUT = (
-    "engine defect (smc.py's all-dead message): under truncation='zero', when every particle is "
-    "cut at max_new_tokens, SMC blames 'a constraint or reward on finished completions' instead "
-    "of saying that all particles were cut and suggesting a larger max_new_tokens "
-    "(Target.explain_zero_weight gives the sentence)")
-
-
-@pytest.mark.xfail(strict=True, reason=ALL_CUT)
 def test_smc_says_when_every_particle_is_cut():
     """No completion of the truncating setup ends within 2 tokens (EOS has probability 1e-9)."""
     target = pp.Target(LM, pp.Power(ALPHA), truncation="zero")

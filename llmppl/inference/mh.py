@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..targets.target import Target
-from .common import Stopwatch, make_generator, peak_memory, prepare_prompts
+from .common import AllParticlesDied, Stopwatch, make_generator, peak_memory, prepare_prompts
 from .decode import Decoded, advance, end_terms
 from .moves import MoveContext
 from .proposals import FromLM, LocallyOptimal, Proposal
@@ -145,15 +145,15 @@ class MH:
                   seed: int | None = None) -> list[Result]:
         """``chains`` chains for each of ``G`` prompts as ``G·chains`` rows of one decoding state;
         one ``Result`` per prompt, in order (chains never mix prompts: every MH step is per row)."""
-        return self._run(target, prompts, max_new_tokens, chains, seed)
+        return self._run(target, prompts, max_new_tokens, chains, seed, raise_on_failure=False)
 
     def run(self, target: Target, prompt, max_new_tokens: int, chains: int = 1,
             seed: int | None = None) -> Result:
         """Run ``chains`` chains of Algorithm 1 and return their final states."""
-        return self._run(target, [prompt], max_new_tokens, chains, seed)[0]
+        return self._run(target, [prompt], max_new_tokens, chains, seed, raise_on_failure=True)[0]
 
     def _run(self, target: Target, prompts, max_new_tokens: int, chains: int,
-             seed: int | None) -> list[Result]:
+             seed: int | None, raise_on_failure: bool) -> list[Result]:
         if isinstance(chains, bool) or not isinstance(chains, int) or chains < 1:
             raise ValueError(f"chains must be an int >= 1, got {chains!r}")
         prompt_ids = prepare_prompts(target, prompts, max_new_tokens)
@@ -217,9 +217,17 @@ class MH:
         samples = [list(t) for t in state.tokens]
         log_p = cur.log_p_total()
         acc_all = torch.stack(acc_stage) if acc_stage else torch.zeros((0, n))
+        alive = torch.isfinite(log_gamma)      # a chain stuck at target density zero is no sample
         out = []
         for g in range(G):
             rows = slice(g * chains, (g + 1) * chains)
+            error = None
+            if not bool(alive[rows].any()):
+                error = ((f"prompt {g}: " if G > 1 else "") + f"every MH chain has target density zero "
+                         f"(log γ = -inf) after the last stage under {target!r}: a constraint that nothing "
+                         "the proposal writes satisfies?")
+                if raise_on_failure:
+                    raise AllParticlesDied(error)
 
             def per_chain(values: list[torch.Tensor]) -> list[list[float]]:
                 return torch.stack(values, 1)[rows].tolist() if values else [[] for _ in range(chains)]
@@ -232,7 +240,8 @@ class MH:
                      "batch_prompts": G}
             sam = samples[rows]
             out.append(Result(
-                method="mh", prompt_ids=prompt_ids[g], samples=sam, log_weights=[0.0] * chains,
+                method="mh", prompt_ids=prompt_ids[g], samples=sam,
+                log_weights=[0.0 if a else -math.inf for a in alive[rows].tolist()],
                 texts=[target.lm.decode(x) for x in sam] if target.lm.tokenizer is not None else None,
                 finished=cur.ended[rows].tolist(), truncated=(~cur.ended[rows]).tolist(),
                 log_p=log_p[rows].tolist(),
@@ -242,7 +251,7 @@ class MH:
                 stats=stats,
                 config={"block_size": B, "n_mcmc": self.n_mcmc, "proposal": repr(proposal),
                         "chains": chains, "max_new_tokens": T, "target": repr(target)},
-                seed=seed,
+                seed=seed, error=error,
             ))
         return out
 

@@ -46,8 +46,7 @@ from .steps import Step, Tokens, Until, get_step
 
 #: extra cause code: a cut completion under ``Target(truncation="zero")``
 _CUT_CAUSE = 4
-_CUT_MESSAGE = ("cut at max_new_tokens, and the target gives truncated completions zero weight "
-                "(truncation='zero'): raise max_new_tokens")
+CAUSES[_CUT_CAUSE] = "cut at max_new_tokens, and truncation='zero' gives cut completions zero weight"
 
 
 def default_proposal(target: Target) -> Proposal:
@@ -593,12 +592,12 @@ def _distinct(P: Particles) -> list[int]:
 def _failure_message(run: _Run, g: int, causes: torch.Tensor) -> str:
     counts: dict[str, int] = {}
     for c in causes.tolist():
-        text = _CUT_MESSAGE if c == _CUT_CAUSE else CAUSES.get(c, "unknown cause")
+        text = CAUSES.get(c, "unknown cause")
         counts[text] = counts.get(text, 0) + 1
     why = "; ".join(f"{n} particle(s): {c}" for c, n in counts.items())
     where = (f"prompt {g}, " if run.parts.G > 1 else "") + f"SMC step {int(run.parts.failed_at[g])}: "
-    hint = (" Every particle was cut: raise max_new_tokens or use truncation='keep'."
-            if set(causes.tolist()) == {_CUT_CAUSE} else
+    cut = run.target.explain_zero_weight([c == _CUT_CAUSE for c in causes.tolist()], run.max_new_tokens)
+    hint = (f" {cut[0].upper()}{cut[1:]}." if cut else
             " A constraint that nothing satisfies, or a proposal whose support misses the target's?")
     return (f"{where}every particle has weight zero (log-weight -inf), so the target {run.target!r} "
             f"gives zero density to all of them — {why}.{hint}")
