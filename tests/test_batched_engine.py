@@ -199,3 +199,29 @@ def test_run_batch_log_probs_match_the_model_on_ragged_prompts(smollm, static):
                     assert abs(ref - lp) < 1e-4, (engine, s, ref, lp)
     finally:
         lm.static_cache = False
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_partial_reorder_equals_full_reorder(static, one_thread):
+    """``reorder(idx, rows=...)`` (only the rows of resampling prompts copied) leaves the state
+    exactly as the full gather does: same next-token log-probs, same continuations."""
+    from llmppl.benchmarking.gpu import random_lm
+
+    lm = random_lm("tiny", "cpu", torch.float32, static_cache=static)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    gen = torch.Generator().manual_seed(0)
+    a, b = lm.start(prompts, 4, max_new_tokens=6), lm.start(prompts, 4, max_new_tokens=6)
+    for _ in range(2):
+        tok = torch.randint(0, 500, (12,), generator=gen)
+        a.step(tok, torch.ones(12, dtype=torch.bool))
+        b.step(tok, torch.ones(12, dtype=torch.bool))
+    idx = torch.arange(12)
+    idx[4:8] = torch.tensor([5, 5, 7, 4])          # only prompt 1 resamples
+    a.reorder(idx)
+    b.reorder(idx, rows=torch.arange(4, 8))
+    assert torch.equal(a.last_logprobs(), b.last_logprobs())
+    tok = torch.randint(0, 500, (12,), generator=gen)
+    assert torch.allclose(a.step(tok, torch.ones(12, dtype=torch.bool)),
+                          b.step(tok, torch.ones(12, dtype=torch.bool)), atol=1e-6)
+    assert torch.allclose(a.last_logprobs(), b.last_logprobs(), atol=1e-6)
+    assert a.tokens == b.tokens

@@ -205,14 +205,15 @@ class SMC:
                 self._length_twist(run, inc, seg_inc)
                 ess = self._reweight(run, inc, log_w_before, a, t)
                 need = self._needs_resampling(run, ess)
-                flags = torch.stack([P.done.all(), need.any(), run.bad_logprobs.any()]).tolist()
+                flags = torch.cat([torch.stack([P.done.all(), run.bad_logprobs.any()]), need]).tolist()
                 run.syncs += 1
-                if flags[2]:
+                if flags[1]:
                     raise self._bad_logprobs_error(run, t)
-                if flags[0] or not flags[1]:
+                groups = [g for g, x in enumerate(flags[2:]) if x]
+                if flags[0] or not groups:
                     self._record_no_resampling(run)
                 else:
-                    self._resample(run, need, a, t)
+                    self._resample(run, need, groups, a, t)
                 bar.update(1)
                 if flags[0]:
                     break
@@ -477,15 +478,17 @@ class SMC:
             return torch.zeros_like(live)
         return live & (ess < self.ess_threshold * P.N)
 
-    def _resample(self, run: _Run, need: torch.Tensor, a: torch.Tensor, t: int) -> None:
-        """Resample the prompts in ``need`` (indices within each prompt's rows); then rejuvenate."""
+    def _resample(self, run: _Run, need: torch.Tensor, groups: list[int], a: torch.Tensor, t: int) -> None:
+        """Resample the prompts in ``need`` (``groups`` on the host; indices within each prompt's
+        rows, and only those prompts' rows are copied in the KV cache); then rejuvenate."""
         P = run.parts
         w = torch.exp(P.log_w - P.log_w.amax(1, keepdim=True))
         w = torch.where(need[:, None], w.nan_to_num(0.0), torch.ones_like(w))
         ident = torch.arange(P.N, device=P.device).expand(P.G, P.N)
         anc = torch.where(need[:, None], self.resampler(run.generator, w, P.N).to(P.device), ident)
         rows = (anc + torch.arange(P.G, device=P.device)[:, None] * P.N).reshape(-1)
-        run.state.reorder(rows)
+        changed = torch.tensor([g * P.N + i for g in groups for i in range(P.N)], dtype=torch.long)
+        run.state.reorder(rows, rows=changed.to(P.device, non_blocking=True))
         if run.proposal.stateful:
             run.proposal.on_reorder(rows.cpu())
         P.gather(rows)

@@ -326,10 +326,12 @@ class LMState:
         """
         raise NotImplementedError
 
-    def reorder(self, indices: Sequence[int] | torch.Tensor) -> None:
+    def reorder(self, indices: Sequence[int] | torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Row j becomes a copy of row ``indices[j]``; the number of rows may change.
 
-        ``indices`` may be a device ``LongTensor``.
+        ``indices`` may be a device ``LongTensor``.  ``rows`` (optional, same row count): the
+        only rows that may change — ``indices[j] == j`` elsewhere — so a backend may copy just
+        those (SMC passes the rows of the prompts that resample); ignoring it is correct.
         """
         raise NotImplementedError
 
@@ -437,7 +439,7 @@ class UncachedState(LMState):
                 self.tokens_decoded += 1
         return out
 
-    def reorder(self, indices) -> None:
+    def reorder(self, indices, rows=None) -> None:
         idx = as_index(indices, self.n).tolist()
         self.tokens = [list(self.tokens[i]) for i in idx]
         self._cache = [self._cache[i] for i in idx]

@@ -491,8 +491,9 @@ class HFState(KVCachedState):
         self._sync()
         self._finished[self._rows(rows)] = True
 
-    def reorder(self, indices) -> None:
-        """Row j := row ``indices[j]`` (a gather of every layer; in place when the count is kept)."""
+    def reorder(self, indices, rows=None) -> None:
+        """Row j := row ``indices[j]`` (a gather of every layer; in place when the count is kept;
+        only the listed ``rows`` are copied when given)."""
         _, idx_d = self._device_rows(indices)
         host = idx_d is None
         if host:
@@ -500,18 +501,27 @@ class HFState(KVCachedState):
             idx = as_index(indices, self._n)
             idx_d = idx.to(self.lm.device)
         same = len(idx_d) == self._n
+        part = rows is not None and same
+        if part:
+            rows_d = torch.as_tensor(rows, dtype=torch.long).to(idx_d.device)
+            src = idx_d.index_select(0, rows_d)
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            return t.index_copy(0, rows_d, t.index_select(0, src)) if part else t.index_select(0, idx_d)
+
         with torch.inference_mode():
             for layer in self.cache.layers:
-                if same:
+                if part:
+                    layer.keys.index_copy_(0, rows_d, layer.keys.index_select(0, src))
+                    layer.values.index_copy_(0, rows_d, layer.values.index_select(0, src))
+                elif same:
                     layer.keys.copy_(layer.keys.index_select(0, idx_d))
                     layer.values.copy_(layer.values.index_select(0, idx_d))
                 else:
                     layer.keys = layer.keys.index_select(0, idx_d)
                     layer.values = layer.values.index_select(0, idx_d)
-        self.last = self.last.index_select(0, idx_d)
-        self.fed = self.fed.index_select(0, idx_d)
-        self.valid = self.valid.index_select(0, idx_d)
-        self.kpos = self.kpos.index_select(0, idx_d)
+        self.last, self.fed = gather(self.last), gather(self.fed)
+        self.valid, self.kpos = gather(self.valid), gather(self.kpos)
         if host:
             self._tokens = [list(self._tokens[i]) for i in idx.tolist()]
             self._finished = self._finished[idx]

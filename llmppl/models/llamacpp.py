@@ -488,8 +488,9 @@ class LlamaCppState(LMState):
                 self.seq[i] = -1
         self._release(free)
 
-    def reorder(self, indices: Any) -> None:
-        """Row j becomes a copy of row ``indices[j]`` (sequence kept, freed or ``seq_cp``'d)."""
+    def reorder(self, indices: Any, rows: Any = None) -> None:
+        """Row j becomes a copy of row ``indices[j]`` (sequence kept, freed or ``seq_cp``'d;
+        rows that keep their own sequence cost nothing, so ``rows`` is not needed)."""
         idx = as_index(indices, self.n).tolist()
         old = self.seq
         claimed: set[int] = set()

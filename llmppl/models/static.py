@@ -395,11 +395,12 @@ class StaticHFState(KVCachedState):
         self.fin_d |= mask.to(self.fin_d.device)
         self._stale = True
 
-    def reorder(self, indices) -> None:
+    def reorder(self, indices, rows=None) -> None:
         """Row j := row ``indices[j]``: an in-place gather when the row count is unchanged.
 
         ``indices`` on the device (e.g. from on-device resampling) is applied without a
-        host sync; the host view is then re-read lazily.
+        host sync; the host view is then re-read lazily.  ``rows`` (optional): the only rows
+        that change; without CUDA graphs just those are copied (a captured graph gathers all).
         """
         stale = self.__dict__.get("_stale", False)
         on_device = isinstance(indices, torch.Tensor) and (indices.device.type != "cpu" or stale)
@@ -410,7 +411,12 @@ class StaticHFState(KVCachedState):
             idx = as_index(indices, self._n)
             idx_d = idx.to(self.last.device)
         with torch.no_grad():
-            if len(idx_d) == self._n:
+            if len(idx_d) == self._n and rows is not None and not self.cuda_graph:
+                rows_d = torch.as_tensor(rows, dtype=torch.long).to(idx_d.device)
+                src = idx_d.index_select(0, rows_d)
+                for b in self._buffers():
+                    b.index_copy_(0, rows_d, b.index_select(0, src))
+            elif len(idx_d) == self._n:
                 self._in_idx.copy_(idx_d)
                 self._run("reorder")
             else:
