@@ -29,6 +29,7 @@ import math
 
 import torch
 
+from .common import eos_ids
 from .proposal import Proposal, ProposalContext
 
 #: the jackknife estimate is clipped below at this fraction of the plug-in q
@@ -73,7 +74,7 @@ class Lookahead(Proposal):
         """``(R, K, M)`` float64 ``log p(f)`` of futures after each candidate (0 for EOS)."""
         R, K = cand.shape
         M = self.rollouts
-        eos = ctx.target.lm.eos_token_id
+        eos = torch.tensor(eos_ids(ctx.target.lm))
         rows = torch.as_tensor(ctx.rows, dtype=torch.long).reshape(-1)
         lengths = torch.tensor([len(t) for t in ctx.batch.tokens])
         horizon = torch.full((R,), self.horizon, dtype=torch.long)
@@ -82,7 +83,7 @@ class Lookahead(Proposal):
         first = cand.cpu().repeat_interleave(M, dim=1).reshape(-1)           # (R·K·M,)
         hor = horizon.repeat_interleave(K * M)
         log_f = torch.zeros(R * K * M, dtype=torch.float64)
-        alive = (first != eos) & (hor > 0)
+        alive = ~torch.isin(first, eos) & (hor > 0)
         if not bool(alive.any()):
             return log_f.view(R, K, M)
         fork = ctx.state.copy()
@@ -97,10 +98,10 @@ class Lookahead(Proposal):
             tok = torch.multinomial(torch.softmax(lp.double(), -1), 1, generator=ctx.generator).squeeze(1)
             log_f[live] += lp.gather(1, tok[:, None]).squeeze(1).double().cpu()
             tok = tok.cpu()
-            alive[live[tok == eos]] = False
-            cont = live[(tok != eos) & (hor[live] > h + 1)]
+            alive[live[torch.isin(tok, eos)]] = False
+            cont = live[~torch.isin(tok, eos) & (hor[live] > h + 1)]
             if len(cont):
-                fork.extend(tok[(tok != eos) & (hor[live] > h + 1)], cont)
+                fork.extend(tok[~torch.isin(tok, eos) & (hor[live] > h + 1)], cont)
         self.forward_passes += fork.forward_passes
         self.tokens_decoded += fork.tokens_decoded
         return log_f.view(R, K, M)

@@ -252,7 +252,7 @@ def token_mask(lm: Any, allowed: Callable[[str], bool], allow_eos: bool = True) 
     """A ``(V,)`` bool mask of tokens whose decoded text satisfies ``allowed`` (e.g. digits)."""
     keep = torch.tensor([bool(allowed(text)) for text in token_texts(lm)], dtype=torch.bool)
     if allow_eos:
-        keep[lm.eos_token_id] = True
+        keep[list(getattr(lm, "eos_token_ids", None) or (lm.eos_token_id,))] = True
     return keep
 
 
