@@ -225,3 +225,16 @@ def test_partial_reorder_equals_full_reorder(static, one_thread):
                           b.step(tok, torch.ones(12, dtype=torch.bool)), atol=1e-6)
     assert torch.allclose(a.last_logprobs(), b.last_logprobs(), atol=1e-6)
     assert a.tokens == b.tokens
+
+
+@settings(max_examples=50, deadline=None)
+@given(anc=st.lists(st.lists(st.integers(0, 6), min_size=7, max_size=7), min_size=1, max_size=4))
+def test_in_place_ancestors_keep_counts_and_survivors(anc):
+    from llmppl.inference.resampling import in_place_ancestors
+
+    a = torch.tensor(anc)
+    out = in_place_ancestors(a)
+    for g in range(len(anc)):
+        assert sorted(out[g].tolist()) == sorted(anc[g])               # the same offspring counts
+        for i in set(anc[g]):
+            assert out[g, i] == i                                      # survivors stay in place

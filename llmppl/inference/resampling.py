@@ -123,3 +123,23 @@ def log_ess(log_weights: torch.Tensor) -> torch.Tensor:
 def ess(log_weights: torch.Tensor) -> float:
     """Effective sample size ``(Σ w)² / Σ w²`` from log-weights (one group)."""
     return float(torch.exp(log_ess(log_weights)))
+
+
+def in_place_ancestors(ancestors: torch.Tensor) -> torch.Tensor:
+    """The same offspring counts, arranged so that every surviving particle keeps its own slot.
+
+    ``ancestors`` ``(G, N)`` (indices within each group) fixes the offspring counts ``c_i``;
+    particles are exchangeable, so any arrangement of that multiset is the same resampling.
+    Here slot ``i`` keeps particle ``i`` when ``c_i > 0``, and the slots of the particles that
+    died receive the ``c_i − 1`` extra copies, in order: a cache reorder then copies only
+    into the dead slots.  Fixed shapes, no host sync.
+    """
+    G, N = ancestors.shape
+    counts = torch.zeros((G, N), dtype=torch.long, device=ancestors.device)
+    counts.scatter_add_(1, ancestors, torch.ones_like(ancestors))
+    survived = counts > 0
+    extra_cum = torch.cumsum((counts - 1).clamp_min(0), 1)         # extra copies up to particle i
+    dead_rank = torch.cumsum((~survived).long(), 1) - 1             # j-th dead slot of its group
+    donor = torch.searchsorted(extra_cum, dead_rank.clamp_min(0), right=True).clamp_(max=N - 1)
+    own = torch.arange(N, device=ancestors.device).expand(G, N)
+    return torch.where(survived, own, donor)

@@ -39,7 +39,7 @@ from .moves import MoveContext
 from .particles import CAUSES, Particles, RowPrefixes
 from .proposal import Proposal, ProposalContext
 from .proposals import LocallyOptimal, Temperature
-from .resampling import get_resampler, log_ess
+from .resampling import get_resampler, in_place_ancestors, log_ess
 from .result import Result
 from .schedules import BridgeStats, Constant, Schedule, ScheduleContext, conditional_ess, get_schedule
 from .steps import Step, Tokens, Until, get_step
@@ -205,15 +205,18 @@ class SMC:
                 self._length_twist(run, inc, seg_inc)
                 ess = self._reweight(run, inc, log_w_before, a, t)
                 need = self._needs_resampling(run, ess)
-                flags = torch.cat([torch.stack([P.done.all(), run.bad_logprobs.any()]), need]).tolist()
+                anc = self._ancestors(run, need)
+                moved = anc != torch.arange(P.N, device=P.device)
+                flags = torch.cat([torch.stack([P.done.all(), run.bad_logprobs.any(), need.any()]),
+                                   moved.reshape(-1)]).tolist()        # the step's one host sync
                 run.syncs += 1
                 if flags[1]:
                     raise self._bad_logprobs_error(run, t)
-                groups = [g for g, x in enumerate(flags[2:]) if x]
-                if flags[0] or not groups:
+                if flags[0] or not flags[2]:
                     self._record_no_resampling(run)
                 else:
-                    self._resample(run, need, groups, a, t)
+                    rows = [r for r, x in enumerate(flags[3:]) if x]
+                    self._resample(run, need, anc, rows, a, t)
                 bar.update(1)
                 if flags[0]:
                     break
@@ -478,20 +481,31 @@ class SMC:
             return torch.zeros_like(live)
         return live & (ess < self.ess_threshold * P.N)
 
-    def _resample(self, run: _Run, need: torch.Tensor, groups: list[int], a: torch.Tensor, t: int) -> None:
-        """Resample the prompts in ``need`` (``groups`` on the host; indices within each prompt's
-        rows, and only those prompts' rows are copied in the KV cache); then rejuvenate."""
+    def _ancestors(self, run: _Run, need: torch.Tensor) -> torch.Tensor:
+        """``(G, N)`` ancestor indices within each prompt: resampled (survivors kept in their own
+        slot, :func:`~llmppl.inference.resampling.in_place_ancestors`) where ``need``, else the
+        identity.  Drawn before the step's host sync, so the sync also tells which rows move."""
         P = run.parts
+        ident = torch.arange(P.N, device=P.device).expand(P.G, P.N)
+        if self.ess_threshold <= 0.0:
+            return ident
         w = torch.exp(P.log_w - P.log_w.amax(1, keepdim=True))
         w = torch.where(need[:, None], w.nan_to_num(0.0), torch.ones_like(w))
-        ident = torch.arange(P.N, device=P.device).expand(P.G, P.N)
-        anc = torch.where(need[:, None], self.resampler(run.generator, w, P.N).to(P.device), ident)
+        anc = in_place_ancestors(self.resampler(run.generator, w, P.N).to(P.device))
+        return torch.where(need[:, None], anc, ident)
+
+    def _resample(self, run: _Run, need: torch.Tensor, anc: torch.Tensor, moved: list[int],
+                  a: torch.Tensor, t: int) -> None:
+        """Apply the ancestors ``anc`` of the prompts in ``need``: only the ``moved`` rows (those
+        whose ancestor is another particle; known on the host) are copied in the KV cache; then
+        rejuvenate."""
+        P = run.parts
         rows = (anc + torch.arange(P.G, device=P.device)[:, None] * P.N).reshape(-1)
-        changed = torch.tensor([g * P.N + i for g in groups for i in range(P.N)], dtype=torch.long)
-        run.state.reorder(rows, rows=changed.to(P.device, non_blocking=True))
-        if run.proposal.stateful:
-            run.proposal.on_reorder(rows.cpu())
-        P.gather(rows)
+        if moved:
+            run.state.reorder(rows, rows=torch.tensor(moved, dtype=torch.long).to(P.device, non_blocking=True))
+            if run.proposal.stateful:
+                run.proposal.on_reorder(rows.cpu())
+            P.gather(rows)
         # equal weights after resampling, scaled so that LSE(log_w) − log N = log Ẑ
         P.log_w = torch.where(need[:, None], P.log_Z[:, None].expand(P.G, P.N), P.log_w)
         srt = torch.sort(anc, 1).values
