@@ -21,17 +21,16 @@ def load(folder: Path) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    head = ("| model | resample | N | plain b1 | plain bN | Power-SMC | SMC / b1 | floor | SMC engine "
+    head = ("| model | resample | N | plain b1 | plain bN | pp.SMC | SMC / b1 | floor | host syncs / step "
             "| dynamic b1 | dynamic bN |\n|---|---|---|---|---|---|---|---|---|---|---|")
     rows = [head]
     fmt = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
     for res in results:
         mode = "every step" if res["force_resample"] else f"ESS < {res['ess_threshold']}N"
         for r in res["runs"]:
-            eng = r.get("smc_engine") or {}
             rows.append(f"| {res['model']} | {mode} | {r['n']} | {fmt(res['plain_b1_ms'])} | {fmt(r['plain_bN_ms'])} "
                         f"| {fmt(r['smc_ms'])} | {r['smc_over_plain_b1']:.2f}× | {fmt(r['floor_ms'])} "
-                        f"| {fmt(eng.get('ms'))} | {fmt(res.get('dynamic_b1_ms'))} | {fmt(r.get('dynamic_bN_ms'))} |")
+                        f"| {fmt(r.get('smc_host_syncs_per_step'))} | {fmt(res.get('dynamic_b1_ms'))} | {fmt(r.get('dynamic_bN_ms'))} |")
     dev = {res["device"] for res in results}
     return f"ms per decode step on {', '.join(sorted(dev))} ({results[0]['dtype']}).\n\n" + "\n".join(rows) + "\n"
 
@@ -41,11 +40,8 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), squeeze=False)
     for ax, res in zip(axes[0], results):
         ns = [r["n"] for r in res["runs"]]
-        ax.plot(ns, [r["plain_bN_ms"] for r in res["runs"]], "o-", label="plain, batch N")
-        ax.plot(ns, [r["smc_ms"] for r in res["runs"]], "s-", label="Power-SMC, N particles")
-        eng = [(r["n"], r["smc_engine"]["ms"]) for r in res["runs"] if r.get("smc_engine")]
-        if eng:
-            ax.plot(*zip(*eng), "^:", label="pp.SMC engine")
+        ax.plot(ns, [r["plain_bN_ms"] for r in res["runs"]], "o-", label="plain decoder, batch N")
+        ax.plot(ns, [r["smc_ms"] for r in res["runs"]], "s-", label="pp.SMC, N particles")
         ax.axhline(res["plain_b1_ms"], color="gray", ls="--", label="plain, batch 1")
         ax.plot(ns, [r["floor_ms"] for r in res["runs"]], "k:", label="bandwidth floor")
         ax.set_xscale("log", base=2)
