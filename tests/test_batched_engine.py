@@ -238,3 +238,16 @@ def test_in_place_ancestors_keep_counts_and_survivors(anc):
         assert sorted(out[g].tolist()) == sorted(anc[g])               # the same offspring counts
         for i in set(anc[g]):
             assert out[g, i] == i                                      # survivors stay in place
+
+
+def test_overhead_benchmark_runs_on_a_tiny_random_model(tmp_path, one_thread):
+    import json
+
+    from llmppl.cli import main
+
+    out = tmp_path / "overhead.json"
+    assert main(["bench", "overhead", "--prompts", "2", "--particles", "2", "--max-new-tokens", "3",
+                 "--reps", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["rows"] == 4 and res["host_syncs_per_step"] == 1.0
+    assert res["per_step_ms"]["smc_batch"] > 0 and res["per_step_ms"]["model_loop"] > 0

@@ -18,30 +18,16 @@ plain batched decoding).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .engine import machine_info, time_engine
+from .engine import emit, machine_info, time_engine
 from .latency import ALPHA, engines
 
 BACKENDS = ("hf", "llamacpp", "llamacpp_f32")
-
-
-def cpu_model() -> str | None:
-    """The CPU's model name from /proc/cpuinfo (None where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def run_backends(particles: list[int], max_new_tokens: int, reps: int, threads: int,
@@ -85,7 +71,6 @@ def run_backends(particles: list[int], max_new_tokens: int, reps: int, threads: 
                    for m in ("plain", "smc")} for b in BACKENDS if b != "hf"}
     overhead = {b: {str(n): ms[b]["smc"][str(n)] / ms[b]["plain"][str(n)] for n in particles} for b in BACKENDS}
     info = machine_info("cpu")
-    info["cpu_model"] = cpu_model()
     info["threads"] = threads
     info["load_average_after_each_rep"] = loads
     import llama_cpp
@@ -116,10 +101,5 @@ def run(args: argparse.Namespace) -> int:
         particles = [int(x) for x in str(args.particles).split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--particles must be comma-separated integers, got {args.particles!r}") from None
-    out = run_backends(particles, args.max_new_tokens, args.reps, args.threads or torch.get_num_threads())
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    return 0
+    return emit(run_backends(particles, args.max_new_tokens, args.reps, args.threads or torch.get_num_threads()),
+                args.json)

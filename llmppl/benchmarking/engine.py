@@ -86,6 +86,19 @@ def time_model_loop(lm: Any, prompt_ids: list[list[int]], n: int, T: int, seed: 
     return w.seconds
 
 
+def emit(result: dict[str, Any], path: str | None) -> int:
+    """Print a benchmark's JSON and write it to ``path`` (folders created); exit status 0."""
+    from pathlib import Path
+    import json
+
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
+    return 0
+
+
 def machine_info(device: str) -> dict[str, Any]:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),

@@ -17,11 +17,10 @@ Ratios: ``smc_over_plain_same_rows`` = smc_batch / plain_batch (SMC's own overhe
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from typing import Any
 
-from .engine import NoEOS, machine_info, time_engine, time_sequential
+from .engine import NoEOS, emit, machine_info, time_engine, time_sequential
 
 ALPHA = 4.0
 PROMPTS = ["Write a short poem about the sea.", "What is 17 times 23?", "Name three primary colors.",
@@ -101,14 +100,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = run_latency(args.model, args.particles, args.prompts, args.max_new_tokens, args.device, args.reps,
-                      backend=args.backend)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return emit(run_latency(args.model, args.particles, args.prompts, args.max_new_tokens, args.device,
+                            args.reps, backend=args.backend), args.json)
 
 
 def run_overhead(config: str, prompts: int, particles: int, max_new_tokens: int, reps: int,
@@ -161,11 +154,5 @@ def add_overhead_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_overhead_cli(args: argparse.Namespace) -> int:
-    out = run_overhead(args.config, args.prompts, args.particles, args.max_new_tokens, args.reps,
-                       args.device, args.static_cache)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return emit(run_overhead(args.config, args.prompts, args.particles, args.max_new_tokens, args.reps,
+                             args.device, args.static_cache), args.json)
