@@ -254,7 +254,7 @@ assert math.isfinite(res_llm.log_evidence) and res_llm.n == 8
 # the toy target it must agree with the enumeration as well — and with our sampler.
 
 # %%
-smc = pp.SMC(n_particles=8, proposal=pp.proposals.Tempered(1 / ALPHA), resampling="systematic", ess_threshold=0.5)
+smc = pp.SMC(n_particles=8, proposal=pp.proposals.Temperature(1 / ALPHA), resampling="systematic", ess_threshold=0.5)
 lib_runs = [smc.run(target, PROMPT, max_new_tokens=T, seed=s) for s in range(300)]
 lib_log_Z = np.array([r.log_evidence for r in lib_runs])
 lib_ratio = np.exp(lib_log_Z - exact.log_Z)
