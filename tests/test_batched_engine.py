@@ -251,3 +251,10 @@ def test_overhead_benchmark_runs_on_a_tiny_random_model(tmp_path, one_thread):
     res = json.loads(out.read_text())
     assert res["rows"] == 4 and res["host_syncs_per_step"] == 1.0
     assert res["per_step_ms"]["smc_batch"] > 0 and res["per_step_ms"]["model_loop"] > 0
+
+
+def test_adaptive_schedule_with_impossible_tokens_has_no_nan():
+    """log p = -inf tokens (q = 0) must not turn the predicted variance into 0 · ∞ = NaN."""
+    lm = pp.models.TabularLM(4, 3, lambda ctx: [0.5, 0.25, 0.25, 0.0] if len(ctx) < 3 else [0.0, 0.0, 0.0, 1.0])
+    r = pp.SMC(4, schedule=pp.schedules.AdaptiveESS()).run(pp.Target(lm, pp.Power(2.0)), [0], 4, seed=0)
+    assert all(math.isfinite(a) for a in r.steps["exponent"]) and math.isfinite(r.log_evidence)

@@ -240,6 +240,7 @@ class SMC:
             mean = (W * log_p).sum(1, keepdim=True)
             spread = (W * (log_p - mean) ** 2).sum(1)
             q = lp.exp()   # Var under the base LM: what the whole bridge must cover
+            lp = torch.where(q > 0, lp, torch.zeros_like(lp))     # no 0 · ∞ for impossible tokens
             m1 = (q * lp).sum(-1)
             token_var = ((q * lp * lp).sum(-1) - m1 ** 2).clamp_min(0.0).view(P.G, P.N)
             return BridgeStats(spread=spread, token_var=(W * token_var).sum(1))
