@@ -64,13 +64,15 @@ def compare(lm, label):
         ratio = np.exp(log_Z - exact.log_Z)
         # pool the runs, each weighted by its own evidence estimate
         pooled_w = np.concatenate([r.weights * z for r, z in zip(runs, ratio / ratio.sum())])
+        mode = list(exact.top(1)[0][0])
         scores[name] = dict(
+            found=np.mean([any(list(s) == mode and w > 0.01 for s, w in zip(r.samples, r.weights)) for r in runs]),
             ratio=ratio.mean(), log_Z_error=abs(float(np.log(ratio.mean()))), se=ratio.std(ddof=1) / np.sqrt(RUNS), var_log_Z=log_Z.var(),
             tv=exact.tv([s for r in runs for s in r.samples], pooled_w),
             final_ess=np.mean([r.final_ess for r in runs]),
             resamplings=np.mean([sum(r.steps["resampled"]) for r in runs]))
         s = scores[name]
-        print(f"  {name:>11}: mean Ẑ/Z = {s['ratio']:.3f} ± {s['se']:.3f}   |log mean Ẑ − log Z| = "
+        print(f"  {name:>11}: runs finding the mode {s['found']:.2f}   mean Ẑ/Z = {s['ratio']:.3f} ± {s['se']:.3f}   |log mean Ẑ − log Z| = "
               f"{s['log_Z_error']:.3f}   Var log Ẑ = {s['var_log_Z']:6.3f}"
               f"   TV = {s['tv']:.3f}   final ESS = {s['final_ess']:.1f}/{N}   resamplings = {s['resamplings']:.1f}")
     return scores
@@ -87,23 +89,24 @@ trap = pp.models.NGramLM(vocab_size=4, order=2, seed=4, concentration=1.0, eos_b
 trap_scores = compare(trap, "trap")
 
 # %% [markdown]
-# The constant schedule reports a perfect ESS (every run ends with `ESS ≈ N`) and is
-# wrong by two orders of magnitude in `Ẑ` and almost 1 in total variation.  The
-# adaptive schedule bridges from the first step: the token variance over the six-token
-# horizon is large, so it raises the exponent only at the linear pace here, and gets the
-# evidence right where the constant schedule is off by a factor of ~40.  The
-# linear bridge proposes from flatter distributions early on; in a minority of runs a
-# particle writes `[1, 2]`, its retroactive weight is enormous, resampling copies it,
-# and that run's `Ẑ` is ~100× larger than the others'.  `Ẑ` stays unbiased but
-# heavy-tailed (large `Var log Ẑ`), and pooling runs by their `Ẑ` recovers the target.
+# The constant schedule reports a perfect ESS (every run ends with `ESS ≈ N`), yet its proposal,
+# sharpened to `p^8` from the first token, writes `[1, 2]` in about one run out of a hundred: the
+# other runs are wrong by a factor of ~e^6.5 in `Ẑ`, and the rare lucky run is off by as much the
+# other way, so the mean `Ẑ` swings from one set of seeds to the next.  The linear bridge and the
+# adaptive schedule propose from flatter distributions early on and find `[1, 2]` about eight
+# times as often; its retroactive weight is enormous, resampling copies it, and that run's `Ẑ`
+# carries the evidence.  `Ẑ` stays unbiased but heavy-tailed (large `Var log Ẑ`), and pooling
+# runs by their `Ẑ` recovers the target.  The adaptive schedule bridges from the first step: the
+# token variance over the six-token horizon is large, so here it raises the exponent at the
+# linear pace.
 
 # %%
-assert trap_scores["Constant"]["tv"] > 0.9 and trap_scores["Constant"]["final_ess"] > 0.9 * N
-assert trap_scores["Constant"]["ratio"] < 0.1
-assert trap_scores["Linear"]["tv"] < 0.1
-assert trap_scores["AdaptiveESS"]["tv"] < 0.1
+assert trap_scores["Constant"]["final_ess"] > 0.9 * N            # a perfect ESS, and yet...
+assert trap_scores["Constant"]["found"] <= 0.02                   # ...it rarely finds the mode
+for name in ("Linear", "AdaptiveESS"):
+    assert trap_scores[name]["found"] >= 0.04 and trap_scores[name]["tv"] < 0.1, name
 # the adaptive schedule beats the constant one on the error of the evidence estimate
-assert trap_scores["AdaptiveESS"]["log_Z_error"] < 0.5 < 2.0 < trap_scores["Constant"]["log_Z_error"]
+assert trap_scores["AdaptiveESS"]["log_Z_error"] < 0.5 < trap_scores["Constant"]["log_Z_error"]
 
 # %% [markdown]
 # ## When no bridge is needed
@@ -132,7 +135,7 @@ assert easy_scores["Constant"]["var_log_Z"] < easy_scores["Linear"]["var_log_Z"]
 target = pp.Target(trap, pp.Power(ALPHA))
 fig, axes = plt.subplots(3, 3, figsize=(15, 10), layout="constrained")
 for col, (name, schedule) in enumerate(schedules().items()):
-    res = pp.SMC(n_particles=16, schedule=schedule).run(target, [0], max_new_tokens=T, seed=11)
+    res = pp.SMC(n_particles=16, schedule=schedule).run(target, [0], max_new_tokens=T, seed=0)
     for row, panel in enumerate((plot_ess, plot_exponent, plot_genealogy)):
         panel(res, axes[row, col])
     axes[0, col].set_title(f"{name}: ESS")
