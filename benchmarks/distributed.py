@@ -28,16 +28,11 @@ import torch
 
 import llmppl as pp
 from llmppl import runner
+from llmppl.benchmarking.engine import machine_info
 from llmppl.methods import MethodRecipe, TargetRecipe
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return machine_info("cpu").get("cpu_model") or platform.processor() or platform.machine()
 
 
 WORDS = ["sea", "mountain", "city", "forest", "river", "desert", "winter", "night"]

@@ -33,6 +33,8 @@ from typing import Any
 import httpx
 import openai
 
+from llmppl.benchmarking.engine import machine_info
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["Write a short poem about the sea.", "Describe a sunrise in two sentences.",
            "Give three tips for learning to cook.", "Explain why the sky is blue.",
@@ -44,16 +46,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def _git_describe() -> str | None:
@@ -175,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.pair} concurrent / {args.pair} sequential: {out['pair']['ratio']:.2f}", file=sys.stderr)
         import torch
 
-        out["machine"] = {"platform": platform.platform(), "cpu_model": _cpu_model(),
+        out["machine"] = {"platform": platform.platform(), "cpu_model": machine_info("cpu").get("cpu_model"),
                           "processor": platform.processor() or platform.machine(),
                           "cpu_count": os.cpu_count(), "torch": torch.__version__, "server_threads": args.threads,
                           "python": sys.version.split()[0], "device": "cpu", "load_average_end": os.getloadavg()}

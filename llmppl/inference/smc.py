@@ -71,7 +71,7 @@ class _Run:
     alpha: float
     eos: torch.Tensor
     traces: dict[str, list] = field(default_factory=dict)
-    host: dict[str, list] = field(default_factory=dict)   # traces that are host lists already
+    host: dict[str, Any] = field(default_factory=dict)   # per-prompt token counts (device) and move traces (host)
     syncs: int = 0
     bad_logprobs: torch.Tensor | None = None
     step_tokens: torch.Tensor | None = None   # tokens each row drew in the current step

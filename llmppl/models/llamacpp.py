@@ -352,33 +352,7 @@ class LlamaCppState(LMState):
         self.last = lp.repeat_interleave(n, dim=0)
         self.fed = [len(checked[p]) for p in range(P) for _ in range(n)]
 
-    # ------------------------------------------------------------ host views
-    @property
-    def n(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def prompt(self) -> list[int]:
-        """The prompt when the state has one (``ValueError`` with several)."""
-        if len(self.prompts) != 1:
-            raise ValueError(f"this state has {len(self.prompts)} prompts: use prompt_of(row)")
-        return self.prompts[0]
-
-    def prompt_of(self, r: int) -> list[int]:
-        return self.prompts[int(self.group[r])]
-
-    def _rows(self, rows: Any) -> torch.Tensor:
-        if rows is None:
-            return torch.arange(self.n)
-        if isinstance(rows, torch.Tensor) and rows.dtype == torch.bool:
-            if rows.numel() != self.n:
-                raise ValueError(f"a row mask must have {self.n} entries, got {rows.numel()}")
-            return rows.cpu().nonzero().flatten()
-        return as_index(rows, self.n)
-
-    def sequences(self, rows: Any = None) -> list[list[int]]:
-        """Full token sequences (prompt + completion) of the given rows."""
-        return [self.prompt_of(i) + self.tokens[i] for i in self._rows(rows).tolist()]
+    # n, prompt, prompt_of, _rows and sequences come from LMState (same attributes)
 
     # ------------------------------------------------------------- internals
     def _pending(self, i: int) -> list[int]:
