@@ -39,6 +39,12 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-prompts", type=int, default=1,
                    help="problems per run_batch call (default 1: problem i seeded by seed*1000003+i, as "
                    "before; larger batches b seeded by SeedSequence([seed, b]))")
+    p.add_argument("--truncation", choices=["keep", "zero"], default="keep",
+                   help="what p^alpha does with completions cut at --max-new-tokens (smc, mh, lookahead): "
+                   "keep them (default) or give them zero mass, the honest p^alpha on <= T tokens")
+    p.add_argument("--n-ctx", type=int, default=None,
+                   help="llama.cpp KV cells shared by all rows (--backend llamacpp; batches need about "
+                   "batch-prompts x particles x max-new-tokens + the prompts)")
     add_engine_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy box)")
     p.add_argument("--time-limit", type=float, default=None, help="stop cleanly after this many seconds")
@@ -86,13 +92,21 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     backend = getattr(args, "backend", "hf")
-    lm = pp.models.load_model(args.model, device=args.device, dtype=args.dtype, backend=backend)
+    options = {"n_ctx": args.n_ctx} if backend == "llamacpp" and args.n_ctx else {}
+    if args.n_ctx and backend != "llamacpp":
+        raise ValueError("--n-ctx is an option of --backend llamacpp")
+    lm = pp.models.load_model(args.model, device=args.device, dtype=args.dtype, backend=backend, **options)
     chat = not args.no_chat and getattr(getattr(lm, "tokenizer", None), "chat_template", None) is not None
     jobs = []
     for spec, ns in zip(specs, namespaces):
         method = METHODS[spec.name](ns, spec.name)
-        target = pp.Target(lm, pp.Power(method.target_alpha(ns.alpha)), chat=chat)
-        jobs.append(Job(spec, method, target, method_config(spec, ns)))
+        # the truncation choice is part of the sharpened target p^alpha; samplers of p ignore it
+        truncation = args.truncation if method.sharpened else "keep"
+        target = pp.Target(lm, pp.Power(method.target_alpha(ns.alpha)), chat=chat, truncation=truncation)
+        config = method_config(spec, ns)
+        if truncation != "keep":  # (absent for "keep", so files written before --truncation still resume)
+            config["truncation"] = truncation
+        jobs.append(Job(spec, method, target, config))
     run_config = {"model": args.model or "default", "task_config": task_config, "seed": args.seed,
                   "max_new_tokens": args.max_new_tokens, "chat": chat}
     if args.batch_prompts != 1:  # batches > 1 change the seeds (results files before them have none)

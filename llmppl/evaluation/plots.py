@@ -4,8 +4,8 @@
 every method of the (task, model) finished: pass@1 (mean of the
 per-problem ``Σ W_i·correct_i``) with a bootstrap 95 % interval over problems, the
 accuracy of the returned answer with a Wilson interval, weighted majority vote,
-pass@N, mean ``log p``, the (weighted) share of outputs cut at ``max_new_tokens``,
-tokens and seconds per problem.  ``paired_tests`` compares
+pass@N, mean ``log p``, the share of outputs cut at ``max_new_tokens`` (weighted, as the
+method returns them, and of all samples drawn), tokens and seconds per problem.  ``paired_tests`` compares
 every two methods on the problems both finished (McNemar exact on the returned
 answers, paired bootstrap on pass@1).  ``report`` writes ``table.md``,
 ``accuracy_vs_time.png`` and ``pass_at_k.png``.
@@ -65,6 +65,8 @@ def summarise(records: list[dict[str, Any]], common: bool = True) -> list[dict[s
                 "log_p": float(np.mean([r["log_p_mean"] for r in recs])),
                 "log_p_tok": float(np.mean([r["log_p_per_token"] for r in recs])),
                 "truncated": float(np.mean([np.dot(r["weights"], np.logical_not(r["finished"])) for r in recs])),
+                "cut": float(np.mean([np.mean(np.logical_not(r["finished"])) if r["finished"] else 0.0
+                                      for r in recs])),
                 "tokens": float(np.mean([r["tokens_decoded"] or r["output_tokens"] for r in recs])),
                 "seconds": float(np.mean([r["wall_time"] for r in recs])),
                 "pass_at_k": pass_at_k_curve(recs).tolist(),
@@ -89,16 +91,35 @@ def paired_tests(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def settings(records: list[dict[str, Any]]) -> str:
+    """Markdown bullets: per (task, model) the shared run settings, each method's options, the machines."""
+    lines = []
+    for (task, model), methods in sorted(_groups(records).items()):
+        recs = [r for by_problem in methods.values() for r in by_problem.values()]
+        shared = {k: v for k, v in recs[0]["config"].items() if k not in ("model", "method")
+                  and all(r["config"].get(k) == v for r in recs)}
+        per_method = "; ".join(
+            f"{m}: " + ", ".join(f"{k}={v}" for k, v in sorted(next(iter(ps.values()))["config"].items())
+                                if k not in shared and k not in ("model", "method") and v is not None)
+            for m, ps in sorted(methods.items())).replace(": ;", ": defaults;")
+        hosts = sorted({f"{h.get('cpu_model')} ({h.get('cpu_count')} CPUs, {h.get('torch_threads')} threads)"
+                        for r in recs if (h := r.get("host"))}) or ["not recorded"]
+        lines.append(f"- **{task} — {model}**: {', '.join(f'{k}={v}' for k, v in sorted(shared.items()))}. "
+                     f"Methods: {per_method}. Machine: {'; '.join(hosts)}.")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict[str, Any]], tests: list[dict[str, Any]]) -> str:
     """The summary table and the paired tests as markdown."""
     head = ("Rows use the problems that every method of the task finished.\n\n| task | model | method | problems | N | pass@1 [95% CI] | returned answer [Wilson 95%] "
-            "| maj@N | pass@N | mean log p | log p / token | truncated | tokens / problem | s / problem |\n"
-            "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|\n")
+            "| maj@N | pass@N | mean log p | log p / token | truncated (weight) | cut (samples) | tokens / problem "
+            "| s / problem |\n|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     body = "".join(
         f"| {r['task']} | {r['model']} | {r['method']} | {r['problems']} | {r['samples']} "
         f"| {r['pass1']:.3f} [{r['pass1_ci'][0]:.3f}, {r['pass1_ci'][1]:.3f}] "
         f"| {r['answer_acc']:.3f} [{r['answer_ci'][0]:.3f}, {r['answer_ci'][1]:.3f}] "
         f"| {r['maj']:.3f} | {r['pass_n']:.3f} | {r['log_p']:.2f} | {r['log_p_tok']:.3f} | {r['truncated']:.2f} "
+        f"| {r['cut']:.2f} "
         f"| {r['tokens']:.0f} | {r['seconds']:.1f} |\n" for r in rows)
     text = head + body
     if tests:
@@ -175,7 +196,7 @@ def report(paths: list[str | Path], out: str | Path, common: bool = True) -> str
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, tests = summarise(records, common), paired_tests(records)
-    text = markdown(rows, tests)
+    text = markdown(rows, tests) + "\nSettings:\n\n" + settings(records)
     (out / "table.md").write_text(text)
     plot(rows, out)
     return text

@@ -174,6 +174,14 @@ class Job:
     config: dict[str, Any]
 
 
+def machine_summary() -> dict[str, Any]:
+    """Where a record was computed (kept with it, outside its config, so a run may resume elsewhere)."""
+    from ..benchmarking.engine import machine_info
+
+    info = machine_info("cpu")
+    return {k: info.get(k) for k in ("cpu_model", "cpu_count", "torch_threads", "torch")}
+
+
 def single_problem_seed(seed: int, problem: int) -> int:
     """The seed of problem ``problem`` when each batch holds one problem (``batch_prompts=1``).
 
@@ -207,6 +215,7 @@ def run_eval(task: Task, problems: list[Problem], jobs: list[Job], store: Result
                 f"{store.path} already holds {j.spec.label!r} on problem {p.index} with config "
                 f"{rec.get('config')}, not {want}: use another --json file or method label")
     by_index = {p.index: p for p in problems}
+    host = machine_summary()
     items = [dataset.Item(p.index, task.prompt(p)) for p in problems]
     batches = dataset.make_batches(items, batch_prompts, seed,
                                    done=lambda it: all(key(it.id, j) in store for j in jobs))
@@ -239,7 +248,7 @@ def run_eval(task: Task, problems: list[Problem], jobs: list[Job], store: Result
                     problem = by_index[it.id]
                     recs.append({"task": task.spec, "problem": problem.index, "method": job.spec.label,
                                  "question": problem.question, "reference": problem.answer,
-                                 "seed": b.seed, "batch": b.index, "wall_time": wall,
+                                 "seed": b.seed, "batch": b.index, "wall_time": wall, "host": host,
                                  "config": {**run_config, **job.config},
                                  **score_result(task, problem, result)})
                 recs = [dataset.json_safe(r) for r in recs]

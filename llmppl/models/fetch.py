@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .hf import HFLM
-from .registry import MODELS, cache_dir, load_gguf_cached, register_model
+from .registry import MODELS, cache_dir, load_gguf_cached, register_gguf, register_model
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,19 @@ def _loader(name: str):
     return load
 
 
+def _locator(name: str):
+    def locate() -> Path:
+        path = gguf_path(name)
+        if not path.exists():
+            raise FileNotFoundError(f"model {name!r} is not in the cache; run: llmppl models fetch {name}")
+        return path
+
+    return locate
+
+
 for _name in FETCHABLE:
     register_model(_name, _loader(_name))
+    register_gguf(_name, _locator(_name))
 
 
 def model_status(name: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -71,14 +72,17 @@ def load_gguf_cached(gguf: Path, name: str, device: str | torch.device = "cpu",
 
 
 def default_lm(device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-               backend: str = "hf"):
+               backend: str = "hf", **llamacpp_options: Any):
     """The bundled SmolLM2-135M-Instruct, offline (see module docstring).
 
     ``backend="llamacpp"`` runs the bundled GGUF natively through llama.cpp
-    (:class:`~llmppl.models.llamacpp.LlamaCppLM`, no conversion).
+    (:class:`~llmppl.models.llamacpp.LlamaCppLM`, no conversion; ``llamacpp_options`` such as
+    ``n_ctx`` go to it).
     """
     if backend == "llamacpp":
-        return load_llamacpp(smollm2_gguf_path(), DEFAULT_MODEL, device=device, dtype=dtype)
+        return load_llamacpp(smollm2_gguf_path(), DEFAULT_MODEL, device=device, dtype=dtype, **llamacpp_options)
+    if llamacpp_options:
+        raise ValueError(f"options {sorted(llamacpp_options)} are for the llama.cpp backend only")
     if backend != "hf":
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     return load_gguf_cached(smollm2_gguf_path(), DEFAULT_MODEL, device=device, dtype=dtype)
@@ -122,29 +126,44 @@ def register_model(name: str, loader: Callable[..., HFLM]) -> None:
     MODELS[name] = loader
 
 
+#: name -> the path of its GGUF (raising ``FileNotFoundError`` with the fix if it is absent);
+#: ``load_model(name, backend="llamacpp")`` runs that file natively, without conversion
+GGUF_MODELS: dict[str, Callable[[], Path]] = {}
+
+
+def register_gguf(name: str, locate: Callable[[], Path]) -> None:
+    """Make ``load_model(name, backend="llamacpp")`` run the GGUF ``locate()`` returns."""
+    GGUF_MODELS[name] = locate
+
+
 #: inference backends ``load_model`` knows
 BACKENDS = ("hf", "llamacpp")
 
 
 def load_model(spec: str | None = None, device: str | torch.device = "cpu",
-               dtype: str | torch.dtype | None = None, backend: str = "hf"):
+               dtype: str | torch.dtype | None = None, backend: str = "hf", **llamacpp_options: Any):
     """A registered name, a local directory, a ``.gguf`` file or a (cached) hub id.
 
-    ``backend``: ``"hf"`` (transformers) or ``"llamacpp"`` (a local ``.gguf`` file, or the
-    default model's bundled GGUF, through llama.cpp).
+    ``backend``: ``"hf"`` (transformers) or ``"llamacpp"`` (a local ``.gguf`` file, the
+    default model's bundled GGUF or a fetched model's GGUF, through llama.cpp, with
+    ``llamacpp_options`` such as ``n_ctx`` passed to :class:`~llmppl.models.llamacpp.LlamaCppLM`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if backend != "llamacpp" and llamacpp_options:
+        raise ValueError(f"options {sorted(llamacpp_options)} are for the llama.cpp backend only")
     if backend == "llamacpp":
         if spec is None or spec in ("default", DEFAULT_MODEL):
-            return default_lm(device=device, dtype=dtype, backend="llamacpp")
+            return default_lm(device=device, dtype=dtype, backend="llamacpp", **llamacpp_options)
+        if spec in GGUF_MODELS:
+            return load_llamacpp(GGUF_MODELS[spec](), spec, device=device, dtype=dtype, **llamacpp_options)
         path = Path(spec)
         if path.suffix != ".gguf":
-            raise ValueError(f"the llama.cpp backend loads local .gguf files (or the default model); "
-                             f"got {spec!r}")
+            raise ValueError(f"the llama.cpp backend loads local .gguf files, the default model or a "
+                             f"fetchable model ({', '.join(sorted(GGUF_MODELS))}); got {spec!r}")
         if not path.exists():
             raise FileNotFoundError(f"no GGUF file at {path}")
-        return load_llamacpp(path, path.stem, device=device, dtype=dtype)
+        return load_llamacpp(path, path.stem, device=device, dtype=dtype, **llamacpp_options)
     if spec is None or spec in MODELS:
         return MODELS[spec or "default"](device=device, dtype=dtype)
     path = Path(spec)
