@@ -291,6 +291,48 @@ def test_cli_end_to_end_with_a_kill(tmp_path):
     assert (tmp_path / "plots" / "pass_at_k.png").exists()
 
 
+@pytest.mark.model
+def test_cli_llamacpp_batched_run_killed_resumes_to_the_uninterrupted_records(tmp_path):
+    """The reasoning table's shape of run (llama.cpp, problems batched, a must-finish target):
+    SIGKILLed mid-run and resumed, it ends with exactly the records of an uninterrupted run."""
+    pytest.importorskip("reasoning_gym")
+    pytest.importorskip("llama_cpp")
+    from llmppl.cli import main
+
+    def args(out):
+        return ["eval", "--task", "reasoning_gym:chain_sum", "--task-config", '{"max_terms": 2, "max_digits": 1}',
+                "--n", "6", "--methods", "plain,smc,bestofn", "--particles", "2", "--max-new-tokens", "8",
+                "--truncation", "zero", "--batch-prompts", "2", "--backend", "llamacpp", "--n-ctx", "1024",
+                "--json", str(out), "--quiet", "--threads", "1"]
+
+    killed = tmp_path / "killed.jsonl"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "llmppl.cli", *args(killed)], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 90
+    while proc.poll() is None and time.monotonic() < deadline:
+        if killed.exists() and killed.read_text().count("\n") >= 4:
+            proc.kill()  # SIGKILL after the first batch of some methods
+            break
+        time.sleep(0.05)
+    proc.wait()
+    before = killed.read_text().splitlines()
+    assert 0 < len(before) < 18, "the run was not killed mid-way"
+    assert main(args(killed)) == 0
+    clean = tmp_path / "clean.jsonl"
+    assert main(args(clean)) == 0
+    lines = killed.read_text().splitlines()
+    assert lines[:len(before)] == before  # nothing rewritten
+    strip = lambda r: {k: v for k, v in r.items() if "wall_time" not in k and k != "host"}  # noqa: E731
+    got = {k: strip(r) for k, r in ResultStore(killed).records.items()}
+    assert len(lines) == len(got) == 18  # nothing lost, nothing duplicated
+    assert got == {k: strip(r) for k, r in ResultStore(clean).records.items()}
+    rec = next(iter(ResultStore(clean).records.values()))
+    assert rec["config"]["model"] == "default@llamacpp" and rec["host"]["cpu_count"] >= 1
+    smc = [r for r in ResultStore(clean).records.values() if r["method"] == "smc"]
+    assert all(r["config"]["truncation"] == "zero" for r in smc)
+
+
 # ------------------------------------------------------------ models fetch
 def test_fetch_concatenates_and_checks_size_and_sha256(tmp_path):
     import hashlib
@@ -320,3 +362,7 @@ def test_fetchable_model_is_registered_and_says_how_to_fetch(tmp_path, monkeypat
     assert model_status("qwen2.5-coder-0.5b").startswith("fetchable")
     with pytest.raises(FileNotFoundError, match="llmppl models fetch qwen2.5-coder-0.5b"):
         pp.models.load_model("qwen2.5-coder-0.5b")
+    with pytest.raises(FileNotFoundError, match="llmppl models fetch qwen2.5-coder-0.5b"):
+        pp.models.load_model("qwen2.5-coder-0.5b", backend="llamacpp")
+    with pytest.raises(ValueError, match="llama.cpp backend only"):
+        pp.models.load_model("qwen2.5-coder-0.5b", n_ctx=4096)

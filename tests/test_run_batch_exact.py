@@ -191,3 +191,17 @@ def test_bad_input_names_the_prompt(name):
         _batch(name, engine, [PROMPTS[0], PROMPTS[1], [0, LM.vocab_size, 4]], 0)
     with pytest.raises(ValueError, match="prompt 1: "):
         _batch(name, engine, [PROMPTS[0], [], PROMPTS[1]], 0)
+
+
+@pytest.mark.parametrize("compact_below", [0.0, 1.0], ids=["never-compact", "always-compact"])
+def test_smc_drawing_on_live_rows_only_is_exact(monkeypatch, compact_below):
+    """Draws restricted to the live rows (``COMPACT_BELOW``: from the first step, or never) give
+    each prompt its own target, with one host sync per step either way."""
+    from llmppl.inference import smc as smc_module
+
+    monkeypatch.setattr(smc_module, "COMPACT_BELOW", compact_below)
+    smc = pp.SMC(2500, ess_threshold=0.5)
+    check_batch(lambda seed: smc.run_batch(TARGET, PROMPTS[:3], T, seed=seed), 3, range(6),
+                f"SMC compact_below={compact_below}")
+    res = smc.run_batch(TARGET, PROMPTS[:3], T, seed=0)
+    assert res[0].stats["host_syncs"] == res[0].stats["n_steps"]

@@ -46,6 +46,8 @@ from .steps import Step, Tokens, Until, get_step
 
 #: extra cause code: a cut completion under ``Target(truncation="zero")``
 _CUT_CAUSE = 4
+#: a draw computes on the live rows only once at most this share of the rows is live
+COMPACT_BELOW = 0.5
 CAUSES[_CUT_CAUSE] = "cut at max_new_tokens, and truncation='zero' gives cut completions zero weight"
 
 
@@ -75,6 +77,7 @@ class _Run:
     syncs: int = 0
     bad_logprobs: torch.Tensor | None = None
     step_tokens: torch.Tensor | None = None   # tokens each row drew in the current step
+    live: int | None = None   # rows live at this step, known on the host (None: not known)
 
     def record(self, **values: torch.Tensor) -> None:
         for k, v in values.items():
@@ -181,7 +184,7 @@ class SMC:
             proposal.start(target, ids[0] if G == 1 else ids, N)
             run = _Run(target, ids, max_new_tokens, state, proposal, generator,
                        Particles(G, N, max_new_tokens, dev), float(target.base_exponent),
-                       torch.tensor(eos_ids(lm), device=dev))
+                       torch.tensor(eos_ids(lm), device=dev), live=G * N)
             self._loop(run)
         return self._results(run, seed, watch.seconds, raise_on_failure)
 
@@ -206,17 +209,21 @@ class SMC:
                 ess = self._reweight(run, inc, log_w_before, a, t)
                 need = self._needs_resampling(run, ess)
                 anc = self._ancestors(run, need)
-                moved = anc != torch.arange(P.N, device=P.device)
-                flags = torch.cat([torch.stack([P.done.all(), run.bad_logprobs.any(), need.any()]),
-                                   moved.reshape(-1)]).tolist()        # the step's one host sync
+                source = (anc + torch.arange(P.G, device=P.device)[:, None] * P.N).reshape(-1)
+                flags = torch.cat([torch.stack([P.done.all(), run.bad_logprobs.any(), need.any()]).long(),
+                                   P.done.long(), source]).tolist()   # the step's one host sync
                 run.syncs += 1
                 if flags[1]:
                     raise self._bad_logprobs_error(run, t)
+                done, source_rows = flags[3:3 + P.R], flags[3 + P.R:]
                 if flags[0] or not flags[2]:
                     self._record_no_resampling(run)
                 else:
-                    rows = [r for r, x in enumerate(flags[3:]) if x]
-                    self._resample(run, need, anc, rows, a, t)
+                    moved = [r for r, s in enumerate(source_rows) if s != r]
+                    self._resample(run, need, anc, moved, a, t)
+                    done = [done[s] for s in source_rows]
+                # rows live at the next step (moves may end particles: then unknown)
+                run.live = P.R - sum(done) if self.rejuvenate is None else None
                 bar.update(1)
                 if flags[0]:
                     break
@@ -312,27 +319,49 @@ class SMC:
 
     def _draw(self, run: _Run, t: int, a_rows: torch.Tensor, active: torch.Tensor,
               inc: torch.Tensor) -> None:
-        """Draw one token for each ``active`` row and do all the per-token bookkeeping."""
+        """Draw one token for each ``active`` row and do all the per-token bookkeeping.
+
+        The proposal, the sampler and the potentials see only the rows of
+        :meth:`_rows_to_draw` (all rows, or the live ones once few are left), so rows that
+        ended cost nothing but their slot in the ``(R,)`` vectors.
+        """
         P, state, target, proposal = run.parts, run.state, run.target, run.proposal
         lp = state.last_logprobs()
-        bad = (torch.isnan(lp).any(1) | torch.isposinf(lp).any(1)) & active
-        run.bad_logprobs = bad if run.bad_logprobs is None else run.bad_logprobs | bad
+        rows = self._rows_to_draw(run, active)
+        if rows is None:
+            sub_lp, a_sub = lp, a_rows
+        else:
+            sub_lp, a_sub = lp.index_select(0, rows.to(lp.device)), a_rows.index_select(0, rows)
+        bad = (torch.isnan(sub_lp).any(1) | torch.isposinf(sub_lp).any(1)).to(P.device)
+        batch = RowPrefixes(target.lm, run.prompts, P, rows, sub_lp)
         if proposal.vectorised:
-            batch = RowPrefixes(target.lm, run.prompts, P, None, lp)
-            ctx = ProposalContext(target, batch, state, None, a_rows[:, None], run.generator)
+            exponent: float | torch.Tensor = a_sub[:, None]
+        else:  # a float when every row shares it (proposals that are not row-wise may need one)
+            exponent = (float(a_sub[0]) if len(a_sub) and bool((a_sub == a_sub[0]).all()) else a_sub[:, None])
+        ctx_rows = None if rows is None else rows if proposal.vectorised else rows.cpu()  # (no sync when row-wise)
+        ctx = ProposalContext(target, batch, state, ctx_rows, exponent, run.generator)
+        if len(a_sub):
             log_q = proposal.log_probs(ctx)
             v = proposal.sample(log_q, run.generator).to(P.device)
             other = target.log_next_other(batch)
         else:
-            v, log_q, other, lp = self._draw_rows(run, lp, a_rows, active)
-        v = torch.where(active, v, torch.zeros_like(v))
+            log_q, v, other = sub_lp, torch.zeros(0, dtype=torch.long, device=P.device), None
         col = v[:, None]
-        lp_v = lp.gather(1, col.to(lp.device)).squeeze(1).double().to(P.device)
+        lp_v = sub_lp.gather(1, col.to(sub_lp.device)).squeeze(1).double().to(P.device)
         lq_v = log_q.gather(1, col.to(log_q.device)).squeeze(1).double().to(P.device)
+        other_v = None if other is None else other.gather(1, col.to(other.device)).squeeze(1).double().to(P.device)
+        if rows is not None:  # back to one entry per row (rows not drawn: masked below)
+            def full(x: torch.Tensor) -> torch.Tensor:
+                return torch.zeros(P.R, dtype=x.dtype, device=P.device).index_copy_(0, rows, x)
+
+            v, lp_v, lq_v, bad = full(v), full(lp_v), full(lq_v), full(bad)
+            other_v = None if other_v is None else full(other_v)
+        bad = bad & active
+        run.bad_logprobs = bad if run.bad_logprobs is None else run.bad_logprobs | bad
+        v = torch.where(active, v, torch.zeros_like(v))
         tok_inc = a_rows * lp_v - lq_v
         zero = torch.zeros_like(P.log_p)
-        if other is not None:
-            other_v = other.gather(1, col.to(other.device)).squeeze(1).double().to(P.device)
+        if other_v is not None:
             P.log_other += torch.where(active, other_v, zero)
             tok_inc = tok_inc + other_v
         inc += torch.where(active, tok_inc, zero)
@@ -358,31 +387,18 @@ class SMC:
             proposal.on_extend([[int(x)] for x in v[grow].tolist()], rows)
             proposal.on_finish(ended.nonzero().flatten().cpu())
 
-    def _draw_rows(self, run: _Run, lp: torch.Tensor, a_rows: torch.Tensor, active: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """A proposal that is not row-wise (another LM, rollouts) sees only the active rows;
-        returns full-size ``(R,)`` tokens and ``(R, V)`` log q / other / log p (active rows filled)."""
-        P, target = run.parts, run.target
-        rows = active.nonzero().flatten()
-        run.syncs += 1
-        a_act = a_rows[rows]
-        exponent: float | torch.Tensor = (float(a_act[0]) if len(a_act) and bool((a_act == a_act[0]).all())
-                                          else a_act[:, None])
-        sub_lp = lp[rows.to(lp.device)]
-        batch = RowPrefixes(target.lm, run.prompts, P, rows, sub_lp)
-        ctx = ProposalContext(target, batch, run.state, rows.cpu(), exponent, run.generator)
-        sub_q = run.proposal.log_probs(ctx) if len(rows) else sub_lp
-        sub_v = run.proposal.sample(sub_q, run.generator).to(P.device) if len(rows) else rows
-        v = torch.zeros(P.R, dtype=torch.long, device=P.device)
-        v[rows] = sub_v
-        log_q = torch.zeros((P.R, lp.shape[1]), dtype=sub_q.dtype, device=sub_q.device)
-        log_q[rows.to(sub_q.device)] = sub_q
-        sub_other = target.log_next_other(batch) if len(rows) else None
-        other = None
-        if sub_other is not None:
-            other = torch.zeros((P.R, lp.shape[1]), dtype=sub_other.dtype, device=sub_other.device)
-            other[rows.to(sub_other.device)] = sub_other
-        return v, log_q, other, lp
+    def _rows_to_draw(self, run: _Run, active: torch.Tensor) -> torch.Tensor | None:
+        """The rows a draw computes on: ``None`` (all ``R``) while most rows are live, else a
+        superset of the ``active`` rows of size ``run.live`` (counted on the host at the last
+        sync, so no extra sync).  Proposals that are not row-wise get exactly the active rows."""
+        P = run.parts
+        if not run.proposal.vectorised:
+            run.syncs += 1
+            return active.nonzero().flatten()
+        if run.live is None or run.live > COMPACT_BELOW * P.R:
+            return None
+        # stable sort: the active rows first, in order; run.live >= their number
+        return torch.argsort((~active).to(torch.uint8), stable=True)[:run.live]
 
     @staticmethod
     def _count(run: _Run, name: str, mask: torch.Tensor) -> None:
