@@ -7,10 +7,11 @@
 #   JOBS="qwen_chain_sum" bash benchmarks/eval/reasoning_table.sh   # one job
 #
 # Resumable: the same command continues where a killed run stopped (records are written
-# per batch of problems, fsync'd; a torn last line is cut off).  Each job runs the cheap
-# methods on all problems first, then MH (about 5x their cost) on the same problems, so a
-# partial run still has every method paired on common problems.  Each job uses one CPU
-# thread; the jobs run in parallel (one per core).
+# per batch of problems, fsync'd; a torn last line is cut off).  Each job runs in phases on
+# all its problems: the methods at N = 8 but MH, then MH (about 5x their cost), then the
+# second compute point (N = 16 for SMC and best-of-N), so a partial run still has every
+# method of a finished phase paired on common problems.  Each job uses one CPU thread; two
+# jobs run at a time (one per core).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export HF_HUB_OFFLINE=1
@@ -18,7 +19,7 @@ OUT=${OUT:-benchmarks/results/eval}
 N=${N:-200}
 CONTRAST_N=${CONTRAST_N:-64}
 JOBS=${JOBS:-"qwen_basic_arithmetic qwen_chain_sum smollm2_basic_arithmetic"}
-CHEAP=${CHEAP:-plain,lowtemp,smc,bestofn}
+PHASES=${PHASES:-"plain,lowtemp,smc,bestofn mh smc:particles=16,bestofn:particles=16"}
 PY=${PYTHON:-python3}
 BA_CONFIG='{"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2, "operators": ["+", "-", "*"], "allow_parentheses": false}'
 CS_CONFIG='{"min_terms": 2, "max_terms": 4, "min_digits": 1, "max_digits": 3}'
@@ -29,7 +30,7 @@ COMMON=(--seed 0 --particles 8 --alpha 4 --max-new-tokens 96 --truncation zero
 mkdir -p "$OUT"
 $PY -m llmppl.cli models fetch qwen2.5-coder-0.5b >/dev/null
 
-job() {  # job NAME: the cheap methods on every problem, then MH on the same problems
+job() {  # job NAME: each phase's methods on every problem, phase after phase
   local name=$1 model task config n
   case $name in
     qwen_basic_arithmetic) model=qwen2.5-coder-0.5b; task=basic_arithmetic; config=$BA_CONFIG; n=$N ;;
@@ -37,7 +38,7 @@ job() {  # job NAME: the cheap methods on every problem, then MH on the same pro
     smollm2_basic_arithmetic) model=smollm2-135m-instruct; task=basic_arithmetic; config=$BA_CONFIG; n=$CONTRAST_N ;;
     *) echo "unknown job $name" >&2; return 2 ;;
   esac
-  for methods in "$CHEAP" mh; do
+  for methods in $PHASES; do
     $PY -m llmppl.cli eval --task "reasoning_gym:$task" --task-config "$config" --n "$n" --model "$model" \
       --methods "$methods" "${COMMON[@]}" --json "$OUT/$name.jsonl"
   done

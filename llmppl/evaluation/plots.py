@@ -147,14 +147,15 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                ("pass_at_k.png", (_draw_pass_at_k,)))
     paths = []
     for fname, draws in figures:
-        fig, axes = plt.subplots(len(draws), len(groups), figsize=(4.5 * len(groups), 3.4 * len(draws)),
+        fig, axes = plt.subplots(len(draws), len(groups), figsize=(4.5 * len(groups) + 2.5, 3.4 * len(draws)),
                                  squeeze=False)
         for row, draw in zip(axes, draws):
             for ax, g in zip(row, groups):
                 draw(ax, [r for r in rows if (r["task"], r["model"]) == g])
                 ax.set_title(f"{g[0].split(':')[-1]} — {g[1]}", fontsize=9)
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="center right", fontsize=7)
+        fig.tight_layout(rect=(0, 0, 0.78, 1))
         path = out / fname
         fig.savefig(path, dpi=120)
         plt.close(fig)
@@ -162,17 +163,41 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     return paths
 
 
+#: the colour of each method in every figure (others: the colours after these)
+_COLOURS = ("plain", "lowtemp", "bestofn", "smc", "mh", "greedy", "lookahead")
+
+
+def _colour(method: str) -> str:
+    base = method.split(":")[0]
+    return f"C{_COLOURS.index(base) if base in _COLOURS else len(_COLOURS) + sum(map(ord, base)) % 3}"
+
+
 def _accuracy_vs(key: str, label: str):
+    """Draw pass@1 (95 % CI) against ``key`` on a log axis; the variants of one method (e.g.
+    ``smc`` and ``smc:particles=16``) share a colour and are joined: a compute curve."""
     import matplotlib.ticker
 
     def draw(ax: Any, rows: list[dict[str, Any]]) -> None:
-        for r in rows:
+        colours: dict[str, str] = {}
+        for r in sorted(rows, key=lambda r: r[key]):
+            base = r["method"].split(":")[0]
+            colour = colours.setdefault(base, _colour(base))
             lo, hi = r["pass1_ci"]
-            ax.errorbar(r[key], r["pass1"], yerr=[[r["pass1"] - lo], [hi - r["pass1"]]], fmt="o",
-                        capsize=3, label=f"{r['method']} (n={r['problems']})")
+            ax.errorbar(r[key], r["pass1"], yerr=[[r["pass1"] - lo], [hi - r["pass1"]]], fmt="o", color=colour,
+                        capsize=3, label=f"{r['method']} (N={r['samples']}, n={r['problems']})")
+        for base, colour in colours.items():
+            pts = sorted((r[key], r["pass1"]) for r in rows if r["method"].split(":")[0] == base)
+            if len(pts) > 1:
+                ax.plot(*zip(*pts), color=colour, lw=1, alpha=0.6)
+        xs = [r[key] for r in rows if r[key] > 0]
         ax.set_xlabel(label)
         ax.set_ylabel("pass@1 (95% CI)")
         ax.set_xscale("log")
+        if xs:
+            ax.set_xlim(min(xs) / 1.3, max(xs) * 1.3)
+            ticks = [m * 10.0 ** e for e in range(-2, 6) for m in (1, 2, 5) if min(xs) / 1.3 <= m * 10.0 ** e <= max(xs) * 1.3]
+            ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_ylim(0, 1)
 
@@ -182,7 +207,8 @@ def _accuracy_vs(key: str, label: str):
 def _draw_pass_at_k(ax: Any, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         ks = np.arange(1, len(r["pass_at_k"]) + 1)
-        ax.plot(ks, r["pass_at_k"], marker="o", ms=3, label=r["method"])
+        ax.plot(ks, r["pass_at_k"], marker="o", ms=3, label=r["method"], color=_colour(r["method"]),
+                ls="--" if ":" in r["method"] else "-")
     ax.set_xlabel("k")
     ax.set_ylabel("pass@k (unbiased)")
     ax.set_ylim(0, 1)
