@@ -284,9 +284,10 @@ def test_cli_end_to_end_with_a_kill(tmp_path):
     assert sorted((r["problem"], r["method"]) for r in recs) == sorted(
         (i, m) for i in range(3) for m in ("plain", "lowtemp:particles=1"))
     assert all(r["n_samples"] == (1 if r["method"].startswith("lowtemp") else 2) for r in recs)
-    assert main(["eval", "--plot", str(out), "--out", str(tmp_path / "plots")]) == 0
+    assert main(["eval", "--plot", str(out), "--out", str(tmp_path / "plots"), "--note", "Made by a test."]) == 0
     table = (tmp_path / "plots" / "table.md").read_text()
-    assert "McNemar" in table and "lowtemp:particles=1" in table
+    assert table.startswith("Made by a test.")
+    assert "McNemar" in table and "lowtemp:particles=1" in table and "Settings" in table
     assert (tmp_path / "plots" / "accuracy_vs_time.png").stat().st_size > 1000
     assert (tmp_path / "plots" / "pass_at_k.png").exists()
 

@@ -51,4 +51,5 @@ for name in $JOBS; do
   job "$name" & pids+=($!)
 done
 wait
-$PY -m llmppl.cli eval --plot "$OUT"/qwen_*.jsonl "$OUT"/smollm2_*.jsonl --out "$OUT"
+$PY -m llmppl.cli eval --plot "$OUT"/qwen_*.jsonl "$OUT"/smollm2_*.jsonl --out "$OUT" \
+  --note "Made by \`bash benchmarks/eval/reasoning_table.sh\` (N=$N, CONTRAST_N=$CONTRAST_N); the machine of each row is under Settings."

@@ -52,6 +52,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", nargs="+", default=None, metavar="JSONL",
                    help="summarise results file(s): markdown table, McNemar tests, PNG figures")
     p.add_argument("--out", default=None, help="directory for --plot outputs (default: next to the first file)")
+    p.add_argument("--note", default=None, help="--plot: markdown put first in table.md (e.g. the command that ran)")
     p.set_defaults(func=run_eval_command)
 
 
@@ -60,7 +61,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         from .plots import report
 
         out = Path(args.out) if args.out else Path(args.plot[0]).parent
-        print(report(args.plot, out))
+        print(report(args.plot, out, note=args.note))
         return 0
     if not args.task or not args.json:
         raise ValueError("llmppl eval needs --task and --json (or --plot FILE)")

@@ -214,8 +214,9 @@ def _draw_pass_at_k(ax: Any, rows: list[dict[str, Any]]) -> None:
     ax.set_ylim(0, 1)
 
 
-def report(paths: list[str | Path], out: str | Path, common: bool = True) -> str:
-    """Write ``table.md`` and the figures under ``out``; return the markdown."""
+def report(paths: list[str | Path], out: str | Path, common: bool = True, note: str | None = None) -> str:
+    """Write ``table.md`` (``note`` first, e.g. the command that made the records) and the
+    figures under ``out``; return the markdown."""
     records = load_records(paths)
     if not records:
         raise ValueError(f"no records in {', '.join(map(str, paths))}")
@@ -223,6 +224,8 @@ def report(paths: list[str | Path], out: str | Path, common: bool = True) -> str
     out.mkdir(parents=True, exist_ok=True)
     rows, tests = summarise(records, common), paired_tests(records)
     text = markdown(rows, tests) + "\nSettings:\n\n" + settings(records)
+    if note:
+        text = note.strip() + "\n\n" + text
     (out / "table.md").write_text(text)
     plot(rows, out)
     return text
