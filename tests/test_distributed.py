@@ -110,7 +110,7 @@ def _ids_in_flight_kill(out: Path, run, kill):
 
     th = threading.Thread(target=target, daemon=True)
     th.start()
-    deadline, killed = time.monotonic() + 150, False
+    deadline, killed = time.monotonic() + 300, False  # generous: an actor restart reloads the model
     while th.is_alive() and time.monotonic() < deadline:
         if not killed and out.exists() and out.read_text().count("\n") >= 2:
             kill()
