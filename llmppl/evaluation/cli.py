@@ -93,9 +93,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     backend = getattr(args, "backend", "hf")
-    options = {"n_ctx": args.n_ctx} if backend == "llamacpp" and args.n_ctx else {}
-    if args.n_ctx and backend != "llamacpp":
-        raise ValueError("--n-ctx is an option of --backend llamacpp")
+    options = {"n_ctx": args.n_ctx} if args.n_ctx else {}  # (load_model refuses it for other backends)
     lm = pp.models.load_model(args.model, device=args.device, dtype=args.dtype, backend=backend, **options)
     chat = not args.no_chat and getattr(getattr(lm, "tokenizer", None), "chat_template", None) is not None
     jobs = []
