@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import LanguageModel, LMState, as_index
+from .base import LanguageModel, LMState, _normalise_blocks, as_index
 from .gguf import (  # noqa: F401  (INSTALL_HINT, WEIGHT_TYPES re-exported)
     INSTALL_HINT, WEIGHT_TYPES, GGUFTokenizer, _extra_buffers_usable, import_llama_cpp, reencode_gguf,
     set_llama_logging,
@@ -420,7 +420,7 @@ class LlamaCppState(LMState):
     def extend(self, tokens: Any, rows: Any = None) -> torch.Tensor:
         """Append ``tokens[k]`` (a token or a block) to row ``rows[k]``; float64 (len(rows), L), -inf padded."""
         idx = self._rows(rows).tolist()
-        blocks = _blocks(tokens, len(idx), self.lm.vocab_size)
+        blocks = _normalise_blocks(tokens, len(idx), self.lm.vocab_size)
         if len(set(idx)) != len(idx):
             raise ValueError("extend got the same row twice")
         self._check_live(idx, "extend")
@@ -593,17 +593,3 @@ class LlamaCppState(LMState):
 def _release_state(lm: LlamaCppLM, seqs: list[int]) -> None:
     if not getattr(lm, "_closed", True):
         lm._release([s for s in seqs if s >= 0])
-
-
-def _blocks(tokens: Any, n_rows: int, vocab_size: int) -> list[list[int]]:
-    if isinstance(tokens, torch.Tensor):
-        t = tokens.detach().cpu()
-        blocks = [[int(v)] for v in t.tolist()] if t.dim() == 1 else [list(map(int, r)) for r in t.tolist()]
-    else:
-        blocks = [[int(tok)] if not hasattr(tok, "__len__") else [int(v) for v in tok] for tok in tokens]
-    if len(blocks) != n_rows:
-        raise ValueError(f"extend got {len(blocks)} blocks for {n_rows} rows")
-    for b in blocks:
-        if any(not 0 <= v < vocab_size for v in b):
-            raise ValueError(f"token id out of range [0, {vocab_size}) in block {b[:8]}")
-    return blocks
