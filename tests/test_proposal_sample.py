@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from llmppl.inference import proposal as proposal_module
+from llmppl.models import block as proposal_module
 from llmppl.inference.proposal import LOG_Q_FLOOR, Proposal
 
 

@@ -13,19 +13,15 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..models.block import LOG_Q_FLOOR, sample_inverse_cdf  # noqa: F401  (LOG_Q_FLOOR: public here too)
 from ..targets.base import Prefixes
 
-#: ``log q`` below this counts as probability 0 when sampling (see ``Proposal.sample``)
-LOG_Q_FLOOR = -80.0
-#: tokens per block of the two-level inverse-CDF sampler (``Proposal.sample``)
-SAMPLE_BLOCK = 1024
 
 
 @dataclass
@@ -67,38 +63,8 @@ class Proposal:
         """Rows will not be extended any more."""
 
     def sample(self, log_q: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """One draw per row from ``q = exp(log_q)`` by inversion, in two levels.
-
-        With ``U ~ U[0, 1)`` from ``generator``, the vocabulary cut into blocks of
-        ``SAMPLE_BLOCK`` tokens, ``S_b`` their float64 sums and ``C`` the running sums:
-        block ``b = min{b : C_b > U·C_last}``, then inside it the token
-        ``v = min{v : c_v > U·C_last − C_{b−1}}`` with ``c`` the float64 cumulative sums
-        of the block.  This is ``v = min{v : C_v > U·C_V}`` over the whole vocabulary,
-        with one float64 cumulative sum of a block per row instead of the full row.
-
-        Tokens with ``log q < −80`` (``q < 1.8e−35``, at most ~1e−30 of the mass for any
-        vocabulary) count as probability 0: their float32 ``exp`` would be denormal, which is
-        an order of magnitude slower on CPUs, and below the resolution of the float64 sums.
-        (Inversion is ~6× faster than ``torch.multinomial`` on a CPU for a 49k vocabulary.)
-        """
-        B, V = log_q.shape
-        p = log_q.masked_fill(log_q < LOG_Q_FLOOR, -math.inf).exp_()
-        K = SAMPLE_BLOCK
-        full, tail = divmod(V, K)
-        sums = p[:, :full * K].reshape(B, full, K).sum(-1, dtype=torch.float64)
-        if tail:
-            sums = torch.cat([sums, p[:, full * K:].sum(-1, dtype=torch.float64, keepdim=True)], 1)
-        cum = sums.cumsum(-1)
-        dev = generator.device if generator is not None else log_q.device
-        u = torch.rand((B, 1), generator=generator, dtype=torch.float64, device=dev).to(cum.device)
-        u = u * cum[:, -1:]
-        block = torch.searchsorted(cum, u, right=True).clamp_(max=cum.shape[1] - 1)
-        before = torch.where(block > 0, cum.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(u))
-        cols = block * K + torch.arange(K, device=log_q.device)
-        inside = p.gather(1, cols.clamp(max=V - 1)).masked_fill_(cols >= V, 0.0).double().cumsum(-1)
-        # rounding can put U·C_last − C_{b−1} at or past the block's own total: take its last token with mass
-        rest = torch.minimum(u - before, inside[:, -1:] * (1.0 - 1e-12))
-        return (cols.gather(1, torch.searchsorted(inside, rest, right=True))).squeeze(1)
+        """One draw per row from ``q = exp(log_q)`` (:func:`~llmppl.models.block.sample_inverse_cdf`)."""
+        return sample_inverse_cdf(log_q, generator)
 
 
 def exponent_of(ctx: ProposalContext) -> float | torch.Tensor:

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .block import Block, BlockSpec, sample_tokenwise
+
 #: tolerance on ``logsumexp(row)`` for a row of next-token log-probabilities
 NORMALISATION_TOLERANCE = 1e-3
 
@@ -347,6 +349,17 @@ class LMState:
     def truncate(self, rows: Sequence[int] | torch.Tensor, lengths: Sequence[int]) -> None:
         """Cut row ``rows[k]``'s completion back to ``lengths[k]`` tokens."""
         raise NotImplementedError
+
+    # Block decoding ------------------------------------------------------------
+    #: the state gives full-vocabulary ``(rows, V)`` log-probabilities (``last_logprobs``,
+    #: ``logprobs``); a backend that decodes natively only (vLLM) sets this to False
+    full_vocabulary: bool = True
+
+    def sample_block(self, rows: torch.Tensor, spec: "BlockSpec", generator: torch.Generator | None) -> "Block":
+        """Extend ``rows`` by up to ``spec.budget`` tokens drawn from ``q ∝ p^{1/τ}·1[allowed]``;
+        a :class:`~llmppl.models.block.Block` with ``log p`` and ``log q`` of every drawn token
+        (see :mod:`llmppl.models.block`).  The default is the token loop over the device fast path."""
+        return sample_tokenwise(self, rows, spec, generator)
 
     # Device fast path (generic: over the host API) ----------------------------
     def last_logprobs(self) -> torch.Tensor:
