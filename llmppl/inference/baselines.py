@@ -38,6 +38,10 @@ class ArgMax(Proposal):
     """``q = p``, but ``sample`` returns the mode (greedy decoding)."""
 
     vectorised = True
+    greedy = True
+
+    def block_temperature(self, exponent: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(exponent)
 
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
         return ctx.batch.base_logprobs

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.block import BlockSpec
 from ..targets.target import Target
 from .common import eos_ids
+from .native import NATIVE_HINT, block_temperature, require_full_vocabulary
 from .proposal import Proposal, ProposalContext
 
 
@@ -81,6 +83,13 @@ def advance(
             stop_t,
         )
     W = max(int((stop_t - start).max()) if R else 0, 0)
+    a_rows = exponent.double().reshape(-1) if per_row_exponent(exponent) else torch.full((R,), float(exponent),
+                                                                                          dtype=torch.float64)
+    tau = block_temperature(proposal, target, a_rows) if forced is None else None
+    if tau is not None and bool(torch.isfinite(tau).all()):
+        return _advance_native(target, state, rows, start, stop_t, W, proposal, tau, a_rows, generator, allow_eos)
+    require_full_vocabulary(state, f"decoding with the proposal {proposal!r}" if forced is None else
+                            "replaying given suffixes (MH moves)", NATIVE_HINT)
     tokens = torch.full((R, W), -1, dtype=torch.long)
     log_q = torch.full((R, W), -math.inf, dtype=torch.float64)
     log_p = log_q.clone()
@@ -119,6 +128,23 @@ def advance(
             state.extend(tok[go], srows[go])
     length = start + (tokens >= 0).sum(1)
     return Decoded(tokens, log_q, log_p, log_inc, ended, length)
+
+
+def per_row_exponent(exponent: float | torch.Tensor) -> bool:
+    return isinstance(exponent, torch.Tensor) and exponent.numel() > 1
+
+
+def _advance_native(target, state, rows: torch.Tensor, start: torch.Tensor, stop: torch.Tensor, W: int,
+                    proposal: Proposal, tau: torch.Tensor, a_rows: torch.Tensor, generator: torch.Generator,
+                    allow_eos: bool) -> Decoded:
+    """:func:`advance` as one ``state.sample_block`` call: ``log_inc = a · log p`` (no token-level
+    factor: :func:`~llmppl.inference.native.block_temperature` checked that)."""
+    spec = BlockSpec(budget=stop - start, width=W, temperature=tau, stop_ids=eos_ids(target.lm),
+                     allow_stop=allow_eos, greedy=proposal.greedy)
+    blk = state.sample_block(rows, spec, generator)
+    tokens, log_p, log_q = blk.tokens.cpu(), blk.log_p.cpu(), blk.log_q.cpu()
+    log_inc = torch.where(tokens >= 0, a_rows[:, None] * log_p, torch.full_like(log_p, -math.inf))
+    return Decoded(tokens, log_q, log_p, log_inc, blk.ended.cpu(), start + blk.length.cpu())
 
 
 def end_terms(target: Target, prompts: list[list[int]], tokens: list[list[int]], ended: torch.Tensor,

@@ -81,6 +81,20 @@ class Particles:
         self.tokens.scatter_(1, col[:, None], torch.where(where, tokens, current)[:, None])
         self.length += where.long()
 
+    def append_block(self, tokens: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Store the first ``counts[k]`` tokens of ``tokens[k]`` (``(n, W)``) after the current end of
+        row ``rows[k]`` (all rows when None)."""
+        rows = torch.arange(self.R, device=self.device) if rows is None else rows
+        W = tokens.shape[1]
+        if W == 0:
+            return
+        j = torch.arange(W, device=self.device)[None, :]
+        keep = j < counts[:, None]
+        col = (self.length[rows][:, None] + j).clamp_(max=self.T - 1)
+        r = rows[:, None].expand(-1, W)
+        self.tokens[r[keep], col[keep]] = tokens[keep]
+        self.length.index_add_(0, rows, counts.to(self.length.dtype))
+
     def host_tokens(self, rows: torch.Tensor | None = None) -> list[list[int]]:
         """Token lists of ``rows`` (all when None): one device→host copy."""
         toks = self.tokens if rows is None else self.tokens[rows]

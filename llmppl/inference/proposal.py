@@ -47,8 +47,16 @@ class Proposal:
         """True when the proposal follows the particles through the ``on_*`` hooks."""
         return type(self).on_extend is not Proposal.on_extend
 
+    #: ``sample`` returns the mode (greedy decoding): ``block_temperature`` 0 means greedy
+    greedy: bool = False
+
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
         raise NotImplementedError
+
+    def block_temperature(self, exponent: torch.Tensor) -> torch.Tensor | None:
+        """``τ`` per row (``exponent`` ``(R,)`` = ``a_t`` per row) when ``q ∝ p^{1/τ}`` on a target
+        without token-level factors, so a backend can draw blocks natively; ``None`` otherwise."""
+        return None
 
     def start(self, target: Any, prompt_ids: list[int], n: int) -> None:
         """Called once per run, before the first step, with the number of particles."""

@@ -35,6 +35,9 @@ class Base(Proposal):
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
         return ctx.batch.base_logprobs
 
+    def block_temperature(self, exponent: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(exponent)
+
     def __repr__(self) -> str:
         return "Base()"
 
@@ -58,6 +61,9 @@ class Temperature(Proposal):
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
         inv = exponent_of(ctx) if self.tau is None else 1.0 / self.tau
         return torch.log_softmax(ctx.batch.base_logprobs * inv, dim=-1)
+
+    def block_temperature(self, exponent: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(exponent, self.tau) if self.tau is not None else 1.0 / exponent
 
     def __repr__(self) -> str:
         return f"Temperature({'1/a_t' if self.tau is None else f'{self.tau:g}'})"
@@ -91,6 +97,10 @@ class LocallyOptimal(Proposal):
         norm = torch.logsumexp(inc, dim=-1, keepdim=True)
         uniform = torch.full_like(inc, -math.log(inc.shape[-1]))
         return torch.where(torch.isfinite(norm), inc - norm, uniform)
+
+    def block_temperature(self, exponent: torch.Tensor) -> torch.Tensor | None:
+        """``q ∝ p^{a_t}`` when the target has no token-level factor (the caller checks that)."""
+        return 1.0 / exponent
 
     def __repr__(self) -> str:
         return "LocallyOptimal()"

@@ -32,10 +32,12 @@ from typing import Any
 import torch
 
 from ..models.base import LanguageModelError
+from ..models.block import BlockSpec
 from ..targets.target import Target
 from .common import (AllParticlesDied, Stopwatch, eos_ids, make_generator, peak_memory,
                      prepare_prompts)
 from .moves import MoveContext
+from .native import NATIVE_HINT, block_temperature, require_full_vocabulary, token_level_factors
 from .particles import CAUSES, Particles, RowPrefixes
 from .proposal import Proposal, ProposalContext
 from .proposals import LocallyOptimal, Temperature
@@ -78,6 +80,7 @@ class _Run:
     bad_logprobs: torch.Tensor | None = None
     step_tokens: torch.Tensor | None = None   # tokens each row drew in the current step
     live: int | None = None   # rows live at this step, known on the host (None: not known)
+    native: bool = False      # the backend draws each step's block itself (state.sample_block)
 
     def record(self, **values: torch.Tensor) -> None:
         for k, v in values.items():
@@ -185,6 +188,7 @@ class SMC:
             run = _Run(target, ids, max_new_tokens, state, proposal, generator,
                        Particles(G, N, max_new_tokens, dev), float(target.base_exponent),
                        torch.tensor(eos_ids(lm), device=dev), live=G * N)
+            run.native = self._native(run)
             self._loop(run)
         return self._results(run, seed, watch.seconds, raise_on_failure)
 
@@ -232,6 +236,25 @@ class SMC:
             bar.close()
 
     # ----------------------------------------------------------------- the pieces
+    def _native(self, run: _Run) -> bool:
+        """Whether each step is one ``state.sample_block`` call (see :mod:`.native`); on a backend
+        without full-vocabulary log-probabilities, a run that is not native is refused here."""
+        tau = block_temperature(run.proposal, run.target,
+                                torch.tensor([self.schedule.initial(run.alpha), run.alpha], dtype=torch.float64))
+        native = (isinstance(self.step, Tokens) and tau is not None
+                  and bool(torch.isfinite(tau).all() and (tau >= 0).all()))
+        if not native:
+            why = (f"the step {self.step!r}" if not isinstance(self.step, Tokens) else
+                   f"the token-level factors {token_level_factors(run.target)}" if token_level_factors(run.target)
+                   else f"the proposal {run.proposal!r}")
+            require_full_vocabulary(run.state, f"SMC with {why}", NATIVE_HINT)
+        if not isinstance(self.schedule, Constant):
+            require_full_vocabulary(run.state, f"the schedule {self.schedule!r}",
+                                    "use pp.schedules.Constant, Linear or Geometric")
+        if self.rejuvenate is not None:
+            require_full_vocabulary(run.state, f"rejuvenate={self.rejuvenate!r}", "run SMC without moves")
+        return native
+
     def _exponent(self, run: _Run, t: int, a_prev: torch.Tensor) -> torch.Tensor:
         """``a_t`` per prompt, ``(G,)`` float64 on the device."""
         if isinstance(self.schedule, Constant):
@@ -265,6 +288,9 @@ class SMC:
         P = run.parts
         alive = ~P.done
         inc = torch.where(alive, run.a_rows(a - a_prev) * P.log_p, torch.zeros_like(P.log_p))
+        if run.native:
+            self._draw_block(run, run.a_rows(a), alive, inc)
+            return inc, None
         retro = inc.clone()
         start = P.length.clone()
         active = alive
@@ -316,6 +342,45 @@ class SMC:
         new = torch.where(live, c * remaining, torch.zeros_like(c))
         inc += torch.where(live, new - P.length_twist, torch.zeros_like(inc))
         P.length_twist = new
+
+    def _draw_block(self, run: _Run, a_rows: torch.Tensor, active: torch.Tensor, inc: torch.Tensor) -> None:
+        """One native block of up to ``k`` tokens for each ``active`` row (``state.sample_block``):
+
+            inc += Σ_j [a_t log p(y_j | y_<j) − log q(y_j | y_<j)]
+
+        over the drawn tokens (float64), with ``q ∝ p^{1/τ}``; EOS ends a row, reaching
+        ``max_new_tokens`` cuts it (its last token is stored but not fed to the LM)."""
+        P, state, proposal = run.parts, run.state, run.proposal
+        k = self.step.k
+        rows = self._rows_to_draw(run, active)
+        rows = torch.arange(P.R, device=P.device) if rows is None else rows
+        remaining = run.max_new_tokens - P.length[rows]
+        act = active[rows]
+        budget = torch.where(act, remaining.clamp(max=k), torch.zeros_like(remaining))
+        spec = BlockSpec(budget=budget, width=min(k, run.max_new_tokens), stop_ids=eos_ids(run.target.lm),
+                         temperature=proposal.block_temperature(a_rows[rows]), greedy=proposal.greedy,
+                         feed_last=budget < remaining)
+        blk = state.sample_block(rows, spec, run.generator)
+        lp, lq = blk.total("log_p").to(P.device), blk.total("log_q").to(P.device)
+        n = blk.length.to(P.device)
+        ended = blk.ended.to(P.device) & act
+        cut = act & ~ended & (n >= remaining)
+        zero = torch.zeros(P.R, dtype=torch.float64, device=P.device)
+
+        def full(x: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(P.R, dtype=x.dtype, device=P.device).index_copy_(0, rows, x)
+
+        inc += full(torch.where(act, a_rows[rows] * lp - lq, zero[rows]))
+        P.log_p += full(torch.where(act, lp, zero[rows]))
+        P.log_q += full(torch.where(act, lq, zero[rows]))
+        bad = full(act & ~torch.isfinite(lp - lq))
+        run.bad_logprobs = bad if run.bad_logprobs is None else run.bad_logprobs | bad
+        self._count(run, "tokens_sampled", full(torch.where(act, n, 0)))
+        self._count(run, "tokens_decoded", full(torch.where(act, n - ended.long() - cut.long(), 0)))
+        P.append_block(blk.tokens.to(P.device), torch.where(act, n - ended.long(), 0), rows)
+        P.finished |= full(ended)
+        P.truncated |= full(cut)
+        state.finish(full(ended | cut))
 
     def _draw(self, run: _Run, t: int, a_rows: torch.Tensor, active: torch.Tensor,
               inc: torch.Tensor) -> None:

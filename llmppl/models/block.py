@@ -139,9 +139,13 @@ def sample_inverse_cdf(log_q: torch.Tensor, generator: torch.Generator | None) -
 
 
 def sample_tokenwise(state, rows: torch.Tensor, spec: BlockSpec, generator: torch.Generator | None) -> Block:
-    """The reference :meth:`LMState.sample_block`: one batched forward per position over
-    ``state.last_logprobs()`` and ``state.step`` (no host sync when ``spec.width == 1``;
-    one per position otherwise, to stop early once every row is done)."""
+    """The reference :meth:`LMState.sample_block`: one batched forward per position.
+
+    When ``rows`` covers every row of the state, or the block is one token, it runs on the
+    device fast path (``last_logprobs`` / ``step``: no host sync for one token, one per
+    position otherwise, to stop once every row is done).  For a subset of the rows it uses
+    ``logprobs(rows)`` / ``extend`` on the rows still drawing, so the forward covers only them.
+    """
     dev = state.lm.device
     rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1).to(dev)
     n, W, R = len(rows), spec.width, state.n
@@ -153,31 +157,44 @@ def sample_tokenwise(state, rows: torch.Tensor, spec: BlockSpec, generator: torc
     feed_last = torch.ones(n, dtype=torch.bool, device=dev) if spec.feed_last is None else spec.feed_last.to(dev)
     stop = torch.tensor(spec.stop_ids, dtype=torch.long, device=dev)
     tau = spec.temperature.to(dev)
+    allowed = None if spec.allowed is None else spec.allowed.to(dev)
+    on_device = n == R or W == 1
     for j in range(W):
         live = ~ended & (budget > j)
-        if j and not bool(live.any()):
-            break
-        lp = state.last_logprobs().index_select(0, rows)
+        if on_device:
+            if j and not bool(live.any()):
+                break
+            sub = torch.arange(n, device=dev)
+            lp = state.last_logprobs().index_select(0, rows)
+        else:
+            sub = live.nonzero().flatten()
+            if len(sub) == 0:
+                break
+            lp = state.logprobs(rows[sub].cpu()).to(dev)
         if spec.greedy:
-            masked = lp if spec.allowed is None else lp.masked_fill(~spec.allowed.to(dev)[None], -math.inf)
+            masked = lp if allowed is None else lp.masked_fill(~allowed[None], -math.inf)
             if not spec.allow_stop:
                 masked = masked.index_fill(1, stop, -math.inf)
             tok = masked.argmax(-1)
-            lq_tok = torch.zeros(n, dtype=torch.float64, device=dev)
+            lq_tok = torch.zeros(len(sub), dtype=torch.float64, device=dev)
         else:
-            lq = proposal_logprobs(lp, tau, stop, spec.allow_stop, spec.allowed)
+            lq = proposal_logprobs(lp, tau[sub], stop, spec.allow_stop, allowed)
             tok = sample_inverse_cdf(lq, generator).to(dev)
             lq_tok = lq.gather(1, tok[:, None]).squeeze(1).double()
         lp_tok = lp.gather(1, tok[:, None]).squeeze(1).double()
-        tokens[:, j] = torch.where(live, tok, tokens[:, j])
-        log_p[:, j] = torch.where(live, lp_tok, log_p[:, j])
-        log_q[:, j] = torch.where(live, lq_tok, log_q[:, j])
-        is_stop = live & torch.isin(tok, stop)
-        ended |= is_stop
-        feed = live & ~is_stop & ((budget > j + 1) | feed_last)
-        full_tok = torch.zeros(R, dtype=torch.long, device=dev).index_copy_(0, rows, torch.where(feed, tok, 0))
-        full_feed = torch.zeros(R, dtype=torch.bool, device=dev).index_copy_(0, rows, feed)
-        state.step(full_tok, full_feed)
+        on = live[sub]
+        tokens[sub, j] = torch.where(on, tok, tokens[sub, j])
+        log_p[sub, j] = torch.where(on, lp_tok, log_p[sub, j])
+        log_q[sub, j] = torch.where(on, lq_tok, log_q[sub, j])
+        is_stop = on & torch.isin(tok, stop)
+        ended[sub] |= is_stop
+        feed = on & ~is_stop & ((budget[sub] > j + 1) | feed_last[sub])
+        if on_device:
+            full_tok = torch.zeros(R, dtype=torch.long, device=dev).index_copy_(0, rows, torch.where(feed, tok, 0))
+            full_feed = torch.zeros(R, dtype=torch.bool, device=dev).index_copy_(0, rows, feed)
+            state.step(full_tok, full_feed)
+        elif bool(feed.any()):
+            state.extend(tok[feed].cpu(), rows[sub][feed].cpu())
     length = (tokens >= 0).sum(1)
     return Block(tokens, log_p, log_q, ended, length)
 
