@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..inference.common import Stopwatch, eos_ids, make_generator
+from ..inference.common import Stopwatch
 from ..inference.proposal import Proposal, ProposalContext
 
 
@@ -33,6 +33,12 @@ class NoEOS(Proposal):
         lq = self.inner.log_probs(ctx).clone()
         lq[:, self.eos] = -math.inf
         return torch.log_softmax(lq, dim=-1)
+
+    #: natively: the inner proposal's blocks, drawn without the stop ids
+    allow_stop = False
+
+    def block_temperature(self, exponent: torch.Tensor) -> torch.Tensor | None:
+        return self.inner.block_temperature(exponent)
 
     def __repr__(self) -> str:
         return f"NoEOS({self.inner!r})"
@@ -58,8 +64,8 @@ def time_sequential(engine: Any, target: Any, prompts: list, T: int, seed: int) 
 @torch.inference_mode()
 def time_model_loop(lm: Any, prompt_ids: list[list[int]], n: int, T: int, seed: int) -> float:
     """Seconds of the model's own cached decode loop for ``len(prompt_ids)·n`` rows: one batched
-    prefill (left-padded), then ``T`` steps of ``model(ids, past_key_values=cache)``, log-softmax
-    and a multinomial draw (EOS masked), with a ``DynamicCache`` — no llmppl code inside."""
+    prefill (left-padded), then ``T`` steps of the model's forward on a ``DynamicCache`` and an
+    argmax of the last logits — nothing else (the floor any sampler must pay), no llmppl code."""
     from transformers import DynamicCache
 
     model, dev = lm.model, lm.device
@@ -68,17 +74,13 @@ def time_model_loop(lm: Any, prompt_ids: list[list[int]], n: int, T: int, seed: 
     pad = int(getattr(lm, "pad_token_id", 0) or 0)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows], device=dev)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], device=dev)
-    gen = make_generator(seed, dev)
-    eos = list(eos_ids(lm))
     with Stopwatch(dev) as w:
         cache = DynamicCache()
         pos = (mask.cumsum(1) - 1).clamp_min(0)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
         last_pos = pos[:, -1:]
         for _ in range(T):
-            lp = torch.log_softmax(out.logits[:, -1].float(), -1)
-            lp[:, eos] = -math.inf
-            tok = torch.multinomial(lp.exp(), 1, generator=gen)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(tok)], 1)
             last_pos = last_pos + 1
             out = model(input_ids=tok, attention_mask=mask, position_ids=last_pos, past_key_values=cache,

@@ -9,6 +9,9 @@ interleaved over repetitions so drifting machine load hits every run alike:
   resampling) over the P prompts;
 * ``smc_sequential``: ``pp.SMC(N).run`` on each prompt in turn.
 
+With ``compare`` a second backend (``--backend vllm`` compares with ``hf`` by default) runs the
+same engines on the same model in the same interleaved repetitions.
+
 Ratios: ``smc_over_plain_same_rows`` = smc_batch / plain_batch (SMC's own overhead),
 ``batch_speedup_tokens_per_s`` = smc_sequential / smc_batch (what batching prompts buys),
 ``smc_over_plain_1``.  ``host_syncs_per_step`` comes from the SMC results' stats.
@@ -31,66 +34,100 @@ PROMPTS = ["Write a short poem about the sea.", "What is 17 times 23?", "Name th
            "What colour is grass?"]
 
 
-def engines(lm: Any, N: int) -> dict[str, Any]:
-    """Power-SMC and the plain decoder (``pp.baselines.Plain``'s engine), EOS masked."""
+def engines(lm: Any, N: int, block: int = 1) -> dict[str, Any]:
+    """Power-SMC (steps of ``block`` tokens) and the plain decoder (``pp.baselines.Plain``'s
+    engine), EOS masked."""
     import llmppl as pp
     from ..inference.baselines import Decoder
     from ..inference.common import eos_ids
 
     eos = eos_ids(lm)
-    smc = pp.SMC(N, proposal=NoEOS(pp.proposals.Temperature(1.0 / ALPHA), eos))
+    smc = pp.SMC(N, proposal=NoEOS(pp.proposals.Temperature(1.0 / ALPHA), eos), step=pp.steps.Tokens(block))
     base = NoEOS(pp.proposals.Base(), eos)
     return {"smc": smc, "plain": Decoder("plain", base, N, {}), "plain_1": Decoder("plain", base, 1, {})}
 
 
 def run_latency(model: str | None, particles: int, prompts: int, max_new_tokens: int, device: str,
-                reps: int, backend: str = "hf", seed: int = 0, lm: Any = None) -> dict[str, Any]:
-    """The benchmark itself; returns the JSON-ready dict."""
-    import llmppl as pp
+                reps: int, backend: str = "hf", seed: int = 0, lm: Any = None,
+                compare: str | None = None, block: int = 1) -> dict[str, Any]:
+    """The benchmark itself; returns the JSON-ready dict.  ``compare``: a second backend timed in
+    the same interleaved repetitions (its results under ``"compare"``); ``block``: SMC steps of
+    ``block`` tokens (``pp.steps.Tokens(block)``, weighed at block boundaries)."""
     from ..models import load_model
 
-    if particles < 1 or max_new_tokens < 1 or reps < 1 or not 1 <= prompts <= len(PROMPTS):
-        raise ValueError(f"--particles, --max-new-tokens, --reps must be >= 1 and --prompts in [1, {len(PROMPTS)}]")
-    lm = lm or load_model(model, device=device, backend=backend)
-    chat = getattr(lm.tokenizer, "chat_template", None) is not None
-    target = pp.Target(lm, pp.Power(ALPHA), chat=chat)
-    texts = (PROMPTS[:prompts] if lm.tokenizer is not None       # an LM without a tokenizer: id prompts
-             else [[i % lm.vocab_size, (3 * i + 1) % lm.vocab_size][: 1 + i % 2] for i in range(prompts)])
-    T, N = max_new_tokens, particles
-    e = engines(lm, N)
-    time_engine(e["smc"], target, texts, min(T, 4), seed)      # warm-up (allocator, kernels)
-    times: dict[str, list[float]] = {"plain_1": [], "plain_batch": [], "smc_batch": [], "smc_sequential": []}
-    syncs, resamplings = [], []
-    for r in range(reps):
-        times["plain_1"].append(time_engine(e["plain_1"], target, texts[:1], T, seed + r)[0])
-        times["plain_batch"].append(time_engine(e["plain"], target, texts, T, seed + r)[0])
-        sec, res = time_engine(e["smc"], target, texts, T, seed + r)
-        times["smc_batch"].append(sec)
-        syncs.append(res[0].stats["host_syncs"] / res[0].stats["n_steps"])
-        resamplings.append([x.stats["resampling_count"] for x in res])
-        times["smc_sequential"].append(time_sequential(e["smc"], target, texts, T, seed + r)[0])
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {
-        "benchmark": "latency", "backend": backend, "model": lm.name, "prompts": prompts, "particles": N,
-        "rows": prompts * N, "max_new_tokens": T, "reps": reps, "alpha": ALPHA,
-        "command": (f"llmppl bench latency --backend {backend} --prompts {prompts} --particles {N} "
-                    f"--max-new-tokens {T} --reps {reps}"),
-        "seconds": times, "median_seconds": med,
-        "per_step_ms": {k: 1000.0 * v / T for k, v in med.items()},
-        "tokens_per_s": {"smc_batch": prompts * N * T / med["smc_batch"],
-                         "smc_sequential": prompts * N * T / med["smc_sequential"]},
-        "smc_over_plain_same_rows": med["smc_batch"] / med["plain_batch"],
-        "batch_speedup_tokens_per_s": med["smc_sequential"] / med["smc_batch"],
-        "smc_over_plain_1": med["smc_batch"] / med["plain_1"],
-        "host_syncs_per_step": statistics.median(syncs),
-        "resampling_count": resamplings,
-        "machine": machine_info(str(lm.device)),
-    }
+    if particles < 1 or max_new_tokens < 1 or reps < 1 or block < 1 or not 1 <= prompts <= len(PROMPTS):
+        raise ValueError(f"--particles, --max-new-tokens, --reps, --block must be >= 1 and --prompts in "
+                         f"[1, {len(PROMPTS)}]")
+    lms = {backend: lm or load_model(model, device=device, backend=backend)}
+    if compare and compare != backend:
+        lms[compare] = load_model(model, device=device, backend=compare)
+    runs = {name: _Timed(x, particles, prompts, max_new_tokens, block, seed) for name, x in lms.items()}
+    for r in range(reps):                 # interleaved: every backend's runs in each repetition
+        for t in runs.values():
+            t.repetition(seed + r)
+    out = runs[backend].summary(reps)
+    out["command"] = (f"llmppl bench latency --backend {backend} --prompts {prompts} --particles {particles} "
+                      f"--max-new-tokens {max_new_tokens} --reps {reps}" + (f" --block {block}" if block > 1 else "")
+                      + (f" --compare {compare}" if compare and compare != backend else ""))
+    if compare and compare != backend:
+        out["compare"] = runs[compare].summary(reps)
+        out["smc_batch_over_compare"] = out["median_seconds"]["smc_batch"] / out["compare"]["median_seconds"]["smc_batch"]
+    out["machine"] = machine_info(str(lms[backend].device))
+    return out
+
+
+class _Timed:
+    """One backend's engines, timed one repetition at a time (see the module docstring)."""
+
+    def __init__(self, lm: Any, N: int, prompts: int, T: int, block: int, seed: int) -> None:
+        import llmppl as pp
+
+        self.lm, self.N, self.T, self.block, self.prompts = lm, N, T, block, prompts
+        chat = getattr(lm.tokenizer, "chat_template", None) is not None
+        self.target = pp.Target(lm, pp.Power(ALPHA), chat=chat)
+        self.texts = (PROMPTS[:prompts] if lm.tokenizer is not None       # an LM without a tokenizer: id prompts
+                      else [[i % lm.vocab_size, (3 * i + 1) % lm.vocab_size][: 1 + i % 2] for i in range(prompts)])
+        self.e = engines(lm, N, block)
+        time_engine(self.e["smc"], self.target, self.texts, min(T, 4), seed)      # warm-up (allocator, kernels)
+        self.times: dict[str, list[float]] = {"plain_1": [], "plain_batch": [], "smc_batch": [], "smc_sequential": []}
+        self.syncs: list[float] = []
+        self.resamplings: list[list[int]] = []
+
+    def repetition(self, seed: int) -> None:
+        e, target, texts, T = self.e, self.target, self.texts, self.T
+        self.times["plain_1"].append(time_engine(e["plain_1"], target, texts[:1], T, seed)[0])
+        self.times["plain_batch"].append(time_engine(e["plain"], target, texts, T, seed)[0])
+        sec, res = time_engine(e["smc"], target, texts, T, seed)
+        self.times["smc_batch"].append(sec)
+        self.syncs.append(res[0].stats["host_syncs"] / res[0].stats["n_steps"])
+        self.resamplings.append([x.stats["resampling_count"] for x in res])
+        self.times["smc_sequential"].append(time_sequential(e["smc"], target, texts, T, seed)[0])
+
+    def summary(self, reps: int) -> dict[str, Any]:
+        med = {k: statistics.median(v) for k, v in self.times.items()}
+        P, N, T = self.prompts, self.N, self.T
+        return {
+            "benchmark": "latency", "backend": getattr(self.lm, "backend", type(self.lm).__name__),
+            "model": self.lm.name, "prompts": P, "particles": N, "rows": P * N, "max_new_tokens": T,
+            "reps": reps, "alpha": ALPHA, "smc_step": f"Tokens({self.block})",
+            "seconds": self.times, "median_seconds": med,
+            "per_step_ms": {k: 1000.0 * v / T for k, v in med.items()},
+            "tokens_per_s": {"smc_batch": P * N * T / med["smc_batch"],
+                             "smc_sequential": P * N * T / med["smc_sequential"]},
+            "smc_over_plain_same_rows": med["smc_batch"] / med["plain_batch"],
+            "batch_speedup_tokens_per_s": med["smc_sequential"] / med["smc_batch"],
+            "smc_over_plain_1": med["smc_batch"] / med["plain_1"],
+            "host_syncs_per_step": statistics.median(self.syncs),
+            "resampling_count": self.resamplings,
+        }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model spec (default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--backend", choices=["hf", "llamacpp"], default="hf")
+    p.add_argument("--backend", choices=["hf", "llamacpp", "vllm"], default="hf")
+    p.add_argument("--compare", choices=["hf", "llamacpp", "vllm"], default=None,
+                   help="a second backend timed in the same interleaved run (default: hf when --backend is not)")
+    p.add_argument("--block", type=int, default=1, help="SMC steps of this many tokens (pp.steps.Tokens)")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--particles", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -100,8 +137,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    compare = args.compare or ("hf" if args.backend != "hf" else None)
     return emit(run_latency(args.model, args.particles, args.prompts, args.max_new_tokens, args.device,
-                            args.reps, backend=args.backend), args.json)
+                            args.reps, backend=args.backend, compare=compare, block=args.block), args.json)
 
 
 def run_overhead(config: str, prompts: int, particles: int, max_new_tokens: int, reps: int,

@@ -26,6 +26,7 @@ from .proposal import Proposal, ProposalContext
 from .proposals import Base, Temperature
 from .result import Result
 from .smc import SMC
+from .steps import Whole
 
 
 def _check_n(n: int) -> int:
@@ -58,7 +59,7 @@ class Decoder(SMC):
     kills_zero_weight = False
 
     def __init__(self, method: str, proposal: Proposal, n: int, config: dict) -> None:
-        super().__init__(_check_n(n), proposal=proposal, ess_threshold=0.0)
+        super().__init__(_check_n(n), proposal=proposal, ess_threshold=0.0, step=Whole())
         self.method, self.extra = method, config
 
     def decode(self, target: Target, prompts: Sequence, max_new_tokens: int,

@@ -140,7 +140,7 @@ def _advance_native(target, state, rows: torch.Tensor, start: torch.Tensor, stop
     """:func:`advance` as one ``state.sample_block`` call: ``log_inc = a · log p`` (no token-level
     factor: :func:`~llmppl.inference.native.block_temperature` checked that)."""
     spec = BlockSpec(budget=stop - start, width=W, temperature=tau, stop_ids=eos_ids(target.lm),
-                     allow_stop=allow_eos, greedy=proposal.greedy)
+                     allow_stop=allow_eos and proposal.allow_stop, greedy=proposal.greedy)
     blk = state.sample_block(rows, spec, generator)
     tokens, log_p, log_q = blk.tokens.cpu(), blk.log_p.cpu(), blk.log_q.cpu()
     log_inc = torch.where(tokens >= 0, a_rows[:, None] * log_p, torch.full_like(log_p, -math.inf))

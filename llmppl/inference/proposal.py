@@ -49,6 +49,8 @@ class Proposal:
 
     #: ``sample`` returns the mode (greedy decoding): ``block_temperature`` 0 means greedy
     greedy: bool = False
+    #: false: ``q`` is renormalised without the stop ids (native blocks never draw them)
+    allow_stop: bool = True
 
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
         raise NotImplementedError

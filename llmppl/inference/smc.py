@@ -359,7 +359,7 @@ class SMC:
         budget = torch.where(act, remaining.clamp(max=k), torch.zeros_like(remaining))
         spec = BlockSpec(budget=budget, width=min(k, run.max_new_tokens), stop_ids=eos_ids(run.target.lm),
                          temperature=proposal.block_temperature(a_rows[rows]), greedy=proposal.greedy,
-                         feed_last=budget < remaining)
+                         allow_stop=proposal.allow_stop, feed_last=budget < remaining)
         blk = state.sample_block(rows, spec, run.generator)
         lp, lq = blk.total("log_p").to(P.device), blk.total("log_q").to(P.device)
         n = blk.length.to(P.device)

@@ -36,6 +36,17 @@ class Tokens(Step):
         return f"Tokens({self.k})"
 
 
+class Whole(Tokens):
+    """The whole completion is one step (decoders that never weigh or resample midway: the
+    backend draws it as one native block)."""
+
+    def __init__(self) -> None:
+        super().__init__(2 ** 62)
+
+    def __repr__(self) -> str:
+        return "Whole()"
+
+
 class Until(Step):
     """A step ends at ``delimiter`` (a string matched in the decoded segment, or a token id)
     or after ``max_tokens`` tokens."""
@@ -80,4 +91,4 @@ def get_step(step: str | Step) -> Step:
                          "or pp.steps.Until(delimiter, max_tokens)") from None
 
 
-__all__ = ["Step", "Tokens", "Until", "STEPS", "get_step"]
+__all__ = ["Step", "Tokens", "Whole", "Until", "STEPS", "get_step"]
