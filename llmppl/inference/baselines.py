@@ -6,11 +6,11 @@
 * ``BestOfN(n, by)``: ``n`` plain samples, keep ``argmax_i score(y_i)`` with
   ``score = log p(y|x)`` (``"logp"``), ``log γ(y)`` (``"target"``) or a reward callable.
 
-They run on the SMC engine's own token loop (:class:`Decoder`: no resampling, no
-particle ever stopped for a zero target weight), so ``run_batch`` decodes ``G`` prompts
-× ``n`` rows in one state, and "plain decoding" in every benchmark is the same code as
-SMC minus the weights.  Weights are uniform (BestOfN: all mass on the winner);
-``stats["log_target"]`` holds ``log γ(y) = log w + log q(y)`` of each sample.
+They decode through :class:`Decoder` (one :func:`~llmppl.inference.decode.advance` over
+``G`` prompts × ``n`` rows of one state: a single native block call for their temperature
+proposals, the same ``state.sample_block`` SMC and MH decode through), so "plain decoding"
+in every benchmark is the backend's own block decoding.  Weights are uniform (BestOfN: all
+mass on the winner); ``stats["log_target"]`` holds ``log γ(y)`` of each sample.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import torch
 from ..targets.base import Completion
 from ..targets.target import Target
 from .proposal import Proposal, ProposalContext
+from .common import Stopwatch, make_generator, peak_memory, prepare_prompts
+from .decode import advance, end_terms
 from .proposals import Base, Temperature
 from .result import Result
-from .smc import SMC
-from .steps import Whole
 
 
 def _check_n(n: int) -> int:
@@ -51,32 +51,47 @@ class ArgMax(Proposal):
         return log_q.argmax(dim=-1)
 
 
-class Decoder(SMC):
-    """``n`` rows per prompt decoded from ``proposal`` to EOS or ``max_new_tokens``: the SMC
-    loop with resampling off and zero-weight particles kept (their weights only record
-    ``log γ(y) − log q(y)``)."""
-
-    kills_zero_weight = False
+class Decoder:
+    """``n`` rows per prompt decoded from ``proposal`` to EOS or ``max_new_tokens``: one
+    :func:`~llmppl.inference.decode.advance` over all ``G·n`` rows (one native block for a
+    temperature proposal), no weights, no resampling.  ``stats["log_target"]`` of each sample
+    is ``log γ(y)``: the target's token increments plus ``log φ_complete`` (cut completions
+    included, as the target's ``truncation`` says)."""
 
     def __init__(self, method: str, proposal: Proposal, n: int, config: dict) -> None:
-        super().__init__(_check_n(n), proposal=proposal, ess_threshold=0.0, step=Whole())
-        self.method, self.extra = method, config
+        self.method, self.proposal, self.n, self.extra = method, proposal, _check_n(n), config
 
     def decode(self, target: Target, prompts: Sequence, max_new_tokens: int,
                seed: int | None) -> list[Result]:
-        return self._run(target, prompts, max_new_tokens, seed, raise_on_failure=False)
-
-    def _results(self, run, seed, seconds, raise_on_failure) -> list[Result]:
-        out = super()._results(run, seed, seconds, False)
-        P = run.parts
-        log_target = (P.log_w.reshape(-1) + P.log_q).view(P.G, P.N).cpu()
-        for g, res in enumerate(out):
-            res.method, res.log_evidence, res.error = self.method, None, None
-            res.log_weights = [0.0] * P.N
-            res.stats["log_target"] = log_target[g].tolist()
-            res.steps = {"alive": res.steps["alive"]}
-            res.config = {"n": P.N, "max_new_tokens": run.max_new_tokens, "proposal": repr(run.proposal),
-                          "target": repr(run.target), **self.extra}
+        ids = prepare_prompts(target, prompts, max_new_tokens)
+        lm, G, n, T = target.lm, len(ids), self.n, max_new_tokens
+        gen = make_generator(seed, lm.device)
+        with Stopwatch(lm.device) as watch:
+            state = lm.start(ids[0] if G == 1 else ids, n, max_new_tokens=T)
+            self.proposal.start(target, ids[0] if G == 1 else ids, n)
+            d = advance(target, state, torch.arange(G * n), T, self.proposal, float(target.base_exponent), gen,
+                        feed_last=False)
+            samples = [[t for t in row if t >= 0][: int(k) - int(e)] for row, k, e in
+                       zip(d.tokens.tolist(), d.length.tolist(), d.ended.tolist())]
+            log_target = d.total("log_inc") + end_terms(target, [ids[g] for g in range(G) for _ in range(n)],
+                                                         samples, d.ended, final=True)
+        log_p, log_q, drawn = d.total("log_p"), d.total("log_q"), (d.tokens >= 0).sum(1)
+        fed = drawn - d.ended.long() - (~d.ended & (drawn >= T)).long()
+        out = []
+        for g in range(G):
+            rows = slice(g * n, (g + 1) * n)
+            sam = samples[rows]
+            stats = {"forward_passes": int(state.forward_passes), "tokens_decoded": int(fed[rows].sum()),
+                     "tokens_sampled": int(drawn[rows].sum()), "wall_time": watch.seconds,
+                     "peak_memory": peak_memory(lm.device), "batch_prompts": G,
+                     "log_target": log_target[rows].tolist(), "log_q": log_q[rows].tolist()}
+            out.append(Result(
+                method=self.method, prompt_ids=list(ids[g]), samples=sam, log_weights=[0.0] * n,
+                texts=[lm.decode(s) for s in sam] if lm.tokenizer is not None else None,
+                finished=d.ended[rows].tolist(), truncated=(~d.ended[rows]).tolist(), log_p=log_p[rows].tolist(),
+                log_evidence=None, steps={}, stats=stats, seed=seed,
+                config={"n": n, "max_new_tokens": T, "proposal": repr(self.proposal), "target": repr(target),
+                        **self.extra}))
         return out
 
 

@@ -64,13 +64,15 @@ def advance(
     generator: torch.Generator,
     forced: Sequence[Sequence[int] | None] | None = None,
     allow_eos: bool = True,
+    feed_last: bool = True,
 ) -> Decoded:
     """Extend ``state`` rows ``rows`` to ``stop`` tokens (EOS included) or until EOS.
 
     ``forced[k]`` (optional) replays a given suffix for row ``rows[k]`` instead of
     sampling (its ``log q`` is still recorded: reverse-move probabilities).
     ``allow_eos=False`` draws from ``q`` renormalised without EOS.  ``exponent`` is ``a``
-    for every row or a ``(len(rows),)`` tensor, one per row.
+    for every row or a ``(len(rows),)`` tensor, one per row.  ``feed_last=False``: a row that
+    reaches ``stop`` without EOS keeps its last token unfed (it will never be extended).
     """
     rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
     R = len(rows)
@@ -87,7 +89,8 @@ def advance(
                                                                                           dtype=torch.float64)
     tau = block_temperature(proposal, target, a_rows) if forced is None else None
     if tau is not None and bool(torch.isfinite(tau).all()):
-        return _advance_native(target, state, rows, start, stop_t, W, proposal, tau, a_rows, generator, allow_eos)
+        return _advance_native(target, state, rows, start, stop_t, W, proposal, tau, a_rows, generator, allow_eos,
+                               feed_last)
     require_full_vocabulary(state, f"decoding with the proposal {proposal!r}" if forced is None else
                             "replaying given suffixes (MH moves)", NATIVE_HINT)
     tokens = torch.full((R, W), -1, dtype=torch.long)
@@ -123,7 +126,7 @@ def advance(
         log_inc[live, j] = inc.gather(1, tok.to(inc.device)[:, None]).squeeze(1).double().cpu()
         is_eos = torch.isin(tok, eos)
         ended[live[is_eos]] = True
-        go = (~is_eos).nonzero().flatten()
+        go = (~is_eos & (torch.tensor(feed_last) | (start[live] + j + 1 < stop_t[live]))).nonzero().flatten()
         if len(go):
             state.extend(tok[go], srows[go])
     length = start + (tokens >= 0).sum(1)
@@ -136,11 +139,12 @@ def per_row_exponent(exponent: float | torch.Tensor) -> bool:
 
 def _advance_native(target, state, rows: torch.Tensor, start: torch.Tensor, stop: torch.Tensor, W: int,
                     proposal: Proposal, tau: torch.Tensor, a_rows: torch.Tensor, generator: torch.Generator,
-                    allow_eos: bool) -> Decoded:
+                    allow_eos: bool, feed_last: bool) -> Decoded:
     """:func:`advance` as one ``state.sample_block`` call: ``log_inc = a · log p`` (no token-level
     factor: :func:`~llmppl.inference.native.block_temperature` checked that)."""
     spec = BlockSpec(budget=stop - start, width=W, temperature=tau, stop_ids=eos_ids(target.lm),
-                     allow_stop=allow_eos and proposal.allow_stop, greedy=proposal.greedy)
+                     allow_stop=allow_eos and proposal.allow_stop, greedy=proposal.greedy,
+                     feed_last=None if feed_last else torch.zeros(len(rows), dtype=torch.bool))
     blk = state.sample_block(rows, spec, generator)
     tokens, log_p, log_q = blk.tokens.cpu(), blk.log_p.cpu(), blk.log_q.cpu()
     log_inc = torch.where(tokens >= 0, a_rows[:, None] * log_p, torch.full_like(log_p, -math.inf))
