@@ -93,9 +93,6 @@ class _Run:
 class SMC:
     """Sequential Monte Carlo over completions of a :class:`~llmppl.Target`.
 
-    ``kills_zero_weight`` (class attribute): a particle whose weight becomes zero stops
-    decoding (SMC); plain decoders (:mod:`~llmppl.inference.baselines`) keep decoding it.
-
     ``proposal``: a :class:`~llmppl.proposals.Proposal` (default: ``Temperature()``, i.e.
     ``q ∝ p^{a_t}``, for a pure power target; ``LocallyOptimal()`` when the target has
     token-level factors such as masks).  ``resampling``: a name in
@@ -105,8 +102,6 @@ class SMC:
     ``pp.steps.Tokens(k)`` or ``pp.steps.Until(delimiter, max_tokens)``.  ``rejuvenate``:
     a kernel with ``move(MoveContext) -> int`` applied after each resampling (token steps).
     """
-
-    kills_zero_weight: bool = True
 
     def __init__(
         self,
@@ -435,7 +430,7 @@ class SMC:
         self._count(run, "tokens_sampled", active)
         is_eos = active & torch.isin(v, run.eos)
         cut = active & ~is_eos & (P.length + 1 >= run.max_new_tokens)
-        dead = active & ~torch.isfinite(inc) if self.kills_zero_weight else torch.zeros_like(active)
+        dead = active & ~torch.isfinite(inc)
         P.cause = torch.where(dead & (P.cause == 0), torch.ones_like(P.cause), P.cause)
         grow = active & ~is_eos & ~cut & ~dead
         P.append(v, active & ~is_eos & ~dead)
@@ -523,12 +518,6 @@ class SMC:
         P = run.parts
         inc_g = inc.view(P.G, P.N)
         new = P.log_w + inc_g
-        if not self.kills_zero_weight:          # plain decoding: accumulate log γ − log q only
-            P.log_w = new
-            zeros = torch.zeros(P.G, dtype=torch.float64, device=P.device)
-            run.record(exponent=a.clone(), ess=zeros, log_evidence_increment=zeros,
-                       alive=(~P.done).view(P.G, P.N).sum(1))
-            return zeros
         lse_new = torch.logsumexp(new, 1)
         lse_old = torch.logsumexp(log_w_before, 1)
         newly_failed = ~torch.isfinite(lse_new) & ~P.failed
