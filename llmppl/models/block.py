@@ -111,7 +111,8 @@ def sample_inverse_cdf(log_q: torch.Tensor, generator: torch.Generator | None) -
     block ``b = min{b : C_b > U·C_last}``, then inside it the token
     ``v = min{v : c_v > U·C_last − C_{b−1}}`` with ``c`` the float64 cumulative sums
     of the block.  This is ``v = min{v : C_v > U·C_V}`` over the whole vocabulary,
-    with one float64 cumulative sum of a block per row instead of the full row.
+    with one float64 cumulative sum of a block per row instead of the full row (a
+    vocabulary of at most one block is inverted in one level).
 
     Tokens with ``log q < −80`` (``q < 1.8e−35``, at most ~1e−30 of the mass for any
     vocabulary) count as probability 0: their float32 ``exp`` would be denormal, which is
@@ -120,13 +121,18 @@ def sample_inverse_cdf(log_q: torch.Tensor, generator: torch.Generator | None) -
     """
     B, V = log_q.shape
     p = log_q.masked_fill(log_q < LOG_Q_FLOOR, -math.inf).exp_()
+    dev = generator.device if generator is not None else log_q.device
     K = SAMPLE_BLOCK
+    if V <= K:             # one level: the float64 cumulative sums of the row itself
+        cum = p.cumsum(-1, dtype=torch.float64)
+        u = torch.rand((B, 1), generator=generator, dtype=torch.float64, device=dev).to(cum.device)
+        rest = torch.minimum(u * cum[:, -1:], cum[:, -1:] * (1.0 - 1e-12))
+        return torch.searchsorted(cum, rest, right=True).squeeze(1)
     full, tail = divmod(V, K)
     sums = p[:, :full * K].reshape(B, full, K).sum(-1, dtype=torch.float64)
     if tail:
         sums = torch.cat([sums, p[:, full * K:].sum(-1, dtype=torch.float64, keepdim=True)], 1)
     cum = sums.cumsum(-1)
-    dev = generator.device if generator is not None else log_q.device
     u = torch.rand((B, 1), generator=generator, dtype=torch.float64, device=dev).to(cum.device)
     u = u * cum[:, -1:]
     block = torch.searchsorted(cum, u, right=True).clamp_(max=cum.shape[1] - 1)
