@@ -199,7 +199,7 @@ class SMC:
                 inc, seg_inc = self._extend(run, t, a, a_prev)
                 self._promote(run, inc, a)
                 self._update_twists(run, inc)
-                self._length_twist(run, inc, seg_inc)
+                self._length_twist(run, inc, seg_inc, a)
                 ess = self._reweight(run, inc, log_w_before, a, t)
                 need = self._needs_resampling(run, ess)
                 anc = self._ancestors(run, need)
@@ -265,8 +265,6 @@ class SMC:
         start = P.length.clone()
         active = alive
         one_token = isinstance(self.step, Tokens) and self.step.k == 1
-        if isinstance(self.step, Until) and not run.slope:
-            self._first_slope(run, a)
         while True:
             self._draw(run, t, run.a_rows(a), active, inc)
             if one_token:
@@ -291,50 +289,52 @@ class SMC:
             return inc, None
         return inc, torch.where(alive, inc - retro, torch.zeros_like(inc))
 
-    def _first_slope(self, run: _Run, a: torch.Tensor) -> None:
-        """``c_1``, before the first draw: the prompt's mean over rows of
-        ``log Σ_v p(v | y_<1)^{a_1}``, the per-token increment of ``q ∝ p^{a_1}`` at the first
-        position (a function of the prompt only)."""
-        P = run.parts
-        lp = run.state.last_logprobs().double().to(P.device)
-        lse = torch.logsumexp(scaled(run.a_rows(a)[:, None], lp), -1)
-        run.slope["c"] = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).view(P.G, P.N).mean(1)
-        run.slope["inc"] = torch.zeros(P.G, dtype=torch.float64, device=P.device)
-        run.slope["tokens"] = torch.zeros(P.G, dtype=torch.float64, device=P.device)
+    def _length_twist(self, run: _Run, inc: torch.Tensor, seg_inc: torch.Tensor | None,
+                      a: torch.Tensor) -> None:
+        """Variable-length segments: for live particles
 
-    def _length_twist(self, run: _Run, inc: torch.Tensor, seg_inc: torch.Tensor | None) -> None:
-        """Variable-length segments: ``log ψ_t(y) = c_t · (T − len(y))`` for live particles.
+            log ψ_t(y) = log Σ_v p(v | y)^{a_t}  [+ c_t · (T − len(y) − 1)  with Until(slope=True)],
 
-        ``p(y_≤t)^a`` compares prefixes of different lengths, and a shorter one still has more
-        tokens to pay for (at ``a > 1`` each costs about ``c < 0`` of future Rényi mass), so
-        resampling on it copies short prefixes that lose their weight later: consistent, but
-        with a variance that swamps the estimate.  The twist puts every prefix on a common
-        horizon; like every twist it is removed when a particle ends (the target is unchanged).
+        the exact one-token look-ahead mass of the next position (what a token step's next
+        incremental weight would be under ``q ∝ p^{a_t}``; from the log-probs the state holds
+        for the next step anyway), plus optionally ``c_t`` per token for the rest of the horizon.
 
-        **Predictable.** ``c_t`` is computed from earlier steps only (``F_{t−1}``-measurable):
-        the prompt's mean log-increment per token over all tokens drawn at steps ``1..t−1``
-        (``a log p + log φ^next − log q`` of the blocks, over the rows that drew), and at
-        ``t = 1`` the first position's ``log Σ_v p(v)^{a_1}`` (:meth:`_first_slope`).  So
-        ``γ_t`` is fixed before step ``t`` draws, and ``Ẑ`` stays unbiased (the usual
-        martingale argument needs each step's target to be chosen from the past only).
+        ``p(y_≤t)^a`` compares prefixes of different lengths, and resampling on it alone copies
+        prefixes whose next token is costly (they lose their weight at the next step):
+        consistent, but with a variance that swamps the estimate.  Like every twist it is
+        removed when a particle ends (the target is unchanged).
+
+        **Predictable.** ``ψ_t`` is fixed before step ``t`` draws: the look-ahead mass is a
+        function of the prefix and of ``a_t`` (chosen from the past by the schedule), and
+        ``c_t`` is the prompt's mean log-increment per token over the tokens drawn at steps
+        ``1..t−1`` (``a log p + log φ^next − log q`` of the blocks; 0 at ``t = 1``), so it is
+        ``F_{t−1}``-measurable and ``Ẑ`` stays unbiased (the martingale argument only needs
+        each step's target to be chosen from the past).
         """
         if seg_inc is None:
             return
         P = run.parts
         live = ~P.done
-        c = run.slope["c"].repeat_interleave(P.N)        # F_{t−1}-measurable: fixed before this step
-        remaining = (run.max_new_tokens - P.length).double()
-        new = torch.where(live, c * remaining, torch.zeros_like(c))
+        lp = run.state.last_logprobs().double().to(P.device)        # log p(· | y) of the new prefixes
+        new = torch.logsumexp(scaled(run.a_rows(a)[:, None], lp), -1)
+        if getattr(self.step, "slope", False):
+            if not run.slope:
+                zero = torch.zeros(P.G, dtype=torch.float64, device=P.device)
+                run.slope.update(c=zero, inc=zero.clone(), tokens=zero.clone())
+            c = run.slope["c"].repeat_interleave(P.N)    # F_{t−1}-measurable: fixed before this step
+            new = new + c * (run.max_new_tokens - P.length - 1).double().clamp_min(0.0)
+            # c_{t+1}: this step's draws join the history
+            drawn = torch.where(torch.isfinite(seg_inc), seg_inc, torch.zeros_like(seg_inc))
+            n_tok = run.step_tokens.double()
+            drew = n_tok > 0
+            run.slope["inc"] += torch.where(drew, drawn, torch.zeros_like(drawn)).view(P.G, P.N).sum(1)
+            run.slope["tokens"] += torch.where(drew, n_tok, torch.zeros_like(n_tok)).view(P.G, P.N).sum(1)
+            seen = run.slope["tokens"] > 0
+            run.slope["c"] = torch.where(seen, run.slope["inc"] / run.slope["tokens"].clamp_min(1.0),
+                                         run.slope["c"])
+        new = torch.where(live & torch.isfinite(new), new, torch.zeros_like(new))
         inc += torch.where(live, new - P.length_twist, torch.zeros_like(inc))
         P.length_twist = new
-        # c_{t+1}: this step's draws join the history
-        drawn = torch.where(torch.isfinite(seg_inc), seg_inc, torch.zeros_like(seg_inc))
-        n_tok = run.step_tokens.double()
-        drew = n_tok > 0
-        run.slope["inc"] += torch.where(drew, drawn, torch.zeros_like(drawn)).view(P.G, P.N).sum(1)
-        run.slope["tokens"] += torch.where(drew, n_tok, torch.zeros_like(n_tok)).view(P.G, P.N).sum(1)
-        seen = run.slope["tokens"] > 0
-        run.slope["c"] = torch.where(seen, run.slope["inc"] / run.slope["tokens"].clamp_min(1.0), run.slope["c"])
 
     def _draw(self, run: _Run, t: int, a_rows: torch.Tensor, active: torch.Tensor,
               inc: torch.Tensor) -> None:
