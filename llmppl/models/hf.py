@@ -224,6 +224,10 @@ class HFLM(LanguageModel):
         """A KV-cached state of ``P * n`` rows; static (preallocated for the longest prompt +
         ``max_new_tokens``) when ``static_cache``."""
         checked = self.check_prompts(prompts, max_new_tokens)
+        from .memory import check_memory
+
+        # refuse a run that cannot fit (KV cache + logits for every row) before allocating it
+        check_memory(self, len(checked) * n, max(len(p) for p in checked) + int(max_new_tokens or 0))
         if self.static_cache:
             from .static import StaticHFState
 
