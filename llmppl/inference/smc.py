@@ -237,7 +237,7 @@ class SMC:
             alive = (~P.done).view(P.G, P.N)
             lw = torch.where(alive, P.log_w, torch.full_like(P.log_w, -math.inf))
             W = torch.softmax(lw, 1).nan_to_num(0.0)
-            log_p = P.log_p.view(P.G, P.N)
+            log_p = torch.where(alive, P.log_p.view(P.G, P.N), torch.zeros_like(P.log_w))  # no 0 · (−inf)
             mean = (W * log_p).sum(1, keepdim=True)
             spread = (W * (log_p - mean) ** 2).sum(1)
             q = lp.exp()   # Var under the base LM: what the whole bridge must cover
