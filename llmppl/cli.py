@@ -40,10 +40,12 @@ def run_sample(args: argparse.Namespace) -> int:
 
     if args.particles < 1:
         raise ValueError(f"--particles must be >= 1, got {args.particles}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     pp.Power(args.alpha)  # bad input fails before the model loads
+    method = build_method(args.method, args)
     lm = pp.models.load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     chat = not args.no_chat and getattr(lm.tokenizer, "chat_template", None) is not None
-    method = build_method(args.method, args)
     target = pp.Target(lm, pp.Power(method.target_alpha(args.alpha)), chat=chat)
     result = method.run(target, args.prompt, args.max_new_tokens, seed=args.seed)
     best = result.best

@@ -180,8 +180,3 @@ def _merge_eos(done: list[tuple[int, ...]], lg: list[float], trunc: list[bool]
             flags.append(t)
     merged = [float(torch.logsumexp(torch.tensor(p, dtype=torch.float64), 0)) for p in parts]
     return seqs, merged, flags
-
-
-def exact(target: Target, prompt: str | Sequence[int], max_new_tokens: int) -> ExactDistribution:
-    """Alias of :func:`enumerate_target`."""
-    return enumerate_target(target, prompt, max_new_tokens)

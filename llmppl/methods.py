@@ -76,7 +76,11 @@ def _smc(ns: Any) -> tuple[Any, dict]:
 def _mh(ns: Any) -> tuple[Any, dict]:
     from .inference import MH, proposals
 
-    block = ns.block_size or max(1, ns.max_new_tokens // 4)
+    if ns.block_size is not None and (isinstance(ns.block_size, bool) or ns.block_size < 1):
+        raise ValueError(f"--block-size must be >= 1, got {ns.block_size}")
+    if ns.n_mcmc is not None and ns.n_mcmc < 0:
+        raise ValueError(f"--n-mcmc must be >= 0, got {ns.n_mcmc}")
+    block = ns.block_size if ns.block_size is not None else max(1, ns.max_new_tokens // 4)
     return MH(block_size=block, n_mcmc=ns.n_mcmc, proposal=_temperature(proposals, ns.alpha)), \
         {"chains": ns.particles}
 

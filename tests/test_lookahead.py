@@ -7,7 +7,7 @@ import llmppl as pp
 from llmppl.exact import enumerate_target, tv_distance
 from llmppl.inference.proposals import ProposalContext
 from llmppl.models import NGramLM, pivotal_lm
-from llmppl.models.toy import EXACTNESS
+from llmppl.models.toy import EXACTNESS, ZeroForkingLM
 
 from _exactness import check, impostors, pooled
 
@@ -93,8 +93,98 @@ def test_bad_input():
 def test_lookahead_inside_smc_is_exact(alpha):
     """SMC weights correct ζ̂'s bias (and the horizon's): TV to p^α < 0.04, pooled over runs."""
     target = pp.Target(FORK, pp.Power(alpha))
-    n = {2.0: 1500, 4.0: 800}[alpha]          # p^2 is the broader target (and costs twice as much)
+    n = {2.0: 1500, 4.0: 1000}[alpha]         # p^2 is the broader target (and costs twice as much)
     smc = pp.SMC(n, proposal=pp.proposals.Lookahead(top_k=3, rollouts=4, horizon=3))
     s, w = pooled(lambda seed: smc.run(target, PROMPT, T, seed=seed), range(6))
     check(enumerate_target(target, PROMPT, T), s, w, 0.04, impostors(FORK, PROMPT, T, alpha),
           f"SMC with Lookahead, p^{alpha:g}")
+
+
+class CountingLM(ZeroForkingLM):
+    """The zero-probability toy, counting its own work: calls and rows of ``next_logprobs``
+    and the longest completion it was ever asked to continue."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls = self.rows = self.longest = 0
+
+    def next_logprobs(self, sequences):
+        self.calls += 1
+        self.rows += len(sequences)
+        self.longest = max([self.longest] + [self.completion_length(s) for s in sequences])
+        return super().next_logprobs(sequences)
+
+
+ZEROS = EXACTNESS["zeros"]
+BATCH = EXACTNESS["prompts"]
+BATCH_PROMPTS = [list(p) for p in BATCH.prompts[:3]]
+
+
+@pytest.mark.parametrize("proposal", ["base", "lookahead", "fromlm"])
+def test_stats_count_all_lm_work(proposal):
+    """``Result.stats`` against the LM's own counters: every row the LM evaluated is a prompt
+    row's prefill or a token in ``tokens_decoded`` (rollouts and the proposal LM included), and
+    ``forward_passes`` is the number of LM calls; rollouts never look past max_new_tokens."""
+    lm, other = CountingLM(seed=9), CountingLM(seed=9)
+    prop = {"base": None,
+            "lookahead": pp.proposals.Lookahead(top_k=3, rollouts=2, horizon=8),   # horizon > T
+            "fromlm": pp.proposals.FromLM(other, tau=1.5)}[proposal]
+    N, T = 40, ZEROS.max_new_tokens
+    out = pp.SMC(N, proposal=prop).run_batch(pp.Target(lm, pp.Power(2.0)), BATCH_PROMPTS, T, seed=0)
+    rows = len(BATCH_PROMPTS) * N                      # the first call evaluates every row's prompt
+    decoded = sum(r.stats["tokens_decoded"] for r in out)
+    assert lm.rows + other.rows == 2 * rows * (proposal == "fromlm") + rows * (proposal != "fromlm") + decoded
+    assert lm.calls + other.calls == out[0].stats["forward_passes"]
+    assert lm.longest <= T - 1            # a completion has at most T tokens, EOS included
+    if proposal == "lookahead":
+        la = [r.stats["lookahead_tokens_decoded"] for r in out]
+        assert lm.rows == rows + decoded and min(la) > 0
+        assert all(r.stats["tokens_decoded"] > 5 * r.stats["tokens_sampled"] for r in out)  # the hidden cost
+        assert out[0].stats["lookahead_forward_passes"] == lm.calls - 4   # 4 engine steps
+    if proposal == "fromlm":
+        assert other.rows == rows + sum(r.stats["proposal_tokens_decoded"] for r in out)
+        assert other.calls == out[0].stats["proposal_forward_passes"]
+
+
+def test_scalable_power_counts_its_rollouts():
+    lm = CountingLM(seed=9)
+    res = pp.samplers.ScalablePower(top_k=3, rollouts=2, horizon=8, n=30).run(
+        pp.Target(lm, pp.Power(4.0)), ZEROS.prompt, ZEROS.max_new_tokens, seed=0)
+    assert lm.rows == 30 + res.stats["tokens_decoded"] and lm.calls == res.stats["forward_passes"]
+    assert res.stats["rollout_tokens"] == res.stats["lookahead_tokens_decoded"] > 0
+    assert lm.longest <= ZEROS.max_new_tokens - 1
+
+
+def test_lookahead_in_smc_on_exact_zeros():
+    lm, prompt, T = ZEROS.lm(), ZEROS.prompt, ZEROS.max_new_tokens
+    target = pp.Target(lm, pp.Power(4.0))
+    smc = pp.SMC(800, proposal=pp.proposals.Lookahead(top_k=3, rollouts=2, horizon=2))
+    s, w = pooled(lambda seed: smc.run(target, prompt, T, seed=seed), range(6))
+    check(enumerate_target(target, prompt, T), s, w, 0.04, impostors(lm, prompt, T, 4.0),
+          "SMC with Lookahead on zeros, p^4")
+
+
+def test_lookahead_run_batch_with_per_prompt_exponents():
+    """run_batch with AdaptiveESS gives each prompt its own exponent a_t (a (B, 1) tensor), which
+    look-ahead used to refuse (float() of a tensor); each prompt matches its own exact p^2."""
+    lm, T = BATCH.lm(), BATCH.max_new_tokens
+    target = pp.Target(lm, pp.Power(2.0))
+    smc = pp.SMC(500, proposal=pp.proposals.Lookahead(top_k=3, rollouts=2, horizon=2),
+                 schedule=pp.schedules.AdaptiveESS(0.5), ess_threshold=1.0)
+    exact = [enumerate_target(target, p, T) for p in BATCH_PROMPTS]
+    per = [([], []) for _ in BATCH_PROMPTS]
+    seeds = range(10)
+    first = None
+    for seed in seeds:
+        out = smc.run_batch(target, BATCH_PROMPTS, T, seed=seed)
+        first = first or [r.steps["exponent"][0] for r in out]
+        for k, r in enumerate(out):
+            assert r.error is None
+            per[k][0].extend(r.samples)
+            per[k][1].extend(r.weights / len(seeds))
+    assert len({round(a, 9) for a in first}) > 1          # the prompts' exponents differ
+    for k, (s, w) in enumerate(per):
+        others = impostors(lm, BATCH_PROMPTS[k], T, 2.0)
+        others.update({f"prompt {j}'s target": exact[j].as_dict() for j in range(len(exact))
+                       if j != k and tv_distance(exact[j].as_dict(), exact[k].as_dict()) > 0.1})
+        check(exact[k], s, w, 0.04, others, f"batched Lookahead + AdaptiveESS, prompt {k}")

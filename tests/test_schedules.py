@@ -91,3 +91,29 @@ def test_steps():
         pp.steps.Until("\n\n").check(lm)
     with pytest.raises(ValueError, match="unknown step"):
         pp.SMC(2, step="sentence")
+
+
+def test_adaptive_ess_counts_tokens_not_steps_under_segment_steps():
+    """Under segment steps a step draws many tokens: AdaptiveESS prices the tokens still to
+    come (horizon − tokens so far), not horizon − step + 1 SMC steps."""
+    stats = lambda: BridgeStats(spread=torch.zeros(1, dtype=torch.float64),  # noqa: E731
+                                token_var=torch.full((1,), 1e6, dtype=torch.float64))
+    sched = pp.schedules.AdaptiveESS(0.5)
+    base = dict(step=2, previous=torch.tensor([1.0], dtype=torch.float64), final=4.0, horizon=8,
+                log_weights=torch.zeros((1, 4), dtype=torch.float64), stats=stats)
+    # huge token variance: the pace is the linear floor (α − a_{t−1}) / tokens left
+    by_steps = float(sched.exponent(ScheduleContext(**base)))                       # 7 left
+    by_tokens = float(sched.exponent(ScheduleContext(**base, position=torch.tensor([6]))))  # 2 left
+    assert by_steps == pytest.approx(1.0 + 3.0 / 7, rel=1e-3)
+    assert by_tokens == pytest.approx(1.0 + 3.0 / 2, rel=1e-3)
+    # in SMC: with segments of up to 3 tokens and horizon 4, the bridge reaches α by step 2
+    from llmppl.models.toy import EXACTNESS
+
+    setup = EXACTNESS["fork"]
+    lm, prompt, T = setup.lm(), setup.prompt, setup.max_new_tokens
+    target = pp.Target(lm, pp.Power(4.0))
+    res = pp.SMC(64, step=pp.steps.Until(1, max_tokens=3), schedule=sched).run(target, prompt, T, seed=0)
+    lengths = res.steps["segment_length"]
+    assert lengths[0] == 3 and len(res.steps["exponent"]) >= 2
+    # after step 1 at most one token is left for the longest particles: a_2 jumps to α
+    assert res.steps["exponent"][1] == pytest.approx(4.0)

@@ -77,14 +77,19 @@ class Decoder:
                                                          samples, d.ended, final=True)
         log_p, log_q, drawn = d.total("log_p"), d.total("log_q"), (d.tokens >= 0).sum(1)
         fed = drawn - d.ended.long() - (~d.ended & (drawn >= T)).long()
+        extra_fp, extra_tok = self.proposal.work()    # the proposal's own LM work (look-ahead rollouts)
         out = []
         for g in range(G):
             rows = slice(g * n, (g + 1) * n)
             sam = samples[rows]
-            stats = {"forward_passes": int(state.forward_passes), "tokens_decoded": int(fed[rows].sum()),
+            stats = {"forward_passes": int(state.forward_passes) + extra_fp,
+                     "tokens_decoded": int(fed[rows].sum()) + extra_tok.get(g, 0),
                      "tokens_sampled": int(drawn[rows].sum()), "wall_time": watch.seconds,
                      "peak_memory": peak_memory(lm.device), "batch_prompts": G,
                      "log_target": log_target[rows].tolist(), "log_q": log_q[rows].tolist()}
+            if self.proposal.work_name is not None:   # included in the totals above
+                stats[f"{self.proposal.work_name}_tokens_decoded"] = extra_tok.get(g, 0)
+                stats[f"{self.proposal.work_name}_forward_passes"] = extra_fp
             out.append(Result(
                 method=self.method, prompt_ids=list(ids[g]), samples=sam, log_weights=[0.0] * n,
                 texts=[lm.decode(s) for s in sam] if lm.tokenizer is not None else None,

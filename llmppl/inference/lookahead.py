@@ -30,7 +30,7 @@ import math
 import torch
 
 from .common import eos_ids
-from .proposal import Proposal, ProposalContext
+from .proposal import Proposal, ProposalContext, exponent_of
 
 #: the jackknife estimate is clipped below at this fraction of the plug-in q
 JACKKNIFE_FLOOR = 1e-3
@@ -59,10 +59,31 @@ class Lookahead(Proposal):
         if not 0.0 <= float(floor) <= 1.0:
             raise ValueError(f"floor must be in [0, 1], got {floor!r}")
         self.floor = float(floor)
-        #: completions end after this many tokens (EOS included): caps each rollout; None = no cap
+        #: completions end after this many tokens (EOS included): caps each rollout when the
+        #: engine's ``ProposalContext.max_new_tokens`` is not given; None = no cap
         self.max_new_tokens: int | None = None
         self.forward_passes = 0
         self.tokens_decoded = 0
+        self._tokens_by_prompt: dict[int, int] = {}
+
+    work_name = "lookahead"
+
+    def start(self, target, prompt_ids, n) -> None:
+        """A new run: the rollout counters restart from 0."""
+        self.forward_passes = self.tokens_decoded = 0
+        self._tokens_by_prompt = {}
+
+    def work(self) -> tuple[int, dict[int, int]]:
+        """Rollout forward passes and rollout tokens fed to the LM per prompt, since ``start``."""
+        return self.forward_passes, dict(self._tokens_by_prompt)
+
+    def _count(self, groups: torch.Tensor, fed: torch.Tensor) -> None:
+        """``fed`` rollout rows (indices into ``groups``) were each fed one token."""
+        if len(fed) == 0:
+            return
+        self.tokens_decoded += len(fed)
+        for g, k in zip(*torch.unique(groups[fed], return_counts=True)):
+            self._tokens_by_prompt[int(g)] = self._tokens_by_prompt.get(int(g), 0) + int(k)
 
     def __repr__(self) -> str:
         jk = ", jackknife=True" if self.jackknife else ""
@@ -70,26 +91,38 @@ class Lookahead(Proposal):
                 f"floor={self.floor:g}{jk})")
 
     # ------------------------------------------------------------ rollouts
-    def _future_logp(self, ctx: ProposalContext, cand: torch.Tensor) -> torch.Tensor:
-        """``(R, K, M)`` float64 ``log p(f)`` of futures after each candidate (0 for EOS)."""
+    def _future_logp(self, ctx: ProposalContext, cand: torch.Tensor,
+                     possible: torch.Tensor | None = None) -> torch.Tensor:
+        """``(R, K, M)`` float64 ``log p(f)`` of futures after each candidate (0 for EOS, for
+        candidates that are not ``possible`` (``(R, K)`` bool: ``p > 0``) and past the budget).
+
+        Each rollout is capped so that the completion stays within the run's budget: after
+        ``t`` tokens and the candidate, the future has at most ``T − t − 1`` tokens (``T`` =
+        ``ctx.max_new_tokens``, else ``self.max_new_tokens``)."""
         R, K = cand.shape
         M = self.rollouts
         eos = torch.tensor(eos_ids(ctx.target.lm))
         rows = torch.as_tensor(ctx.rows, dtype=torch.long).reshape(-1)
         lengths = torch.tensor([len(t) for t in ctx.batch.tokens])
         horizon = torch.full((R,), self.horizon, dtype=torch.long)
-        if self.max_new_tokens is not None:  # the future has at most T − t − 1 tokens
-            horizon = torch.clamp(torch.minimum(horizon, self.max_new_tokens - lengths - 1), min=0)
+        budget = ctx.max_new_tokens if ctx.max_new_tokens is not None else self.max_new_tokens
+        if budget is not None:  # the future has at most T − t − 1 tokens
+            horizon = torch.clamp(torch.minimum(horizon, budget - lengths - 1), min=0)
         first = cand.cpu().repeat_interleave(M, dim=1).reshape(-1)           # (R·K·M,)
         hor = horizon.repeat_interleave(K * M)
         log_f = torch.zeros(R * K * M, dtype=torch.float64)
         alive = ~torch.isin(first, eos) & (hor > 0)
+        if possible is not None:          # no rollouts after an impossible token (its q is 0 anyway)
+            alive &= possible.cpu().repeat_interleave(M, dim=1).reshape(-1)
         if not bool(alive.any()):
             return log_f.view(R, K, M)
         fork = ctx.state.copy()
         fork.reorder(rows.repeat_interleave(K * M))
+        groups = torch.as_tensor(fork.group).cpu()
+        fp0 = fork.forward_passes
         go = alive.nonzero().flatten()
         fork.extend(first[go], go)
+        self._count(groups, go)
         for h in range(self.horizon):
             live = (alive & (hor > h)).nonzero().flatten()
             if len(live) == 0:
@@ -102,8 +135,8 @@ class Lookahead(Proposal):
             cont = live[~torch.isin(tok, eos) & (hor[live] > h + 1)]
             if len(cont):
                 fork.extend(tok[~torch.isin(tok, eos) & (hor[live] > h + 1)], cont)
-        self.forward_passes += fork.forward_passes
-        self.tokens_decoded += fork.tokens_decoded
+                self._count(groups, cont)
+        self.forward_passes += fork.forward_passes - fp0
         return log_f.view(R, K, M)
 
     # ------------------------------------------------------------- proposal
@@ -118,7 +151,7 @@ class Lookahead(Proposal):
         log_q = self._lookahead_log_q(ctx)
         if self.floor == 0.0:
             return log_q
-        base = torch.log_softmax(ctx.target.log_next(ctx.batch, exponent=float(ctx.exponent)).double(), -1)
+        base = torch.log_softmax(ctx.target.log_next(ctx.batch, exponent=exponent_of(ctx)).double(), -1)
         if self.floor == 1.0:
             return base
         return torch.logaddexp(log_q + math.log1p(-self.floor), base + math.log(self.floor))
@@ -126,12 +159,15 @@ class Lookahead(Proposal):
     def _lookahead_log_q(self, ctx: ProposalContext) -> torch.Tensor:
         if ctx.state is None or ctx.rows is None:
             raise ValueError("Lookahead needs the engine's LM state and rows in the ProposalContext")
-        a = float(ctx.exponent)
+        a = exponent_of(ctx)              # a float, or (R, 1): one exponent per row (run_batch)
         base = ctx.target.log_next(ctx.batch, exponent=a).double()
         lp = ctx.batch.base_logprobs
         K = min(self.top_k, lp.shape[-1])
-        cand = lp.topk(K, dim=-1).indices                                     # (R, K)
-        weighted = (a - 1.0) * self._future_logp(ctx, cand).to(base.device)   # (R, K, M)
+        top = lp.topk(K, dim=-1)
+        cand = top.indices                                                    # (R, K)
+        a1 = (a.double().reshape(-1, 1, 1).to(base.device) if isinstance(a, torch.Tensor) else a) - 1.0
+        future = self._future_logp(ctx, cand, torch.isfinite(top.values)).to(base.device)
+        weighted = a1 * future                                                # (R, K, M)
         M = self.rollouts
         log_q = self._log_q(base, cand, torch.logsumexp(weighted, -1) - math.log(M))
         if not self.jackknife:

@@ -25,19 +25,13 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from ..targets.base import scaled
 from ..targets.target import Target
 from .common import AllParticlesDied, Stopwatch, make_generator, peak_memory, prepare_prompts
 from .decode import Decoded, advance, end_terms
 from .moves import MoveContext
-from .proposals import FromLM, LocallyOptimal, Proposal
+from .proposals import Proposal, default_proposal, is_stateful
 from .result import Result
-
-
-def _stateful(proposal: Proposal | None) -> bool:
-    """A proposal with its own decoding state (FromLM, possibly wrapped) cannot follow truncations."""
-    if proposal is None:
-        return False
-    return isinstance(proposal, FromLM) or _stateful(getattr(proposal, "inner", None))
 
 
 def _uniform_index(lengths: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -108,8 +102,10 @@ class _Chains:
 class MH:
     """Block MH over ``γ``: stages of ``block_size`` tokens, ``n_mcmc`` suffix moves per stage.
 
-    ``proposal`` defaults to ``q ∝ exp(target.log_next)``, i.e. ``Tempered(1/α)`` (``q ∝ p^α``)
-    for a ``Power`` target (token masks and other token-level factors included).  Chains run batched;
+    ``proposal`` defaults to SMC's (:func:`~llmppl.proposals.default_proposal`):
+    ``proposals.Temperature()`` (``q ∝ p^α``, temperature ``1/α``) for a pure ``Power`` target,
+    else ``LocallyOptimal()`` (``q ∝ exp(target.log_next)``: token masks, ``Tempered`` factors and
+    a base exponent of 0 included).  Chains run batched;
     the result holds their final states with uniform weights.
     """
 
@@ -126,16 +122,17 @@ class MH:
                 f"MH needs a proposal whose q is a fixed function of the prefix; {proposal!r} is "
                 "random (its reverse-move probability cannot be evaluated): use it inside SMC"
             )
-        if _stateful(proposal):
-            raise ValueError(f"MH supports stateless proposals only (no FromLM), got {proposal!r}")
+        if is_stateful(proposal):   # the same definition as SMC's (Proposal.stateful)
+            raise ValueError(f"MH supports stateless proposals only (no FromLM), got {proposal!r}: "
+                             "a proposal with its own decoding state cannot follow MH's truncations")
         self.block_size = block_size
         self.n_mcmc = n_mcmc
         self.proposal = proposal
         self.progress = progress
 
-    def _proposal(self) -> Proposal:
-        """The default ``q ∝ exp(target.log_next(·, a))`` is ``Tempered(1/a)`` for a ``Power`` target."""
-        return self.proposal if self.proposal is not None else LocallyOptimal()
+    def _proposal(self, target: Target) -> Proposal:
+        """The given proposal, else :func:`~llmppl.proposals.default_proposal` (the rule SMC uses)."""
+        return self.proposal if self.proposal is not None else default_proposal(target)
 
     def __repr__(self) -> str:
         return f"MH(block_size={self.block_size}, n_mcmc={self.n_mcmc}, proposal={self.proposal!r})"
@@ -160,7 +157,7 @@ class MH:
         G = len(prompt_ids)
         gen = make_generator(seed, target.lm.device)
         a = target.base_exponent
-        proposal = self._proposal()
+        proposal = self._proposal(target)
         T, n, B = max_new_tokens, G * chains, self.block_size
         ar = torch.arange(n)
         ids = prompt_ids[0] if G == 1 else prompt_ids
@@ -266,7 +263,7 @@ class MH:
         ``log q`` and ``log p``, since SMC keeps neither per position.
         """
         target, state, gen = ctx.target, ctx.state, ctx.generator
-        proposal = self._proposal()
+        proposal = self._proposal(target)
         rows = torch.as_tensor(ctx.rows, dtype=torch.long).reshape(-1)
         rows = rows[torch.tensor([len(state.tokens[r]) > 0 for r in rows.tolist()], dtype=torch.bool)]
         if isinstance(ctx.exponent, torch.Tensor) and ctx.exponent.numel() > 1:
@@ -305,7 +302,9 @@ class MH:
             dev = ctx.log_p.device
             moved_d = moved.to(dev)
             ctx.log_p[moved_d] += (lp[R:][acc] - lp[:R][acc]).to(dev)
-            ctx.log_other[moved_d] += ((inc[R:] - a * lp[R:])[acc] - (inc[:R] - a * lp[:R])[acc]).to(dev)
+            a_col = torch.cat([a, a]) if isinstance(a, torch.Tensor) else a
+            other = inc - scaled(a_col, lp)            # the non-Power token factors (0 · log 0 = 0)
+            ctx.log_other[moved_d] += (other[R:][acc] - other[:R][acc]).to(dev)
             ctx.log_twist[moved_d] = twist_new[acc].to(dev)
             accepted += int(acc.sum())
         return accepted

@@ -41,7 +41,7 @@ class Particles:
         self.log_other = torch.zeros(R, dtype=f64, device=dev)   # Σ_s non-Power token increments
         self.log_q = torch.zeros(R, dtype=f64, device=dev)       # log q(y_≤t): the proposal's path density
         self.log_twist = torch.zeros(R, dtype=f64, device=dev)   # log ψ_t(y_≤t)  (0 once ended)
-        self.length_twist = torch.zeros(R, dtype=f64, device=dev)  # segment steps: −c_t·len (0 once ended)
+        self.length_twist = torch.zeros(R, dtype=f64, device=dev)  # segment steps: look-ahead twist (0 once ended)
         self.finished = torch.zeros(R, dtype=torch.bool, device=dev)   # ended with EOS
         self.truncated = torch.zeros(R, dtype=torch.bool, device=dev)  # cut at max_new_tokens
         self.dead = torch.zeros(R, dtype=torch.bool, device=dev)       # weight −∞

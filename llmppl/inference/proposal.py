@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,9 @@ class ProposalContext:
     rows: torch.Tensor | None = None
     exponent: float | torch.Tensor = 1.0   # a_t: a float, or a (B, 1) tensor (one per row)
     generator: torch.Generator | None = None
+    #: the run's token budget (completions have at most this many tokens, EOS included), so
+    #: that proposals which decode ahead (``Lookahead``) never look past it; None: unknown
+    max_new_tokens: int | None = None
 
 
 class Proposal:
@@ -44,13 +48,27 @@ class Proposal:
 
     @property
     def stateful(self) -> bool:
-        """True when the proposal follows the particles through the ``on_*`` hooks."""
+        """True when the proposal has its own decoding state that follows the particles
+        through the ``on_*`` hooks (another LM, a cache): it overrides ``on_extend``.  Engines
+        then call the hooks (SMC: a host sync per token), and MH and rejuvenation refuse it
+        (they truncate particles behind its back).  A wrapper that only forwards the hooks
+        (``TopK``, ``TopP``) is stateful exactly when its inner proposal is.  This property is
+        the one definition every engine uses (``proposals.is_stateful``)."""
         return type(self).on_extend is not Proposal.on_extend
 
     #: ``sample`` returns the mode (greedy decoding): ``block_temperature`` 0 means greedy
     greedy: bool = False
     #: false: ``q`` is renormalised without the stop ids (native blocks never draw them)
     allow_stop: bool = True
+    #: the prefix of this proposal's own LM work in ``Result.stats``
+    #: (``<name>_tokens_decoded``, ``<name>_forward_passes``); None: it does none
+    work_name: str | None = None
+
+    def work(self) -> tuple[int, dict[int, int]]:
+        """The LM work this proposal did since ``start`` on top of the engine's own decoding
+        state: ``(forward passes, {prompt index: tokens decoded})``.  Engines add it to
+        ``Result.stats`` (``forward_passes``, ``tokens_decoded``) so stats count all LM work."""
+        return 0, {}
 
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
         raise NotImplementedError
@@ -78,10 +96,16 @@ class Proposal:
 
 
 def exponent_of(ctx: ProposalContext) -> float | torch.Tensor:
-    """``a_t`` as a float or a ``(B, 1)`` tensor on the log-probs' device, checked positive."""
+    """``a_t`` as a float or a ``(B, 1)`` tensor on the log-probs' device.
+
+    The rule every engine follows: ``a_t ≥ 0`` and finite.  ``a_t = 0`` is the exponent of a
+    target without a ``Power`` factor that replaces ``p`` (``Target(lm, Tempered(τ))``); a
+    float is checked here, a per-row tensor (SMC's, built from the schedule) is not, to
+    avoid a host sync per token.
+    """
     a = ctx.exponent
     if isinstance(a, torch.Tensor):
         return a.reshape(-1, 1).to(ctx.batch.base_logprobs)
-    if not a > 0:
-        raise ValueError(f"the proposal needs a positive exponent, got {a}")
+    if not (a >= 0 and math.isfinite(a)):
+        raise ValueError(f"the proposal needs a finite exponent a_t >= 0, got {a}")
     return float(a)

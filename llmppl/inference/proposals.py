@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .lookahead import Lookahead  # noqa: F401  (pp.proposals.Lookahead)
+from ..targets.base import scaled
 from .proposal import Proposal, ProposalContext, exponent_of
 
 
@@ -60,7 +61,7 @@ class Temperature(Proposal):
 
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
         inv = exponent_of(ctx) if self.tau is None else 1.0 / self.tau
-        return torch.log_softmax(ctx.batch.base_logprobs * inv, dim=-1)
+        return torch.log_softmax(scaled(inv, ctx.batch.base_logprobs), dim=-1)   # a_t = 0: uniform
 
     def block_temperature(self, exponent: torch.Tensor) -> torch.Tensor:
         return torch.full_like(exponent, self.tau) if self.tau is not None else 1.0 / exponent
@@ -106,6 +107,25 @@ class LocallyOptimal(Proposal):
         return "LocallyOptimal()"
 
 
+def default_proposal(target: Any) -> Proposal:
+    """The proposal every engine (SMC, MH) uses when none is given: ``q ∝ p^{a_t}``
+    (:class:`Temperature`) for a pure power target; the locally optimal ``q ∝ p^{a_t} · Π φ^next``
+    (:class:`LocallyOptimal`) when a token-level factor (a token mask, a ``Tempered`` factor) is
+    present or the base exponent is 0 (``Target(lm, Tempered(τ))``), so proposals stay inside
+    masks and give impossible tokens ``q = 0``."""
+    token_factors = any(getattr(f, "factorises", False) for f in target.others)
+    return Temperature() if target.base_exponent > 0 and not token_factors else LocallyOptimal()
+
+
+def is_stateful(proposal: Proposal | None) -> bool:
+    """The one definition of a *stateful* proposal, used by every engine: it has its own
+    decoding state that follows the particles through the ``on_*`` hooks (:class:`FromLM`,
+    possibly wrapped in a restriction such as :class:`TopK`).  Such a proposal cannot
+    follow MH truncations or rejuvenation moves, and SMC calls its hooks (a host sync per
+    token).  ``Proposal.stateful`` is this function of the proposal."""
+    return proposal is not None and bool(proposal.stateful)
+
+
 class FromLM(Proposal):
     """Proposals from another LM ``r`` sharing the tokenizer: ``q ∝ r(v | y_<t)^{1/τ}``.
 
@@ -128,12 +148,22 @@ class FromLM(Proposal):
         self.state = None
         self._checked: set[int] = set()
 
+    work_name = "proposal"
+
     def start(self, target: Any, prompt_ids: Any, n: int, max_new_tokens: int | None = None) -> None:
         """``prompt_ids``: one prompt or a list of prompts (rows as in ``lm.start``)."""
         if id(target.lm) not in self._checked:
             check_shared_tokenizer(target.lm, self.lm)
             self._checked.add(id(target.lm))
         self.state = self.lm.start(prompt_ids, n, max_new_tokens) if max_new_tokens else self.lm.start(prompt_ids, n)
+        self._fp0 = self.state.forward_passes
+        self._tokens_by_prompt: dict[int, int] = {}
+
+    def work(self) -> tuple[int, dict[int, int]]:
+        """The proposal LM's forward passes and tokens fed per prompt since ``start``."""
+        if self.state is None:
+            return 0, {}
+        return self.state.forward_passes - self._fp0, dict(self._tokens_by_prompt)
 
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
         if self.state is None:
@@ -143,6 +173,14 @@ class FromLM(Proposal):
         return torch.log_softmax(fit_vocab(lp, base.shape[-1]) / self.tau, dim=-1)
 
     def on_extend(self, tokens, rows) -> None:
+        groups = torch.as_tensor(self.state.group).cpu()[torch.as_tensor(rows, dtype=torch.long).cpu()]
+        if isinstance(tokens, torch.Tensor):
+            lens = [1] * tokens.shape[0] if tokens.dim() == 1 else [tokens.shape[1]] * tokens.shape[0]
+        else:
+            lens = [1 if not hasattr(t, "__len__") or getattr(t, "dim", lambda: 1)() == 0 else len(t)
+                    for t in tokens]
+        for g, k in zip(groups.tolist(), lens):
+            self._tokens_by_prompt[g] = self._tokens_by_prompt.get(g, 0) + k
         self.state.extend(tokens, rows)
 
     def on_reorder(self, indices) -> None:
@@ -211,6 +249,11 @@ class _Restricted(Proposal):
         self.epsilon = float(epsilon)
         self.vectorised = getattr(self.inner, "vectorised", False)
 
+    @property
+    def stateful(self) -> bool:  # type: ignore[override]
+        """A restriction has no state of its own: it is stateful when its inner proposal is."""
+        return self.inner.stateful
+
     def keep(self, log_q: torch.Tensor) -> torch.Tensor:
         """(B, V) bool: the tokens the restriction keeps."""
         raise NotImplementedError
@@ -235,9 +278,16 @@ class _Restricted(Proposal):
     def on_finish(self, rows):
         self.inner.on_finish(rows)
 
+    @property
+    def work_name(self) -> str | None:  # type: ignore[override]
+        return self.inner.work_name
+
+    def work(self) -> tuple[int, dict[int, int]]:
+        return self.inner.work()
+
 
 class TopK(_Restricted):
-    """Top-k restriction of ``inner`` (default ``Tempered()``), defensively mixed with weight ε."""
+    """Top-k restriction of ``inner`` (default ``Temperature()``), defensively mixed with weight ε."""
 
     def __init__(self, k: int, inner: Proposal | None = None, epsilon: float = 0.05) -> None:
         if not isinstance(k, int) or k < 1:

@@ -34,18 +34,14 @@ class ScalablePower(BatchMixin):
     def run_batch(self, target: Target, prompts, max_new_tokens: int,
                   seed: int | None = None) -> list[Result]:
         """Every prompt's rows decode together; the rollouts of all rows share one forked state.
-        ``rollout_tokens`` (added to ``tokens_decoded``) is exact for one prompt and, in a
-        batch, the batch's rollout tokens attributed in proportion to each prompt's own tokens."""
+        ``Result.stats`` counts the rollouts (``tokens_decoded`` includes them; the engine adds
+        the proposal's work): ``lookahead_tokens_decoded`` (alias ``rollout_tokens``) are the
+        rollout tokens of the prompt's own rows, ``lookahead_forward_passes`` the batch's."""
         la = self.lookahead
         la.max_new_tokens = max_new_tokens
-        la.forward_passes = la.tokens_decoded = 0
         out = super().run_batch(target, prompts, max_new_tokens, seed)
-        own = [res.stats["tokens_decoded"] for res in out]
-        for res, k in zip(out, own):
-            share = la.tokens_decoded * k / max(sum(own), 1) if len(out) > 1 else la.tokens_decoded
-            res.stats["forward_passes"] += la.forward_passes
-            res.stats["rollout_tokens"] = int(round(share))
-            res.stats["tokens_decoded"] += int(round(share))
+        for res in out:
+            res.stats["rollout_tokens"] = res.stats.get("lookahead_tokens_decoded", 0)
         return out
 
     def __repr__(self) -> str:

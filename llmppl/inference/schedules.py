@@ -39,6 +39,16 @@ class ScheduleContext:
     horizon: int = 0                 # max_new_tokens: steps left ≤ horizon − t + 1
     stats: Callable[[], BridgeStats] | None = None
     """Lazily computed :class:`BridgeStats` (only adaptive schedules pay for them)."""
+    position: torch.Tensor | None = None
+    """(G,) tokens already in the live particles' completions (the longest); ``None`` means
+    ``step − 1`` (token steps).  Under segment steps a step draws many tokens, so the
+    tokens still to come are ``horizon − position``, not ``horizon − step + 1``."""
+
+    def tokens_left(self) -> torch.Tensor | int:
+        """Tokens still to come (at least 1): ``horizon − position``."""
+        if self.position is None:
+            return max(self.horizon - self.step + 1, 1)
+        return (self.horizon - self.position.to(torch.float64)).clamp_min(1.0)
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -59,8 +69,6 @@ class Schedule:
 
     ``exponent`` returns a float (the same ``a_t`` for every group) or a ``(G,)`` tensor.
     """
-
-    adaptive: bool = False
 
     def initial(self, final: float) -> float:
         return final
@@ -127,7 +135,8 @@ class AdaptiveESS(Schedule):
 
     Raising the exponent by ``δ`` at step ``t`` multiplies a particle's weight by
     ``p(y_<t)^δ`` now and, through the proposal ``q ∝ p^{a_t}``, exposes the rest of its
-    completion to the same exponent.  With ``H = horizon − t + 1`` tokens still to come,
+    completion to the same exponent.  With ``H`` tokens still to come (``horizon − t + 1`` for token steps,
+    ``horizon`` minus the tokens drawn so far under segment steps),
     the variance of ``δ · log p`` over the particles is predicted as
 
         V_t = Var_i[log p(y_<t)] + H · E_i Var_{v~q}[log p(v | y_<t)],
@@ -140,8 +149,6 @@ class AdaptiveESS(Schedule):
     variance a completion will accumulate is priced in from the first step.  Particles
     that finish are promoted to ``α``, so the final target is exact whatever ``a_t`` is.
     """
-
-    adaptive = True
 
     def __init__(self, target_ess: float = 0.5, alpha_from: float = 1.0) -> None:
         if not 0.0 < float(target_ess) < 1.0:
@@ -157,7 +164,7 @@ class AdaptiveESS(Schedule):
         if ctx.final <= 0 or ctx.stats is None or bool((prev >= ctx.final).all()):
             return ctx.final
         st = ctx.stats()
-        remaining = max(ctx.horizon - ctx.step + 1, 1)
+        remaining = ctx.tokens_left()    # tokens, not SMC steps (segment steps draw many per step)
         var = (st.spread + remaining * st.token_var).clamp_min(1e-12)
         by_ess = torch.sqrt(-math.log(self.target_ess) / var)
         linear = (ctx.final - prev) / remaining

@@ -33,6 +33,7 @@ import torch
 
 from ..models.base import LanguageModelError
 from ..models.block import BlockSpec
+from ..targets.base import scaled
 from ..targets.target import Target
 from .common import (AllParticlesDied, Stopwatch, eos_ids, make_generator, peak_memory,
                      prepare_prompts)
@@ -40,7 +41,7 @@ from .moves import MoveContext
 from .native import NATIVE_HINT, block_temperature, require_full_vocabulary, token_level_factors
 from .particles import CAUSES, Particles, RowPrefixes
 from .proposal import Proposal, ProposalContext
-from .proposals import LocallyOptimal, Temperature
+from .proposals import default_proposal, is_stateful  # noqa: F401  (default_proposal: pp API)
 from .resampling import get_resampler, in_place_ancestors, log_ess
 from .result import Result
 from .schedules import BridgeStats, Constant, Schedule, ScheduleContext, conditional_ess, get_schedule
@@ -51,14 +52,6 @@ _CUT_CAUSE = 4
 #: a draw computes on the live rows only once at most this share of the rows is live
 COMPACT_BELOW = 0.5
 CAUSES[_CUT_CAUSE] = "cut at max_new_tokens, and truncation='zero' gives cut completions zero weight"
-
-
-def default_proposal(target: Target) -> Proposal:
-    """``q ∝ p^{a_t}`` for a pure power target; the locally optimal ``q ∝ p^{a_t} · Π φ^next``
-    when a token-level factor (a token mask, a tempered factor) is present, so proposals stay
-    inside masks."""
-    token_factors = any(getattr(f, "factorises", False) for f in target.others)
-    return Temperature() if target.base_exponent > 0 and not token_factors else LocallyOptimal()
 
 
 @dataclass
@@ -81,6 +74,7 @@ class _Run:
     step_tokens: torch.Tensor | None = None   # tokens each row drew in the current step
     live: int | None = None   # rows live at this step, known on the host (None: not known)
     native: bool = False      # the backend draws each step's block itself (state.sample_block)
+    slope: dict[str, torch.Tensor] = field(default_factory=dict)   # the length twist's c_t (segment steps)
 
     def record(self, **values: torch.Tensor) -> None:
         for k, v in values.items():
@@ -171,7 +165,7 @@ class SMC:
         lm = target.lm
         self.step.check(lm)
         proposal = self.proposal or default_proposal(target)
-        if self.rejuvenate is not None and proposal.stateful:
+        if self.rejuvenate is not None and is_stateful(proposal):
             raise ValueError(
                 f"rejuvenate cannot be combined with the stateful proposal {proposal!r}: moves change "
                 "particles behind the proposal's own decoding state")
@@ -204,7 +198,7 @@ class SMC:
                 inc, seg_inc = self._extend(run, t, a, a_prev)
                 self._promote(run, inc, a)
                 self._update_twists(run, inc)
-                self._length_twist(run, inc, seg_inc)
+                self._length_twist(run, inc, seg_inc, a)
                 ess = self._reweight(run, inc, log_w_before, a, t)
                 need = self._needs_resampling(run, ess)
                 anc = self._ancestors(run, need)
@@ -261,7 +255,7 @@ class SMC:
             alive = (~P.done).view(P.G, P.N)
             lw = torch.where(alive, P.log_w, torch.full_like(P.log_w, -math.inf))
             W = torch.softmax(lw, 1).nan_to_num(0.0)
-            log_p = P.log_p.view(P.G, P.N)
+            log_p = torch.where(alive, P.log_p.view(P.G, P.N), torch.zeros_like(P.log_w))  # no 0 · (−inf)
             mean = (W * log_p).sum(1, keepdim=True)
             spread = (W * (log_p - mean) ** 2).sum(1)
             q = lp.exp()   # Var under the base LM: what the whole bridge must cover
@@ -270,8 +264,10 @@ class SMC:
             token_var = ((q * lp * lp).sum(-1) - m1 ** 2).clamp_min(0.0).view(P.G, P.N)
             return BridgeStats(spread=spread, token_var=(W * token_var).sum(1))
 
+        alive = (~P.done).view(P.G, P.N)
+        position = torch.where(alive, P.length.view(P.G, P.N), torch.zeros_like(P.length.view(P.G, P.N))).amax(1)
         ctx = ScheduleContext(step=t, previous=a_prev, final=run.alpha, log_weights=P.log_w,
-                              horizon=run.max_new_tokens, stats=stats)
+                              horizon=run.max_new_tokens, stats=stats, position=position)
         a = self.schedule.exponent(ctx)
         return torch.as_tensor(a, dtype=torch.float64, device=P.device).expand(P.G).clone()
 
@@ -282,7 +278,7 @@ class SMC:
         steps) the part of them drawn this step, ``a_t log p + log φ^next − log q`` of the block."""
         P = run.parts
         alive = ~P.done
-        inc = torch.where(alive, run.a_rows(a - a_prev) * P.log_p, torch.zeros_like(P.log_p))
+        inc = torch.where(alive, scaled(run.a_rows(a - a_prev), P.log_p), torch.zeros_like(P.log_p))
         if run.native:
             self._draw_block(run, run.a_rows(a), alive, inc)
             return inc, None
@@ -314,27 +310,50 @@ class SMC:
             return inc, None
         return inc, torch.where(alive, inc - retro, torch.zeros_like(inc))
 
-    def _length_twist(self, run: _Run, inc: torch.Tensor, seg_inc: torch.Tensor | None) -> None:
-        """Variable-length segments: ``log ψ_t(y) = −c_t · len(y)`` for live particles, with
-        ``c_t`` the prompt's mean log-increment per token drawn this step (over live rows).
+    def _length_twist(self, run: _Run, inc: torch.Tensor, seg_inc: torch.Tensor | None,
+                      a: torch.Tensor) -> None:
+        """Variable-length segments: for live particles
 
-        ``p(y_≤t)^a`` compares prefixes of different lengths, and a shorter one still has more
-        tokens to pay for (at ``a > 1`` each costs about ``c_t < 0`` of future Rényi mass), so
-        resampling on it copies short prefixes that lose their weight later: consistent, but
-        with a variance that swamps the estimate.  The twist puts every prefix on a common
-        horizon; like every twist it is removed when a particle ends (the target is unchanged).
+            log ψ_t(y) = log Σ_v p(v | y)^{a_t}  [+ c_t · (T − len(y) − 1)  with Until(slope=True)],
+
+        the exact one-token look-ahead mass of the next position (what a token step's next
+        incremental weight would be under ``q ∝ p^{a_t}``; from the log-probs the state holds
+        for the next step anyway), plus optionally ``c_t`` per token for the rest of the horizon.
+
+        ``p(y_≤t)^a`` compares prefixes of different lengths, and resampling on it alone copies
+        prefixes whose next token is costly (they lose their weight at the next step):
+        consistent, but with a variance that swamps the estimate.  Like every twist it is
+        removed when a particle ends (the target is unchanged).
+
+        **Predictable.** ``ψ_t`` is fixed before step ``t`` draws: the look-ahead mass is a
+        function of the prefix and of ``a_t`` (chosen from the past by the schedule), and
+        ``c_t`` is the prompt's mean log-increment per token over the tokens drawn at steps
+        ``1..t−1`` (``a log p + log φ^next − log q`` of the blocks; 0 at ``t = 1``), so it is
+        ``F_{t−1}``-measurable and ``Ẑ`` stays unbiased (the martingale argument only needs
+        each step's target to be chosen from the past).
         """
         if seg_inc is None:
             return
         P = run.parts
         live = ~P.done
-        drawn = torch.where(torch.isfinite(seg_inc), seg_inc, torch.zeros_like(seg_inc))
-        n_tok = run.step_tokens.double()
-        per_group_inc = torch.where(live | (n_tok > 0), drawn, torch.zeros_like(drawn)).view(P.G, P.N).sum(1)
-        per_group_tok = n_tok.view(P.G, P.N).sum(1).clamp_min(1.0)
-        c = (per_group_inc / per_group_tok).repeat_interleave(P.N)
-        remaining = (run.max_new_tokens - P.length).double()
-        new = torch.where(live, c * remaining, torch.zeros_like(c))
+        lp = run.state.last_logprobs().double().to(P.device)        # log p(· | y) of the new prefixes
+        new = torch.logsumexp(scaled(run.a_rows(a)[:, None], lp), -1)
+        if getattr(self.step, "slope", False):
+            if not run.slope:
+                zero = torch.zeros(P.G, dtype=torch.float64, device=P.device)
+                run.slope.update(c=zero, inc=zero.clone(), tokens=zero.clone())
+            c = run.slope["c"].repeat_interleave(P.N)    # F_{t−1}-measurable: fixed before this step
+            new = new + c * (run.max_new_tokens - P.length - 1).double().clamp_min(0.0)
+            # c_{t+1}: this step's draws join the history
+            drawn = torch.where(torch.isfinite(seg_inc), seg_inc, torch.zeros_like(seg_inc))
+            n_tok = run.step_tokens.double()
+            drew = n_tok > 0
+            run.slope["inc"] += torch.where(drew, drawn, torch.zeros_like(drawn)).view(P.G, P.N).sum(1)
+            run.slope["tokens"] += torch.where(drew, n_tok, torch.zeros_like(n_tok)).view(P.G, P.N).sum(1)
+            seen = run.slope["tokens"] > 0
+            run.slope["c"] = torch.where(seen, run.slope["inc"] / run.slope["tokens"].clamp_min(1.0),
+                                         run.slope["c"])
+        new = torch.where(live & torch.isfinite(new), new, torch.zeros_like(new))
         inc += torch.where(live, new - P.length_twist, torch.zeros_like(inc))
         P.length_twist = new
 
@@ -399,7 +418,7 @@ class SMC:
         else:  # a float when every row shares it (proposals that are not row-wise may need one)
             exponent = (float(a_sub[0]) if len(a_sub) and bool((a_sub == a_sub[0]).all()) else a_sub[:, None])
         ctx_rows = None if rows is None else rows if proposal.vectorised else rows.cpu()  # (no sync when row-wise)
-        ctx = ProposalContext(target, batch, state, ctx_rows, exponent, run.generator)
+        ctx = ProposalContext(target, batch, state, ctx_rows, exponent, run.generator, run.max_new_tokens)
         if len(a_sub):
             log_q = proposal.log_probs(ctx)
             v = proposal.sample(log_q, run.generator).to(P.device)
@@ -419,7 +438,7 @@ class SMC:
         bad = bad & active
         run.bad_logprobs = bad if run.bad_logprobs is None else run.bad_logprobs | bad
         v = torch.where(active, v, torch.zeros_like(v))
-        tok_inc = a_rows * lp_v - lq_v
+        tok_inc = scaled(a_rows, lp_v) - lq_v          # 0 · log 0 = 0 at a_t = 0
         zero = torch.zeros_like(P.log_p)
         if other_v is not None:
             P.log_other += torch.where(active, other_v, zero)
@@ -473,7 +492,7 @@ class SMC:
         P, target = run.parts, run.target
         ended = (P.finished | P.truncated) & ~P.dead & ~P.promoted
         zero = torch.zeros_like(P.log_p)
-        inc += torch.where(ended, (run.alpha - run.a_rows(a)) * P.log_p - P.log_twist - P.length_twist, zero)
+        inc += torch.where(ended, scaled(run.alpha - run.a_rows(a), P.log_p) - P.log_twist - P.length_twist, zero)
         untwist = torch.where(ended, -P.log_twist, zero)
         P.log_twist = torch.where(ended, zero, P.log_twist)
         P.length_twist = torch.where(ended, zero, P.length_twist)
@@ -639,6 +658,8 @@ class SMC:
             "rejuvenate": repr(self.rejuvenate) if self.rejuvenate is not None else None,
             "target": repr(run.target), "max_new_tokens": run.max_new_tokens,
         }
+        work_name = run.proposal.work_name
+        extra_fp, extra_tok = run.proposal.work()   # LM work of the proposal (rollouts, another LM)
         out = []
         for g in range(P.G):
             rows = slice(g * P.N, (g + 1) * P.N)
@@ -647,13 +668,16 @@ class SMC:
                 if k in run.host:
                     steps[k] = [x[g] for x in run.host[k]]
             stats = {
-                "forward_passes": int(state.forward_passes),
-                "tokens_decoded": int(counts.get("tokens_decoded", [0] * P.G)[g]),
+                "forward_passes": int(state.forward_passes) + extra_fp,
+                "tokens_decoded": int(counts.get("tokens_decoded", [0] * P.G)[g]) + extra_tok.get(g, 0),
                 "tokens_sampled": int(counts.get("tokens_sampled", [0] * P.G)[g]),
                 "wall_time": seconds, "peak_memory": peak_memory(lm.device),
                 "resampling_count": int(sum(steps["resampled"])),
                 "n_steps": len(steps["ess"]), "batch_prompts": P.G, "host_syncs": run.syncs,
             }
+            if work_name is not None:   # the proposal's own LM work, included in the totals above
+                stats[f"{work_name}_tokens_decoded"] = extra_tok.get(g, 0)
+                stats[f"{work_name}_forward_passes"] = extra_fp
             if self.rejuvenate is not None:
                 stats["moves_accepted"] = int(sum(steps["moves_accepted"]))
             error = _failure_message(run, g, causes[g]) if failed[g] else None

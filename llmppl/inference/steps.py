@@ -49,15 +49,24 @@ class Whole(Tokens):
 
 class Until(Step):
     """A step ends at ``delimiter`` (a string matched in the decoded segment, or a token id)
-    or after ``max_tokens`` tokens."""
+    or after ``max_tokens`` tokens.
 
-    def __init__(self, delimiter: str | int = "\n\n", max_tokens: int = 256) -> None:
+    Segments have different lengths, so SMC twists every live prefix ``y`` by its one-token
+    look-ahead mass ``log Σ_v p(v | y)^{a_t}``; ``slope=True`` adds ``c_t · (T − len(y) − 1)``
+    for the rest of the horizon, with ``c_t`` the mean log-increment per token of the earlier
+    steps' draws (for LMs whose per-token cost is about constant, where prefixes that differ by
+    many tokens would otherwise be compared unfairly; on LMs whose cost depends on the position,
+    such as the toy LMs' length-dependent EOS, it adds variance).  Both twists are chosen before
+    the step draws, so ``Ẑ`` stays unbiased (``SMC._length_twist``)."""
+
+    def __init__(self, delimiter: str | int = "\n\n", max_tokens: int = 256, slope: bool = False) -> None:
         if isinstance(delimiter, bool) or not isinstance(delimiter, (str, int)) or delimiter == "":
             raise ValueError(f"delimiter must be a non-empty string or a token id, got {delimiter!r}")
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
         self.delimiter = delimiter
         self.max_tokens = max_tokens
+        self.slope = bool(slope)
 
     def check(self, lm: Any) -> None:
         if isinstance(self.delimiter, str) and lm.tokenizer is None:
@@ -74,7 +83,8 @@ class Until(Step):
         return self.delimiter in (lm.decode(segment) or "")
 
     def __repr__(self) -> str:
-        return f"Until({self.delimiter!r}, max_tokens={self.max_tokens})"
+        extra = ", slope=True" if self.slope else ""
+        return f"Until({self.delimiter!r}, max_tokens={self.max_tokens}{extra})"
 
 
 #: ``step=`` names accepted by ``pp.SMC``

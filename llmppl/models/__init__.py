@@ -4,11 +4,13 @@ from .base import LanguageModel, LanguageModelError, LMState, UncachedState, val
 from .hf import HFLM, HFState
 from .llamacpp import LlamaCppLM, LlamaCppState
 from .registry import cache_dir, default_lm, load_model, register_model
-from .toy import EXACTNESS, ExactnessSetup, ForkingLM, NGramLM, TabularLM, pivotal_lm
+from .toy import EXACTNESS, ExactnessSetup, ForkingLM, NGramLM, TabularLM, ZeroForkingLM, pivotal_lm
+from .memory import NotEnoughMemory, check_device, check_memory, estimate_memory
 from . import fetch  # registers the fetchable models (llmppl models fetch NAME)
 
 __all__ = [
     "LanguageModel", "LanguageModelError", "LMState", "UncachedState", "validate_logprobs",
     "HFLM", "HFState", "LlamaCppLM", "LlamaCppState", "default_lm", "load_model", "register_model", "cache_dir",
-    "NGramLM", "TabularLM", "pivotal_lm", "ForkingLM", "ExactnessSetup", "EXACTNESS",
+    "NotEnoughMemory", "check_device", "check_memory", "estimate_memory",
+    "NGramLM", "TabularLM", "pivotal_lm", "ForkingLM", "ZeroForkingLM", "ExactnessSetup", "EXACTNESS",
 ]

@@ -224,6 +224,10 @@ class HFLM(LanguageModel):
         """A KV-cached state of ``P * n`` rows; static (preallocated for the longest prompt +
         ``max_new_tokens``) when ``static_cache``."""
         checked = self.check_prompts(prompts, max_new_tokens)
+        from .memory import check_memory
+
+        # refuse a run that cannot fit (KV cache + logits for every row) before allocating it
+        check_memory(self, len(checked) * n, max(len(p) for p in checked) + int(max_new_tokens or 0))
         if self.static_cache:
             from .static import StaticHFState
 
@@ -540,34 +544,6 @@ class HFState(KVCachedState):
         new.valid, new.kpos = self.valid.clone(), self.kpos.clone()
         new.cache = copy.deepcopy(self.cache)
         new._ntd, new.forward_passes, new._pending = self._ntd, self.forward_passes, self._pending
-        return new
-
-    def concat(self, other: "HFState") -> "HFState":
-        """A new state whose rows are this state's rows followed by ``other``'s."""
-        from transformers import DynamicCache
-
-        if other.prompts != self.prompts:
-            raise ValueError("can only concatenate states over the same prompts")
-        self._sync()
-        other._sync()
-        new = HFState(self.lm, self.prompts, 1, _empty=True)
-        new.tokens = [list(t) for t in self._tokens + other._tokens]
-        new.finished = torch.cat([self._finished, other._finished])
-        new.group = torch.cat([self._group, other._group])
-        new.last = torch.cat([self.last, other.last])
-        new.fed = torch.cat([self.fed, other.fed])
-        W = max(self.valid.shape[1], other.valid.shape[1])
-        pad = torch.nn.functional.pad
-        new.valid = torch.cat([pad(s.valid, (0, W - s.valid.shape[1]), value=False) for s in (self, other)])
-        new.kpos = torch.cat([pad(s.kpos, (0, W - s.kpos.shape[1])) for s in (self, other)])
-        layers = []
-        for la, lb in zip(self.cache.layers, other.cache.layers):
-            ks = [pad(x.keys, (0, 0, 0, W - x.keys.shape[2])) for x in (la, lb)]
-            vs = [pad(x.values, (0, 0, 0, W - x.values.shape[2])) for x in (la, lb)]
-            layers.append((torch.cat(ks), torch.cat(vs)))
-        new.cache = DynamicCache(ddp_cache_data=layers)
-        new._ntd = self._ntd + other._ntd
-        new._pending = self._pending or other._pending
         return new
 
     def truncate(self, rows, lengths) -> None:

@@ -150,6 +150,9 @@ def load_model(spec: str | None = None, device: str | torch.device = "cpu",
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    from .memory import check_device
+
+    check_device(device)    # a device this torch cannot use fails before anything loads
     if backend != "llamacpp" and llamacpp_options:
         raise ValueError(f"options {sorted(llamacpp_options)} are for the llama.cpp backend only")
     if backend == "llamacpp":
@@ -171,4 +174,18 @@ def load_model(spec: str | None = None, device: str | torch.device = "cpu",
         if not path.exists():
             raise FileNotFoundError(f"no GGUF file at {path}")
         return load_gguf_cached(path, path.stem, device=device, dtype=dtype)
-    return HFLM.from_pretrained(spec, device=device, dtype=dtype)
+    if _looks_like_path(spec) and not path.exists():
+        raise FileNotFoundError(f"no model at {spec}: not a local directory or file, and not a registered "
+                                f"name ({', '.join(sorted(MODELS))})")
+    try:
+        return HFLM.from_pretrained(spec, device=device, dtype=dtype)
+    except OSError as exc:   # transformers: not a model directory, not in the hub cache (offline), ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FileNotFoundError(f"cannot load model {spec!r}: {first}") from exc
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A local path rather than a hub id (``owner/name``): absolute, relative (``./``, ``../``,
+    ``~``) or with more than one ``/``."""
+    return (spec.startswith(("/", "./", "../", "~", "\\")) or Path(spec).is_absolute()
+            or spec.count("/") > 1)

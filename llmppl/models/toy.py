@@ -148,7 +148,7 @@ class ForkingLM(LanguageModel):
         """``p(v | c, not EOS)`` over the generated tokens ``0 .. V−3`` (sums to 1)."""
         if context not in self._body:
             rng = np.random.default_rng(_context_seed(self.seed, ("fork",) + context))
-            g = self.vocab_size - 2
+            g = self.sep_token_id           # the generated tokens 0 .. V−3
             if rng.uniform() < self.flat:
                 self._body[context] = np.full(g, 1.0 / g)
                 return self._body[context]
@@ -183,6 +183,48 @@ class ForkingLM(LanguageModel):
         return torch.stack([
             self._row(tuple(s[len(s) - k:]) if k else (), min(self.completion_length(s), last))
             for s in sequences])
+
+
+class ZeroForkingLM(ForkingLM):
+    """A :class:`ForkingLM` with probabilities that are exactly 0 (no ``1e-9`` floor).
+
+    * ``SEP`` is never generated: ``p(SEP) = 0`` exactly (a mask, as a chat template's
+      special tokens are);
+    * EOS has probability exactly 0 where ``eos_profile`` gives 0, and an entry ``1.0`` is a
+      *forced* EOS: every other token has probability 0 there;
+    * ``pad`` extra ids ``V .. V+pad−1`` past EOS have probability 0 in every context (a
+      padded vocabulary: output rows that no token uses);
+    * ``spill`` is the mass off a fork's two favourites: with ``(0, 0)``, the other generated
+      tokens of a fork context have probability exactly 0.
+
+    So ``a · log p`` meets ``0 · log 0`` at ``a = 0`` (``Target(lm, Tempered(τ))``), token
+    masks meet impossible tokens, and proposals must give ``q = 0`` where ``p = 0``.
+    """
+
+    def __init__(self, vocab_size: int = 6, order: int = 4, seed: int = 0,
+                 fork: tuple[float, float] = (0.85, 1.0), spill: tuple[float, float] = (0.0, 0.1),
+                 flat: float = 0.25, eos_profile: Sequence[float] = (0.0, 0.0, 0.35, 1.0),
+                 pad: int = 1) -> None:
+        profile = [float(e) for e in eos_profile]
+        if not profile or any(not 0.0 <= e <= 1.0 for e in profile):
+            raise ValueError(f"eos_profile must be a non-empty list of probabilities in [0, 1], "
+                             f"got {list(eos_profile)!r}")
+        if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+            raise ValueError(f"pad must be an int >= 0, got {pad!r}")
+        super().__init__(vocab_size, order, seed, fork, spill, flat, [min(e, 0.5) for e in profile])
+        self.eos_profile = tuple(profile)
+        self.pad = pad
+        self.vocab_size = vocab_size + pad
+        self.name = f"ZeroForkingLM(V={vocab_size}+{pad}, order={order}, seed={seed})"
+
+    def _row(self, context: tuple[int, ...], n: int) -> torch.Tensor:
+        key = (context, n)
+        if key not in self._rows:
+            e = self.eos_profile[n]
+            probs = np.concatenate([self.body(context) * (1.0 - e), [0.0, e], np.zeros(self.pad)])
+            with np.errstate(divide="ignore"):
+                self._rows[key] = torch.log(torch.tensor(probs / probs.sum(), dtype=torch.float64)).float()
+        return self._rows[key]
 
 
 class TabularLM(LanguageModel):
@@ -264,9 +306,14 @@ class ExactnessSetup:
     alphas: tuple[float, ...] = (1.0, 2.0, 4.0)
     min_support: float = 10.0
     min_truncated: float = 0.0
+    #: a :class:`ZeroForkingLM` (exact zeros: SEP masked, forced EOS, a padded vocabulary row)
+    zeros: bool = False
 
     def lm(self) -> ForkingLM:
-        """A fresh ``ForkingLM(seed=seed, eos_profile=eos_profile)`` (other arguments default)."""
+        """A fresh ``ForkingLM(seed=seed, eos_profile=eos_profile)`` (other arguments default),
+        or ``ZeroForkingLM`` when ``zeros``."""
+        if self.zeros:
+            return ZeroForkingLM(seed=self.seed, eos_profile=self.eos_profile)
         return ForkingLM(seed=self.seed, eos_profile=self.eos_profile)
 
     @property
@@ -283,7 +330,10 @@ class ExactnessSetup:
 #:   α = 1, 2, 4 (for ``Target(..., truncation=...)``);
 #: * ``"prompts"``: eight ragged prompts (lengths 2, 3 and 5; the first three 3, 5, 3) for
 #:   ``run_batch``; the last three prompt tokens set the first token's context, so prompts
-#:   condition the target; α ∈ {1, 2} (``1/Σπ²`` ≥ 10.3).
+#:   condition the target; α ∈ {1, 2} (``1/Σπ²`` ≥ 10.3);
+#: * ``"zeros"``: a :class:`ZeroForkingLM` (probabilities exactly 0: SEP, EOS before two
+#:   tokens, everything but EOS after three — a forced EOS — and a padded id 6), so
+#:   ``0 · log 0`` and impossible tokens are met; nothing is truncated at horizon 4.
 EXACTNESS: dict[str, ExactnessSetup] = {
     "fork": ExactnessSetup("fork", (0.0, 0.0, 0.35, 0.85), ((0, 4),)),
     "truncating": ExactnessSetup("truncating", (0.0, 0.0, 0.15, 0.45), ((0, 4),), min_truncated=0.05),
@@ -291,4 +341,5 @@ EXACTNESS: dict[str, ExactnessSetup] = {
         "prompts", (0.0, 0.0, 0.35, 0.85),
         ((3, 0, 4), (0, 4, 1, 3, 4), (3, 1, 4), (0, 4), (0, 3, 4), (2, 0, 4), (3, 4), (0, 4, 3, 3, 4)),
         alphas=(1.0, 2.0)),
+    "zeros": ExactnessSetup("zeros", (0.0, 0.0, 0.35, 1.0), ((0, 4),), zeros=True),
 }

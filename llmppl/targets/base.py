@@ -23,6 +23,22 @@ from typing import Any
 import torch
 
 
+def scaled(a: float | torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """``a · log p`` with ``0 · log 0 = 0``: the log of ``p^a``, where ``p^0 = 1`` even for ``p = 0``.
+
+    Plain ``a * log_p`` gives ``0 · (−inf) = NaN`` when the exponent is 0 (a ``Tempered``-only
+    target, a schedule starting at 0) and the LM gives a token probability exactly 0 (a
+    forced EOS, a mask, a padded vocabulary row).  ``a`` is a float or a tensor that
+    broadcasts against ``log_p``; a NaN in ``log_p`` itself stays NaN.
+    """
+    out = a * log_p
+    if isinstance(a, torch.Tensor):
+        return torch.where((a == 0) & torch.isneginf(log_p), torch.zeros((), dtype=out.dtype, device=out.device), out)
+    if a == 0:
+        return torch.where(torch.isneginf(log_p), torch.zeros((), dtype=out.dtype, device=out.device), out)
+    return out
+
+
 @dataclass
 class Completion:
     """A (possibly unfinished) completion as reward functions see it."""

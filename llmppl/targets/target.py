@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .base import Potential, Prefixes, Product
+from .base import Potential, Prefixes, Product, scaled
 from .potentials import Power, Tempered
 
 
@@ -96,7 +96,7 @@ class Target:
     def log_next(self, batch: Prefixes, exponent: float | None = None) -> torch.Tensor:
         """``(B, V)``: ``a_t·log p(v|y_<t) + Σ_k log φ_k^next(v)`` with ``a_t = exponent`` (default ``a``)."""
         a = self.base_exponent if exponent is None else exponent
-        out = a * batch.base_logprobs
+        out = scaled(a, batch.base_logprobs)          # 0 · log 0 = 0 (a Tempered-only target)
         if self._other is not None:
             extra = self._other.log_next(batch)
             if extra is not None:
