@@ -155,11 +155,11 @@ def test_verify_catches_a_forward_it_cannot_reproduce():
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_long_blocks_are_fed_in_column_chunks(monkeypatch, static):
     """A block longer than the logit budget allows is fed in column chunks: same numbers."""
-    import llmppl.models.hf as hf
+    import llmppl.models.hf_common as hf_common
 
     model = tiny_model("gemma2")
     lm = HFLM(model, static_cache=static, cuda_graph=False)
-    monkeypatch.setattr(hf, "LOGIT_BUDGET", 4 * VOCAB * 2)  # 4 rows -> 2 columns per forward
+    monkeypatch.setattr(hf_common, "LOGIT_BUDGET", 4 * VOCAB * 2)  # 4 rows -> 2 columns per forward
     st = lm.start([[3, 4], [5, 6, 7]], 2, max_new_tokens=12)
     before = st.forward_passes
     blocks = [list(range(10, 17)), [20], list(range(30, 40)), [40, 41, 42]]

@@ -20,6 +20,7 @@ import torch
 
 from ..inference.common import Stopwatch, eos_ids, make_generator
 from ..inference.proposal import Proposal, ProposalContext
+from ..models.hf_common import cache_argument
 
 
 class NoEOS(Proposal):
@@ -70,10 +71,11 @@ def time_model_loop(lm: Any, prompt_ids: list[list[int]], n: int, T: int, seed: 
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], device=dev)
     gen = make_generator(seed, dev)
     eos = list(eos_ids(lm))
+    kv = cache_argument(model)          # ``cache`` (current transformers) or ``past_key_values``
     with Stopwatch(dev) as w:
         cache = DynamicCache()
         pos = (mask.cumsum(1) - 1).clamp_min(0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kv: cache})
         last_pos = pos[:, -1:]
         for _ in range(T):
             lp = torch.log_softmax(out.logits[:, -1].float(), -1)
@@ -81,8 +83,7 @@ def time_model_loop(lm: Any, prompt_ids: list[list[int]], n: int, T: int, seed: 
             tok = torch.multinomial(lp.exp(), 1, generator=gen)
             mask = torch.cat([mask, torch.ones_like(tok)], 1)
             last_pos = last_pos + 1
-            out = model(input_ids=tok, attention_mask=mask, position_ids=last_pos, past_key_values=cache,
-                        use_cache=True)
+            out = model(input_ids=tok, attention_mask=mask, position_ids=last_pos, use_cache=True, **{kv: cache})
     return w.seconds
 
 
