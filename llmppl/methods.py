@@ -17,6 +17,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .inference import MH, SMC, proposals
+from .inference.baselines import BestOfN, Greedy, LowTemperature, Plain
+from .inference.samplers import ScalablePower
+from .models import load_model
+from .targets import Power, Target
+
 
 @dataclass
 class Method:
@@ -66,49 +72,35 @@ def _temperature(proposals: Any, alpha: float) -> Any:
 
 
 def _smc(ns: Any) -> tuple[Any, dict]:
-    from .inference import SMC, proposals
-
     return SMC(n_particles=ns.particles, proposal=_temperature(proposals, ns.alpha),
                resampling=ns.resampling, ess_threshold=ns.ess_threshold,
                progress=not getattr(ns, "quiet", True)), {}
 
 
 def _mh(ns: Any) -> tuple[Any, dict]:
-    from .inference import MH, proposals
-
     block = ns.block_size or max(1, ns.max_new_tokens // 4)
     return MH(block_size=block, n_mcmc=ns.n_mcmc, proposal=_temperature(proposals, ns.alpha)), \
         {"chains": ns.particles}
 
 
 def _plain(ns: Any) -> tuple[Any, dict]:
-    from .inference.baselines import Plain
-
     return Plain(n=ns.particles), {}
 
 
 def _lowtemp(ns: Any) -> tuple[Any, dict]:
-    from .inference.baselines import LowTemperature
-
     tau = getattr(ns, "tau", None)
     return LowTemperature(tau=tau if tau is not None else 1.0 / ns.alpha, n=ns.particles), {}
 
 
 def _greedy(ns: Any) -> tuple[Any, dict]:
-    from .inference.baselines import Greedy
-
     return Greedy(), {}
 
 
 def _bestofn(ns: Any) -> tuple[Any, dict]:
-    from .inference.baselines import BestOfN
-
     return BestOfN(n=ns.particles), {}
 
 
 def _lookahead(ns: Any) -> tuple[Any, dict]:
-    from .inference.samplers import ScalablePower
-
     return ScalablePower(top_k=ns.top_k, rollouts=ns.rollouts, horizon=ns.horizon, n=ns.particles), {}
 
 
@@ -200,9 +192,6 @@ class TargetRecipe:
                    dtype=args.dtype, backend=getattr(args, "backend", "hf"))
 
     def __call__(self) -> Any:
-        from .models import load_model
-        from .targets import Power, Target
-
         lm = load_model(self.model, device=self.device, dtype=self.dtype, backend=self.backend)
         chat = self.chat and getattr(getattr(lm, "tokenizer", None), "chat_template", None) is not None
         return Target(lm, Power(self.alpha), chat=chat)
