@@ -30,7 +30,7 @@ import torch
 
 from .base import KVCachedState, LanguageModel, LMState, as_index
 from . import hf_common
-from .hf_common import LOGIT_BUDGET, cache_argument, left_padded  # noqa: F401 (LOGIT_BUDGET re-exported)
+from .hf_common import LOGIT_BUDGET, cache_argument, left_padded, quiet_loading  # noqa: F401 (LOGIT_BUDGET re-exported)
 from .static import StaticHFState
 
 #: end-of-turn tokens of common chat templates: an EOS when the template uses them
@@ -192,10 +192,9 @@ class HFLM(LanguageModel):
         elif gguf_file is not None and os.path.isabs(gguf_file):
             path, gguf_file = str(Path(gguf_file).parent), Path(gguf_file).name
         extra = {"gguf_file": gguf_file} if gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_resolve_dtype(dtype), **extra, **kwargs
-        )
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=_resolve_dtype(dtype), **extra, **kwargs)
         return cls(model.to(device), tokenizer, name=name or str(path_or_id), static_cache=static_cache,
                    eos_token_id=eos_token_id)
 

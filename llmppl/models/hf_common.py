@@ -1,11 +1,13 @@
 """What the dynamic (:mod:`~llmppl.models.hf`) and the static (:mod:`~llmppl.models.static`)
 transformers states share: the block-feeding budget, left padding, and the name of the
-forward's KV-cache argument.  Imports nothing from ``hf`` or ``static`` (both import it).
+forward's KV-cache argument, and quiet model loading.  Imports nothing from ``hf`` or ``static`` (both import it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -38,3 +40,21 @@ def cache_argument(model: Any) -> str:
     except (TypeError, ValueError, AttributeError):
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Load a model without transformers' progress bars and info/warning log lines on stderr
+    (``Loading weights: 100%|...``, GGUF de-quantisation bars); errors still show.  The
+    previous settings are restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .hf import HFLM
+from .hf_common import quiet_loading
 from .llamacpp import LlamaCppLM
 from .paths import cache_dir
 
@@ -51,8 +52,9 @@ def load_gguf_cached(gguf: Path, name: str, device: str | torch.device = "cpu",
 
     target = cache_dir() / name
     if not (target / "model.safetensors").exists():
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
