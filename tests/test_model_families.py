@@ -171,3 +171,10 @@ def test_long_blocks_are_fed_in_column_chunks(monkeypatch, static):
         ref = own_logprobs(model, [prefix + b[:j] for j in range(len(b))])
         assert (out[k, : len(b)] - ref[torch.arange(len(b)), b].double()).abs().max() < TOL
     _check(st, model)
+
+
+def test_hf_start_takes_n_per_prompt_and_the_old_keyword():
+    lm = HFLM(tiny_model("llama"))
+    a, b = lm.start([[4, 5], [6]], n_per_prompt=2), lm.start([[4, 5], [6]], n=2)
+    assert a.n_rows == b.n_rows == 4
+    assert torch.equal(a.logprobs(), b.logprobs())

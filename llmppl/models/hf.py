@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .base import KVCachedState, LanguageModel, LMState, as_index
+from .base import KVCachedState, LanguageModel, LMState, as_index, per_prompt
 from . import hf_common
 from .hf_common import LOGIT_BUDGET, cache_argument, left_padded, quiet_loading  # noqa: F401 (LOGIT_BUDGET re-exported)
 from .static import StaticHFState
@@ -219,10 +219,11 @@ class HFLM(LanguageModel):
         valid, pos = left_padded(lengths, width)
         return self.run(ids.to(dev), pos.to(dev), valid.to(dev), valid.to(dev), pos.to(dev), None, True)[:, 0]
 
-    def start(self, prompts: Sequence[int] | Sequence[Sequence[int]], n: int = 1,
-              max_new_tokens: int | None = None) -> LMState:
-        """A KV-cached state of ``P * n`` rows; static (preallocated for the longest prompt +
-        ``max_new_tokens``) when ``static_cache``."""
+    def start(self, prompts: Sequence[int] | Sequence[Sequence[int]], n_per_prompt: int = 1,
+              max_new_tokens: int | None = None, *, n: int | None = None) -> LMState:
+        """A KV-cached state of ``P * n_per_prompt`` rows; static (preallocated for the longest
+        prompt + ``max_new_tokens``) when ``static_cache``.  ``n=``: the old name of ``n_per_prompt``."""
+        n = per_prompt(n_per_prompt, n)
         checked = self.check_prompts(prompts, max_new_tokens)
         if self.static_cache:
             return StaticHFState(self, checked, n, max_new_tokens, self.cuda_graph)
