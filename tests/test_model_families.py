@@ -9,6 +9,8 @@ Falcon and OPT.  Every sequence runs past the window.  Paths: ``next_logprobs`` 
 extend / step / reorder / finish / truncate / copy.
 """
 
+import inspect
+
 import pytest
 import torch
 from tiny_models import FAMILIES, VOCAB, WINDOW, own_logprobs, tiny_model
@@ -178,3 +180,23 @@ def test_hf_start_takes_n_per_prompt_and_the_old_keyword():
     a, b = lm.start([[4, 5], [6]], n_per_prompt=2), lm.start([[4, 5], [6]], n=2)
     assert a.n_rows == b.n_rows == 4
     assert torch.equal(a.logprobs(), b.logprobs())
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_no_deprecation_warning_from_the_cache_argument(static):
+    """The forward gets the KV cache under the installed transformers' own name (``cache`` on
+    current releases, ``past_key_values`` on older ones): no FutureWarning on any path."""
+    import warnings
+
+    from llmppl.models.hf_common import cache_argument
+
+    model = tiny_model("llama")
+    assert cache_argument(model) in inspect.signature(type(model).forward).parameters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        lm = HFLM(model, static_cache=static)
+        st = lm.start([[4, 5, 6], [7]], 2, max_new_tokens=4)
+        st.extend([[8], [9, 10], [11], [12]])
+        st.step(torch.tensor([1, 2, 3, 4]))
+        st.reorder([1, 1, 2, 3])
+        assert torch.isfinite(st.logprobs()).all()
