@@ -4,8 +4,9 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
-# -qq: pip prints errors only (no per-package warnings, e.g. about a configured index folder that is absent)
-PIP     = $(PY) -m pip install -qq --disable-pip-version-check
+# -qq: pip prints errors only (no per-package warnings, e.g. about a configured index folder that is absent);
+# --no-compile: no byte-compiling of every installed file (Python compiles what it imports, once)
+PIP     = $(PY) -m pip install -qq --disable-pip-version-check --no-compile
 # torch (the CPU build where the index offers it); on a CUDA machine: make demo TORCH=torch
 TORCH  ?= torch==2.13.0
 # the extras the test suite needs (one line each, so that a new backend's extra is one line more)
