@@ -15,7 +15,12 @@ from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from .methods import METHODS, add_engine_arguments, build_method  # noqa: E402,F401  (re-exported)
+from .methods import (  # noqa: E402,F401  (re-exported)
+    METHODS, add_engine_arguments, build_method, check_sampler_options, check_truncation,
+)
+
+TRUNCATION_HELP = ("keep (default): a completion cut at --max-new-tokens weighs p(prefix)^alpha; "
+                   "zero: it weighs 0 (p^alpha conditioned on finishing)")
 
 
 def add_sample(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +34,7 @@ def add_sample(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     add_engine_arguments(p)
+    p.add_argument("--truncation", default=None, help=TRUNCATION_HELP)
     p.add_argument("--json", default=None, help="write the full Result as JSON here")
     p.add_argument("--report", default=None, help="write a self-contained HTML report here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -44,9 +50,10 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     pp.Power(args.alpha)  # bad input fails before the model loads
     method = build_method(args.method, args)
+    truncation = check_truncation(args.truncation, method.sharpened)
     lm = pp.models.load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     chat = not args.no_chat and getattr(lm.tokenizer, "chat_template", None) is not None
-    target = pp.Target(lm, pp.Power(method.target_alpha(args.alpha)), chat=chat)
+    target = pp.Target(lm, pp.Power(method.target_alpha(args.alpha)), chat=chat, truncation=truncation)
     result = method.run(target, args.prompt, args.max_new_tokens, seed=args.seed)
     best = result.best
     print(best if isinstance(best, str) else json.dumps(best))
@@ -78,6 +85,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-prompts", type=int, default=8, help="prompts per run_batch call (default 8)")
     p.add_argument("--seed", type=int, default=0, help="run seed; batch b uses SeedSequence([seed, b])")
     add_engine_arguments(p)
+    p.add_argument("--truncation", default=None, help=TRUNCATION_HELP)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (per worker with --workers)")
     p.add_argument("--force", action="store_true",
                    help="overwrite an --output written with a different config")
@@ -106,6 +114,8 @@ def _check_run_args(args: argparse.Namespace) -> None:
         raise ValueError("--ray-address and --gpus-per-worker need --workers")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    check_sampler_options(args, args.method)
+    check_truncation(args.truncation, METHODS[args.method].sharpened)
 
 
 def run_dataset_command(args: argparse.Namespace) -> int:

@@ -17,6 +17,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import codecs
+
+from .inference import MH, SMC, proposals, schedules, steps
+from .inference.baselines import BestOfN, Greedy, LowTemperature, Plain
+from .inference.samplers import ScalablePower
+from .models import load_model
+from .targets import Power, Target
+
 
 @dataclass
 class Method:
@@ -57,62 +65,129 @@ class MethodEntry:
     def __call__(self, ns: Any, name: str | None = None) -> Method:
         engine, kwargs = self.build(ns)
         config = {"method": name, **{k: getattr(ns, k, None) for k in self.options}}
+        for k in SAMPLER_DEFAULTS:   # recorded only when not the default (older files still resume)
+            if name in SAMPLER_METHODS[k] and _option(ns, k) != SAMPLER_DEFAULTS[k]:
+                config[k] = _option(ns, k)
         return Method(name or "?", engine, config, self.sharpened, kwargs)
 
 
-def _temperature(proposals: Any, alpha: float) -> Any:
-    """The proposal ``q ∝ p^alpha`` (temperature ``1/alpha``)."""
-    return proposals.Temperature(1.0 / alpha)
+# ------------------------------------------------------- sampler options
+#: ``--proposal NAME`` -> the SMC / MH proposal built from the options (``temperature``:
+#: ``q ∝ p^alpha``, the Power-SMC proposal and the default)
+PROPOSALS: dict[str, Callable[[Any], Any]] = {
+    "temperature": lambda ns: proposals.Temperature(1.0 / ns.alpha),
+    "base": lambda ns: proposals.Base(),
+    "locally-optimal": lambda ns: proposals.LocallyOptimal(),
+    "lookahead": lambda ns: proposals.Lookahead(top_k=ns.top_k, rollouts=ns.rollouts, horizon=ns.horizon),
+}
+
+#: ``--schedule NAME`` -> the SMC exponent bridge from ``p^1`` to ``p^alpha`` (``--bridge-steps``)
+SCHEDULES: dict[str, Callable[[Any], Any]] = {
+    "constant": lambda ns: schedules.Constant(),
+    "linear": lambda ns: schedules.Linear(alpha_from=1.0, steps=ns.bridge_steps),
+    "geometric": lambda ns: schedules.Geometric(alpha_from=1.0, steps=ns.bridge_steps),
+    "adaptive": lambda ns: schedules.AdaptiveESS(target_ess=0.5, alpha_from=1.0),
+}
+
+#: the defaults of the sampler options; a config records an option only when it differs,
+#: so output files written before the option existed still resume
+SAMPLER_DEFAULTS: dict[str, Any] = {"proposal": "temperature", "schedule": "constant", "step": "tokens:1",
+                                    "bridge_steps": 16}
+
+#: the methods each sampler option applies to
+SAMPLER_METHODS: dict[str, tuple[str, ...]] = {"proposal": ("smc", "mh"), "schedule": ("smc",),
+                                               "step": ("smc",), "bridge_steps": ("smc",)}
+
+
+def parse_step(spec: str) -> Any:
+    """``tokens:K`` -> ``steps.Tokens(K)``; ``until:DELIM`` -> ``steps.Until(DELIM)`` (backslash
+    escapes decoded: ``until:\\n\\n`` is a blank line); ``token`` is ``tokens:1``."""
+    kind, sep, arg = str(spec).partition(":")
+    if spec == "token":
+        return steps.Tokens(1)
+    if kind == "tokens" and sep:
+        try:
+            k = int(arg)
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise ValueError(f"--step tokens:K needs an integer K >= 1, got {spec!r}")
+        return steps.Tokens(k)
+    if kind == "until" and sep and arg:
+        try:
+            delimiter = codecs.decode(arg, "unicode_escape")
+        except UnicodeDecodeError:
+            raise ValueError(f"--step until:DELIM has a bad escape in {arg!r}") from None
+        return steps.Until(delimiter)
+    raise ValueError(f"--step must be tokens:K or until:DELIM, got {spec!r}")
+
+
+def _option(ns: Any, name: str) -> Any:
+    value = getattr(ns, name, None)
+    return SAMPLER_DEFAULTS[name] if value is None else value
+
+
+def _proposal(ns: Any) -> Any:
+    name = _option(ns, "proposal")
+    if name not in PROPOSALS:
+        raise ValueError(f"unknown --proposal {name!r}; choose from {', '.join(PROPOSALS)}")
+    return PROPOSALS[name](ns)
+
+
+def _schedule(ns: Any) -> Any:
+    name = _option(ns, "schedule")
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown --schedule {name!r}; choose from {', '.join(SCHEDULES)}")
+    return SCHEDULES[name](ns)
+
+
+def check_sampler_options(ns: Any, method: str) -> None:
+    """Raise ``ValueError`` (one line) for a sampler option that is malformed or that ``method``
+    does not take (e.g. ``--schedule linear`` with ``--method mh``); run before the model loads."""
+    for name, methods in SAMPLER_METHODS.items():
+        value = getattr(ns, name, None)
+        if value is not None and value != SAMPLER_DEFAULTS[name] and method not in methods:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} applies to --method {' or '.join(methods)}, not {method}")
+    bridge = _option(ns, "bridge_steps")
+    if isinstance(bridge, bool) or not isinstance(bridge, int) or bridge < 1:
+        raise ValueError(f"--bridge-steps must be an integer >= 1, got {bridge!r}")
+    _proposal(ns), _schedule(ns), parse_step(_option(ns, "step"))
 
 
 def _smc(ns: Any) -> tuple[Any, dict]:
-    from .inference import SMC, proposals
-
-    return SMC(n_particles=ns.particles, proposal=_temperature(proposals, ns.alpha),
-               resampling=ns.resampling, ess_threshold=ns.ess_threshold,
+    return SMC(n_particles=ns.particles, proposal=_proposal(ns), schedule=_schedule(ns),
+               step=parse_step(_option(ns, "step")), resampling=ns.resampling, ess_threshold=ns.ess_threshold,
                progress=not getattr(ns, "quiet", True)), {}
 
 
 def _mh(ns: Any) -> tuple[Any, dict]:
-    from .inference import MH, proposals
-
     if ns.block_size is not None and (isinstance(ns.block_size, bool) or ns.block_size < 1):
         raise ValueError(f"--block-size must be >= 1, got {ns.block_size}")
     if ns.n_mcmc is not None and ns.n_mcmc < 0:
         raise ValueError(f"--n-mcmc must be >= 0, got {ns.n_mcmc}")
     block = ns.block_size if ns.block_size is not None else max(1, ns.max_new_tokens // 4)
-    return MH(block_size=block, n_mcmc=ns.n_mcmc, proposal=_temperature(proposals, ns.alpha)), \
-        {"chains": ns.particles}
+    return MH(block_size=block, n_mcmc=ns.n_mcmc, proposal=_proposal(ns)), {"chains": ns.particles}
 
 
 def _plain(ns: Any) -> tuple[Any, dict]:
-    from .inference.baselines import Plain
-
     return Plain(n=ns.particles), {}
 
 
 def _lowtemp(ns: Any) -> tuple[Any, dict]:
-    from .inference.baselines import LowTemperature
-
     tau = getattr(ns, "tau", None)
     return LowTemperature(tau=tau if tau is not None else 1.0 / ns.alpha, n=ns.particles), {}
 
 
 def _greedy(ns: Any) -> tuple[Any, dict]:
-    from .inference.baselines import Greedy
-
     return Greedy(), {}
 
 
 def _bestofn(ns: Any) -> tuple[Any, dict]:
-    from .inference.baselines import BestOfN
-
     return BestOfN(n=ns.particles), {}
 
 
 def _lookahead(ns: Any) -> tuple[Any, dict]:
-    from .inference.samplers import ScalablePower
-
     return ScalablePower(top_k=ns.top_k, rollouts=ns.rollouts, horizon=ns.horizon, n=ns.particles), {}
 
 
@@ -132,7 +207,23 @@ def build_method(name: str, ns: Any) -> Method:
     """``METHODS[name]`` built from ``ns``; an unknown name is a ``ValueError`` listing the known ones."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
+    check_sampler_options(ns, name)
     return METHODS[name](ns, name)
+
+
+TRUNCATION = ("keep", "zero")
+
+
+def check_truncation(truncation: str | None, sharpened: bool) -> str:
+    """``--truncation keep|zero`` checked: one of the two, and ``zero`` only for a method that
+    samples ``p^alpha`` (the samplers of ``p`` have no target to condition on finishing)."""
+    value = truncation or "keep"
+    if value not in TRUNCATION:
+        raise ValueError(f"--truncation must be keep or zero, got {value!r}")
+    if value == "zero" and not sharpened:
+        raise ValueError("--truncation zero needs a method that samples p^alpha "
+                         f"({', '.join(k for k, e in METHODS.items() if e.sharpened)})")
+    return value
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -144,6 +235,15 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=4, help="look-ahead candidates")
     p.add_argument("--rollouts", type=int, default=2, help="look-ahead rollouts per candidate")
     p.add_argument("--horizon", type=int, default=8, help="look-ahead rollout length")
+    p.add_argument("--proposal", default=None,
+                   help=f"SMC / MH proposal: {'|'.join(PROPOSALS)} (default temperature: q ∝ p^alpha)")
+    p.add_argument("--schedule", default=None,
+                   help=f"SMC exponent bridge from p to p^alpha: {'|'.join(SCHEDULES)} (default constant)")
+    p.add_argument("--bridge-steps", type=int, default=None,
+                   help="steps of the linear / geometric bridge (default 16)")
+    p.add_argument("--step", default=None,
+                   help="SMC step: tokens:K (resample every K tokens) or until:DELIM (segments ending at DELIM, "
+                   "backslash escapes decoded; default tokens:1)")
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
@@ -196,20 +296,19 @@ class TargetRecipe:
     device: str = "cpu"
     dtype: str | None = None
     backend: str = "hf"
+    truncation: str = "keep"
 
     @classmethod
     def from_args(cls, args: Any, sharpened: bool = True, device: str | None = None) -> "TargetRecipe":
         return cls(model=args.model, alpha=float(args.alpha) if sharpened else 1.0,
                    chat=not getattr(args, "no_chat", False), device=device or args.device,
-                   dtype=args.dtype, backend=getattr(args, "backend", "hf"))
+                   dtype=args.dtype, backend=getattr(args, "backend", "hf"),
+                   truncation=getattr(args, "truncation", None) or "keep")
 
     def __call__(self) -> Any:
-        from .models import load_model
-        from .targets import Power, Target
-
         lm = load_model(self.model, device=self.device, dtype=self.dtype, backend=self.backend)
         chat = self.chat and getattr(getattr(lm, "tokenizer", None), "chat_template", None) is not None
-        return Target(lm, Power(self.alpha), chat=chat)
+        return Target(lm, Power(self.alpha), chat=chat, truncation=self.truncation)
 
     def on_device(self, device: str) -> "TargetRecipe":
         """The same recipe loading the model on ``device`` (a CPU recipe moved to a GPU actor)."""
@@ -218,5 +317,8 @@ class TargetRecipe:
         return self if self.device != "cpu" else dataclasses.replace(self, device=device)
 
     def config(self, target: Any) -> dict[str, Any]:
-        return {"model": self.model or "default", "backend": self.backend, "dtype": self.dtype,
-                "target_alpha": self.alpha, "chat": bool(target.chat)}
+        config = {"model": self.model or "default", "backend": self.backend, "dtype": self.dtype,
+                  "target_alpha": self.alpha, "chat": bool(target.chat)}
+        if self.truncation != "keep":  # absent for "keep", so files written before --truncation still resume
+            config["truncation"] = self.truncation
+        return config

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from .inference.result import _jsonable
+
 #: fields every output record has (an input field with one of these names is an error)
 OUTPUT_FIELDS = (
     "text", "tokens", "texts", "samples", "weights", "log_evidence", "ess", "finished", "truncated",
@@ -179,8 +181,6 @@ def make_batches(items: Sequence[Item], batch_prompts: int, seed: int,
 # ------------------------------------------------------------------ output
 def json_safe(x: Any) -> Any:
     """``x`` with numpy/torch values made plain and non-finite floats as ``"inf"``/``"-inf"``/``"nan"``."""
-    from .inference.result import _jsonable
-
     return _jsonable(x)
 
 

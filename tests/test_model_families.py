@@ -9,6 +9,8 @@ Falcon and OPT.  Every sequence runs past the window.  Paths: ``next_logprobs`` 
 extend / step / reorder / finish / truncate / copy.
 """
 
+import inspect
+
 import pytest
 import torch
 from tiny_models import FAMILIES, VOCAB, WINDOW, own_logprobs, tiny_model
@@ -155,11 +157,11 @@ def test_verify_catches_a_forward_it_cannot_reproduce():
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_long_blocks_are_fed_in_column_chunks(monkeypatch, static):
     """A block longer than the logit budget allows is fed in column chunks: same numbers."""
-    import llmppl.models.hf as hf
+    import llmppl.models.hf_common as hf_common
 
     model = tiny_model("gemma2")
     lm = HFLM(model, static_cache=static, cuda_graph=False)
-    monkeypatch.setattr(hf, "LOGIT_BUDGET", 4 * VOCAB * 2)  # 4 rows -> 2 columns per forward
+    monkeypatch.setattr(hf_common, "LOGIT_BUDGET", 4 * VOCAB * 2)  # 4 rows -> 2 columns per forward
     st = lm.start([[3, 4], [5, 6, 7]], 2, max_new_tokens=12)
     before = st.forward_passes
     blocks = [list(range(10, 17)), [20], list(range(30, 40)), [40, 41, 42]]
@@ -171,3 +173,30 @@ def test_long_blocks_are_fed_in_column_chunks(monkeypatch, static):
         ref = own_logprobs(model, [prefix + b[:j] for j in range(len(b))])
         assert (out[k, : len(b)] - ref[torch.arange(len(b)), b].double()).abs().max() < TOL
     _check(st, model)
+
+
+def test_hf_start_takes_n_per_prompt_and_the_old_keyword():
+    lm = HFLM(tiny_model("llama"))
+    a, b = lm.start([[4, 5], [6]], n_per_prompt=2), lm.start([[4, 5], [6]], n=2)
+    assert a.n_rows == b.n_rows == 4
+    assert torch.equal(a.logprobs(), b.logprobs())
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_no_deprecation_warning_from_the_cache_argument(static):
+    """The forward gets the KV cache under the installed transformers' own name (``cache`` on
+    current releases, ``past_key_values`` on older ones): no FutureWarning on any path."""
+    import warnings
+
+    from llmppl.models.hf_common import cache_argument
+
+    model = tiny_model("llama")
+    assert cache_argument(model) in inspect.signature(type(model).forward).parameters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        lm = HFLM(model, static_cache=static)
+        st = lm.start([[4, 5, 6], [7]], 2, max_new_tokens=4)
+        st.extend([[8], [9, 10], [11], [12]])
+        st.step(torch.tensor([1, 2, 3, 4]))
+        st.reorder([1, 1, 2, 3])
+        assert torch.isfinite(st.logprobs()).all()

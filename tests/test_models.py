@@ -143,3 +143,18 @@ def test_finish_masks_and_reorder_gathers_in_place(one_thread):
     st.step(torch.tensor([12, 13, 14, 15]), ~st.finished)
     ref = own_logprobs(model, st.sequences())
     assert (st.logprobs() - ref).abs().max() < TOL
+
+
+def test_start_rows_per_prompt_and_the_old_keyword():
+    """``start(prompts, n_per_prompt)`` gives ``P * n_per_prompt`` rows (``state.n_rows``);
+    ``n=`` (the old keyword) means the same, and ``state.n`` is the old name of ``n_rows``."""
+    from llmppl.models import NGramLM
+
+    lm = NGramLM(vocab_size=5, seed=0)
+    new = lm.start([[1, 2], [3]], n_per_prompt=3)
+    old = lm.start([[1, 2], [3]], n=3)
+    assert new.n_rows == old.n_rows == new.n == 6
+    assert new.group.tolist() == old.group.tolist() == [0, 0, 0, 1, 1, 1]
+    assert lm.start([1, 2], 2).n_rows == 2
+    with pytest.raises(ValueError, match="n_per_prompt=2 and its old name n=3"):
+        lm.start([1, 2], 2, n=3)

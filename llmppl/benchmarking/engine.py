@@ -20,6 +20,7 @@ import torch
 
 from ..inference.common import Stopwatch
 from ..inference.proposal import Proposal, ProposalContext
+from ..models.hf_common import cache_argument
 
 
 class NoEOS(Proposal):
@@ -74,17 +75,17 @@ def time_model_loop(lm: Any, prompt_ids: list[list[int]], n: int, T: int, seed: 
     pad = int(getattr(lm, "pad_token_id", 0) or 0)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows], device=dev)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows], device=dev)
+    kv = cache_argument(model)          # ``cache`` (current transformers) or ``past_key_values``
     with Stopwatch(dev) as w:
         cache = DynamicCache()
         pos = (mask.cumsum(1) - 1).clamp_min(0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{kv: cache})
         last_pos = pos[:, -1:]
         for _ in range(T):
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(tok)], 1)
             last_pos = last_pos + 1
-            out = model(input_ids=tok, attention_mask=mask, position_ids=last_pos, past_key_values=cache,
-                        use_cache=True)
+            out = model(input_ids=tok, attention_mask=mask, position_ids=last_pos, use_cache=True, **{kv: cache})
     return w.seconds
 
 

@@ -24,15 +24,15 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import arviz as az
 import numpy as np
 import torch
-import xarray as xr
 
 from ..inference.resampling import systematic
-from ..inference.result import Result
+if TYPE_CHECKING:  # type hints only: the Result imports this package, not the other way round
+    from ..inference.result import Result
+    import arviz as az
 
 #: per-step keys holding one value per particle (dims chain, step, particle)
 PARTICLE_KEYS = ("log_weights", "ancestors", "twist")
@@ -71,6 +71,11 @@ def _normalised(log_w: np.ndarray) -> np.ndarray:
         m = np.nanmax(np.where(np.isfinite(log_w), log_w, np.nan), axis=-1, keepdims=True)
         w = np.exp(log_w - m)
         return w / np.nansum(w, axis=-1, keepdims=True)
+
+
+def _is_result(obj: Any) -> bool:
+    """Duck-typed ``isinstance(obj, Result)`` (this package sits below ``inference.result``)."""
+    return all(hasattr(obj, a) for a in ("samples", "weights", "steps", "chains", "log_evidence"))
 
 
 def _final_draws(res: Result, resample: bool) -> np.ndarray:
@@ -143,10 +148,13 @@ def to_arviz(result: Result | Sequence[Result], resample: bool = True) -> az.Inf
     MH chains (autocorrelation along MH steps) and on repeated SMC runs (between-run
     agreement of the final, equally weighted draws).
     """
-    results = [result] if isinstance(result, Result) else list(result)
+    import arviz as az        # heavy (xarray, pandas): imported when used
+    import xarray as xr
+
+    results = list(result) if isinstance(result, (list, tuple)) else [result]
     if not results:
         raise ValueError("to_arviz needs at least one Result")
-    if not all(isinstance(r, Result) for r in results):
+    if not all(_is_result(r) for r in results):
         raise ValueError("to_arviz takes a Result or a list of Results")
     if len({_is_mh(r) for r in results}) != 1:
         raise ValueError("cannot stack MH chains with SMC/baseline runs in one InferenceData")

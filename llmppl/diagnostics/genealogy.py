@@ -10,10 +10,13 @@ the number of levels back to their most recent common ancestor.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import networkx as nx
 import numpy as np
 
-from ..inference.result import Result
+if TYPE_CHECKING:  # type hints only: the Result imports this package, not the other way round
+    from ..inference.result import Result
 
 
 def _ancestors(result: Result) -> np.ndarray:

@@ -11,17 +11,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.collections import LineCollection
-from matplotlib.figure import Figure
 
-from ..inference.result import Result
+from .arviz_io import to_arviz
 from .genealogy import genealogy
+
+if TYPE_CHECKING:  # type hints only: the Result imports this package, not the other way round
+    from ..inference.result import Result
+    from matplotlib.figure import Figure
 
 
 def _new_figure(rows: int, cols: int, title: str) -> tuple[Figure, np.ndarray]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib: imported when drawing
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(5.5 * cols, 3.6 * rows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = np.asarray(fig.subplots(rows, cols), dtype=object).reshape(rows, cols)
@@ -84,6 +89,8 @@ def plot_exponent(result: Result, ax) -> None:
 
 def plot_genealogy(result: Result, ax) -> None:
     """Every parent→child edge of the genealogy (grey) and the lineages of the final particles (blue)."""
+    from matplotlib.collections import LineCollection
+
     try:
         g = genealogy(result)
     except ValueError:
@@ -103,8 +110,6 @@ def plot_genealogy(result: Result, ax) -> None:
 # ------------------------------------------------------------------- MH panels
 def plot_mh(result: Result, fig: Figure, axes: np.ndarray) -> None:
     import arviz as az
-
-    from .arviz_io import to_arviz
 
     idata = to_arviz(result)
     var = "log_p" if "log_p" in idata.posterior else list(idata.posterior.data_vars)[0]

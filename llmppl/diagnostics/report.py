@@ -12,11 +12,16 @@ import html
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..inference.result import Result
+from .arviz_io import to_arviz
+from .genealogy import coalescence_time, distinct_ancestors
+from .plots import plot
+
+if TYPE_CHECKING:  # type hints only: the Result imports this package, not the other way round
+    from ..inference.result import Result
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1180px; }
@@ -34,7 +39,6 @@ tr.best { background: #fff4d6; }
 
 def figure_png(result: Result, dpi: int = 100) -> bytes:
     """``Result.plot()`` rendered to PNG bytes."""
-    from .plots import plot
 
     buf = io.BytesIO()
     plot(result).savefig(buf, format="png", dpi=dpi)
@@ -83,16 +87,12 @@ def _diagnostics(result: Result) -> dict[str, Any]:
     if result.log_evidence is not None:
         out["log Ẑ"] = result.log_evidence
     if result.steps.get("ancestors"):
-        from .genealogy import coalescence_time, distinct_ancestors
-
         out["steps"] = len(result.steps["ancestors"])
         out["resampling events"] = int(sum(bool(r) for r in result.steps.get("resampled", [])))
         out["distinct ancestors at step 0"] = distinct_ancestors(result)[0]
         out["coalescence time (steps back to the MRCA)"] = coalescence_time(result)
     if result.chains:
         import arviz as az
-
-        from .arviz_io import to_arviz
 
         summ = az.summary(to_arviz(result), kind="diagnostics")
         for var, row in summ.iterrows():

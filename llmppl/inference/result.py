@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import diagnostics   # Result → its diagnostics (diagnostics reads Results duck-typed, never imports this)
+
 
 def _jsonable(x: Any) -> Any:
     if isinstance(x, dict):
@@ -190,18 +192,12 @@ class Result:
     # ----------------------------------------------------------- diagnostics
     def to_arviz(self):
         """An ``arviz.InferenceData`` of the run's traces (see ``llmppl.diagnostics``)."""
-        from ..diagnostics import to_arviz
-
-        return to_arviz(self)
+        return diagnostics.to_arviz(self)
 
     def genealogy(self):
         """The particle ancestry as a ``networkx.DiGraph`` (see ``llmppl.diagnostics``)."""
-        from ..diagnostics import genealogy
-
-        return genealogy(self)
+        return diagnostics.genealogy(self)
 
     def plot(self, path: str | Path | None = None):
         """ESS, log-weight spread, exponent schedule and genealogy in one figure."""
-        from ..diagnostics import plot
-
-        return plot(self, path)
+        return diagnostics.plot(self, path)

@@ -91,15 +91,19 @@ class LanguageModel:
     def start(
         self,
         prompts: Sequence[int] | Sequence[Sequence[int]],
-        n: int = 1,
+        n_per_prompt: int = 1,
         max_new_tokens: int | None = None,
+        *,
+        n: int | None = None,
     ) -> "LMState":
-        """A decoding state of ``P * n`` rows: row ``r`` holds prompt ``r // n``.
+        """A decoding state of ``P * n_per_prompt`` rows: row ``r`` holds prompt ``r // n_per_prompt``
+        (``state.n_rows`` rows in all).  ``n=`` is the old name of ``n_per_prompt`` (still accepted).
 
         ``prompts`` is one prompt (token ids) or a list of ``P`` prompts (ragged).
         The base class returns an :class:`UncachedState` over ``next_logprobs``.
         """
-        return UncachedState(self, self.check_prompts(prompts, max_new_tokens), n)
+        n_per_prompt = per_prompt(n_per_prompt, n)
+        return UncachedState(self, self.check_prompts(prompts, max_new_tokens), n_per_prompt)
 
     def check_prompts(
         self, prompts: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int | None = None
@@ -238,6 +242,15 @@ def validate_logprobs(
     return out
 
 
+def per_prompt(n_per_prompt: int, n: int | None = None) -> int:
+    """``start(prompts, n_per_prompt, ..., n=None)``: ``n=`` is the old keyword for ``n_per_prompt``."""
+    if n is None:
+        return n_per_prompt
+    if n_per_prompt not in (1, n):
+        raise ValueError(f"start() got n_per_prompt={n_per_prompt} and its old name n={n}: pass one")
+    return n
+
+
 def as_index(indices: Sequence[int] | torch.Tensor, n: int) -> torch.Tensor:
     """A 1-D int64 CPU tensor of row indices, each in ``[0, n)``."""
     idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1).cpu()
@@ -278,8 +291,14 @@ class LMState:
         self.tokens_decoded = 0
 
     @property
-    def n(self) -> int:
+    def n_rows(self) -> int:
+        """Rows of the state: prompts × rows per prompt (``len(tokens)``)."""
         return len(self.tokens)
+
+    @property
+    def n(self) -> int:
+        """Deprecated alias of :attr:`n_rows` (the number of rows, not of rows per prompt)."""
+        return self.n_rows
 
     @property
     def prompt(self) -> list[int]:
@@ -530,7 +549,7 @@ class KVCachedState(LMState):
         self._ntd = int(value)
 
     @property
-    def n(self) -> int:
+    def n_rows(self) -> int:
         return self._n
 
     def _log(self, kind: str, *tensors: torch.Tensor) -> None:

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .paths import cache_dir
+
 if TYPE_CHECKING:
     from .llamacpp import LlamaCppLM
 
@@ -79,8 +81,6 @@ def reencode_gguf(path: Path, weights: str, n_threads: int = 1) -> Path:
     (``"f32"`` keeps the de-quantised values exactly: the same weights ``HFLM`` runs).
     The copy lives in ``$LLMPPL_CACHE/llamacpp/`` and is reused while the source is unchanged.
     """
-    from .registry import cache_dir
-
     if weights not in WEIGHT_TYPES:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_TYPES)} (or None for the GGUF's own), "
                          f"got {weights!r}")

@@ -28,11 +28,10 @@ from typing import Any
 
 import torch
 
-from .base import KVCachedState, LanguageModel, LMState, as_index
-
-#: at most this many float32 logits are materialised at once when a block is fed
-#: (a long block is fed in column chunks through the cache)
-LOGIT_BUDGET = 1 << 25
+from .base import KVCachedState, LanguageModel, LMState, as_index, per_prompt
+from . import hf_common
+from .hf_common import LOGIT_BUDGET, cache_argument, left_padded, quiet_loading  # noqa: F401 (LOGIT_BUDGET re-exported)
+from .static import StaticHFState
 
 #: end-of-turn tokens of common chat templates: an EOS when the template uses them
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|eot|>",
@@ -164,6 +163,8 @@ class HFLM(LanguageModel):
         self.mask_kinds, self.sliding_window = attention_layout(model)
         params = inspect.signature(model.forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
+        #: ``cache`` on current transformers, ``past_key_values`` on older ones (hf_common)
+        self._cache_arg = cache_argument(model)
         if verify:
             self.verify()
 
@@ -191,10 +192,9 @@ class HFLM(LanguageModel):
         elif gguf_file is not None and os.path.isabs(gguf_file):
             path, gguf_file = str(Path(gguf_file).parent), Path(gguf_file).name
         extra = {"gguf_file": gguf_file} if gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(path, **extra)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_resolve_dtype(dtype), **extra, **kwargs
-        )
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=_resolve_dtype(dtype), **extra, **kwargs)
         return cls(model.to(device), tokenizer, name=name or str(path_or_id), static_cache=static_cache,
                    eos_token_id=eos_token_id)
 
@@ -219,18 +219,17 @@ class HFLM(LanguageModel):
         valid, pos = left_padded(lengths, width)
         return self.run(ids.to(dev), pos.to(dev), valid.to(dev), valid.to(dev), pos.to(dev), None, True)[:, 0]
 
-    def start(self, prompts: Sequence[int] | Sequence[Sequence[int]], n: int = 1,
-              max_new_tokens: int | None = None) -> LMState:
-        """A KV-cached state of ``P * n`` rows; static (preallocated for the longest prompt +
-        ``max_new_tokens``) when ``static_cache``."""
+    def start(self, prompts: Sequence[int] | Sequence[Sequence[int]], n_per_prompt: int = 1,
+              max_new_tokens: int | None = None, *, n: int | None = None) -> LMState:
+        """A KV-cached state of ``P * n_per_prompt`` rows; static (preallocated for the longest
+        prompt + ``max_new_tokens``) when ``static_cache``.  ``n=``: the old name of ``n_per_prompt``."""
+        n = per_prompt(n_per_prompt, n)
         checked = self.check_prompts(prompts, max_new_tokens)
         from .memory import check_memory
 
         # refuse a run that cannot fit (KV cache + logits for every row) before allocating it
         check_memory(self, len(checked) * n, max(len(p) for p in checked) + int(max_new_tokens or 0))
         if self.static_cache:
-            from .static import StaticHFState
-
             return StaticHFState(self, checked, n, max_new_tokens, self.cuda_graph)
         return HFState(self, checked, n)
 
@@ -282,7 +281,8 @@ class HFLM(LanguageModel):
         if mask is None:
             mask = self.attention_mask(qpos, qvalid, kvalid, kpos)
         kw: dict[str, Any] = dict(input_ids=ids, attention_mask=mask, position_ids=qpos,
-                                  past_key_values=cache, use_cache=cache is not None)
+                                  use_cache=cache is not None)
+        kw[self._cache_arg] = cache
         if self._logits_to_keep:
             kw["logits_to_keep"] = 1 if last_only else 0
         logits = self.model(**kw).logits
@@ -312,8 +312,6 @@ class HFLM(LanguageModel):
             state.extend([seqs[0][3:], seqs[1][2:]])
             worst = max(worst, float((state.logprobs() - ref).abs().max()))
             if self.static_cache:
-                from .static import StaticHFState
-
                 st = StaticHFState(self, [seqs[0][:3], seqs[1][:2]], 1, 4, cuda_graph=False)
                 st.extend([seqs[0][3:], seqs[1][2:]])
                 worst = max(worst, float((st.logprobs() - ref).abs().max()))
@@ -328,13 +326,6 @@ class HFLM(LanguageModel):
                 f"HFLM does not reproduce {type(self.model).__name__}'s own forward ({self.name}): "
                 f"max |log p difference| = {worst:.3g} > {tol:g}")
         return worst
-
-
-def left_padded(lengths: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(valid, pos)`` (B, width) of left-padded rows of the given lengths (pads at position 0)."""
-    cols = torch.arange(width)[None, :]
-    start = width - lengths[:, None]
-    return cols >= start, (cols - start).clamp(min=0)
 
 
 class HFState(KVCachedState):
@@ -425,7 +416,7 @@ class HFState(KVCachedState):
         out[:, 0] = self.last.gather(1, ids[:, :1]).squeeze(1)
         last = self.last
         rix = torch.arange(R, device=dev)
-        chunk = max(1, LOGIT_BUDGET // (R * V))
+        chunk = max(1, hf_common.LOGIT_BUDGET // (R * V))
         for j0 in range(0, width, chunk):
             j1 = min(width, j0 + chunk)
             lp = self._forward(ids[:, j0:j1], ar[None, j0:j1] < lens[:, None], last_only=False)

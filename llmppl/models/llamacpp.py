@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import LanguageModel, LMState, _normalise_blocks, as_index
+from .base import LanguageModel, LMState, _normalise_blocks, as_index, per_prompt
 from .gguf import (  # noqa: F401  (INSTALL_HINT, WEIGHT_TYPES re-exported)
     INSTALL_HINT, WEIGHT_TYPES, GGUFTokenizer, _extra_buffers_usable, import_llama_cpp, reencode_gguf,
     set_llama_logging,
@@ -262,10 +262,11 @@ class LlamaCppLM(LanguageModel):
             self._release([sid])
         return out
 
-    def start(self, prompts: Sequence[int] | Sequence[Sequence[int]], n: int = 1,
-              max_new_tokens: int | None = None) -> "LlamaCppState":
-        """A KV-cached state of ``P·n`` rows over one prompt or a list of ``P`` (ragged) prompts."""
-        return LlamaCppState(self, prompts, n, max_new_tokens)
+    def start(self, prompts: Sequence[int] | Sequence[Sequence[int]], n_per_prompt: int = 1,
+              max_new_tokens: int | None = None, *, n: int | None = None) -> "LlamaCppState":
+        """A KV-cached state of ``P·n_per_prompt`` rows over one prompt or a list of ``P`` (ragged)
+        prompts.  ``n=``: the old name of ``n_per_prompt``."""
+        return LlamaCppState(self, prompts, per_prompt(n_per_prompt, n), max_new_tokens)
 
     def encode_prompt(self, prompt: Any, chat: bool = False) -> list[int]:
         """As :meth:`LanguageModel.encode_prompt`; a text prompt gets BOS when the GGUF says to add one."""

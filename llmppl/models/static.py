@@ -40,6 +40,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .base import KVCachedState, as_index
+from . import hf_common
+from .hf_common import cache_argument, left_padded
 
 if TYPE_CHECKING:
     from .hf import HFLM
@@ -113,7 +115,6 @@ class StaticHFState(KVCachedState):
         Lmax = int(lengths.max())
         cap = Lmax + (max_new_tokens if max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS)
         # encode the P prompts left-padded in one forward, writing each token at column = position
-        from .hf import left_padded
 
         ids = torch.full((P, Lmax), lm.pad_token_id, dtype=torch.long)
         for i, p in enumerate(self.prompts):
@@ -294,7 +295,6 @@ class StaticHFState(KVCachedState):
 
         Fed in column chunks so that at most ``LOGIT_BUDGET`` logits exist at once.
         """
-        from .hf import LOGIT_BUDGET
 
         N, L = ids.shape
         dev = ids.device
@@ -305,7 +305,7 @@ class StaticHFState(KVCachedState):
         new_last = self.last.clone()
         rows = torch.arange(N, device=dev)
         fed0 = self.fed_d.clone()
-        step = max(1, LOGIT_BUDGET // (N * self.lm.vocab_size))
+        step = max(1, hf_common.LOGIT_BUDGET // (N * self.lm.vocab_size))
         for j0 in range(0, L, step):
             j1 = min(L, j0 + step)
             pos = fed0[:, None] + ar[None, j0:j1]
@@ -502,6 +502,7 @@ def _kv_shapes(lm: "HFLM") -> list[tuple[int, int]]:
     cache = DynamicCache()
     one = torch.ones((1, 1), dtype=torch.long, device=dev)
     with torch.no_grad():
-        lm.model(input_ids=one * lm.pad_token_id, position_ids=one * 0, past_key_values=cache, use_cache=True)
+        lm.model(input_ids=one * lm.pad_token_id, position_ids=one * 0, use_cache=True,
+                 **{cache_argument(lm.model): cache})
     lm._kv_shapes = [(layer.keys.shape[1], layer.keys.shape[3]) for layer in cache.layers]
     return lm._kv_shapes

@@ -16,6 +16,7 @@ products and merging ``Power`` factors, so composition is associative and commut
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,8 +131,6 @@ class Product(Potential):
 
     @staticmethod
     def of(*factors: Potential) -> Potential:
-        from .potentials import Power
-
         flat: list[Potential] = []
         alpha = None
         for f in factors:
@@ -182,3 +181,34 @@ class Product(Potential):
 
     def __repr__(self) -> str:
         return " * ".join(repr(f) for f in self._factors)
+
+
+def _positive_finite(name: str, value: float) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return v
+
+
+class Power(Potential):
+    """``p(y|x)^α``: per token ``α · log p(v | y_<t)``.  ``Power(a) * Power(b) == Power(a + b)``."""
+
+    factorises = True
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = _positive_finite("alpha", alpha)
+
+    def log_next(self, batch: Prefixes) -> torch.Tensor:
+        return self.alpha * batch.base_logprobs
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Power) and math.isclose(self.alpha, other.alpha, rel_tol=1e-12)
+
+    def __hash__(self) -> int:
+        return hash(("Power", round(self.alpha, 12)))
+
+    def __repr__(self) -> str:
+        return f"Power({self.alpha:g})"

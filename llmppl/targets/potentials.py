@@ -1,4 +1,5 @@
-"""The built-in potentials: ``Power``, ``Tempered``, ``RewardTilt``, ``Constraint``."""
+"""The built-in potentials: ``Tempered``, ``RewardTilt``, ``Constraint`` (and ``Power``, which lives in
+:mod:`~llmppl.targets.base` because ``Product`` merges its exponents)."""
 
 from __future__ import annotations
 
@@ -10,38 +11,7 @@ from typing import Any
 
 import torch
 
-from .base import Completion, Potential, Prefixes
-
-
-def _positive_finite(name: str, value: float) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return v
-
-
-class Power(Potential):
-    """``p(y|x)^α``: per token ``α · log p(v | y_<t)``.  ``Power(a) * Power(b) == Power(a + b)``."""
-
-    factorises = True
-
-    def __init__(self, alpha: float) -> None:
-        self.alpha = _positive_finite("alpha", alpha)
-
-    def log_next(self, batch: Prefixes) -> torch.Tensor:
-        return self.alpha * batch.base_logprobs
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Power) and math.isclose(self.alpha, other.alpha, rel_tol=1e-12)
-
-    def __hash__(self) -> int:
-        return hash(("Power", round(self.alpha, 12)))
-
-    def __repr__(self) -> str:
-        return f"Power({self.alpha:g})"
+from .base import Completion, Potential, Power, Prefixes, _positive_finite  # noqa: F401 (Power re-exported)
 
 
 class Tempered(Potential):

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..models.base import LanguageModel
 from .base import Completion
 
 #: a number in text: optional sign, digits with optional thousands commas, optional decimals
@@ -249,8 +250,6 @@ class LMJudge:
     def __init__(self, lm: Any, question_template: str, yes: str = " Yes", no: str | None = " No",
                  normalize: bool = True, chat: bool = False, batch_size: int = 16,
                  cache_size: int = 4096) -> None:
-        from ..models.base import LanguageModel
-
         if not isinstance(lm, LanguageModel) or lm.tokenizer is None:
             raise ValueError("LMJudge needs a llmppl LanguageModel with a tokenizer")
         if "{completion}" not in question_template:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..models.base import LanguageModel
 from .base import Potential, Prefixes, Product, scaled
 from .potentials import Power, Tempered
 
@@ -44,8 +45,6 @@ class Target:
 
     def __init__(self, lm: Any, potential: Potential | None = None, chat: bool = False,
                  truncation: str = "keep") -> None:
-        from ..models.base import LanguageModel
-
         if not isinstance(lm, LanguageModel):
             raise ValueError(f"Target needs a llmppl.models.LanguageModel, got {type(lm).__name__}")
         if potential is not None and not isinstance(potential, Potential):
