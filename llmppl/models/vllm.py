@@ -203,6 +203,28 @@ def _load_tokenizer(path: Path) -> Any:
     return AutoTokenizer.from_pretrained(path)
 
 
+def read_model_dir(path: Path) -> tuple[Any, Any, Any]:
+    """``(config, generation_config or None, tokenizer or None)`` of a model directory."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(path)
+    try:
+        gen = GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        gen = None
+    return config, gen, _load_tokenizer(path)
+
+
+def special_ids(config: Any, generation_config: Any, tokenizer: Any, vocab: int) -> tuple[list[int], int | None]:
+    """``(eos ids, bos id)`` by :class:`~llmppl.models.hf.HFLM`'s rules (its ``eos_token_ids``)."""
+    shim = types.SimpleNamespace(config=config, generation_config=generation_config)
+    eos = [e for e in eos_token_ids(shim, tokenizer) if 0 <= e < vocab]
+    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    if bos is None:
+        bos = getattr(config, "bos_token_id", None)
+    return eos, bos
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
@@ -226,14 +248,7 @@ class VLLMLM(LanguageModel):
         path = Path(model).expanduser()
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"VLLMLM loads a local model directory with a config.json; none at {path}")
-        from transformers import AutoConfig, GenerationConfig
-
-        config = AutoConfig.from_pretrained(path)
-        try:
-            gen = GenerationConfig.from_pretrained(path)
-        except (OSError, ValueError):
-            gen = None
-        tokenizer = _load_tokenizer(path)
+        config, gen, tokenizer = read_model_dir(path)
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
@@ -254,14 +269,11 @@ class VLLMLM(LanguageModel):
         engine = self.llm.llm_engine
         mc = engine.model_config
         vocab = int(mc.get_vocab_size())
-        shim = types.SimpleNamespace(config=config, generation_config=gen)
-        eos = ([e for e in eos_token_ids(shim, tokenizer) if 0 <= e < vocab]
-               if eos_token_id is None else eos_token_id)
+        eos, bos = special_ids(config, gen, tokenizer, vocab)
+        if eos_token_id is not None:
+            eos = eos_token_id
         if eos is None or (isinstance(eos, (list, tuple)) and not eos):
             raise ValueError(f"{path} defines no EOS token id: pass eos_token_id=")
-        bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
-        if bos is None:
-            bos = getattr(config, "bos_token_id", None)
         super().__init__(vocab_size=vocab, eos_token_id=eos, bos_token_id=bos,
                          max_context=int(mc.max_model_len), name=name or path.name)
         self.tokenizer = tokenizer
@@ -516,4 +528,5 @@ class VLLMState(LMState):
         return Block(tokens, log_p, log_q, ended, length)
 
 
-__all__ = ["VLLMLM", "VLLMState", "import_vllm", "recorder_class", "INSTALL_HINT", "NOT_NATIVE"]
+__all__ = ["VLLMLM", "VLLMState", "import_vllm", "recorder_class", "read_model_dir", "special_ids",
+           "INSTALL_HINT", "NOT_NATIVE"]
