@@ -20,6 +20,7 @@ import pytest
 import torch
 
 pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
 
 from llmppl.models.block import BlockSpec, NotNative, proposal_logprobs  # noqa: E402
 from llmppl.models.vllm import VLLMLM, read_model_dir, special_ids  # noqa: E402
