@@ -122,19 +122,31 @@ def test_sample_block_parity_with_transformers(tiny):
 
 
 def test_sampling_follows_q(tiny):
-    """The engine samples from q (first token of 2000 rows at τ = 0.5 with a mask); the same
-    counts are far from p (the impostor)."""
+    """The engine samples from q: 2-token blocks of 3000 rows at τ = 0.6 with a mask, against the
+    exact distribution of the pairs from the transformers forward; the same counts are far from
+    the untempered pairs (the impostor)."""
     lm, model = tiny
-    N = 2000
+    N, tau, prompt = 3000, 0.6, [2, 5]
     allowed = torch.tensor([1, 1, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
-    state = lm.start([2, 5], n=N, max_new_tokens=1)
-    spec = BlockSpec.make(N, 1, 0.5, STOP, allowed=allowed)
+    state = lm.start(prompt, n=N, max_new_tokens=2)
+    spec = BlockSpec.make(N, 2, tau, STOP, allow_stop=False, allowed=allowed)
     block = state.sample_block(torch.arange(N), spec, torch.Generator().manual_seed(3))
-    emp = torch.bincount(block.tokens[:, 0], minlength=V).double() / N
-    lp = ref_logprobs(model, [2, 5])[-1]
-    q = proposal_logprobs(lp[None], torch.tensor([0.5]), torch.tensor(STOP), True, allowed)[0].exp()
-    assert 0.5 * float((emp - q).abs().sum()) < 0.04
-    assert 0.5 * float((emp - lp.exp()).abs().sum()) > 0.1
+    assert (block.length == 2).all()
+    emp = torch.bincount(block.tokens[:, 0] * V + block.tokens[:, 1], minlength=V * V).double() / N
+    stop = torch.tensor(STOP)
+
+    def pairs(t):
+        first = ref_logprobs(model, prompt)[-1]
+        out = torch.full((V, V), -math.inf, dtype=torch.float64)
+        lq1 = proposal_logprobs(first[None], torch.tensor([t]), stop, False, allowed)[0]
+        for a in range(V):
+            if allowed[a] and a not in STOP:
+                second = ref_logprobs(model, prompt + [a])[-1]
+                out[a] = lq1[a] + proposal_logprobs(second[None], torch.tensor([t]), stop, False, allowed)[0]
+        return out.reshape(-1).exp()
+
+    assert 0.5 * float((emp - pairs(tau)).abs().sum()) < 0.06
+    assert 0.5 * float((emp - pairs(1.0)).abs().sum()) > 0.1
 
 
 def test_extend_and_next_logprobs_parity(tiny):
