@@ -246,6 +246,15 @@ def test_errors(tiny, tmp_path):
     state = lm.start([1] * 40, n=2, max_new_tokens=8)
     with pytest.raises(ValueError, match=r"row 0: 40 tokens \+ 9 more exceeds the model's context of 48"):
         state.sample_block(torch.arange(2), BlockSpec.make(2, 9, 1.0, STOP), None)
+    full = state.sample_block(torch.arange(2), BlockSpec.make(2, 8, 1.0, STOP, allow_stop=False), None)
+    assert (full.length == 8).all() and len(state.sequences([0])[0]) == 48  # exactly the context
+    state.truncate([0, 1], [0, 0])
+    kv, lm.kv_tokens = lm.kv_tokens, 30
+    try:
+        with pytest.raises(ValueError, match=r"25 tokens \+ max_new_tokens=10 = 35 tokens exceeds vLLM's KV cache of 30"):
+            lm.start([1] * 25, n=1, max_new_tokens=10)
+    finally:
+        lm.kv_tokens = kv
     assert state.full_vocabulary is False
     for call in (state.logprobs, state.last_logprobs):
         with pytest.raises(NotNative, match="proposals.Temperature.*HFLM"):
@@ -301,3 +310,14 @@ def test_default_model_parity(tiny):
         assert abs(float(lp.sum()) - float(block.total("log_p")[k])) < 2e-2
         lq = proposal_logprobs(ref[cols], spec.temperature[k].expand(24), stop, False)
         assert (lq.gather(1, torch.tensor(seq[P:])[:, None])[:, 0] - block.log_q[k]).abs().max() < 1e-3
+
+
+def test_engine_start_failure_is_one_clear_error(tiny, tmp_path):
+    """A directory whose weights are missing: vLLM fails to start; one RuntimeError naming it
+    (runs last: the other tests' engine must stay usable)."""
+    lm, _ = tiny
+    tiny_llama().config.save_pretrained(tmp_path)  # config.json, no weights
+    with pytest.raises(RuntimeError, match="vLLM could not start an engine for"):
+        VLLMLM(tmp_path)
+    state = lm.start([1, 2], n=1, max_new_tokens=2)
+    assert state.sample_block(torch.arange(1), BlockSpec.make(1, 2, 1.0, STOP, allow_stop=False), None).length[0] == 2
