@@ -19,16 +19,19 @@ Exact weights.  For every drawn token ``y_t`` both numbers are exact:
   ``allow_stop`` is false) comes from a v1 logits processor of ours
   (:func:`recorder_class`), which vLLM applies to the raw float32 logits ``ℓ`` before its
   temperature: it sets the excluded tokens to ``-inf`` and records, per request and
-  decode position, ``c = logsumexp(ℓ/τ + log 1[allowed]) − logsumexp(ℓ)/τ`` (float64), so
+  decode position, ``c = logsumexp(ℓ/τ + log 1[allowed]) − logsumexp(ℓ)/τ`` (float32
+  ``logsumexp``, float64 difference: ~1e-6 nats), so
   that ``log q(y) = (ℓ_y/τ + 0) − logsumexp(ℓ/τ + mask) = log p(y)/τ − c``.  vLLM then
-  samples from ``softmax(masked ℓ / τ)`` with the request's own seeded generator,
-  i.e. from ``q`` exactly.  Greedy rows (temperature 0) record ``log q = 0``.
+  samples from ``softmax(masked ℓ / τ)`` with the request's own seeded generator
+  (on CPU a fused Gumbel-argmax kernel seeded per step from that generator), i.e. from
+  ``q``: tests/test_vllm.py checks the draws against the exact ``q`` of 2-token blocks.  Greedy rows (temperature 0) record ``log q = 0``.
 
-Measured alternative (not used): ``logprobs_mode="processed_logprobs"`` gives
+Alternative (not used, from vLLM 0.32's source): ``logprobs_mode="processed_logprobs"`` gives
 ``log q`` directly, but ``log p`` then needs a scoring request with ``prompt_logprobs``,
 and vLLM 0.32 skips the prefix cache for every request with ``prompt_logprobs``
 (``SamplingParams.skip_reading_prefix_cache``): a full re-prefill of each row's prefix
-per block.  The recorder costs two ``logsumexp`` over the rows' logits per step.
+per block.  The recorder costs two float32 ``logsumexp`` over the rows' logits per step (~28 ms
+for 64 rows × 49k on one CPU thread; a float64 version cost 160 ms).
 
 ``extend`` (scoring given tokens) forces them through the same recorder (every logit
 but the forced token's is set to ``-inf``, the request is greedy) and reads their raw
@@ -139,43 +142,46 @@ def recorder_class() -> type:
             return m
 
         def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            """Masks in place; ``c`` from float32 ``logsumexp`` (a contiguous slice when the
+            requests are contiguous, as when all of them are ours), differences in float64."""
             if not self.rows:
                 return logits
-            idx = [i for i in sorted(self.rows) if i < logits.shape[0]]
+            n = logits.shape[0]
+            idx = [i for i in sorted(self.rows) if i < n]
             if not idx:
                 return logits
-            index = torch.tensor(idx, device=logits.device)
-            raw = logits.index_select(0, index).double()
-            lse_raw = torch.logsumexp(raw, dim=-1)
-            masked = raw.clone()
-            taus = []
-            for k, i in enumerate(idx):
-                info, out = self.rows[i]
+            infos = [self.rows[i] for i in idx]
+            taus = [float(info.get("tau") or 0.0) for info, _ in infos]
+            samp = [idx[k] for k, t in enumerate(taus) if t > 0]
+
+            def select(rows: list[int]) -> torch.Tensor:
+                if rows == list(range(rows[0], rows[0] + len(rows))):
+                    return logits[rows[0]:rows[0] + len(rows)]
+                return logits.index_select(0, torch.tensor(rows, device=logits.device))
+
+            lse_raw = torch.logsumexp(select(samp), dim=-1) if samp else None
+            for i, (info, _out) in zip(idx, infos):
+                row = logits[i]
                 force = info.get("force")
                 if force:
-                    j = len(out)
-                    tok = force[min(j, len(force) - 1)]
-                    keep = masked[k, tok].clone()
-                    masked[k].fill_(-math.inf)
-                    masked[k, tok] = keep
-                else:
-                    if info.get("mask"):
-                        masked[k].masked_fill_(~self._mask(info["mask"], logits.device), -math.inf)
-                    if info.get("ban"):
-                        masked[k, torch.tensor(info["ban"], device=logits.device)] = -math.inf
-                taus.append(float(info.get("tau") or 0.0))
-            tau = torch.tensor(taus, dtype=torch.float64, device=logits.device)
-            sampled = tau > 0
-            if bool(sampled.any()):
-                safe = torch.where(sampled, tau, torch.ones_like(tau))
-                c = (torch.logsumexp(masked / safe[:, None], dim=-1) - lse_raw / safe).tolist()
-                for k, i in enumerate(idx):
-                    if taus[k] > 0:
-                        info, out = self.rows[i]
-                        rec = _RECORDS.get(info["key"])
-                        if rec is not None:
-                            rec[len(out)] = c[k]
-            logits.index_copy_(0, index, masked.to(logits.dtype))
+                    tok = force[min(len(_out), len(force) - 1)]
+                    keep = float(row[tok])
+                    row.fill_(-math.inf)
+                    row[tok] = keep
+                    continue
+                if info.get("mask"):
+                    row.masked_fill_(~self._mask(info["mask"], logits.device), -math.inf)
+                if info.get("ban"):
+                    row[torch.tensor(info["ban"], device=logits.device)] = -math.inf
+            if samp:
+                tau = torch.tensor([t for t in taus if t > 0], dtype=logits.dtype, device=logits.device)
+                lse_q = torch.logsumexp(select(samp) / tau[:, None], dim=-1)
+                c = (lse_q.double() - lse_raw.double() / tau.double()).tolist()
+                for i, ck in zip(samp, c):
+                    info, out = self.rows[i]
+                    rec = _RECORDS.get(info["key"])
+                    if rec is not None:
+                        rec[len(out)] = ck
             return logits
 
     return LLMPPLRecorder
