@@ -90,7 +90,7 @@ def run_latency(model: str | None, particles: int, prompts: int, max_new_tokens:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model spec (default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--backend", choices=["hf", "llamacpp"], default="hf")
+    p.add_argument("--backend", choices=["hf", "llamacpp", "vllm"], default="hf")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--particles", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)

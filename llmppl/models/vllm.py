@@ -249,7 +249,7 @@ class VLLMLM(LanguageModel):
 
     def __init__(self, model: str | os.PathLike, dtype: str | torch.dtype | None = None,
                  name: str | None = None, eos_token_id: int | Sequence[int] | None = None,
-                 **engine_kwargs: Any) -> None:
+                 verify: bool = True, **engine_kwargs: Any) -> None:
         vllm = import_vllm()
         path = Path(model).expanduser()
         if not (path / "config.json").exists():
@@ -289,6 +289,30 @@ class VLLMLM(LanguageModel):
         #: tokens of KV the engine holds (all requests together); None when vLLM does not say
         self.kv_tokens: int | None = int(blocks) * int(cc.block_size) if blocks else None
         self.block_size = int(cc.block_size)
+        self.dtype = kwargs["dtype"]
+        if verify:
+            self.verify()
+
+    def verify(self, tol: float | None = None) -> float:
+        """Draw one token per row at τ = 0.5 and 2 and compare its ``log p`` / ``log q`` with the
+        engine's own full-vocabulary raw logprobs (``next_logprobs``): a vLLM whose sampler does not
+        run our logits processor on the raw logits before its temperature raises ``ValueError``.
+        Returns the largest difference (tolerance 1e-3 in float32, 0.1 otherwise)."""
+        tol = tol if tol is not None else (1e-3 if self.dtype == "float32" else 0.1)
+        seq = [(7 * i + 3) % self.vocab_size for i in range(5)]
+        state = self.start(seq, n=2, max_new_tokens=1)
+        tau = torch.tensor([0.5, 2.0], dtype=torch.float64)
+        block = state.sample_block(torch.arange(2), BlockSpec.make(2, 1, tau, self.eos_token_ids),
+                                   torch.Generator().manual_seed(0))
+        lp = self.next_logprobs([seq])[0].double()
+        tok = block.tokens[:, 0]
+        lq = torch.log_softmax(lp[None] / tau[:, None], dim=-1).gather(1, tok[:, None])[:, 0]
+        worst = max(float((lp[tok] - block.log_p[:, 0]).abs().max()), float((lq - block.log_q[:, 0]).abs().max()))
+        if not worst <= tol:
+            raise ValueError(f"VLLMLM's log p / log q do not match vLLM's own logprobs on {self.path}: max "
+                             f"difference {worst:.3g} > {tol:g} (this vLLM version applies logits processors "
+                             f"differently; tested with vllm 0.32.0)")
+        return worst
 
     def __repr__(self) -> str:
         return f"VLLMLM({str(self.path)!r}, vocab_size={self.vocab_size}, max_context={self.max_context})"
