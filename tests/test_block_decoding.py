@@ -130,14 +130,15 @@ def test_sample_block_budget_feed_last_allow_stop_and_greedy():
     assert float(out.log_q[0, 0]) == 0.0
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_smc_on_a_block_only_backend_matches_exact(k):
+@pytest.mark.parametrize("k, schedule", [(1, None), (2, None), (1, pp.schedules.Linear(1.0, 3))])
+def test_smc_on_a_block_only_backend_matches_exact(k, schedule):
     """Power-SMC with native blocks of k tokens (weighed at block boundaries) on a backend that has
-    only ``sample_block``; impostors (mode, low temperature, base LM) fail the same check."""
+    only ``sample_block``, with and without an exponent bridge; impostors (mode, low temperature,
+    base LM) fail the same check."""
     alpha = 4.0
     target = pp.Target(NATIVE, pp.Power(alpha))
     exact = enumerate_target(pp.Target(LM, pp.Power(alpha)), PROMPT, T)
-    smc = pp.SMC(1000, step=pp.steps.Tokens(k), ess_threshold=0.5)
+    smc = pp.SMC(1000, step=pp.steps.Tokens(k), ess_threshold=0.5, schedule=schedule)
     s, w = pooled(lambda seed: smc.run(target, PROMPT, T, seed=seed), range(6))
     check(exact, s, w, THRESHOLD, impostors(LM, PROMPT, T, alpha), f"native SMC k={k}")
 

@@ -25,23 +25,15 @@ pytestmark = pytest.mark.vllm
 from llmppl.models.block import BlockSpec, NotNative, proposal_logprobs  # noqa: E402
 from llmppl.models.vllm import VLLMLM, read_model_dir, special_ids  # noqa: E402
 
+from tiny_models import tiny_vllm_llama  # noqa: E402
+
 V = 8
 STOP = (7,)
 TOL = 1e-4
 
 
 def tiny_llama(seed: int = 0, **overrides):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kw = dict(vocab_size=V, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-              num_key_value_heads=1, max_position_embeddings=48, eos_token_id=7, bos_token_id=1, pad_token_id=0,
-              tie_word_embeddings=False)  # head_dim 32: vLLM's CPU attention needs >= 32
-    kw.update(overrides)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **kw), dtype=torch.float32).eval()
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(8.0)  # sharpen the random head
-    return model
+    return tiny_vllm_llama(seed, **overrides)
 
 
 @pytest.fixture(scope="module")

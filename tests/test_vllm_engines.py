@@ -27,6 +27,7 @@ from llmppl.models.hf import HFLM  # noqa: E402
 from llmppl.models.vllm import VLLMLM  # noqa: E402
 
 from _exactness import check, impostors  # noqa: E402
+from tiny_models import tiny_vllm_llama  # noqa: E402
 
 PROMPT, T, ALPHA = [1, 2, 3], 3, 2.0
 THRESHOLD = 0.06
@@ -34,18 +35,8 @@ N, RUNS = 4000, 6
 
 
 def tiny_llama(seed: int = 3):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kw = dict(vocab_size=8, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-              num_key_value_heads=1, max_position_embeddings=48, eos_token_id=7, bos_token_id=1, pad_token_id=0,
-              tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **kw), dtype=torch.float32).eval()
-    with torch.no_grad():   # a head sharp enough that EOS ends completions inside the horizon
-        head = model.get_output_embeddings().weight
-        head.mul_(3.0)
-        head[7] += 2.0 * head.norm(dim=1).mean() / head.shape[1] ** 0.5
-    return model
+    """Head sharpened ×3 and EOS raised, so that p^2 spreads over ~14 sequences and half end early."""
+    return tiny_vllm_llama(seed, head_scale=3.0, eos_bias=2.0)
 
 
 @pytest.fixture(scope="module")

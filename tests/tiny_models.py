@@ -96,3 +96,22 @@ def tiny_tokenizer(add_bos: bool = True, order: list[str] | None = None):
                                    additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def tiny_vllm_llama(seed: int = 0, head_scale: float = 8.0, eos_bias: float = 0.0, **overrides):
+    """A tiny Llama of vocabulary 8 (EOS 7) that vLLM's CPU backend runs (head_dim 32, which its
+    CPU attention needs); the random head is sharpened by ``head_scale`` and EOS's logit raised by
+    ``eos_bias`` (in units of a typical logit scale) so completions end inside short horizons."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(vocab_size=8, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, max_position_embeddings=48, eos_token_id=7, bos_token_id=1, pad_token_id=0,
+              tie_word_embeddings=False)
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **kw), dtype=torch.float32).eval()
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head.mul_(head_scale)
+        head[7] += eos_bias * head.norm(dim=1).mean() / head.shape[1] ** 0.5
+    return model

@@ -61,8 +61,12 @@ class Decoder:
     def __init__(self, method: str, proposal: Proposal, n: int, config: dict) -> None:
         self.method, self.proposal, self.n, self.extra = method, proposal, _check_n(n), config
 
-    def decode(self, target: Target, prompts: Sequence, max_new_tokens: int,
-               seed: int | None) -> list[Result]:
+    def run(self, target: Target, prompt, max_new_tokens: int, seed: int | None = None) -> Result:
+        return self.run_batch(target, [prompt], max_new_tokens, seed)[0]
+
+    def run_batch(self, target: Target, prompts: Sequence, max_new_tokens: int,
+                  seed: int | None = None) -> list[Result]:
+        """One ``Result`` per prompt, all prompts decoded as rows of one state."""
         ids = prepare_prompts(target, prompts, max_new_tokens)
         lm, G, n, T = target.lm, len(ids), self.n, max_new_tokens
         gen = make_generator(seed, lm.device)
@@ -112,7 +116,7 @@ class BatchMixin:
     def run_batch(self, target: Target, prompts: Sequence, max_new_tokens: int,
                   seed: int | None = None) -> list[Result]:
         """One ``Result`` per prompt, all prompts decoded as rows of one state."""
-        return [self._finish(target, r) for r in self._decoder().decode(target, prompts, max_new_tokens, seed)]
+        return [self._finish(target, r) for r in self._decoder().run_batch(target, prompts, max_new_tokens, seed)]
 
     def run(self, target: Target, prompt, max_new_tokens: int, seed: int | None = None) -> Result:
         return self.run_batch(target, [prompt], max_new_tokens, seed)[0]

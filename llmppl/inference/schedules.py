@@ -68,7 +68,11 @@ class Schedule:
     """Base class: ``initial(final) -> a_0`` and ``exponent(ctx) -> a_t``.
 
     ``exponent`` returns a float (the same ``a_t`` for every group) or a ``(G,)`` tensor.
+    ``uses_token_stats``: ``exponent`` calls ``ctx.stats()``, which reads the full-vocabulary
+    next-token log-probabilities (not available on a block-only backend such as vLLM).
     """
+
+    uses_token_stats: bool = False
 
     def initial(self, final: float) -> float:
         return final
@@ -149,6 +153,8 @@ class AdaptiveESS(Schedule):
     variance a completion will accumulate is priced in from the first step.  Particles
     that finish are promoted to ``α``, so the final target is exact whatever ``a_t`` is.
     """
+
+    uses_token_stats = True
 
     def __init__(self, target_ess: float = 0.5, alpha_from: float = 1.0) -> None:
         if not 0.0 < float(target_ess) < 1.0:

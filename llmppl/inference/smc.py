@@ -237,7 +237,7 @@ class SMC:
                    f"the token-level factors {token_level_factors(run.target)}" if token_level_factors(run.target)
                    else f"the proposal {run.proposal!r}")
             require_full_vocabulary(run.state, f"SMC with {why}", NATIVE_HINT)
-        if not isinstance(self.schedule, Constant):
+        if self.schedule.uses_token_stats:
             require_full_vocabulary(run.state, f"the schedule {self.schedule!r}",
                                     "use pp.schedules.Constant, Linear or Geometric")
         if self.rejuvenate is not None:
