@@ -106,6 +106,12 @@ def _bestofn(ns: Any) -> tuple[Any, dict]:
     return BestOfN(n=ns.particles), {}
 
 
+def _reweight(ns: Any) -> tuple[Any, dict]:
+    from .inference.reweight import Reweight
+
+    return Reweight(n=ns.particles, progress=not getattr(ns, "quiet", True)), {}
+
+
 def _lookahead(ns: Any) -> tuple[Any, dict]:
     from .inference.samplers import ScalablePower
 
@@ -120,6 +126,8 @@ METHODS: dict[str, MethodEntry] = {
     "lowtemp": MethodEntry(_lowtemp, False, ("particles", "alpha", "tau")),
     "greedy": MethodEntry(_greedy, False, ()),
     "bestofn": MethodEntry(_bestofn, False, ("particles",)),
+    # self-normalised importance sampling of p^alpha from the samples plain draws (same seed)
+    "reweight": MethodEntry(_reweight, True, ("particles", "alpha")),
     "lookahead": MethodEntry(_lookahead, True, ("particles", "alpha", "top_k", "rollouts", "horizon")),
 }
 
