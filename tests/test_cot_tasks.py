@@ -148,3 +148,33 @@ def test_run_eval_scores_cot_replies_and_reweights(tmp_path, monkeypatch):
     w = [math.exp(-k) for k in range(3)]
     assert recs[0]["pass1"] == pytest.approx((w[0] + w[2]) / sum(w))
     assert recs[1]["pass1"] == pytest.approx(w[0] / sum(w))
+
+
+def test_table_reports_box_only_pass1_and_failed_runs(tmp_path):
+    """The summary of CoT records: pass@1 under a box-only grader, the boxed share, and a
+    must-finish run whose every sample was cut (no answer) counted as wrong, not dropped."""
+    from llmppl.evaluation.plots import markdown, paired_tests, summarise
+    from llmppl.evaluation.runner import score_result
+
+    task = get_task(f"jsonl:{JSONL}")
+    p = task.problems(1)[0]
+    ok = pp.Result(method="x", prompt_ids=[0], samples=[[1], [2]], log_weights=[0.0, 0.0],
+                   texts=["\\boxed{72}", "so 72"], finished=[True, True], truncated=[False, False],
+                   log_p=[-1.0, -2.0], seed=0)
+    dead = pp.Result(method="x", prompt_ids=[0], samples=[[1], [2]], log_weights=[-float("inf")] * 2,
+                     texts=["...", "..."], finished=[False, False], truncated=[True, True],
+                     log_p=[-1.0, -2.0], seed=0, error="every particle has weight zero")
+
+    def rec(method, problem, res):
+        return {"task": task.spec, "problem": problem, "method": method, "wall_time": 1.0,
+                "config": {"model": "m", "method": method}, **score_result(task, p, res)}
+
+    recs = [rec("plain", 0, ok), rec("plain", 1, ok), rec("reweight", 0, ok), rec("reweight", 1, dead)]
+    rows = {r["method"]: r for r in summarise(recs)}
+    assert rows["plain"]["pass1"] == 1.0 and rows["plain"]["pass1_boxed"] == 0.5 and rows["plain"]["boxed"] == 0.5
+    assert rows["reweight"]["pass1"] == 0.5 and rows["reweight"]["failed"] == 0.5
+    assert rows["reweight"]["samples"] == 2 and rows["reweight"]["pass_at_k"] == [0.5, 0.5]
+    text = markdown(list(rows.values()), paired_tests(recs))
+    header, align = text.splitlines()[2:4]
+    assert header.count("|") == align.count("|") == text.splitlines()[4].count("|")
+    assert "pass@1 box only" in header and "no answer (all cut)" in header
