@@ -178,3 +178,23 @@ def test_table_reports_box_only_pass1_and_failed_runs(tmp_path):
     header, align = text.splitlines()[2:4]
     assert header.count("|") == align.count("|") == text.splitlines()[4].count("|")
     assert "pass@1 box only" in header and "no answer (all cut)" in header
+
+
+@pytest.mark.model
+def test_cli_cot_run_on_the_default_model_pairs_reweight_with_plain(tmp_path):
+    """``llmppl eval`` on the JSONL fixture with llama.cpp: CoT prompt, records graded, and
+    ``reweight`` holding exactly plain's samples (same seed), only weighted."""
+    pytest.importorskip("llama_cpp")
+    from llmppl.cli import main
+
+    out = tmp_path / "r.jsonl"
+    assert main(["eval", "--task", f"jsonl:{JSONL}", "--n", "2", "--methods", "plain,reweight",
+                 "--particles", "3", "--max-new-tokens", "12", "--backend", "llamacpp",
+                 "--batch-prompts", "2", "--n-ctx", "2048", "--threads", "1", "--quiet", "--json", str(out)]) == 0
+    recs = {(r["problem"], r["method"]): r for r in map(json.loads, out.read_text().splitlines())}
+    assert len(recs) == 4
+    for i in range(2):
+        plain, rew = recs[(i, "plain")], recs[(i, "reweight")]
+        assert plain["reference"] == GOLD[i] and plain["config"]["task_config"] == {}
+        assert rew["error"] is None and rew["texts"] == plain["texts"] and rew["answers"] == plain["answers"]
+        assert rew["weights"] != plain["weights"]  # p(y)^(alpha-1), not uniform
