@@ -187,6 +187,12 @@ def _bestofn(ns: Any) -> tuple[Any, dict]:
     return BestOfN(n=ns.particles), {}
 
 
+def _reweight(ns: Any) -> tuple[Any, dict]:
+    from .inference.reweight import Reweight
+
+    return Reweight(n=ns.particles, progress=not getattr(ns, "quiet", True)), {}
+
+
 def _lookahead(ns: Any) -> tuple[Any, dict]:
     return ScalablePower(top_k=ns.top_k, rollouts=ns.rollouts, horizon=ns.horizon, n=ns.particles), {}
 
@@ -199,6 +205,8 @@ METHODS: dict[str, MethodEntry] = {
     "lowtemp": MethodEntry(_lowtemp, False, ("particles", "alpha", "tau")),
     "greedy": MethodEntry(_greedy, False, ()),
     "bestofn": MethodEntry(_bestofn, False, ("particles",)),
+    # self-normalised importance sampling of p^alpha from the samples plain draws (same seed)
+    "reweight": MethodEntry(_reweight, True, ("particles", "alpha")),
     "lookahead": MethodEntry(_lookahead, True, ("particles", "alpha", "top_k", "rollouts", "horizon")),
 }
 

@@ -2,6 +2,8 @@
 
     llmppl eval --task reasoning_gym:chain_sum --n 200 --seed 0 \\
         --methods plain,lowtemp,smc,mh --model qwen2.5-coder-0.5b --json results.jsonl
+    llmppl eval --task reasoning_gym_cot:gsm_symbolic --n 200 --methods plain,reweight,smc \\
+        --max-new-tokens 256 --truncation zero --json cot.jsonl      # chain of thought, \\boxed{}
     llmppl eval --plot results.jsonl --out benchmarks/results/eval/
 
 A method is ``name[:key=value...]`` (e.g. ``smc:particles=16``); the same ``--json``
@@ -23,9 +25,12 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="reasoning evaluation (accuracy, pass@k, cost) or --plot a results file",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default=None, help="FAMILY:NAME, e.g. reasoning_gym:chain_sum")
+    p.add_argument("--task", default=None, help="FAMILY:NAME: reasoning_gym:chain_sum (short answers), or a "
+                   "chain-of-thought task graded by math-verify on the last \\boxed{}: "
+                   "reasoning_gym_cot:gsm_symbolic, jsonl:PATH, parquet:PATH, hf:DATASET_ID")
     p.add_argument("--task-config", default="{}", help="JSON keyword arguments of the task generator, "
-                   "e.g. '{\"max_terms\": 3}'")
+                   "e.g. '{\"max_terms\": 3}'; CoT tasks also take question_field, answer_field, split, "
+                   "subset, strict, instruction")
     p.add_argument("--n", type=int, default=100, help="number of problems (default 100)")
     p.add_argument("--seed", type=int, default=0, help="problem-set and sampling seed")
     p.add_argument("--methods", default=DEFAULT_METHODS,

@@ -4,8 +4,11 @@
 every method of the (task, model) finished: pass@1 (mean of the
 per-problem ``Σ W_i·correct_i``) with a bootstrap 95 % interval over problems, the
 accuracy of the returned answer with a Wilson interval, weighted majority vote,
-pass@N, mean ``log p``, the share of outputs cut at ``max_new_tokens`` (weighted, as the
-method returns them, and of all samples drawn), tokens and seconds per problem.  ``paired_tests`` compares
+pass@N, pass@1 under a box-only grader (an answer counts only if it came from a
+``\\boxed{}``) and the share of samples with a box, mean ``log p``, the share of outputs cut
+at ``max_new_tokens`` (weighted, as the method returns them, and of all samples drawn), the
+share of problems a must-finish method answered nothing (every sample cut: no weight left),
+tokens and seconds per problem.  ``paired_tests`` compares
 every two methods on the problems both finished (McNemar exact on the returned
 answers, paired bootstrap on pass@1).  ``report`` writes ``table.md``,
 ``accuracy_vs_time.png`` and ``pass_at_k.png``.
@@ -36,11 +39,29 @@ def _groups(records: Iterable[dict[str, Any]]) -> dict[Group, dict[str, dict[int
 
 
 def pass_at_k_curve(recs: Iterable[dict[str, Any]]) -> np.ndarray:
-    """Mean over problems of the unbiased pass@k, ``k = 1..min_n`` (samples treated as draws)."""
+    """Mean over problems of the unbiased pass@k, ``k = 1..min_n`` (samples treated as draws);
+    ``min_n`` over the records that have samples, a failed run (no samples) counting as 0."""
     recs = list(recs)
-    n_min = min(r["n_samples"] for r in recs)
-    return np.array([np.mean([pass_at_k(r["n_samples"], r["n_correct"], k) for r in recs])
-                     for k in range(1, n_min + 1)])
+    sizes = [r["n_samples"] for r in recs if r["n_samples"] > 0]
+    if not sizes:
+        return np.zeros(0)
+    return np.array([np.mean([pass_at_k(r["n_samples"], r["n_correct"], k) if r["n_samples"] else 0.0
+                              for r in recs]) for k in range(1, min(sizes) + 1)])
+
+
+def _mean(values: list[float | None]) -> float:
+    """Mean of the values that are not None (a failed run has no log p); NaN if none are."""
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
+def _boxed(r: dict[str, Any]) -> list[bool]:
+    return [h == "boxed" for h in r.get("extracted_how") or []]
+
+
+def boxed_pass1(r: dict[str, Any]) -> float:
+    """``Σ_i W_i·1[y_i correct and its answer came from a \\boxed{}]``: pass@1 under a box-only grader."""
+    return float(sum(w * (c and b) for w, c, b in zip(r["weights"], r["correct"], _boxed(r))))
 
 
 def summarise(records: list[dict[str, Any]], common: bool = True) -> list[dict[str, Any]]:
@@ -57,13 +78,16 @@ def summarise(records: list[dict[str, Any]], common: bool = True) -> list[dict[s
             k_best = sum(r["best_correct"] for r in recs)
             rows.append({
                 "task": task, "model": model, "method": method, "problems": n,
-                "samples": recs[0]["n_samples"],
+                "samples": max(r["n_samples"] for r in recs),
                 "pass1": float(np.mean(pass1)), "pass1_ci": bootstrap_ci(pass1),
+                "pass1_boxed": float(np.mean([boxed_pass1(r) for r in recs])),
+                "boxed": float(np.mean([np.mean(_boxed(r)) if r["n_samples"] else 0.0 for r in recs])),
+                "failed": float(np.mean([r.get("error") is not None for r in recs])),
                 "answer_acc": k_best / n, "answer_ci": wilson(k_best, n),
                 "maj": float(np.mean([r["maj_correct"] for r in recs])),
                 "pass_n": float(np.mean([r["n_correct"] > 0 for r in recs])),
-                "log_p": float(np.mean([r["log_p_mean"] for r in recs])),
-                "log_p_tok": float(np.mean([r["log_p_per_token"] for r in recs])),
+                "log_p": _mean([r["log_p_mean"] for r in recs]),
+                "log_p_tok": _mean([r["log_p_per_token"] for r in recs]),
                 "truncated": float(np.mean([np.dot(r["weights"], np.logical_not(r["finished"])) for r in recs])),
                 "cut": float(np.mean([np.mean(np.logical_not(r["finished"])) if r["finished"] else 0.0
                                       for r in recs])),
@@ -112,14 +136,16 @@ def settings(records: list[dict[str, Any]]) -> str:
 def markdown(rows: list[dict[str, Any]], tests: list[dict[str, Any]]) -> str:
     """The summary table and the paired tests as markdown."""
     head = ("Rows use the problems that every method of the task finished.\n\n| task | model | method | problems | N | pass@1 [95% CI] | returned answer [Wilson 95%] "
-            "| maj@N | pass@N | mean log p | log p / token | truncated (weight) | cut (samples) | tokens / problem "
-            "| s / problem |\n|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+            "| maj@N | pass@N | pass@1 box only | boxed (samples) | mean log p | log p / token | truncated (weight) "
+            "| cut (samples) | no answer (all cut) | tokens / problem "
+            "| s / problem |\n|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     body = "".join(
         f"| {r['task']} | {r['model']} | {r['method']} | {r['problems']} | {r['samples']} "
         f"| {r['pass1']:.3f} [{r['pass1_ci'][0]:.3f}, {r['pass1_ci'][1]:.3f}] "
         f"| {r['answer_acc']:.3f} [{r['answer_ci'][0]:.3f}, {r['answer_ci'][1]:.3f}] "
-        f"| {r['maj']:.3f} | {r['pass_n']:.3f} | {r['log_p']:.2f} | {r['log_p_tok']:.3f} | {r['truncated']:.2f} "
-        f"| {r['cut']:.2f} "
+        f"| {r['maj']:.3f} | {r['pass_n']:.3f} | {r['pass1_boxed']:.3f} | {r['boxed']:.2f} "
+        f"| {r['log_p']:.2f} | {r['log_p_tok']:.3f} | {r['truncated']:.2f} "
+        f"| {r['cut']:.2f} | {r['failed']:.2f} "
         f"| {r['tokens']:.0f} | {r['seconds']:.1f} |\n" for r in rows)
     text = head + body
     if tests:
@@ -164,7 +190,7 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
 
 #: the colour of each method in every figure (others: the colours after these)
-_COLOURS = ("plain", "lowtemp", "bestofn", "smc", "mh", "greedy", "lookahead")
+_COLOURS = ("plain", "lowtemp", "bestofn", "smc", "mh", "greedy", "lookahead", "reweight")
 
 
 def _colour(method: str) -> str:

@@ -134,9 +134,21 @@ class ReasoningGymTask(Task):
         return float(self._scorer.score_answer(answer, entry))
 
 
-#: task family -> factory ``(name, config, seed) -> Task``
+def _cot(family: str) -> Callable[[str, dict[str, Any], int], Task]:
+    """The factory of a chain-of-thought family of :mod:`llmppl.evaluation.cot` (imported lazily)."""
+    def factory(name: str, config: dict[str, Any], seed: int) -> Task:
+        from .cot import make_task
+
+        return make_task(family, name, config, seed)
+    return factory
+
+
+#: task family -> factory ``(name, config, seed) -> Task``.  ``reasoning_gym``: short answers
+#: (``Answer: <number>``); the others are chain-of-thought tasks with ``\boxed{}`` answers graded
+#: by math-verify (:mod:`llmppl.evaluation.cot`)
 FAMILIES: dict[str, Callable[[str, dict[str, Any], int], Task]] = {
     "reasoning_gym": ReasoningGymTask,
+    **{f: _cot(f) for f in ("reasoning_gym_cot", "jsonl", "parquet", "hf")},
 }
 
 

@@ -1,0 +1,37 @@
+"""Re-weighting plain samples: self-normalised importance sampling of ``p^α`` from ``p``.
+
+Draw ``y_1..y_N ~ p(·|x)`` (plain ancestral sampling) and weight them
+
+    W_i ∝ γ(y_i) / p(y_i) = p(y_i)^(α−1)        (times 0 for a completion cut at
+                                                   max_new_tokens when truncation="zero"),
+
+so that ``Σ_i W_i δ_{y_i}`` estimates ``π ∝ p^α`` (consistent as ``N → ∞``, bias O(1/N)) and
+``(1/N) Σ_i p(y_i)^(α−1)`` is an unbiased estimate of ``Z = Σ_y p(y)^α``.  This is the SMC
+engine with the proposal ``q = p`` and resampling off (``ess_threshold = 0``): the
+incremental weight of a token is ``α log p − log p``, so nothing new is sampled — with
+the same seed it draws exactly the samples :class:`~llmppl.inference.baselines.Plain`
+draws (same rows, same generator stream), i.e. it is compute-matched to plain sampling
+and differs from it only by the weights (and the answer it returns: a draw from them).
+"""
+
+from __future__ import annotations
+
+from .proposals import Base
+from .result import Result
+from .smc import SMC
+
+
+class Reweight(SMC):
+    """``n`` samples from ``p``, self-normalised weights ``∝ p(y)^(α−1)`` for the target ``p^α``."""
+
+    def __init__(self, n: int, progress: bool = False) -> None:
+        super().__init__(n, proposal=Base(), ess_threshold=0.0, progress=progress)
+
+    def _results(self, run, seed, seconds, raise_on_failure) -> list[Result]:
+        out = super()._results(run, seed, seconds, raise_on_failure)
+        for res in out:
+            res.method = "reweight"
+        return out
+
+    def __repr__(self) -> str:
+        return f"Reweight(n={self.n_particles})"
