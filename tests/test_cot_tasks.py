@@ -14,7 +14,7 @@ import pytest
 import llmppl as pp
 from llmppl.evaluation.cot import COT_INSTRUCTION, reference_answer
 from llmppl.evaluation.runner import Job, MethodSpec, ResultStore, run_eval
-from llmppl.evaluation.tasks import get_task
+from llmppl.evaluation.registry import get_task
 from llmppl.methods import Method
 
 pytest.importorskip("math_verify")
@@ -83,7 +83,7 @@ def test_field_names_and_bad_input(tmp_path):
 
 def test_hub_dataset_offline_is_one_clear_error():
     """Offline (or without the datasets package) a hub id is one error line naming what failed."""
-    code = ("from llmppl.evaluation.tasks import get_task\n"
+    code = ("from llmppl.evaluation.registry import get_task\n"
             "try:\n    get_task('hf:HuggingFaceH4/MATH-500').problems(2)\n"
             "except (ValueError, ModuleNotFoundError) as e:\n    print('ERR', e)\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=str(ROOT))

@@ -19,7 +19,8 @@ import llmppl as pp
 from llmppl.methods import Method
 from llmppl.evaluation.runner import Job, MethodSpec, ResultStore, run_eval, score_result
 from llmppl.evaluation.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap, pass_at_k, wilson
-from llmppl.evaluation.tasks import Extraction, Problem, Task, canonical_number, extract_number, get_task
+from llmppl.evaluation.registry import get_task
+from llmppl.evaluation.tasks import Extraction, Problem, Task, canonical_number, extract_number
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -81,7 +81,8 @@ def test_same_samples_as_plain_with_the_same_seed(truncation):
             expected[np.asarray(b.truncated, dtype=bool)] = -np.inf
         if b.error is None:
             ok = np.isfinite(expected)
-            np.testing.assert_allclose(lw[ok], expected[ok], rtol=1e-9, atol=1e-9)
+            # q = log_softmax(log p) recomputed from the LM's float32 log-probs: equal to float32 rounding
+            np.testing.assert_allclose(lw[ok], expected[ok], rtol=1e-6, atol=1e-6)
             assert np.all(np.isneginf(lw[~ok]))
         assert a.stats["tokens_decoded"] == b.stats["tokens_decoded"]
 

@@ -61,7 +61,7 @@ def run_latency(model: str | None, particles: int, prompts: int, max_new_tokens:
     lms = {backend: lm or load_model(model, device=device, backend=backend)}
     if compare and compare != backend:
         lms[compare] = load_model(model, device=device, backend=compare)
-    runs = {name: _Timed(x, particles, prompts, max_new_tokens, block, seed) for name, x in lms.items()}
+    runs = {name: _Timed(name, x, particles, prompts, max_new_tokens, block, seed) for name, x in lms.items()}
     for r in range(reps):                 # interleaved: every backend's runs in each repetition
         for t in runs.values():
             t.repetition(seed + r)
@@ -79,10 +79,10 @@ def run_latency(model: str | None, particles: int, prompts: int, max_new_tokens:
 class _Timed:
     """One backend's engines, timed one repetition at a time (see the module docstring)."""
 
-    def __init__(self, lm: Any, N: int, prompts: int, T: int, block: int, seed: int) -> None:
+    def __init__(self, backend: str, lm: Any, N: int, prompts: int, T: int, block: int, seed: int) -> None:
         import llmppl as pp
 
-        self.lm, self.N, self.T, self.block, self.prompts = lm, N, T, block, prompts
+        self.backend, self.lm, self.N, self.T, self.block, self.prompts = backend, lm, N, T, block, prompts
         chat = getattr(lm.tokenizer, "chat_template", None) is not None
         self.target = pp.Target(lm, pp.Power(ALPHA), chat=chat)
         self.texts = (PROMPTS[:prompts] if lm.tokenizer is not None       # an LM without a tokenizer: id prompts
@@ -107,7 +107,7 @@ class _Timed:
         med = {k: statistics.median(v) for k, v in self.times.items()}
         P, N, T = self.prompts, self.N, self.T
         return {
-            "benchmark": "latency", "backend": getattr(self.lm, "backend", type(self.lm).__name__),
+            "benchmark": "latency", "backend": self.backend,
             "model": self.lm.name, "prompts": P, "particles": N, "rows": P * N, "max_new_tokens": T,
             "reps": reps, "alpha": ALPHA, "smc_step": f"Tokens({self.block})",
             "seconds": self.times, "median_seconds": med,

@@ -80,7 +80,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     from ..methods import METHODS
     from .runner import Job, MethodSpec, ResultStore, method_config, method_namespace, run_eval
-    from .tasks import get_task
+    from .registry import get_task
 
     if args.n < 1 or args.particles < 1 or args.max_new_tokens < 1 or args.batch_prompts < 1:
         raise ValueError("--n, --particles, --max-new-tokens and --batch-prompts must be >= 1")

@@ -1,6 +1,6 @@
 """Task adapters: problems, the prompt format, answer extraction and scoring.
 
-A task spec is ``FAMILY:NAME`` (e.g. ``reasoning_gym:chain_sum``); ``FAMILIES`` maps
+A task spec is ``FAMILY:NAME`` (e.g. ``reasoning_gym:chain_sum``); ``registry.FAMILIES`` maps
 a family to a factory ``(name, config, seed) -> Task``.  A :class:`Task` yields
 :class:`Problem` s, turns one into a chat prompt, extracts the final answer from a
 completion and scores it (1 = correct).  Problem ``i`` depends only on ``(seed, i)``,
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +76,7 @@ def extract_number(text: str | None) -> Extraction:
 
 
 class Task:
-    """Interface of a task adapter (subclass and register a factory in ``FAMILIES``)."""
+    """Interface of a task adapter (subclass and register a factory in ``registry.FAMILIES``)."""
 
     spec: str
     config: dict[str, Any]
@@ -132,31 +131,3 @@ class ReasoningGymTask(Task):
         reference = canonical_number(problem.answer) or problem.answer
         entry = dict(problem.entry, answer=reference)
         return float(self._scorer.score_answer(answer, entry))
-
-
-def _cot(family: str) -> Callable[[str, dict[str, Any], int], Task]:
-    """The factory of a chain-of-thought family of :mod:`llmppl.evaluation.cot` (imported lazily)."""
-    def factory(name: str, config: dict[str, Any], seed: int) -> Task:
-        from .cot import make_task
-
-        return make_task(family, name, config, seed)
-    return factory
-
-
-#: task family -> factory ``(name, config, seed) -> Task``.  ``reasoning_gym``: short answers
-#: (``Answer: <number>``); the others are chain-of-thought tasks with ``\boxed{}`` answers graded
-#: by math-verify (:mod:`llmppl.evaluation.cot`)
-FAMILIES: dict[str, Callable[[str, dict[str, Any], int], Task]] = {
-    "reasoning_gym": ReasoningGymTask,
-    **{f: _cot(f) for f in ("reasoning_gym_cot", "jsonl", "parquet", "hf")},
-}
-
-
-def get_task(spec: str, config: dict[str, Any] | None = None, seed: int = 0) -> Task:
-    """``get_task("reasoning_gym:chain_sum", {"max_terms": 3}, seed=0)``."""
-    family, sep, name = spec.partition(":")
-    if not sep or not name:
-        raise ValueError(f"a task is FAMILY:NAME (e.g. reasoning_gym:chain_sum), got {spec!r}")
-    if family not in FAMILIES:
-        raise ValueError(f"unknown task family {family!r}; choose one of {sorted(FAMILIES)}")
-    return FAMILIES[family](name, dict(config or {}), seed)
