@@ -83,17 +83,25 @@ class Particles:
 
     def append_block(self, tokens: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         """Store the first ``counts[k]`` tokens of ``tokens[k]`` (``(n, W)``) after the current end of
-        row ``rows[k]`` (all rows when None)."""
-        rows = torch.arange(self.R, device=self.device) if rows is None else rows
+        row ``rows[k]`` (every row, in order, when None), without a host sync."""
         W = tokens.shape[1]
         if W == 0:
             return
+        if W == 1 and rows is None:
+            self.append(tokens[:, 0], counts > 0)
+            return
+        src = self.tokens if rows is None else self.tokens[rows]
+        length = self.length if rows is None else self.length[rows]
         j = torch.arange(W, device=self.device)[None, :]
-        keep = j < counts[:, None]
-        col = (self.length[rows][:, None] + j).clamp_(max=self.T - 1)
-        r = rows[:, None].expand(-1, W)
-        self.tokens[r[keep], col[keep]] = tokens[keep]
-        self.length.index_add_(0, rows, counts.to(self.length.dtype))
+        # positions >= length hold -1, so the cells a row does not keep are written -1 again
+        buf = torch.cat([src, src.new_full((src.shape[0], W), -1)], 1)
+        buf.scatter_(1, length[:, None] + j, torch.where(j < counts[:, None], tokens, -1))
+        if rows is None:
+            self.tokens = buf[:, :self.T].contiguous()
+            self.length = self.length + counts
+        else:
+            self.tokens[rows] = buf[:, :self.T]
+            self.length.index_add_(0, rows, counts.to(self.length.dtype))
 
     def host_tokens(self, rows: torch.Tensor | None = None) -> list[list[int]]:
         """Token lists of ``rows`` (all when None): one device→host copy."""

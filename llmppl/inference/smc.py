@@ -74,6 +74,7 @@ class _Run:
     step_tokens: torch.Tensor | None = None   # tokens each row drew in the current step
     live: int | None = None   # rows live at this step, known on the host (None: not known)
     native: bool = False      # the backend draws each step's block itself (state.sample_block)
+    stop_ids: tuple[int, ...] = ()   # the LM's EOS ids (host)
     slope: dict[str, torch.Tensor] = field(default_factory=dict)   # the length twist's c_t (segment steps)
 
     def record(self, **values: torch.Tensor) -> None:
@@ -177,7 +178,7 @@ class SMC:
             run = _Run(target, ids, max_new_tokens, state, proposal, generator,
                        Particles(G, N, max_new_tokens, dev), float(target.base_exponent),
                        torch.tensor(eos_ids(lm), device=dev), live=G * N)
-            run.native = self._native(run)
+            run.native, run.stop_ids = self._native(run), eos_ids(lm)
             self._loop(run)
         return self._results(run, seed, watch.seconds, raise_on_failure)
 
@@ -366,31 +367,34 @@ class SMC:
         ``max_new_tokens`` cuts it (its last token is stored but not fed to the LM)."""
         P, state, proposal = run.parts, run.state, run.proposal
         k = self.step.k
-        rows = self._rows_to_draw(run, active)
-        rows = torch.arange(P.R, device=P.device) if rows is None else rows
-        remaining = run.max_new_tokens - P.length[rows]
-        act = active[rows]
+        rows = self._rows_to_draw(run, active)      # None: every row (no gathers, no scatters)
+        sel = slice(None) if rows is None else rows
+        remaining = run.max_new_tokens - P.length[sel]
+        act = active[sel]
         budget = torch.where(act, remaining.clamp(max=k), torch.zeros_like(remaining))
-        spec = BlockSpec(budget=budget, width=min(k, run.max_new_tokens), stop_ids=eos_ids(run.target.lm),
-                         temperature=proposal.block_temperature(a_rows[rows]), greedy=proposal.greedy,
+        spec = BlockSpec(budget=budget, width=min(k, run.max_new_tokens), stop_ids=run.stop_ids,
+                         temperature=proposal.block_temperature(a_rows[sel]), greedy=proposal.greedy,
                          allow_stop=proposal.allow_stop, feed_last=budget < remaining)
         blk = state.sample_block(rows, spec, run.generator)
         lp, lq = blk.total("log_p").to(P.device), blk.total("log_q").to(P.device)
         n = blk.length.to(P.device)
         ended = blk.ended.to(P.device) & act
         cut = act & ~ended & (n >= remaining)
-        zero = torch.zeros(P.R, dtype=torch.float64, device=P.device)
 
         def full(x: torch.Tensor) -> torch.Tensor:
+            if rows is None:
+                return x
             return torch.zeros(P.R, dtype=x.dtype, device=P.device).index_copy_(0, rows, x)
 
-        inc += full(torch.where(act, a_rows[rows] * lp - lq, zero[rows]))
-        P.log_p += full(torch.where(act, lp, zero[rows]))
-        P.log_q += full(torch.where(act, lq, zero[rows]))
+        zero = torch.zeros_like(lp)
+        inc += full(torch.where(act, a_rows[sel] * lp - lq, zero))
+        P.log_p += full(torch.where(act, lp, zero))
+        P.log_q += full(torch.where(act, lq, zero))
         bad = full(act & ~torch.isfinite(lp - lq))
         run.bad_logprobs = bad if run.bad_logprobs is None else run.bad_logprobs | bad
-        self._count(run, "tokens_sampled", full(torch.where(act, n, 0)))
-        self._count(run, "tokens_decoded", full(torch.where(act, n - ended.long() - cut.long(), 0)))
+        drawn = torch.where(act, n, 0)
+        self._count(run, "tokens_sampled", full(drawn))
+        self._count(run, "tokens_decoded", full(drawn - (ended | cut).long()))
         P.append_block(blk.tokens.to(P.device), torch.where(act, n - ended.long(), 0), rows)
         P.finished |= full(ended)
         P.truncated |= full(cut)

@@ -374,8 +374,9 @@ class LMState:
     #: ``logprobs``); a backend that decodes natively only (vLLM) sets this to False
     full_vocabulary: bool = True
 
-    def sample_block(self, rows: torch.Tensor, spec: "BlockSpec", generator: torch.Generator | None) -> "Block":
-        """Extend ``rows`` by up to ``spec.budget`` tokens drawn from ``q ∝ p^{1/τ}·1[allowed]``;
+    def sample_block(self, rows: torch.Tensor | None, spec: "BlockSpec",
+                     generator: torch.Generator | None) -> "Block":
+        """Extend ``rows`` (``None``: every row, in order) by up to ``spec.budget`` tokens drawn from ``q ∝ p^{1/τ}·1[allowed]``;
         a :class:`~llmppl.models.block.Block` with ``log p`` and ``log q`` of every drawn token
         (see :mod:`llmppl.models.block`).  The default is the token loop over the device fast path."""
         return sample_tokenwise(self, rows, spec, generator)

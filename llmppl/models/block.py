@@ -144,7 +144,7 @@ def sample_inverse_cdf(log_q: torch.Tensor, generator: torch.Generator | None) -
     return (cols.gather(1, torch.searchsorted(inside, rest, right=True))).squeeze(1)
 
 
-def sample_tokenwise(state, rows: torch.Tensor, spec: BlockSpec, generator: torch.Generator | None) -> Block:
+def sample_tokenwise(state, rows: torch.Tensor | None, spec: BlockSpec, generator: torch.Generator | None) -> Block:
     """The reference :meth:`LMState.sample_block`: one batched forward per position.
 
     When ``rows`` covers every row of the state, or the block is one token, it runs on the
@@ -153,7 +153,8 @@ def sample_tokenwise(state, rows: torch.Tensor, spec: BlockSpec, generator: torc
     ``logprobs(rows)`` / ``extend`` on the rows still drawing, so the forward covers only them.
     """
     dev = state.lm.device
-    rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1).to(dev)
+    every = rows is None                  # all rows, in order: no gathers / scatters
+    rows = torch.arange(state.n, device=dev) if every else torch.as_tensor(rows, dtype=torch.long).reshape(-1).to(dev)
     n, W, R = len(rows), spec.width, state.n
     tokens = torch.full((n, W), -1, dtype=torch.long, device=dev)
     log_p = torch.full((n, W), -math.inf, dtype=torch.float64, device=dev)
@@ -170,8 +171,8 @@ def sample_tokenwise(state, rows: torch.Tensor, spec: BlockSpec, generator: torc
         if on_device:
             if j and not bool(live.any()):
                 break
-            sub = torch.arange(n, device=dev)
-            lp = state.last_logprobs().index_select(0, rows)
+            sub = slice(None)         # every row of the block: views, no gathers
+            lp = state.last_logprobs() if every else state.last_logprobs().index_select(0, rows)
         else:
             sub = live.nonzero().flatten()
             if len(sub) == 0:
@@ -182,7 +183,7 @@ def sample_tokenwise(state, rows: torch.Tensor, spec: BlockSpec, generator: torc
             if not spec.allow_stop:
                 masked = masked.index_fill(1, stop, -math.inf)
             tok = masked.argmax(-1)
-            lq_tok = torch.zeros(len(sub), dtype=torch.float64, device=dev)
+            lq_tok = torch.zeros(len(tok), dtype=torch.float64, device=dev)
         else:
             lq = proposal_logprobs(lp, tau[sub], stop, spec.allow_stop, allowed)
             tok = sample_inverse_cdf(lq, generator).to(dev)
@@ -195,7 +196,9 @@ def sample_tokenwise(state, rows: torch.Tensor, spec: BlockSpec, generator: torc
         is_stop = on & torch.isin(tok, stop)
         ended[sub] |= is_stop
         feed = on & ~is_stop & ((budget[sub] > j + 1) | feed_last[sub])
-        if on_device:
+        if on_device and every:
+            state.step(torch.where(feed, tok, 0), feed)
+        elif on_device:
             full_tok = torch.zeros(R, dtype=torch.long, device=dev).index_copy_(0, rows, torch.where(feed, tok, 0))
             full_feed = torch.zeros(R, dtype=torch.bool, device=dev).index_copy_(0, rows, feed)
             state.step(full_tok, full_feed)

@@ -459,7 +459,7 @@ class VLLMState(LMState):
         """
         from vllm import SamplingParams
 
-        rows_l = torch.as_tensor(rows, dtype=torch.long).reshape(-1).cpu()
+        rows_l = torch.arange(self.n) if rows is None else torch.as_tensor(rows, dtype=torch.long).reshape(-1).cpu()
         as_index(rows_l, self.n)
         rows_l = rows_l.tolist()
         n, V = len(rows_l), self.lm.vocab_size
