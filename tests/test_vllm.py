@@ -303,6 +303,17 @@ def test_default_model_parity(tiny):
         assert abs(float(lp.sum()) - float(block.total("log_p")[k])) < 2e-2
         lq = proposal_logprobs(ref[cols], spec.temperature[k].expand(24), stop, False)
         assert (lq.gather(1, torch.tensor(seq[P:])[:, None])[:, 0] - block.log_q[k]).abs().max() < 1e-3
+    # through an engine: Result.log_p of Power-SMC in blocks of 8 (EOS excluded, so 24 tokens each)
+    from llmppl.benchmarking.engine import NoEOS
+
+    smc = pp.SMC(4, proposal=NoEOS(pp.proposals.Temperature(), lm.eos_token_ids), step=pp.steps.Tokens(8))
+    res = smc.run(pp.Target(lm, pp.Power(4.0), chat=True), "Name three primary colors.", 24, seed=0)
+    prompt = res.prompt_ids
+    for sample, log_p in zip(res.samples, res.log_p):
+        assert len(sample) == 24
+        ref = ref_logprobs(model, prompt + sample)
+        own = ref[torch.arange(len(prompt) - 1, len(prompt) + 23), torch.tensor(sample)].sum()
+        assert abs(float(own) - log_p) < 2e-2
 
 
 def test_engine_start_failure_is_one_clear_error(tiny, tmp_path):
