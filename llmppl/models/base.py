@@ -428,7 +428,47 @@ def _normalise_blocks(
     return blocks
 
 
-class UncachedState(LMState):
+class HostRowsState(LMState):
+    """A state whose rows live on the host (``tokens``, ``finished``, ``group``): ``reorder``,
+    ``copy`` and ``truncate`` act on those lists.  A subclass with more per-row host data
+    overrides ``_take(source, idx)`` (its row j becomes ``source``'s row ``idx[j]``) and ``_cut(i)``
+    (row i was cut)."""
+
+    def _take(self, source: "HostRowsState", idx: list[int]) -> None:
+        """Extra per-row data follows ``reorder`` / ``copy``: row j becomes ``source``'s row ``idx[j]``."""
+
+    def _cut(self, i: int) -> None:
+        """Extra per-row data of row ``i`` is stale after ``truncate``."""
+
+    def reorder(self, indices, rows=None) -> None:
+        idx = as_index(indices, self.n).tolist()
+        self.tokens = [list(self.tokens[i]) for i in idx]
+        self.finished = self.finished[idx].clone()
+        self.group = self.group[idx].clone()
+        self._take(self, idx)
+
+    def copy(self) -> "HostRowsState":
+        """An independent state with the same rows (and fresh work counters)."""
+        new = type(self)(self.lm, self.prompts, 1)
+        new.tokens = [list(t) for t in self.tokens]
+        new.finished, new.group = self.finished.clone(), self.group.clone()
+        new._take(self, list(range(self.n)))
+        return new
+
+    def truncate(self, rows, lengths) -> None:
+        idx, lengths = self._rows(rows).tolist(), [int(x) for x in lengths]
+        if len(lengths) != len(idx):
+            raise ValueError(f"truncate got {len(lengths)} lengths for {len(idx)} rows")
+        for i, length in zip(idx, lengths):
+            if not 0 <= length <= len(self.tokens[i]):
+                raise ValueError(f"cannot truncate row {i} of length {len(self.tokens[i])} to {length}")
+            if length < len(self.tokens[i]):
+                self.tokens[i] = self.tokens[i][:length]
+                self.finished[i] = False
+                self._cut(i)
+
+
+class UncachedState(HostRowsState):
     """Correct reference state: recomputes ``next_logprobs`` on full sequences.
 
     Log-probabilities of the current prefixes are memoised per row, so each decode
@@ -472,29 +512,11 @@ class UncachedState(LMState):
                 self.tokens_decoded += 1
         return out
 
-    def reorder(self, indices, rows=None) -> None:
-        idx = as_index(indices, self.n).tolist()
-        self.tokens = [list(self.tokens[i]) for i in idx]
-        self._cache = [self._cache[i] for i in idx]
-        self.finished = self.finished[idx].clone()
-        self.group = self.group[idx].clone()
+    def _take(self, source: HostRowsState, idx: list[int]) -> None:
+        self._cache = [source._cache[i] for i in idx]
 
-    def copy(self) -> "UncachedState":
-        new = UncachedState(self.lm, self.prompts, 1)
-        new.group = self.group.clone()
-        new.tokens = [list(t) for t in self.tokens]
-        new._cache = list(self._cache)
-        new.finished = self.finished.clone()
-        return new
-
-    def truncate(self, rows, lengths) -> None:
-        for i, length in zip(self._rows(rows).tolist(), lengths):
-            if not 0 <= length <= len(self.tokens[i]):
-                raise ValueError(f"cannot truncate row {i} of length {len(self.tokens[i])} to {length}")
-            if length < len(self.tokens[i]):
-                self.tokens[i] = self.tokens[i][:length]
-                self._cache[i] = None
-                self.finished[i] = False
+    def _cut(self, i: int) -> None:
+        self._cache[i] = None
 
 
 class KVCachedState(LMState):

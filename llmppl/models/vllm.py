@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from .base import LanguageModel, LMState, _normalise_blocks, as_index
+from .base import HostRowsState, LanguageModel, _normalise_blocks, as_index
 from .block import Block, BlockSpec, NotNative
 from .hf import eos_token_ids
 
@@ -357,7 +357,7 @@ class VLLMLM(LanguageModel):
             raise RuntimeError(f"vLLM failed while decoding: {_first_line(exc)}") from exc
 
 
-class VLLMState(LMState):
+class VLLMState(HostRowsState):
     """Host token lists per row; every engine call is one ``llm.generate`` (see module docstring)."""
 
     full_vocabulary = False
@@ -374,30 +374,7 @@ class VLLMState(LMState):
         raise NotNative(NOT_NATIVE)
 
     # ---------------------------------------------------------- host rows
-    def reorder(self, indices: Sequence[int] | torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        idx = as_index(indices, self.n).tolist()
-        self.tokens = [list(self.tokens[i]) for i in idx]
-        self.finished = self.finished[idx].clone()
-        self.group = self.group[idx].clone()
-
-    def copy(self) -> "VLLMState":
-        new = VLLMState(self.lm, self.prompts, 1)
-        new.group = self.group.clone()
-        new.tokens = [list(t) for t in self.tokens]
-        new.finished = self.finished.clone()
-        return new
-
-    def truncate(self, rows: Sequence[int] | torch.Tensor, lengths: Sequence[int]) -> None:
-        idx = self._rows(rows).tolist()
-        lengths = list(lengths)
-        if len(lengths) != len(idx):
-            raise ValueError(f"truncate got {len(lengths)} lengths for {len(idx)} rows")
-        for i, length in zip(idx, lengths):
-            if not 0 <= int(length) <= len(self.tokens[i]):
-                raise ValueError(f"cannot truncate row {i} of length {len(self.tokens[i])} to {length}")
-            if int(length) < len(self.tokens[i]):
-                self.tokens[i] = self.tokens[i][:int(length)]
-                self.finished[i] = False
+    # reorder / copy / truncate: HostRowsState's (vLLM's prefix cache serves the resubmitted prefixes)
 
     def _check_fits(self, i: int, extra: int) -> None:
         have = len(self.prompt_of(i)) + len(self.tokens[i])
