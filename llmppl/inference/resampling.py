@@ -7,10 +7,16 @@ the normalised weights ``w`` of its group; stratified, systematic and residual h
 lower offspring variance than multinomial.  All are pure tensor functions that run on
 the weights' device (no host round-trip).  Schemes are looked up by name in
 ``RESAMPLERS`` (register new ones with ``register``).
+
+A registered scheme checks its input (finite, non-negative, a positive sum per group: a
+host sync) and normalises it; its ``from_normalised(generator, w, n)`` is the same draw
+on weights already normalised per group, ``(G, N)`` float64, with no check and no sync,
+which is what the engine calls once a step.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -20,9 +26,17 @@ RESAMPLERS: dict[str, Resampler] = {}
 
 
 def register(name: str) -> Callable[[Resampler], Resampler]:
-    def deco(fn: Resampler) -> Resampler:
-        RESAMPLERS[name] = fn
-        return fn
+    """Register ``core(generator, w, n) -> (G, n)`` (``w``: ``(G, N)`` float64, normalised per
+    group) as the scheme ``name``; the registered function takes any ``(N,)`` / ``(G, N)``
+    weights, checks and normalises them, and keeps ``core`` as ``.from_normalised``."""
+    def deco(core: Resampler) -> Resampler:
+        @functools.wraps(core)
+        def scheme(generator: torch.Generator, weights: torch.Tensor, n: int) -> torch.Tensor:
+            idx = core(generator, _normalised(weights), n)
+            return idx[0] if torch.as_tensor(weights).dim() == 1 else idx
+        scheme.from_normalised = core   # type: ignore[attr-defined]
+        RESAMPLERS[name] = scheme
+        return scheme
     return deco
 
 
@@ -53,41 +67,33 @@ def _inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u.contiguous(), right=True).clamp_(max=w.shape[1] - 1)
 
 
-def _shaped(idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return idx[0] if torch.as_tensor(weights).dim() == 1 else idx
-
-
 @register("multinomial")
-def multinomial(generator: torch.Generator, weights: torch.Tensor, n: int) -> torch.Tensor:
+def multinomial(generator: torch.Generator, w: torch.Tensor, n: int) -> torch.Tensor:
     """``n`` i.i.d. draws from Categorical(w) per group."""
-    w = _normalised(weights)
     u = torch.sort(_uniform(generator, (w.shape[0], n), w), dim=1).values
-    return _shaped(_inverse_cdf(w, u), weights)
+    return _inverse_cdf(w, u)
 
 
 @register("stratified")
-def stratified(generator: torch.Generator, weights: torch.Tensor, n: int) -> torch.Tensor:
+def stratified(generator: torch.Generator, w: torch.Tensor, n: int) -> torch.Tensor:
     """One uniform per stratum: ``u_j = (j + U_j)/n``, ``U_j ~ U[0,1)`` independent."""
-    w = _normalised(weights)
     j = torch.arange(n, dtype=torch.float64, device=w.device)
     u = (j + _uniform(generator, (w.shape[0], n), w)) / n
-    return _shaped(_inverse_cdf(w, u), weights)
+    return _inverse_cdf(w, u)
 
 
 @register("systematic")
-def systematic(generator: torch.Generator, weights: torch.Tensor, n: int) -> torch.Tensor:
+def systematic(generator: torch.Generator, w: torch.Tensor, n: int) -> torch.Tensor:
     """One uniform per group: ``u_j = (j + U)/n``, ``U ~ U[0,1)``."""
-    w = _normalised(weights)
     j = torch.arange(n, dtype=torch.float64, device=w.device)
     u = (j + _uniform(generator, (w.shape[0], 1), w)) / n
-    return _shaped(_inverse_cdf(w, u), weights)
+    return _inverse_cdf(w, u)
 
 
 @register("residual")
-def residual(generator: torch.Generator, weights: torch.Tensor, n: int) -> torch.Tensor:
+def residual(generator: torch.Generator, w: torch.Tensor, n: int) -> torch.Tensor:
     """``⌊n w_i⌋`` deterministic copies, the remaining ``n − Σ⌊n w_i⌋`` by multinomial on
     the residuals ``n w_i − ⌊n w_i⌋`` (per group)."""
-    w = _normalised(weights)
     counts = torch.floor(n * w)
     fixed = counts.sum(1, keepdim=True)                       # (G, 1) deterministic offspring
     slot = torch.arange(n, dtype=torch.float64, device=w.device)[None].expand(w.shape[0], -1)
@@ -99,7 +105,7 @@ def residual(generator: torch.Generator, weights: torch.Tensor, n: int) -> torch
     # unsorted uniforms: the slots j ≥ Σ⌊n w⌋ then hold i.i.d. draws from the residuals
     rnd = _inverse_cdf(resid / resid.sum(1, keepdim=True), _uniform(generator, (w.shape[0], n), w))
     idx = torch.where(slot < fixed, det.clamp(max=w.shape[1] - 1), rnd)
-    return _shaped(idx, weights)
+    return idx
 
 
 def get_resampler(scheme: str | Resampler) -> Resampler:
@@ -114,10 +120,12 @@ def get_resampler(scheme: str | Resampler) -> Resampler:
         ) from None
 
 
-def log_ess(log_weights: torch.Tensor) -> torch.Tensor:
-    """``log ESS = 2 log Σ w − log Σ w²`` along the last dimension (−inf for an all-zero group)."""
+def log_ess(log_weights: torch.Tensor, log_sum: torch.Tensor | None = None) -> torch.Tensor:
+    """``log ESS = 2 log Σ w − log Σ w²`` along the last dimension (−inf for an all-zero group);
+    ``log_sum``: ``log Σ w`` when the caller has it already."""
     lw = torch.as_tensor(log_weights).to(torch.float64)
-    return 2 * torch.logsumexp(lw, -1) - torch.logsumexp(2 * lw, -1)
+    lse = torch.logsumexp(lw, -1) if log_sum is None else log_sum
+    return 2 * lse - torch.logsumexp(2 * lw, -1)
 
 
 def ess(log_weights: torch.Tensor) -> float:

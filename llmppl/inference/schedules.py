@@ -121,15 +121,22 @@ class Geometric(Linear):
         return f"Geometric(alpha_from={self.alpha_from:g}, steps={self.steps})"
 
 
-def conditional_ess(log_weights: torch.Tensor, log_increments: torch.Tensor) -> torch.Tensor | float:
+def conditional_ess(log_weights: torch.Tensor, log_increments: torch.Tensor,
+                    log_sums: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | float:
     """``N (Σ W_i w_i)² / Σ W_i w_i²`` with ``W`` the normalised current weights (Zhou et al. 2016),
-    along the last dimension (a float for 1-D inputs; 0 where no weight is positive)."""
+    along the last dimension (a float for 1-D inputs; 0 where no weight is positive).
+
+    With ``L₀ = LSE(log W̃)`` and ``L₁ = LSE(log W̃ + log w)`` of the unnormalised weights
+    ``W̃``, it is ``N exp(2 (L₁ − L₀) − (LSE(log W̃ + 2 log w) − L₀))``; ``log_sums = (L₀, L₁)``
+    when the caller has them already (the engine: they are its ``log Ẑ`` increment)."""
     lw = torch.as_tensor(log_weights).to(torch.float64)
     inc = torch.as_tensor(log_increments).to(lw)
-    lW = lw - torch.logsumexp(lw, -1, keepdim=True)
-    inc = torch.where(torch.isfinite(lW), inc, torch.zeros_like(lW))
-    num = 2 * torch.logsumexp(lW + inc, -1)
-    den = torch.logsumexp(lW + 2 * inc, -1)
+    inc = torch.where(torch.isfinite(lw), inc, torch.zeros_like(lw))   # no −inf + inf for zero weights
+    if log_sums is None:
+        log_sums = (torch.logsumexp(lw, -1), torch.logsumexp(lw + inc, -1))
+    lse_old, lse_new = log_sums
+    num = 2 * (lse_new - lse_old)
+    den = torch.logsumexp(lw + 2 * inc, -1) - lse_old
     out = torch.where(torch.isfinite(num), lw.shape[-1] * torch.exp(num - den), torch.zeros_like(num))
     return float(out) if lw.dim() == 1 else out
 

@@ -76,6 +76,9 @@ class _Run:
     native: bool = False      # the backend draws each step's block itself (state.sample_block)
     stop_ids: tuple[int, ...] = ()   # the LM's EOS ids (host)
     slope: dict[str, torch.Tensor] = field(default_factory=dict)   # the length twist's c_t (segment steps)
+    bridging: bool = True     # the exponent may change between steps (not a Constant schedule)
+    twisted: bool = True      # particles may carry a twist (target twists, segment look-ahead)
+    unmoved: tuple[torch.Tensor, ...] = ()   # the traces of a step without resampling (constant)
 
     def record(self, **values: torch.Tensor) -> None:
         for k, v in values.items():
@@ -179,6 +182,8 @@ class SMC:
                        Particles(G, N, max_new_tokens, dev), float(target.base_exponent),
                        torch.tensor(eos_ids(lm), device=dev), live=G * N)
             run.native, run.stop_ids = self._native(run), eos_ids(lm)
+            run.bridging = not isinstance(self.schedule, Constant)
+            run.twisted = target.has_twist or isinstance(self.step, Until)
             self._loop(run)
         return self._results(run, seed, watch.seconds, raise_on_failure)
 
@@ -195,7 +200,7 @@ class SMC:
             while True:
                 t += 1
                 a = self._exponent(run, t, a_prev)
-                log_w_before = P.log_w.clone()
+                log_w_before = P.log_w      # replaced, never written in place
                 inc, seg_inc = self._extend(run, t, a, a_prev)
                 self._promote(run, inc, a)
                 self._update_twists(run, inc)
@@ -279,7 +284,8 @@ class SMC:
         steps) the part of them drawn this step, ``a_t log p + log φ^next − log q`` of the block."""
         P = run.parts
         alive = ~P.done
-        inc = torch.where(alive, scaled(run.a_rows(a - a_prev), P.log_p), torch.zeros_like(P.log_p))
+        inc = (torch.where(alive, scaled(run.a_rows(a - a_prev), P.log_p), torch.zeros_like(P.log_p))
+               if run.bridging else torch.zeros_like(P.log_p))   # a_t − a_{t−1} = 0 under Constant
         if run.native:
             self._draw_block(run, run.a_rows(a), alive, inc)
             return inc, None
@@ -376,6 +382,7 @@ class SMC:
                          temperature=proposal.block_temperature(a_rows[sel]), greedy=proposal.greedy,
                          allow_stop=proposal.allow_stop, feed_last=budget < remaining)
         blk = state.sample_block(rows, spec, run.generator)
+        # rows with budget 0 drew nothing: totals 0, length 0, not ended (the Block contract)
         lp, lq = blk.total("log_p").to(P.device), blk.total("log_q").to(P.device)
         n = blk.length.to(P.device)
         ended = blk.ended.to(P.device) & act
@@ -386,16 +393,14 @@ class SMC:
                 return x
             return torch.zeros(P.R, dtype=x.dtype, device=P.device).index_copy_(0, rows, x)
 
-        zero = torch.zeros_like(lp)
-        inc += full(torch.where(act, a_rows[sel] * lp - lq, zero))
-        P.log_p += full(torch.where(act, lp, zero))
-        P.log_q += full(torch.where(act, lq, zero))
-        bad = full(act & ~torch.isfinite(lp - lq))
+        inc += full(a_rows[sel] * lp - lq)
+        P.log_p += full(lp)
+        P.log_q += full(lq)
+        bad = full(~torch.isfinite(lp - lq))
         run.bad_logprobs = bad if run.bad_logprobs is None else run.bad_logprobs | bad
-        drawn = torch.where(act, n, 0)
-        self._count(run, "tokens_sampled", full(drawn))
-        self._count(run, "tokens_decoded", full(drawn - (ended | cut).long()))
-        P.append_block(blk.tokens.to(P.device), torch.where(act, n - ended.long(), 0), rows)
+        self._count(run, "tokens_sampled", full(n))
+        self._count(run, "tokens_decoded", full(n - (ended | cut).long()))
+        P.append_block(blk.tokens.to(P.device), n - ended.long(), rows)
         P.finished |= full(ended)
         P.truncated |= full(cut)
         state.finish(full(ended | cut))
@@ -484,11 +489,11 @@ class SMC:
         return torch.argsort((~active).to(torch.uint8), stable=True)[:run.live]
 
     @staticmethod
-    def _count(run: _Run, name: str, mask: torch.Tensor) -> None:
-        P = run.parts
-        counts = mask.view(P.G, P.N).sum(1)
+    def _count(run: _Run, name: str, per_row: torch.Tensor) -> None:
+        """Accumulate ``per_row`` (a bool or count per row) per slot; a prompt's total is the sum
+        over its slots at the end (resampling moves particles, not the work already done)."""
         total = run.host.get(name)
-        run.host[name] = counts if total is None else total + counts
+        run.host[name] = per_row.long() if total is None else total + per_row
 
     def _promote(self, run: _Run, inc: torch.Tensor, a: torch.Tensor) -> None:
         """Particles that ended this step jump to the final target:
@@ -496,10 +501,12 @@ class SMC:
         P, target = run.parts, run.target
         ended = (P.finished | P.truncated) & ~P.dead & ~P.promoted
         zero = torch.zeros_like(P.log_p)
-        inc += torch.where(ended, scaled(run.alpha - run.a_rows(a), P.log_p) - P.log_twist - P.length_twist, zero)
-        untwist = torch.where(ended, -P.log_twist, zero)
-        P.log_twist = torch.where(ended, zero, P.log_twist)
-        P.length_twist = torch.where(ended, zero, P.length_twist)
+        untwist = torch.where(ended, -P.log_twist, zero) if target.has_twist else None
+        if run.bridging or run.twisted:     # else a_t = α and ψ = 1: the jump is 0 (or log φ_complete)
+            jump = scaled(run.alpha - run.a_rows(a), P.log_p) if run.bridging else zero
+            inc += torch.where(ended, jump - P.log_twist - P.length_twist, zero)
+            P.log_twist = torch.where(ended, zero, P.log_twist)
+            P.length_twist = torch.where(ended, zero, P.length_twist)
         if target.has_complete:
             rows = ended.nonzero().flatten()
             run.syncs += 1
@@ -508,7 +515,8 @@ class SMC:
                                     P.finished[rows].tolist(), P.truncated[rows].tolist())
                 lc = target.log_complete(batch).to(device=P.device, dtype=torch.float64)
                 inc[rows] += lc
-                untwist[rows] += lc
+                if untwist is not None:
+                    untwist[rows] += lc
                 rejected = ~torch.isfinite(lc) & (P.cause[rows] == 0)
                 zero_cut = getattr(target, "truncation", "keep") == "zero"
                 code = torch.where(P.truncated[rows] & zero_cut, _CUT_CAUSE, 2).to(P.cause.dtype)
@@ -557,10 +565,11 @@ class SMC:
             run.syncs += 1
             run.proposal.on_finish(live_dying.nonzero().flatten().cpu())
         P.dead |= newly_dead
-        ess = torch.where(ok, torch.exp(log_ess(new)), torch.zeros_like(lse_new))
-        run.record(
-            exponent=a.clone(), log_weights=new.clone(), ess=ess,
-            conditional_ess=torch.where(ok, conditional_ess(log_w_before, inc_g), torch.zeros_like(ess)),
+        zero = torch.zeros_like(lse_new)
+        ess = torch.where(ok, torch.exp(log_ess(new, lse_new)), zero)
+        run.record(   # (a and new are never written in place: no copies)
+            exponent=a, log_weights=new, ess=ess,
+            conditional_ess=torch.where(ok, conditional_ess(log_w_before, inc_g, (lse_old, lse_new)), zero),
             log_evidence_increment=incr, alive=(~P.done).view(P.G, P.N).sum(1),
         )
         return ess
@@ -583,9 +592,13 @@ class SMC:
         ident = torch.arange(P.N, device=P.device).expand(P.G, P.N)
         if self.ess_threshold <= 0.0:
             return ident
-        w = torch.exp(P.log_w - P.log_w.amax(1, keepdim=True))
-        w = torch.where(need[:, None], w.nan_to_num(0.0), torch.ones_like(w))
-        anc = in_place_ancestors(self.resampler(run.generator, w, P.N).to(P.device))
+        lw = torch.where(need[:, None], P.log_w, torch.zeros_like(P.log_w))   # uniform where not needed
+        draw = getattr(self.resampler, "from_normalised", None)   # registered: no check, no host sync
+        if draw is not None:
+            anc = draw(run.generator, torch.softmax(lw, 1), P.N)
+        else:
+            anc = self.resampler(run.generator, torch.exp(lw - lw.amax(1, keepdim=True)).nan_to_num(0.0), P.N)
+        anc = in_place_ancestors(anc.to(P.device))
         return torch.where(need[:, None], anc, ident)
 
     def _resample(self, run: _Run, need: torch.Tensor, anc: torch.Tensor, moved: list[int],
@@ -609,9 +622,11 @@ class SMC:
 
     def _record_no_resampling(self, run: _Run) -> None:
         P = run.parts
-        run.record(resampled=torch.zeros(P.G, dtype=torch.bool, device=P.device),
-                   ancestors=torch.arange(P.N, device=P.device).expand(P.G, P.N),
-                   unique=torch.full((P.G,), P.N, device=P.device))
+        if not run.unmoved:     # the same (constant) tensors every such step: stacked at the end
+            run.unmoved = (torch.zeros(P.G, dtype=torch.bool, device=P.device),
+                           torch.arange(P.N, device=P.device).expand(P.G, P.N),
+                           torch.full((P.G,), P.N, device=P.device))
+        run.record(resampled=run.unmoved[0], ancestors=run.unmoved[1], unique=run.unmoved[2])
         if self.rejuvenate is not None:
             run.host.setdefault("moves_accepted", []).append([0] * P.G)
             run.host.setdefault("unique_after_move", []).append(_distinct(P))
@@ -655,7 +670,8 @@ class SMC:
         finished, truncated = P.finished.cpu().view(P.G, P.N), P.truncated.cpu().view(P.G, P.N)
         failed, log_Z = P.failed.cpu().tolist(), P.log_Z.cpu().tolist()
         causes = P.cause.cpu().view(P.G, P.N)
-        counts = {k: v.cpu().tolist() for k, v in run.host.items() if isinstance(v, torch.Tensor)}
+        counts = {k: v.view(P.G, P.N).sum(1).cpu().tolist() for k, v in run.host.items()
+                  if isinstance(v, torch.Tensor)}
         config = {
             "n_particles": P.N, "proposal": repr(run.proposal), "resampling": str(self.resampling),
             "ess_threshold": self.ess_threshold, "schedule": repr(self.schedule), "step": repr(self.step),

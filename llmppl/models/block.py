@@ -120,14 +120,14 @@ def sample_inverse_cdf(log_q: torch.Tensor, generator: torch.Generator | None) -
     (Inversion is ~6× faster than ``torch.multinomial`` on a CPU for a 49k vocabulary.)
     """
     B, V = log_q.shape
-    p = log_q.masked_fill(log_q < LOG_Q_FLOOR, -math.inf).exp_()
+    p = torch.nn.functional.threshold(log_q, LOG_Q_FLOOR, -math.inf).exp_()   # (also NaN → 0)
     dev = generator.device if generator is not None else log_q.device
     K = SAMPLE_BLOCK
     if V <= K:             # one level: the float64 cumulative sums of the row itself
         cum = p.cumsum(-1, dtype=torch.float64)
         u = torch.rand((B, 1), generator=generator, dtype=torch.float64, device=dev).to(cum.device)
         rest = torch.minimum(u * cum[:, -1:], cum[:, -1:] * (1.0 - 1e-12))
-        return torch.searchsorted(cum, rest, right=True).squeeze(1)
+        return torch.searchsorted(cum, rest, right=True).squeeze(1).clamp_(max=V - 1)
     full, tail = divmod(V, K)
     sums = p[:, :full * K].reshape(B, full, K).sum(-1, dtype=torch.float64)
     if tail:
@@ -144,6 +144,21 @@ def sample_inverse_cdf(log_q: torch.Tensor, generator: torch.Generator | None) -
     return (cols.gather(1, torch.searchsorted(inside, rest, right=True))).squeeze(1)
 
 
+def _draw_token(lp: torch.Tensor, tau: torch.Tensor, stop: torch.Tensor, spec: BlockSpec,
+                allowed: torch.Tensor | None, generator: torch.Generator | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row of ``lp`` ``(n, V)`` and its float64 ``log q`` (0 for greedy)."""
+    if spec.greedy:
+        masked = lp if allowed is None else lp.masked_fill(~allowed[None], -math.inf)
+        if not spec.allow_stop:
+            masked = masked.index_fill(1, stop, -math.inf)
+        tok = masked.argmax(-1)
+        return tok, torch.zeros(len(tok), dtype=torch.float64, device=tok.device)
+    lq = proposal_logprobs(lp, tau, stop, spec.allow_stop, allowed)
+    tok = sample_inverse_cdf(lq, generator).to(lp.device)
+    return tok, lq.gather(1, tok[:, None]).squeeze(1).double()
+
+
 def sample_tokenwise(state, rows: torch.Tensor | None, spec: BlockSpec, generator: torch.Generator | None) -> Block:
     """The reference :meth:`LMState.sample_block`: one batched forward per position.
 
@@ -152,58 +167,67 @@ def sample_tokenwise(state, rows: torch.Tensor | None, spec: BlockSpec, generato
     position otherwise, to stop once every row is done).  For a subset of the rows it uses
     ``logprobs(rows)`` / ``extend`` on the rows still drawing, so the forward covers only them.
     """
-    dev = state.lm.device
+    dev, R, W = state.lm.device, state.n, spec.width
     every = rows is None                  # all rows, in order: no gathers / scatters
-    rows = torch.arange(state.n, device=dev) if every else torch.as_tensor(rows, dtype=torch.long).reshape(-1).to(dev)
-    n, W, R = len(rows), spec.width, state.n
-    tokens = torch.full((n, W), -1, dtype=torch.long, device=dev)
-    log_p = torch.full((n, W), -math.inf, dtype=torch.float64, device=dev)
-    log_q = log_p.clone()
-    ended = torch.zeros(n, dtype=torch.bool, device=dev)
+    if not every:
+        rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1).to(dev)
+    n = R if every else len(rows)
     budget = spec.budget.to(dev)
-    feed_last = torch.ones(n, dtype=torch.bool, device=dev) if spec.feed_last is None else spec.feed_last.to(dev)
+    feed_last = None if spec.feed_last is None else spec.feed_last.to(dev)
     stop = torch.tensor(spec.stop_ids, dtype=torch.long, device=dev)
     tau = spec.temperature.to(dev)
     allowed = None if spec.allowed is None else spec.allowed.to(dev)
-    on_device = n == R or W == 1
-    for j in range(W):
-        live = ~ended & (budget > j)
-        if on_device:
+    ended = torch.zeros(n, dtype=torch.bool, device=dev)
+    if n == R or W == 1:      # the device path: one column per position, every row of the block
+        columns: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for j in range(W):
+            live = budget > j if j == 0 else ~ended & (budget > j)
             if j and not bool(live.any()):
                 break
-            sub = slice(None)         # every row of the block: views, no gathers
             lp = state.last_logprobs() if every else state.last_logprobs().index_select(0, rows)
-        else:
-            sub = live.nonzero().flatten()
+            tok, lq_tok = _draw_token(lp, tau, stop, spec, allowed, generator)
+            lp_tok = lp.gather(1, tok[:, None]).squeeze(1).double()
+            columns.append((torch.where(live, tok, -1), torch.where(live, lp_tok, -math.inf),
+                            torch.where(live, lq_tok, -math.inf)))
+            is_stop = live & torch.isin(tok, stop)
+            ended = ended | is_stop
+            feed = live & ~is_stop
+            if feed_last is not None:
+                feed = feed & ((budget > j + 1) | feed_last)
+            fed = torch.where(feed, tok, 0)
+            if every:
+                state.step(fed, feed)
+            else:
+                state.step(torch.zeros(R, dtype=torch.long, device=dev).index_copy_(0, rows, fed),
+                           torch.zeros(R, dtype=torch.bool, device=dev).index_copy_(0, rows, feed))
+        tokens, log_p, log_q = (torch.stack(c, 1) for c in zip(*columns)) if columns else (
+            torch.empty((n, 0), dtype=torch.long, device=dev),
+            *(torch.empty((n, 0), dtype=torch.float64, device=dev),) * 2)
+        if tokens.shape[1] < W:        # every row stopped early: pad to the block's width
+            pad = W - tokens.shape[1]
+            tokens = torch.cat([tokens, tokens.new_full((n, pad), -1)], 1)
+            log_p = torch.cat([log_p, log_p.new_full((n, pad), -math.inf)], 1)
+            log_q = torch.cat([log_q, log_q.new_full((n, pad), -math.inf)], 1)
+    else:                     # a subset of the rows: the forward covers only the rows still drawing
+        tokens = torch.full((n, W), -1, dtype=torch.long, device=dev)
+        log_p = torch.full((n, W), -math.inf, dtype=torch.float64, device=dev)
+        log_q = log_p.clone()
+        for j in range(W):
+            sub = (~ended & (budget > j)).nonzero().flatten()
             if len(sub) == 0:
                 break
             lp = state.logprobs(rows[sub].cpu()).to(dev)
-        if spec.greedy:
-            masked = lp if allowed is None else lp.masked_fill(~allowed[None], -math.inf)
-            if not spec.allow_stop:
-                masked = masked.index_fill(1, stop, -math.inf)
-            tok = masked.argmax(-1)
-            lq_tok = torch.zeros(len(tok), dtype=torch.float64, device=dev)
-        else:
-            lq = proposal_logprobs(lp, tau[sub], stop, spec.allow_stop, allowed)
-            tok = sample_inverse_cdf(lq, generator).to(dev)
-            lq_tok = lq.gather(1, tok[:, None]).squeeze(1).double()
-        lp_tok = lp.gather(1, tok[:, None]).squeeze(1).double()
-        on = live[sub]
-        tokens[sub, j] = torch.where(on, tok, tokens[sub, j])
-        log_p[sub, j] = torch.where(on, lp_tok, log_p[sub, j])
-        log_q[sub, j] = torch.where(on, lq_tok, log_q[sub, j])
-        is_stop = on & torch.isin(tok, stop)
-        ended[sub] |= is_stop
-        feed = on & ~is_stop & ((budget[sub] > j + 1) | feed_last[sub])
-        if on_device and every:
-            state.step(torch.where(feed, tok, 0), feed)
-        elif on_device:
-            full_tok = torch.zeros(R, dtype=torch.long, device=dev).index_copy_(0, rows, torch.where(feed, tok, 0))
-            full_feed = torch.zeros(R, dtype=torch.bool, device=dev).index_copy_(0, rows, feed)
-            state.step(full_tok, full_feed)
-        elif bool(feed.any()):
-            state.extend(tok[feed].cpu(), rows[sub][feed].cpu())
+            tok, lq_tok = _draw_token(lp, tau[sub], stop, spec, allowed, generator)
+            tokens[sub, j] = tok
+            log_p[sub, j] = lp.gather(1, tok[:, None]).squeeze(1).double()
+            log_q[sub, j] = lq_tok
+            is_stop = torch.isin(tok, stop)
+            ended[sub] |= is_stop
+            feed = ~is_stop
+            if feed_last is not None:
+                feed = feed & ((budget[sub] > j + 1) | feed_last[sub])
+            if bool(feed.any()):
+                state.extend(tok[feed].cpu(), rows[sub][feed].cpu())
     length = (tokens >= 0).sum(1)
     return Block(tokens, log_p, log_q, ended, length)
 
