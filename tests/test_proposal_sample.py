@@ -45,3 +45,15 @@ def test_sample_rows_are_independent_laws(monkeypatch):
     log_q[1, 0] = 0.0   # one token, in the first block
     x = Proposal().sample(log_q.repeat(50, 1), torch.Generator().manual_seed(0))
     assert x.view(50, 2)[:, 0].eq(9).all() and x.view(50, 2)[:, 1].eq(0).all()
+
+
+def test_sampler_index_stays_in_the_vocabulary_for_a_row_without_mass():
+    """A NaN / all −inf row (a broken LM) gives an index inside the vocabulary, so the engine's
+    own check reports the bad log-probabilities instead of an out-of-range gather."""
+    from llmppl.models.block import sample_inverse_cdf
+
+    for V in (7, 3000):
+        lq = torch.full((2, V), float("nan"))
+        lq[1] = -float("inf")
+        idx = sample_inverse_cdf(lq, torch.Generator().manual_seed(0))
+        assert idx.shape == (2,) and int(idx.min()) >= 0 and int(idx.max()) < V

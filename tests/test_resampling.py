@@ -61,3 +61,23 @@ def test_variance_at_most_multinomial(scheme, w, n):
 def test_unknown_scheme():
     with pytest.raises(ValueError, match="unknown resampling"):
         resampling.get_resampler("bogus")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@settings(max_examples=10, deadline=None)
+@given(w=st.lists(weights_st, min_size=1, max_size=3).filter(lambda g: len({len(x) for x in g}) == 1),
+       n=st.integers(1, 10))
+def test_from_normalised_is_the_same_draw_without_the_check(scheme, w, n):
+    """The engine's entry (normalised (G, N) float64 weights, no validation, no host sync) draws
+    exactly what the checked scheme draws from the same generator state."""
+    fn = resampling.RESAMPLERS[scheme]
+    weights = torch.tensor(w, dtype=torch.float64)
+    checked = fn(torch.Generator().manual_seed(3), weights, n)
+    raw = fn.from_normalised(torch.Generator().manual_seed(3), weights / weights.sum(1, keepdim=True), n)
+    assert torch.equal(checked, raw)
+
+
+def test_checked_schemes_still_refuse_bad_weights():
+    for scheme in SCHEMES:
+        with pytest.raises(ValueError, match="finite and non-negative"):
+            resampling.RESAMPLERS[scheme](torch.Generator().manual_seed(0), torch.tensor([1.0, -1.0]), 2)

@@ -141,7 +141,7 @@ def sample_inverse_cdf(log_q: torch.Tensor, generator: torch.Generator | None) -
     inside = p.gather(1, cols.clamp(max=V - 1)).masked_fill_(cols >= V, 0.0).double().cumsum(-1)
     # rounding can put U·C_last − C_{b−1} at or past the block's own total: take its last token with mass
     rest = torch.minimum(u - before, inside[:, -1:] * (1.0 - 1e-12))
-    return (cols.gather(1, torch.searchsorted(inside, rest, right=True))).squeeze(1)
+    return cols.gather(1, torch.searchsorted(inside, rest, right=True).clamp_(max=K - 1)).squeeze(1).clamp_(max=V - 1)
 
 
 def _draw_token(lp: torch.Tensor, tau: torch.Tensor, stop: torch.Tensor, spec: BlockSpec,
