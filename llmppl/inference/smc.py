@@ -79,6 +79,7 @@ class _Run:
     bridging: bool = True     # the exponent may change between steps (not a Constant schedule)
     twisted: bool = True      # particles may carry a twist (target twists, segment look-ahead)
     unmoved: tuple[torch.Tensor, ...] = ()   # the traces of a step without resampling (constant)
+    cess: list[tuple[torch.Tensor, ...]] = field(default_factory=list)   # conditional ESS inputs, per step
 
     def record(self, **values: torch.Tensor) -> None:
         for k, v in values.items():
@@ -567,11 +568,11 @@ class SMC:
         P.dead |= newly_dead
         zero = torch.zeros_like(lse_new)
         ess = torch.where(ok, torch.exp(log_ess(new, lse_new)), zero)
-        run.record(   # (a and new are never written in place: no copies)
-            exponent=a, log_weights=new, ess=ess,
-            conditional_ess=torch.where(ok, conditional_ess(log_w_before, inc_g, (lse_old, lse_new)), zero),
-            log_evidence_increment=incr, alive=(~P.done).view(P.G, P.N).sum(1),
-        )
+        # (a, new, log_w_before and inc are never written in place: no copies; the conditional
+        # ESS, a diagnostic, is computed for every step at once in _results)
+        run.record(exponent=a, log_weights=new, ess=ess, log_evidence_increment=incr,
+                   alive=(~P.done).view(P.G, P.N).sum(1))
+        run.cess.append((log_w_before, inc_g, lse_old, lse_new, ok))
         return ess
 
     def _needs_resampling(self, run: _Run, ess: torch.Tensor) -> torch.Tensor:
@@ -665,6 +666,8 @@ class SMC:
                  ) -> list[Result]:
         P, lm, state = run.parts, run.target.lm, run.state
         traces = {k: torch.stack(v).cpu() for k, v in run.traces.items()}  # (steps, G, ...)
+        lw, inc, lse_old, lse_new, ok = (torch.stack(x) for x in zip(*run.cess))
+        traces["conditional_ess"] = torch.where(ok, conditional_ess(lw, inc, (lse_old, lse_new)), 0.0).cpu()
         samples = P.host_tokens()
         log_w, log_p = P.log_w.cpu(), P.log_p.cpu().view(P.G, P.N)
         finished, truncated = P.finished.cpu().view(P.G, P.N), P.truncated.cpu().view(P.G, P.N)

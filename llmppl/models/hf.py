@@ -246,21 +246,28 @@ class HFLM(LanguageModel):
         """
         B, L = qpos.shape
         W = kpos.shape[1]
-        dq = qpos[:, :, None] - kpos[:, None, :]
-        causal = kvalid[:, None, :] & (dq >= 0)
-        if own:
-            diag = (torch.arange(W, device=qpos.device)[None, :]
-                    == (torch.arange(L, device=qpos.device) + (W - L))[:, None])
-            pad = (~qvalid)[:, :, None] & diag[None]
-        else:
-            pad = None
         dtype = self.dtype if self.dtype.is_floating_point else torch.float32
         low = torch.finfo(dtype).min
+        if L == 1 and own:
+            # a decode step: every valid column precedes the query (truncation invalidates later
+            # ones), so full attention is just ``kvalid``; a padding query (its output unused) sees
+            # its own column, and may see the others
+            decode = kvalid.clone()
+            decode[:, -1] = True
+            decode = decode[:, None, :]
 
         def build(window: int | None) -> torch.Tensor:
-            allowed = causal if window is None else causal & (dq < window)
-            if pad is not None:
-                allowed = allowed | pad
+            if L == 1 and own and window is None:
+                allowed = decode
+            else:
+                dq = qpos[:, :, None] - kpos[:, None, :]
+                allowed = kvalid[:, None, :] & (dq >= 0)
+                if window is not None:
+                    allowed = allowed & (dq < window)
+                if own:
+                    diag = (torch.arange(W, device=qpos.device)[None, :]
+                            == (torch.arange(L, device=qpos.device) + (W - L))[:, None])
+                    allowed = allowed | ((~qvalid)[:, :, None] & diag[None])
             return torch.zeros((B, 1, L, W), dtype=dtype, device=qpos.device).masked_fill_(
                 ~allowed[:, None], low)
 
