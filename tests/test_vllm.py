@@ -9,6 +9,7 @@ bundled ``libiomp5.so`` preloaded (``LD_PRELOAD``, set by ``make test``).
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 
@@ -190,6 +191,34 @@ def test_reorder_truncate_copy(tiny):
     check_block(fork, model, list(range(4)), spec, block, before)
     with pytest.raises(ValueError, match="cannot truncate"):
         state.truncate([3], [5])
+
+
+def test_sessions_keep_kv_between_blocks_and_close(tiny):
+    """A row's second block continues its vLLM session: nothing of its prefix is recomputed;
+    a forked row starts a new request; dropping the state releases every request."""
+    lm, model = tiny
+    engine = lm.llm.llm_engine
+    spec = BlockSpec.make(4, 4, 0.8, [])
+    state = lm.start([[1, 2, 3], [4, 5]], n=2, max_new_tokens=16)
+    state.sample_block(torch.arange(4), spec, torch.Generator().manual_seed(0))
+    assert len(lm.sessions) == 4
+    first = state.tokens_prefilled
+    before = [list(t) for t in state.tokens]
+    block = state.sample_block(torch.arange(4), spec, torch.Generator().manual_seed(1))
+    check_block(state, model, list(range(4)), spec, block, before)
+    # continued sessions compute only the token each row was fed (the last of its first block)
+    assert state.tokens_prefilled == first + 4
+    state.reorder(torch.tensor([0, 0, 2, 3]))  # row 1 is a fork of row 0 -> a new request
+    assert len(lm.sessions) == 3
+    before = [list(t) for t in state.tokens]
+    block = state.sample_block(torch.arange(4), spec, torch.Generator().manual_seed(2))
+    check_block(state, model, list(range(4)), spec, block, before)
+    assert state.tokens_prefilled > first and len(lm.sessions) == 4
+    del state, block
+    gc.collect()
+    assert not lm.sessions
+    assert not engine.output_processor.request_states
+    assert not engine.engine_core.engine_core.scheduler.requests
 
 
 def test_stop_budget_feed_last(tiny):

@@ -1,14 +1,20 @@
 """``VLLMLM``: vLLM's offline engine, in-process, behind the batched LM interface.
 
 The decoding state (:class:`VLLMState`) keeps each row's tokens on the host (the one
-source of truth) and decodes natively: ``sample_block`` is one ``llm.generate`` call
-with one request per row (prompt = the row's prompt + tokens, as token ids), and vLLM
-decodes every row's block in its own batched loop.  No ``(rows, V)`` tensor ever
-leaves the engine, so ``full_vocabulary`` is False and ``logprobs`` /
-``last_logprobs`` raise :class:`~llmppl.models.block.NotNative`.  Forking rows
-(``reorder``) copies token lists: the next request of a forked row resubmits its
-prefix, and vLLM's prefix caching reuses the KV blocks of every full cache block of it
-(``block_size`` tokens; 32 by default on CPU, where vLLM's own default is 128).
+source of truth) and decodes natively: ``sample_block`` submits one request per row and
+steps vLLM's engine until every row's block is done, so vLLM decodes all rows in its own
+batched loop.  No ``(rows, V)`` tensor ever leaves the engine, so ``full_vocabulary`` is
+False and ``logprobs`` / ``last_logprobs`` raise :class:`~llmppl.models.block.NotNative`.
+
+Each row's request is a *session* (vLLM's resumable streaming input): after a block it
+stays paused in the engine with its KV, and the row's next block appends only the tokens
+fed since, so a row that was not forked recomputes nothing.  Forking rows (``reorder``)
+copies token lists; the first copy of a row keeps its session, the other copies open new
+ones on their whole prefix, of which vLLM's prefix caching serves every full cache block
+(``block_size`` tokens; 32 by default on CPU, where vLLM's own default is 128).  Sessions
+that no row claims are aborted, and so are all of a state's sessions when it is dropped.
+A paused session holds a request slot, so at most ``max_num_seqs // 2`` are open; a call
+that would exceed that (or half the KV space) runs as one-shot requests instead.
 
 Exact weights.  For every drawn token ``y_t`` both numbers are exact:
 
@@ -41,15 +47,18 @@ module-level dict keyed by request, so the engine must run in this process
 
 Counters: ``forward_passes`` adds the number of engine steps of each call (its longest
 request), ``tokens_decoded`` the tokens vLLM generated (drawn or forced) and
-``tokens_prefilled`` the prefix tokens it had to recompute (not served by the cache).
+``tokens_prefilled`` the prompt positions it computed (not served by a session or the prefix
+cache): a row that continues its session computes only the tokens fed since its last block.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import os
 import types
+import weakref
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -290,6 +299,10 @@ class VLLMLM(LanguageModel):
         self.kv_tokens: int | None = int(blocks) * int(cc.block_size) if blocks else None
         self.block_size = int(cc.block_size)
         self.dtype = kwargs["dtype"]
+        self._tasks = engine.get_supported_tasks()
+        #: external ids of the open decoding sessions (all states); at most ``max_sessions``
+        self.sessions: set[str] = set()
+        self.max_sessions = int(engine.vllm_config.scheduler_config.max_num_seqs) // 2
         if verify:
             self.verify()
 
@@ -324,7 +337,7 @@ class VLLMLM(LanguageModel):
         from vllm import SamplingParams
 
         sp = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False, ignore_eos=True)
-        outs = self.llm.generate([{"prompt_token_ids": list(map(int, s))} for s in sequences], sp, use_tqdm=False)
+        outs = self.run_requests([list(map(int, s)) for s in sequences], [sp] * len(sequences))
         res = torch.full((len(sequences), self.vocab_size), -math.inf, dtype=torch.float32)
         for k, o in enumerate(outs):
             entries = o.outputs[0].logprobs[0]
@@ -349,22 +362,119 @@ class VLLMLM(LanguageModel):
         return VLLMState(self, self.check_prompts(prompts, max_new_tokens), n)
 
     # ------------------------------------------------------------- internals
-    def generate(self, prompts: list[list[int]], params: list[Any]) -> list[Any]:
-        """``llm.generate`` over token-id prompts, outputs in request order."""
+    def submit(self, ids: list[int], params: Any, session: "_Session | None" = None,
+               resumable: bool = False) -> tuple[str, str]:
+        """Queue one request (token-id prompt ``ids``) on the engine; its (external, internal) ids.
+
+        ``resumable``: a streaming-input session (vLLM keeps its KV when the request reaches
+        ``max_tokens`` and waits for the next chunk); ``session``: continue that session with
+        ``ids`` appended to what it holds (vLLM drops the session's last sampled token, which
+        the caller re-feeds at the start of ``ids``)."""
+        from vllm.sampling_params import RequestOutputKind
+
+        engine = self.llm.llm_engine
+        params.output_kind = RequestOutputKind.FINAL_ONLY      # one output per request (chunk), at its end
+        ext = session.ext if session is not None else f"llmppl-{next(_KEYS)}"
+        req = engine.input_processor.process_inputs(ext, {"prompt_token_ids": ids}, params,
+                                                    supported_tasks=self._tasks,
+                                                    resumable=resumable or session is not None)
+        if session is None:
+            engine.input_processor.assign_request_id(req)
+        else:
+            req.request_id, req.external_req_id = session.id, ext
+        # in-process, the output processor and the scheduler would share (and both extend)
+        # the prompt list of a session: give the output processor its own copy
+        mirror = copy.copy(req)
+        mirror.prompt_token_ids = list(req.prompt_token_ids)
+        engine.output_processor.add_request(mirror, None, None, 0)
+        engine.engine_core.add_request(req)
+        return ext, req.request_id
+
+    def drive(self, ids: list[str], max_steps: int) -> dict[str, Any]:
+        """Step the engine until every request in ``ids`` has finished (a session: its chunk);
+        their final outputs by external id.  ``RuntimeError`` if vLLM fails or they are not done
+        after ``max_steps`` engine steps (nothing hangs)."""
+        engine, want, got = self.llm.llm_engine, set(ids), {}
         try:
-            return self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            for _ in range(max_steps):
+                for o in engine.step():
+                    if o.request_id in want and o.outputs and o.outputs[0].finish_reason is not None:
+                        got[o.request_id] = o
+                if len(got) == len(want):
+                    return got
         except Exception as exc:
+            self.abort(list(want))
             raise RuntimeError(f"vLLM failed while decoding: {_first_line(exc)}") from exc
+        self.abort(list(want))
+        raise RuntimeError(f"vLLM did not finish {len(want) - len(got)} of {len(want)} requests in {max_steps} "
+                           "engine steps (is its KV cache full? raise VLLM_CPU_KVCACHE_SPACE / "
+                           "gpu_memory_utilization)")
+
+    def run_requests(self, prompts: list[list[int]], params: list[Any]) -> list[Any]:
+        """One-shot requests over token-id prompts, outputs in request order."""
+        ids = [self.submit(p, sp)[0] for p, sp in zip(prompts, params)]
+        outs = self.drive(ids, _step_bound(prompts, params))
+        return [outs[i] for i in ids]
+
+    def abort(self, ext_ids: Sequence[str]) -> None:
+        """Drop requests / sessions (and the KV blocks they hold) by external id."""
+        if ext_ids:
+            self.llm.llm_engine.abort_request(list(ext_ids), internal=False)
+
+
+def _step_bound(prompts: Sequence[Sequence[int]], params: Sequence[Any]) -> int:
+    """Engine steps that certainly finish these requests: one per prompt token and per new token."""
+    return sum(len(p) for p in prompts) + max((sp.max_tokens for sp in params), default=0) + 64
+
+
+def _close_sessions(lm: VLLMLM, ids: set[str]) -> None:
+    """Abort the sessions ``ids`` of ``lm`` (their KV blocks and request slots are freed)."""
+    lm.sessions.difference_update(ids)
+    lm.abort(sorted(ids))
+
+
+class _Session:
+    """A resumable vLLM request that holds the KV of ``committed`` (prompt + tokens)."""
+
+    __slots__ = ("ext", "id", "committed", "reported")
+
+    def __init__(self, ext: str, internal: str, committed: list[int], reported: int) -> None:
+        self.ext, self.id, self.committed, self.reported = ext, internal, committed, reported
 
 
 class VLLMState(HostRowsState):
-    """Host token lists per row; every engine call is one ``llm.generate`` (see module docstring)."""
+    """Host token lists per row, each with the vLLM session holding its KV (see module docstring)."""
 
     full_vocabulary = False
 
     def __init__(self, lm: VLLMLM, prompts: list[list[int]] | list[int], n: int) -> None:
         super().__init__(lm, prompts, n)
         self.tokens_prefilled = 0
+        #: row -> the vLLM session that holds its KV (continued by the row's next block)
+        self.sessions: list[_Session | None] = [None] * self.n
+        self._open: set[str] = set()        # external ids of this state's sessions
+        weakref.finalize(self, _close_sessions, lm, self._open)
+
+    def _close(self, sessions: Sequence[_Session]) -> None:
+        ids = {x.ext for x in sessions}
+        self._open.difference_update(ids)
+        _close_sessions(self.lm, ids)
+
+    def _take(self, source: "HostRowsState", idx: list[int]) -> None:
+        """Row j continues the session of ``source``'s row ``idx[j]`` when it is the first to claim it
+        (rows that keep their own row first); the other copies start new requests, and sessions
+        no row claims are closed.  A ``copy`` starts without sessions."""
+        if source is not self:
+            self.sessions = [None] * self.n
+            return
+        old, new = self.sessions, [None] * self.n
+        claimed = set()
+        for j in [j for j, i in enumerate(idx) if i == j] + [j for j, i in enumerate(idx) if i != j]:
+            if idx[j] not in claimed and old[idx[j]] is not None:
+                claimed.add(idx[j])
+                new[j] = old[idx[j]]
+        self.sessions = new
+        self._close([x for i, x in enumerate(old) if x is not None and i not in claimed])
 
     # ---------------------------------------------------------- not native
     def logprobs(self, rows=None) -> torch.Tensor:
@@ -383,7 +493,7 @@ class VLLMState(HostRowsState):
             raise ValueError(f"row {i}: {have} tokens + {extra} more exceeds the model's context of {C} tokens")
 
     def _run(self, seqs: list[list[int]], params: list[Any]) -> list[Any]:
-        outs = self.lm.generate(seqs, params)
+        outs = self.lm.run_requests(seqs, params)
         steps = 0
         for seq, o in zip(seqs, outs):
             self.tokens_decoded += len(o.outputs[0].token_ids)
@@ -391,6 +501,73 @@ class VLLMState(HostRowsState):
             steps = max(steps, len(o.outputs[0].token_ids))
         self.forward_passes += steps
         return outs
+
+    def _sessions_fit(self, rows: list[int], seqs: list[list[int]], params: list[Any]) -> bool:
+        """Sessions keep their KV and a request slot between blocks, so they are used only while
+        the engine's open sessions take at most half of its ``max_num_seqs`` slots and the rows'
+        KV blocks (prefix + this block) at most half of its cache; beyond that each block is a
+        one-shot request (the prefix cache serves what it still holds), so nothing waits."""
+        lm = self.lm
+        if lm.kv_tokens is None:
+            return False
+        # a paused session holds one of the engine's max_num_seqs request slots: keep half free
+        kept = sum(1 for r in rows if self.sessions[r] is not None)
+        if len(lm.sessions) - kept + len(rows) > lm.max_sessions:
+            return False
+        bs = lm.block_size
+        need = sum(-(-(len(q) + sp.max_tokens) // bs) for q, sp in zip(seqs, params)) * bs
+        return need <= self.lm.kv_tokens // 2
+
+    def _decode(self, rows: list[int], params: list[Any]) -> list[tuple[list[int], list[float]]]:
+        """Each row's chunk of new tokens and their raw logprobs, decoded in the row's session.
+
+        A row whose session holds a prefix ``C`` of its tokens ``X`` (and ``X`` is longer) sends
+        ``X[len(C):]``: vLLM computes only those positions.  Any other row (new, forked, cut, or fed
+        nothing since) closes its session and opens a new one on ``X``, whose full KV blocks the prefix
+        cache serves.  A session then holds ``X`` + the chunk minus its last token (vLLM's streaming
+        input computes that token when the next chunk arrives)."""
+        lm, sent, subs = self.lm, [], []
+        seqs = [self.prompt_of(r) + self.tokens[r] for r in rows]
+        if not self._sessions_fit(rows, seqs, params):
+            self._close([self.sessions[r] for r in rows if self.sessions[r] is not None])
+            for r in rows:
+                self.sessions[r] = None
+            return [(list(o.outputs[0].token_ids), [float(d[t].logprob) for d, t in
+                                                     zip(o.outputs[0].logprobs, o.outputs[0].token_ids)])
+                    for o in self._run(seqs, params)]
+        for r, sp in zip(rows, params):
+            seq, s = self.prompt_of(r) + self.tokens[r], self.sessions[r]
+            n = len(s.committed) if s is not None else 0
+            if s is not None and len(seq) > n and seq[:n] == s.committed:
+                sent.append(seq[n:])
+            else:
+                if s is not None:
+                    self._close([s])
+                ext, internal = lm.submit(seq, sp, resumable=True)
+                s = self.sessions[r] = _Session(ext, internal, [], 0)
+                self._open.add(ext)
+                lm.sessions.add(ext)
+                sent.append(seq)
+                subs.append(None)
+                continue
+            subs.append(s)
+        for s, chunk, sp in zip(subs, sent, params):
+            if s is not None:
+                lm.submit(chunk, sp, session=s)
+        outs = lm.drive([self.sessions[r].ext for r in rows], _step_bound(sent, params))
+        res, steps = [], 0
+        for r, chunk, sub in zip(rows, sent, subs):
+            s, o = self.sessions[r], outs[self.sessions[r].ext]
+            got = list(o.outputs[0].token_ids[s.reported:])
+            lps = o.outputs[0].logprobs[s.reported:]
+            res.append((got, [float(lps[j][t].logprob) for j, t in enumerate(got)]))
+            s.reported += len(got)
+            s.committed = (s.committed if sub is not None else []) + chunk + got[:-1]
+            self.tokens_decoded += len(got)
+            self.tokens_prefilled += len(chunk) - (int(o.num_cached_tokens or 0) if sub is None else 0)
+            steps = max(steps, len(got))
+        self.forward_passes += steps
+        return res
 
     # ---------------------------------------------------------- scoring
     def extend(self, tokens: Sequence[Sequence[int]] | torch.Tensor,
@@ -428,7 +605,7 @@ class VLLMState(HostRowsState):
 
     # ---------------------------------------------------------- native decoding
     def sample_block(self, rows: torch.Tensor, spec: BlockSpec, generator: torch.Generator | None) -> Block:
-        """One ``llm.generate`` over the rows (see :mod:`llmppl.models.block` for the contract).
+        """One block of every row, decoded in the rows' sessions (see :mod:`llmppl.models.block`).
 
         Row ``k``'s request has ``seed`` = the ``k``-th of ``n`` integers drawn from
         ``generator`` (so a run is reproducible from its seed), ``max_tokens = budget[k]``,
@@ -487,37 +664,31 @@ class VLLMState(HostRowsState):
             raise ValueError("every token is a stop id and allow_stop is false: nothing can be drawn")
         for k in live:
             self._check_fits(rows_l[k], budget[k])
-        seqs, params, keys = [], [], []
+        params, keys = [], []
         base = next(_KEYS)
         try:
             for k in live:
-                r = rows_l[k]
                 t = 0.0 if spec.greedy else tau[k]
                 key = f"b{base}.{k}"
                 if t > 0:
                     _RECORDS[key] = {}
                 keys.append(key)
-                seqs.append(self.prompt_of(r) + self.tokens[r])
                 params.append(SamplingParams(
                     temperature=t, max_tokens=budget[k], logprobs=0, seed=seeds[k], ignore_eos=True,
                     stop_token_ids=list(stop) if spec.allow_stop and stop else None, detokenize=False,
                     extra_args={_EXTRA: {"key": key, "tau": t, "ban": ban, "mask": mkey}}))
-            outs = self._run(seqs, params)
+            outs = self._decode([rows_l[k] for k in live], params)
             recs = [_RECORDS.pop(key, None) for key in keys]
         finally:
             for key in keys:
                 _RECORDS.pop(key, None)
             _MASKS.pop(mkey, None)
-        for k, o, rec in zip(live, outs, recs):
+        for k, (got, lp), rec in zip(live, outs, recs):
             r = rows_l[k]
-            got = list(o.outputs[0].token_ids)
             L = len(got)
-            lps = o.outputs[0].logprobs
-            lp = [float(lps[j][t].logprob) for j, t in enumerate(got)]
             stopped = bool(L and spec.allow_stop and got[-1] in stop)
             if not stopped and L != budget[k]:
-                raise RuntimeError(f"vLLM ended row {r} after {L} of {budget[k]} tokens without a stop id "
-                                   f"(finish reason {o.outputs[0].finish_reason!r})")
+                raise RuntimeError(f"vLLM ended row {r} after {L} of {budget[k]} tokens without a stop id")
             if spec.greedy:
                 lq = [0.0] * L
             else:
@@ -531,6 +702,9 @@ class VLLMState(HostRowsState):
             ended[k] = stopped
             feed = got[:-1] if stopped or (L == budget[k] and not feed_last[k]) else got
             self.tokens[r] = self.tokens[r] + feed
+            if stopped and self.sessions[r] is not None:   # its session's KV is not needed any more
+                self._close([self.sessions[r]])
+                self.sessions[r] = None
         length = (tokens >= 0).sum(1)
         return Block(tokens, log_p, log_q, ended, length)
 
