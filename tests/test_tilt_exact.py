@@ -84,7 +84,7 @@ def check(target, step="token", n=2000, runs=6, label="", **kw):
         others["without the tilt"] = enumerate_target(untilted, PROMPT, T).as_dict()
     smc = pp.SMC(n, step=step, **kw)
     s, w, ess, shift = pooled(smc, target, runs)
-    check_exact(ex, s, w, 0.04, others, f"{label} {smc.step!r}")
+    check_exact(ex, s, w, 0.04, others, f"{label} {smc.step_kind!r}")
     print(f"   final ESS={ess:6.1f}/{n}  untwist moved {shift:.3f}")
     return ess, shift
 

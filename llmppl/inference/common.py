@@ -71,14 +71,22 @@ class Stopwatch:
         self.device = torch.device(device)
         self.seconds = 0.0
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> Stopwatch:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self._t0 = time.perf_counter()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def stop(self) -> float:
+        """Seconds since :meth:`start` (kept in ``seconds``)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.seconds = time.perf_counter() - self._t0
+        return self.seconds
 

@@ -21,6 +21,8 @@ nothing.  :meth:`MH.move` is the resample-move kernel for SMC (``moves.py``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -99,6 +101,48 @@ class _Chains:
         return _masked_sum(self.log_p, self.positions())
 
 
+def log_acceptance(log_gamma: torch.Tensor, prop_gamma: torch.Tensor, fwd: torch.Tensor, rev: torch.Tensor,
+                   length: torch.Tensor, prop_length: torch.Tensor) -> torch.Tensor:
+    """The MH log acceptance ratio of suffix moves ``y → y'`` (elementwise over chains):
+
+        log A = log γ(y') − log γ(y) + [rev − log len(y')] − [fwd − log len(y)],
+
+    with ``fwd = Σ_{t≥m} log q(y'_t | y'_<t)``, ``rev = Σ_{t≥m} log q(y_t | y_<t)`` and the
+    ``1/len`` of choosing the cut ``m`` uniformly (lengths count EOS, so they differ when
+    EOS moves)."""
+    return (prop_gamma - log_gamma) + (rev - prop_length.double().log()) - (fwd - length.double().log())
+
+
+@dataclass
+class MHState:
+    """The state of one batched MH run (``G`` prompts × ``chains``): what :meth:`MH.init`
+    makes, :meth:`MH.step` advances by one stage and :meth:`MH.results` reads.  ``current``
+    holds each chain's per-position tokens, ``log q``, ``log p`` and ``log γ`` increments;
+    ``decoding`` is the LM's opaque decoding handle (rows ``0..G·chains−1`` are the chains)."""
+
+    target: Target
+    prompts: list[list[int]]
+    max_new_tokens: int
+    chains: int
+    decoding: Any
+    proposal: Proposal
+    generator: torch.Generator
+    current: _Chains
+    clock: Stopwatch
+    seed: int | None = None
+    n_stages: int = 0
+    stage: int = 0                       # stages run
+    decoded: torch.Tensor | None = None  # (n,) tokens fed per chain (EOS is never fed)
+    log_gamma: torch.Tensor | None = None   # (n,) log γ of the current states
+    trace: dict[str, list] = field(default_factory=lambda: {"log_p": [], "log_target": [], "length": []})
+    acceptance: list[torch.Tensor] = field(default_factory=list)   # per stage, (n,) acceptance rate
+    stage_length: list[int] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.stage >= self.n_stages
+
+
 class MH:
     """Block MH over ``γ``: stages of ``block_size`` tokens, ``n_mcmc`` suffix moves per stage.
 
@@ -151,70 +195,97 @@ class MH:
 
     def _run(self, target: Target, prompts, max_new_tokens: int, chains: int,
              seed: int | None, raise_on_failure: bool) -> list[Result]:
+        state = self.init(target, prompts, max_new_tokens, chains, seed)
+        for _ in tqdm(range(state.n_stages), disable=not self.progress, desc="MH stages"):
+            self.step(state)
+        return self.results(state, raise_on_failure)
+
+    # ------------------------------------------------------ init / step / results
+    def init(self, target: Target, prompts, max_new_tokens: int, chains: int = 1,
+             seed: int | None = None) -> "MHState":
+        """``chains`` empty chains for each of the ``G`` prompts, as ``G·chains`` rows of the LM's
+        decoding state, before the first stage.  ``run_batch`` is ``state = init(…)``;
+        ``step(state)`` until ``state.done``; ``results(state)``."""
         if isinstance(chains, bool) or not isinstance(chains, int) or chains < 1:
             raise ValueError(f"chains must be an int >= 1, got {chains!r}")
         prompt_ids = prepare_prompts(target, prompts, max_new_tokens)
-        G = len(prompt_ids)
-        gen = make_generator(seed, target.lm.device)
-        a = target.base_exponent
-        proposal = self._proposal(target)
-        T, n, B = max_new_tokens, G * chains, self.block_size
+        G, T = len(prompt_ids), max_new_tokens
+        clock = Stopwatch(target.lm.device).start()
+        decoding = target.lm.start(prompt_ids[0] if G == 1 else prompt_ids, chains, max_new_tokens=T)
+        n = G * chains
+        return MHState(target, prompt_ids, T, chains, decoding, self._proposal(target),
+                       make_generator(seed, target.lm.device), _Chains(n, T), clock, seed=seed,
+                       n_stages=math.ceil(T / self.block_size),
+                       decoded=torch.zeros(n, dtype=torch.long),
+                       log_gamma=torch.full((n,), -math.inf, dtype=torch.float64))
+
+    def step(self, state: "MHState") -> "MHState":
+        """Stage ``k`` (advanced in place, and returned): extend every chain to
+        ``L_k = min(kB, T)`` tokens (or EOS) from the proposal, then ``n_mcmc`` suffix moves
+        accepted with :func:`log_acceptance` (see the module docstring)."""
+        if state.done:
+            raise ValueError("this MH run has ended (state.done): call results(state)")
+        target, dec, cur, gen, proposal = state.target, state.decoding, state.current, state.generator, state.proposal
+        a, n = target.base_exponent, len(cur.length)
         ar = torch.arange(n)
-        ids = prompt_ids[0] if G == 1 else prompt_ids
-        with Stopwatch(target.lm.device) as clock:
-            state = target.lm.start(ids, chains, max_new_tokens=T)
-            cur = _Chains(n, T)
-            decoded = torch.zeros(n, dtype=torch.long)   # tokens fed per chain (EOS is never fed)
-            trace = {"log_p": [], "log_target": [], "length": []}
-            acc_stage, stage_len = [], []
-            n_stages = math.ceil(T / B)
-            for k in tqdm(range(1, n_stages + 1), disable=not self.progress, desc="MH stages"):
-                L = min(k * B, T)
-                final = L == T
-                grow = (~cur.ended & (cur.length < L)).nonzero().flatten()
-                if len(grow):
-                    start = cur.length[grow].clone()
-                    d = advance(target, state, grow, L, proposal, a, gen)
-                    decoded[grow] += (d.tokens >= 0).sum(1) - d.ended.long()
-                    cur.write(grow, start, d)
-                log_gamma = _masked_sum(cur.log_inc, cur.positions()) + end_terms(
-                    target, [state.prompt_of(r) for r in range(n)], state.tokens, cur.ended, final)
-                accepted = torch.zeros(n)
-                for _ in range(self.n_mcmc):
-                    m = _uniform_index(cur.length, gen)
-                    state.reorder(torch.cat([ar, ar]))
-                    state.truncate(ar + n, m.tolist())
-                    prop = cur.clone()
-                    d = advance(target, state, ar + n, L, proposal, a, gen)
-                    decoded += (d.tokens >= 0).sum(1) - d.ended.long()
-                    prop.write(ar, m, d)
-                    fwd = _masked_sum(prop.log_q, prop.positions(m))
-                    rev = _masked_sum(cur.log_q, cur.positions(m))
-                    bad = (~torch.isfinite(rev)).nonzero().flatten()
-                    if len(bad):
-                        raise ValueError(
-                            f"MH: the proposal {proposal!r} gives zero probability to the reverse move "
-                            f"of chain {int(bad[0])} (its current suffix from position {int(m[bad[0]])}); "
-                            "use a proposal whose support covers the target's")
-                    prop_gamma = _masked_sum(prop.log_inc, prop.positions()) + end_terms(
-                        target, [state.prompt_of(r) for r in range(n, 2 * n)], state.tokens[n:], prop.ended, final)
-                    # log q(y|y') = rev − log len(y'),  log q(y'|y) = fwd − log len(y)
-                    log_a = (prop_gamma - log_gamma) + (rev - prop.length.double().log()) - (
-                        fwd - cur.length.double().log())
-                    acc = _log_uniform(n, gen) < log_a
-                    state.reorder(torch.where(acc, ar + n, ar))
-                    cur.take(acc.nonzero().flatten(), prop)
-                    log_gamma = torch.where(acc, prop_gamma, log_gamma)
-                    accepted += acc.double()
-                    trace["log_p"].append(cur.log_p_total())
-                    trace["log_target"].append(log_gamma.clone())
-                    trace["length"].append(cur.length.clone())
-                acc_stage.append(accepted / max(self.n_mcmc, 1))
-                stage_len.append(L)
-        samples = [list(t) for t in state.tokens]
+        state.stage += 1
+        L = min(state.stage * self.block_size, state.max_new_tokens)
+        final = L == state.max_new_tokens
+        grow = (~cur.ended & (cur.length < L)).nonzero().flatten()
+        if len(grow):
+            start = cur.length[grow].clone()
+            d = advance(target, dec, grow, L, proposal, a, gen)
+            state.decoded[grow] += (d.tokens >= 0).sum(1) - d.ended.long()
+            cur.write(grow, start, d)
+        log_gamma = _masked_sum(cur.log_inc, cur.positions()) + end_terms(
+            target, [dec.prompt_of(r) for r in range(n)], dec.tokens, cur.ended, final)
+        accepted = torch.zeros(n)
+        for _ in range(self.n_mcmc):
+            m = _uniform_index(cur.length, gen)
+            dec.reorder(torch.cat([ar, ar]))
+            dec.truncate(ar + n, m.tolist())
+            prop = cur.clone()
+            d = advance(target, dec, ar + n, L, proposal, a, gen)
+            state.decoded += (d.tokens >= 0).sum(1) - d.ended.long()
+            prop.write(ar, m, d)
+            fwd = _masked_sum(prop.log_q, prop.positions(m))
+            rev = _masked_sum(cur.log_q, cur.positions(m))
+            bad = (~torch.isfinite(rev)).nonzero().flatten()
+            if len(bad):
+                raise ValueError(
+                    f"MH: the proposal {proposal!r} gives zero probability to the reverse move "
+                    f"of chain {int(bad[0])} (its current suffix from position {int(m[bad[0]])}); "
+                    "use a proposal whose support covers the target's")
+            prop_gamma = _masked_sum(prop.log_inc, prop.positions()) + end_terms(
+                target, [dec.prompt_of(r) for r in range(n, 2 * n)], dec.tokens[n:], prop.ended, final)
+            log_a = log_acceptance(log_gamma, prop_gamma, fwd, rev, cur.length, prop.length)
+            acc = _log_uniform(n, gen) < log_a
+            dec.reorder(torch.where(acc, ar + n, ar))
+            cur.take(acc.nonzero().flatten(), prop)
+            log_gamma = torch.where(acc, prop_gamma, log_gamma)
+            accepted += acc.double()
+            state.trace["log_p"].append(cur.log_p_total())
+            state.trace["log_target"].append(log_gamma.clone())
+            state.trace["length"].append(cur.length.clone())
+        state.log_gamma = log_gamma
+        state.acceptance.append(accepted / max(self.n_mcmc, 1))
+        state.stage_length.append(L)
+        return state
+
+    def results(self, state: "MHState", raise_on_failure: bool = False) -> list[Result]:
+        """One :class:`Result` per prompt: its chains' current states, uniform weights (``−inf``
+        for a chain at target density zero).  A prompt whose chains all sit at density zero gets
+        ``error`` set, or raises :class:`AllParticlesDied` when ``raise_on_failure``."""
+        if state.stage == 0:
+            raise ValueError("no MH stage has been run on this state: call step(state) first")
+        seconds = state.clock.stop()
+        target, dec, cur, chains = state.target, state.decoding, state.current, state.chains
+        G = len(state.prompts)
+        samples = [list(t) for t in dec.tokens]
         log_p = cur.log_p_total()
-        acc_all = torch.stack(acc_stage) if acc_stage else torch.zeros((0, n))
-        alive = torch.isfinite(log_gamma)      # a chain stuck at target density zero is no sample
+        acc_all = torch.stack(state.acceptance)
+        alive = torch.isfinite(state.log_gamma)      # a chain stuck at target density zero is no sample
+        trace = state.trace
         out = []
         for g in range(G):
             rows = slice(g * chains, (g + 1) * chains)
@@ -230,25 +301,25 @@ class MH:
                 return torch.stack(values, 1)[rows].tolist() if values else [[] for _ in range(chains)]
 
             acc_g = acc_all[:, rows]
-            stats = {"forward_passes": state.forward_passes,
-                     "tokens_decoded": int(decoded[rows].sum()),
-                     "wall_time": clock.seconds, "peak_memory": peak_memory(target.lm.device),
+            stats = {"forward_passes": dec.forward_passes,
+                     "tokens_decoded": int(state.decoded[rows].sum()),
+                     "wall_time": seconds, "peak_memory": peak_memory(target.lm.device),
                      "acceptance_rate": float(acc_g.mean()) if self.n_mcmc and len(acc_g) else None,
                      "batch_prompts": G}
             sam = samples[rows]
             out.append(Result(
-                method="mh", prompt_ids=prompt_ids[g], samples=sam,
+                method="mh", prompt_ids=state.prompts[g], samples=sam,
                 log_weights=[0.0 if a else -math.inf for a in alive[rows].tolist()],
                 texts=[target.lm.decode(x) for x in sam] if target.lm.tokenizer is not None else None,
                 finished=cur.ended[rows].tolist(), truncated=(~cur.ended[rows]).tolist(),
                 log_p=log_p[rows].tolist(),
-                steps={"acceptance": [float(x.mean()) for x in acc_g], "stage_length": stage_len},
+                steps={"acceptance": [float(x.mean()) for x in acc_g], "stage_length": state.stage_length},
                 chains={"log_p": per_chain(trace["log_p"]), "log_target": per_chain(trace["log_target"]),
-                        "acceptance": per_chain(acc_stage), "length": per_chain(trace["length"])},
+                        "acceptance": per_chain(state.acceptance), "length": per_chain(trace["length"])},
                 stats=stats,
-                config={"block_size": B, "n_mcmc": self.n_mcmc, "proposal": repr(proposal),
-                        "chains": chains, "max_new_tokens": T, "target": repr(target)},
-                seed=seed, error=error,
+                config={"block_size": self.block_size, "n_mcmc": self.n_mcmc, "proposal": repr(state.proposal),
+                        "chains": chains, "max_new_tokens": state.max_new_tokens, "target": repr(target)},
+                seed=state.seed, error=error,
             ))
         return out
 

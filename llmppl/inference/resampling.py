@@ -151,3 +151,30 @@ def in_place_ancestors(ancestors: torch.Tensor) -> torch.Tensor:
     donor = torch.searchsorted(extra_cum, dead_rank.clamp_min(0), right=True).clamp_(max=N - 1)
     own = torch.arange(N, device=ancestors.device).expand(G, N)
     return torch.where(survived, own, donor)
+
+
+def needs_resampling(ess: torch.Tensor, live: torch.Tensor, threshold: float, n: int) -> torch.Tensor:
+    """``(G,)`` bool: the groups with live particles whose ``ESS < κ·N`` (``κ = threshold``;
+    every live group for ``κ ≥ 1``, none for ``κ ≤ 0``)."""
+    if threshold >= 1.0:
+        return live
+    if threshold <= 0.0:
+        return torch.zeros_like(live)
+    return live & (ess < threshold * n)
+
+
+def draw_ancestors(resampler: Resampler, generator: torch.Generator, log_w: torch.Tensor,
+                   need: torch.Tensor) -> torch.Tensor:
+    """``(G, N)`` ancestor indices within each group: drawn by ``resampler`` from the normalised
+    weights ``softmax(log_w)`` and arranged by :func:`in_place_ancestors` (survivors keep their
+    slot) where ``need``; the identity elsewhere.  No host sync for a registered scheme."""
+    G, N = log_w.shape
+    ident = torch.arange(N, device=log_w.device).expand(G, N)
+    lw = torch.where(need[:, None], log_w, torch.zeros_like(log_w))   # uniform where not needed
+    draw = getattr(resampler, "from_normalised", None)
+    if draw is not None:
+        anc = draw(generator, torch.softmax(lw, 1), N)
+    else:
+        anc = resampler(generator, torch.exp(lw - lw.amax(1, keepdim=True)).nan_to_num(0.0), N)
+    anc = in_place_ancestors(anc.to(log_w.device))
+    return torch.where(need[:, None], anc, ident)

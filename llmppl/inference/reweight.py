@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from .proposals import Base
 from .result import Result
-from .smc import SMC
+from .smc import SMC, SMCState
 
 
 class Reweight(SMC):
@@ -27,8 +27,8 @@ class Reweight(SMC):
     def __init__(self, n: int, progress: bool = False) -> None:
         super().__init__(n, proposal=Base(), ess_threshold=0.0, progress=progress)
 
-    def _results(self, run, seed, seconds, raise_on_failure) -> list[Result]:
-        out = super()._results(run, seed, seconds, raise_on_failure)
+    def results(self, state: SMCState, raise_on_failure: bool = False) -> list[Result]:
+        out = super().results(state, raise_on_failure)
         for res in out:
             res.method = "reweight"
         return out

@@ -35,17 +35,36 @@ from ..models.base import LanguageModelError
 from ..models.block import BlockSpec
 from ..targets.base import scaled
 from ..targets.target import Target
-from .common import (AllParticlesDied, Stopwatch, eos_ids, make_generator, peak_memory,
-                     prepare_prompts)
+from .common import (
+    AllParticlesDied,
+    Stopwatch,
+    eos_ids,
+    make_generator,
+    peak_memory,
+    prepare_prompts,
+)
 from .moves import MoveContext
-from .native import NATIVE_HINT, block_temperature, require_full_vocabulary, token_level_factors
+from .native import (
+    NATIVE_HINT,
+    block_temperature,
+    require_full_vocabulary,
+    token_level_factors,
+)
 from .particles import CAUSES, Particles, RowPrefixes
 from .proposal import Proposal, ProposalContext
-from .proposals import default_proposal, is_stateful  # noqa: F401  (default_proposal: pp API)
-from .resampling import get_resampler, in_place_ancestors, log_ess
+from .proposals import default_proposal, is_stateful
+from .resampling import draw_ancestors, get_resampler, needs_resampling
 from .result import Result
-from .schedules import BridgeStats, Constant, Schedule, ScheduleContext, conditional_ess, get_schedule
+from .schedules import (
+    BridgeStats,
+    Constant,
+    Schedule,
+    ScheduleContext,
+    conditional_ess,
+    get_schedule,
+)
 from .steps import Step, Tokens, Until, get_step
+from .weights import reweight
 
 #: extra cause code: a cut completion under ``Target(truncation="zero")``
 _CUT_CAUSE = 4
@@ -55,18 +74,30 @@ CAUSES[_CUT_CAUSE] = "cut at max_new_tokens, and truncation='zero' gives cut com
 
 
 @dataclass
-class _Run:
-    """Everything one batched run threads through the engine's steps."""
+class SMCState:
+    """The state of one batched SMC run (``G`` prompts × ``N`` particles): what
+    :meth:`SMC.init` makes, :meth:`SMC.step` advances and :meth:`SMC.results` reads.
+
+    ``particles`` holds every per-particle quantity as device tensors (weights, ``log p``,
+    tokens, flags; :class:`~llmppl.inference.particles.Particles`), ``decoding`` is the LM's
+    opaque decoding handle (KV cache, :class:`~llmppl.models.base.LMState`); the rest is the
+    run's configuration, its step counter and the traces recorded so far.
+    """
 
     target: Target
     prompts: list[list[int]]
     max_new_tokens: int
-    state: Any
+    decoding: Any             # the LM's decoding state (rows = prompts × particles)
     proposal: Proposal
     generator: torch.Generator
-    parts: Particles
+    particles: Particles
     alpha: float
     eos: torch.Tensor
+    clock: Stopwatch          # started at init: Result.stats["wall_time"] is init → results
+    t: int = 0                # steps taken
+    done: bool = False        # every particle has ended: no step is left
+    a_prev: torch.Tensor | None = None   # (G,) the exponent of the last step (the schedule's start before it)
+    seed: int | None = None
     traces: dict[str, list] = field(default_factory=dict)
     host: dict[str, Any] = field(default_factory=dict)   # per-prompt token counts (device) and move traces (host)
     syncs: int = 0
@@ -86,7 +117,7 @@ class _Run:
             self.traces.setdefault(k, []).append(v)
 
     def a_rows(self, a: torch.Tensor) -> torch.Tensor:
-        return a.repeat_interleave(self.parts.N)
+        return a.repeat_interleave(self.particles.N)
 
 
 class SMC:
@@ -134,8 +165,8 @@ class SMC:
         self.resampler = get_resampler(resampling)
         self.ess_threshold = kappa
         self.schedule = get_schedule(schedule)
-        self.step = get_step(step)
-        if rejuvenate is not None and isinstance(self.step, Until):
+        self.step_kind = get_step(step)
+        if rejuvenate is not None and isinstance(self.step_kind, Until):
             raise ValueError(
                 "rejuvenate cannot be combined with segment steps (Until): the MH moves resample "
                 "suffixes token by token at a fixed length, which keeps p(y_≤t)^a_t invariant but "
@@ -148,7 +179,7 @@ class SMC:
     def __repr__(self) -> str:
         return (f"SMC(n_particles={self.n_particles}, proposal={self.proposal!r}, "
                 f"resampling={self.resampling!r}, ess_threshold={self.ess_threshold:g}, "
-                f"schedule={self.schedule!r}, step={self.step!r})")
+                f"schedule={self.schedule!r}, step={self.step_kind!r})")
 
     # ------------------------------------------------------------------ entry points
     def run(self, target: Target, prompt: str | Sequence[int] | Sequence[dict], max_new_tokens: int,
@@ -166,99 +197,121 @@ class SMC:
 
     def _run(self, target: Target, prompts: Sequence[Any], max_new_tokens: int, seed: int | None,
              raise_on_failure: bool) -> list[Result]:
+        from tqdm.auto import tqdm
+
+        state = self.init(target, prompts, max_new_tokens, seed)
+        G = state.particles.G
+        with tqdm(total=max_new_tokens, disable=not self.progress, file=sys.stderr,
+                  desc=f"SMC ({G} prompt{'s' if G > 1 else ''})", unit="tok") as bar:
+            while not state.done:
+                self.step(state)
+                bar.update(1)
+        return self.results(state, raise_on_failure)
+
+    # ------------------------------------------------------------------ init / step / results
+    def init(self, target: Target, prompts: Sequence[str | Sequence[int] | Sequence[dict]],
+             max_new_tokens: int, seed: int | None = None) -> SMCState:
+        """The state of a run on ``G`` prompts before its first step: ``N`` particles per prompt
+        with ``log w = 0``, ``log Ẑ = 0`` and the empty completion, the LM's decoding state
+        started on the prompts (``G·N`` rows), the generator seeded with ``seed``.
+
+        ``run_batch`` is ``state = init(…)``; ``step(state)`` until ``state.done``;
+        ``results(state)``.  Bad input (prompts, a proposal or option the backend cannot run)
+        is refused here, before any decoding."""
         ids = prepare_prompts(target, prompts, max_new_tokens)
         lm = target.lm
-        self.step.check(lm)
+        self.step_kind.check(lm)
         proposal = self.proposal or default_proposal(target)
         if self.rejuvenate is not None and is_stateful(proposal):
             raise ValueError(
                 f"rejuvenate cannot be combined with the stateful proposal {proposal!r}: moves change "
                 "particles behind the proposal's own decoding state")
         G, N, dev = len(ids), self.n_particles, lm.device
-        generator = make_generator(seed, dev)
-        with Stopwatch(dev) as watch:
-            state = lm.start(ids[0] if G == 1 else ids, N, max_new_tokens=max_new_tokens)
-            proposal.start(target, ids[0] if G == 1 else ids, N)
-            run = _Run(target, ids, max_new_tokens, state, proposal, generator,
-                       Particles(G, N, max_new_tokens, dev), float(target.base_exponent),
-                       torch.tensor(eos_ids(lm), device=dev), live=G * N)
-            run.native, run.stop_ids = self._native(run), eos_ids(lm)
-            run.bridging = not isinstance(self.schedule, Constant)
-            run.twisted = target.has_twist or isinstance(self.step, Until)
-            self._loop(run)
-        return self._results(run, seed, watch.seconds, raise_on_failure)
+        clock = Stopwatch(dev).start()
+        decoding = lm.start(ids[0] if G == 1 else ids, N, max_new_tokens=max_new_tokens)
+        proposal.start(target, ids[0] if G == 1 else ids, N)
+        alpha = float(target.base_exponent)
+        state = SMCState(target, ids, max_new_tokens, decoding, proposal, make_generator(seed, dev),
+                         Particles(G, N, max_new_tokens, dev), alpha, torch.tensor(eos_ids(lm), device=dev),
+                         clock, live=G * N, seed=seed)
+        state.a_prev = torch.full((G,), self.schedule.initial(alpha), dtype=torch.float64, device=dev)
+        state.native, state.stop_ids = self._native(state), eos_ids(lm)
+        state.bridging = not isinstance(self.schedule, Constant)
+        state.twisted = target.has_twist or isinstance(self.step_kind, Until)
+        return state
 
-    # ------------------------------------------------------------------ the loop
-    def _loop(self, run: _Run) -> None:
-        from tqdm.auto import tqdm
+    def step(self, state: SMCState) -> SMCState:
+        """One SMC step on every prompt of ``state`` (advanced in place, and returned):
 
-        P = run.parts
-        bar = tqdm(total=run.max_new_tokens, disable=not self.progress, file=sys.stderr,
-                   desc=f"SMC ({P.G} prompt{'s' if P.G > 1 else ''})", unit="tok")
-        a_prev = torch.full((P.G,), self.schedule.initial(run.alpha), dtype=torch.float64, device=P.device)
-        t = 0
-        try:
-            while True:
-                t += 1
-                a = self._exponent(run, t, a_prev)
-                log_w_before = P.log_w      # replaced, never written in place
-                inc, seg_inc = self._extend(run, t, a, a_prev)
-                self._promote(run, inc, a)
-                self._update_twists(run, inc)
-                self._length_twist(run, inc, seg_inc, a)
-                ess = self._reweight(run, inc, log_w_before, a, t)
-                need = self._needs_resampling(run, ess)
-                anc = self._ancestors(run, need)
-                source = (anc + torch.arange(P.G, device=P.device)[:, None] * P.N).reshape(-1)
-                flags = torch.cat([torch.stack([P.done.all(), run.bad_logprobs.any(), need.any()]).long(),
-                                   P.done.long(), source]).tolist()   # the step's one host sync
-                run.syncs += 1
-                if flags[1]:
-                    raise self._bad_logprobs_error(run, t)
-                done, source_rows = flags[3:3 + P.R], flags[3 + P.R:]
-                if flags[0] or not flags[2]:
-                    self._record_no_resampling(run)
-                else:
-                    moved = [r for r, s in enumerate(source_rows) if s != r]
-                    self._resample(run, need, anc, moved, a, t)
-                    done = [done[s] for s in source_rows]
-                # rows live at the next step (moves may end particles: then unknown)
-                run.live = P.R - sum(done) if self.rejuvenate is None else None
-                bar.update(1)
-                if flags[0]:
-                    break
-                a_prev = a
-        finally:
-            bar.close()
+        choose ``a_t`` (the schedule) → extend every live particle by a token or a block from
+        the proposal → promote the particles that ended to the final target, update the
+        twists → reweight (:func:`~llmppl.inference.weights.reweight`: ``log w``, ``log Ẑ``,
+        ESS per prompt) → resample the prompts whose ``ESS < κ·N``
+        (:func:`~llmppl.inference.resampling.draw_ancestors`) and rejuvenate.  One host sync.
+        """
+        if state.done:
+            raise ValueError("this SMC run has ended (state.done): call results(state)")
+        run, P = state, state.particles
+        run.t += 1
+        t, a_prev = run.t, run.a_prev
+        a = self._exponent(run, t, a_prev)
+        log_w_before = P.log_w      # replaced, never written in place
+        inc, seg_inc = self._extend(run, t, a, a_prev)
+        self._promote(run, inc, a)
+        self._update_twists(run, inc)
+        self._length_twist(run, inc, seg_inc, a)
+        ess = self._reweight(run, inc, log_w_before, a, t)
+        live = (~P.done).view(P.G, P.N).any(1) & ~P.failed
+        need = needs_resampling(ess, live, self.ess_threshold, P.N)
+        anc = (draw_ancestors(self.resampler, run.generator, P.log_w, need) if self.ess_threshold > 0.0
+               else torch.arange(P.N, device=P.device).expand(P.G, P.N))
+        source = (anc + torch.arange(P.G, device=P.device)[:, None] * P.N).reshape(-1)
+        flags = torch.cat([torch.stack([P.done.all(), run.bad_logprobs.any(), need.any()]).long(),
+                           P.done.long(), source]).tolist()   # the step's one host sync
+        run.syncs += 1
+        if flags[1]:
+            raise self._bad_logprobs_error(run, t)
+        done, source_rows = flags[3:3 + P.R], flags[3 + P.R:]
+        if flags[0] or not flags[2]:
+            self._record_no_resampling(run)
+        else:
+            moved = [r for r, s in enumerate(source_rows) if s != r]
+            self._resample(run, need, anc, moved, a, t)
+            done = [done[s] for s in source_rows]
+        # rows live at the next step (moves may end particles: then unknown)
+        run.live = P.R - sum(done) if self.rejuvenate is None else None
+        run.a_prev = a
+        run.done = bool(flags[0])
+        return state
 
     # ----------------------------------------------------------------- the pieces
-    def _native(self, run: _Run) -> bool:
+    def _native(self, run: SMCState) -> bool:
         """Whether each step is one ``state.sample_block`` call (see :mod:`.native`); on a backend
         without full-vocabulary log-probabilities, a run that is not native is refused here."""
         tau = block_temperature(run.proposal, run.target,
                                 torch.tensor([self.schedule.initial(run.alpha), run.alpha], dtype=torch.float64))
-        native = (isinstance(self.step, Tokens) and tau is not None
+        native = (isinstance(self.step_kind, Tokens) and tau is not None
                   and bool(torch.isfinite(tau).all() and (tau >= 0).all()))
         if not native:
-            why = (f"the step {self.step!r}" if not isinstance(self.step, Tokens) else
+            why = (f"the step {self.step_kind!r}" if not isinstance(self.step_kind, Tokens) else
                    f"the token-level factors {token_level_factors(run.target)}" if token_level_factors(run.target)
                    else f"the proposal {run.proposal!r}")
-            require_full_vocabulary(run.state, f"SMC with {why}", NATIVE_HINT)
+            require_full_vocabulary(run.decoding, f"SMC with {why}", NATIVE_HINT)
         if self.schedule.uses_token_stats:
-            require_full_vocabulary(run.state, f"the schedule {self.schedule!r}",
+            require_full_vocabulary(run.decoding, f"the schedule {self.schedule!r}",
                                     "use pp.schedules.Constant, Linear or Geometric")
         if self.rejuvenate is not None:
-            require_full_vocabulary(run.state, f"rejuvenate={self.rejuvenate!r}", "run SMC without moves")
+            require_full_vocabulary(run.decoding, f"rejuvenate={self.rejuvenate!r}", "run SMC without moves")
         return native
 
-    def _exponent(self, run: _Run, t: int, a_prev: torch.Tensor) -> torch.Tensor:
+    def _exponent(self, run: SMCState, t: int, a_prev: torch.Tensor) -> torch.Tensor:
         """``a_t`` per prompt, ``(G,)`` float64 on the device."""
         if isinstance(self.schedule, Constant):
             return torch.full_like(a_prev, run.alpha)
-        P = run.parts
+        P = run.particles
 
         def stats() -> BridgeStats:
-            lp = run.state.last_logprobs().double()
+            lp = run.decoding.last_logprobs().double()
             alive = (~P.done).view(P.G, P.N)
             lw = torch.where(alive, P.log_w, torch.full_like(P.log_w, -math.inf))
             W = torch.softmax(lw, 1).nan_to_num(0.0)
@@ -278,12 +331,12 @@ class SMC:
         a = self.schedule.exponent(ctx)
         return torch.as_tensor(a, dtype=torch.float64, device=P.device).expand(P.G).clone()
 
-    def _extend(self, run: _Run, t: int, a: torch.Tensor, a_prev: torch.Tensor
+    def _extend(self, run: SMCState, t: int, a: torch.Tensor, a_prev: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Extend every live particle by one step (a token or a block); return the incremental
         log-weights ``(R,)`` without promotion and twist terms, and (variable-length segment
         steps) the part of them drawn this step, ``a_t log p + log φ^next − log q`` of the block."""
-        P = run.parts
+        P = run.particles
         alive = ~P.done
         inc = (torch.where(alive, scaled(run.a_rows(a - a_prev), P.log_p), torch.zeros_like(P.log_p))
                if run.bridging else torch.zeros_like(P.log_p))   # a_t − a_{t−1} = 0 under Constant
@@ -293,20 +346,20 @@ class SMC:
         retro = inc.clone()
         start = P.length.clone()
         active = alive
-        one_token = isinstance(self.step, Tokens) and self.step.k == 1
+        one_token = isinstance(self.step_kind, Tokens) and self.step_kind.k == 1
         while True:
             self._draw(run, t, run.a_rows(a), active, inc)
             if one_token:
                 break
             active = active & ~P.done
-            if isinstance(self.step, Tokens):
-                active = active & (P.length - start < self.step.k)
+            if isinstance(self.step_kind, Tokens):
+                active = active & (P.length - start < self.step_kind.k)
             else:
                 rows = active.nonzero().flatten()
                 run.syncs += 1
                 segs = P.host_tokens(rows)
                 starts = start[rows].tolist()
-                ended = [self.step.ends(s[k:], run.target.lm) for s, k in zip(segs, starts)]
+                ended = [self.step_kind.ends(s[k:], run.target.lm) for s, k in zip(segs, starts)]
                 active = active.clone()
                 active[rows[torch.tensor(ended, dtype=torch.bool, device=rows.device)]] = False
             run.syncs += 1
@@ -314,11 +367,11 @@ class SMC:
                 break
         run.step_tokens = P.length - start
         run.record(segment_length=(P.length - start).view(P.G, P.N).amax(1))
-        if one_token or isinstance(self.step, Tokens):
+        if one_token or isinstance(self.step_kind, Tokens):
             return inc, None
         return inc, torch.where(alive, inc - retro, torch.zeros_like(inc))
 
-    def _length_twist(self, run: _Run, inc: torch.Tensor, seg_inc: torch.Tensor | None,
+    def _length_twist(self, run: SMCState, inc: torch.Tensor, seg_inc: torch.Tensor | None,
                       a: torch.Tensor) -> None:
         """Variable-length segments: for live particles
 
@@ -342,11 +395,11 @@ class SMC:
         """
         if seg_inc is None:
             return
-        P = run.parts
+        P = run.particles
         live = ~P.done
-        lp = run.state.last_logprobs().double().to(P.device)        # log p(· | y) of the new prefixes
+        lp = run.decoding.last_logprobs().double().to(P.device)        # log p(· | y) of the new prefixes
         new = torch.logsumexp(scaled(run.a_rows(a)[:, None], lp), -1)
-        if getattr(self.step, "slope", False):
+        if getattr(self.step_kind, "slope", False):
             if not run.slope:
                 zero = torch.zeros(P.G, dtype=torch.float64, device=P.device)
                 run.slope.update(c=zero, inc=zero.clone(), tokens=zero.clone())
@@ -365,15 +418,15 @@ class SMC:
         inc += torch.where(live, new - P.length_twist, torch.zeros_like(inc))
         P.length_twist = new
 
-    def _draw_block(self, run: _Run, a_rows: torch.Tensor, active: torch.Tensor, inc: torch.Tensor) -> None:
+    def _draw_block(self, run: SMCState, a_rows: torch.Tensor, active: torch.Tensor, inc: torch.Tensor) -> None:
         """One native block of up to ``k`` tokens for each ``active`` row (``state.sample_block``):
 
             inc += Σ_j [a_t log p(y_j | y_<j) − log q(y_j | y_<j)]
 
         over the drawn tokens (float64), with ``q ∝ p^{1/τ}``; EOS ends a row, reaching
         ``max_new_tokens`` cuts it (its last token is stored but not fed to the LM)."""
-        P, state, proposal = run.parts, run.state, run.proposal
-        k = self.step.k
+        P, state, proposal = run.particles, run.decoding, run.proposal
+        k = self.step_kind.k
         rows = self._rows_to_draw(run, active)      # None: every row (no gathers, no scatters)
         sel = slice(None) if rows is None else rows
         remaining = run.max_new_tokens - P.length[sel]
@@ -406,7 +459,7 @@ class SMC:
         P.truncated |= full(cut)
         state.finish(full(ended | cut))
 
-    def _draw(self, run: _Run, t: int, a_rows: torch.Tensor, active: torch.Tensor,
+    def _draw(self, run: SMCState, t: int, a_rows: torch.Tensor, active: torch.Tensor,
               inc: torch.Tensor) -> None:
         """Draw one token for each ``active`` row and do all the per-token bookkeeping.
 
@@ -414,7 +467,7 @@ class SMC:
         :meth:`_rows_to_draw` (all rows, or the live ones once few are left), so rows that
         ended cost nothing but their slot in the ``(R,)`` vectors.
         """
-        P, state, target, proposal = run.parts, run.state, run.target, run.proposal
+        P, state, target, proposal = run.particles, run.decoding, run.target, run.proposal
         lp = state.last_logprobs()
         rows = self._rows_to_draw(run, active)
         if rows is None:
@@ -476,11 +529,11 @@ class SMC:
             proposal.on_extend([[int(x)] for x in v[grow].tolist()], rows)
             proposal.on_finish(ended.nonzero().flatten().cpu())
 
-    def _rows_to_draw(self, run: _Run, active: torch.Tensor) -> torch.Tensor | None:
+    def _rows_to_draw(self, run: SMCState, active: torch.Tensor) -> torch.Tensor | None:
         """The rows a draw computes on: ``None`` (all ``R``) while most rows are live, else a
         superset of the ``active`` rows of size ``run.live`` (counted on the host at the last
         sync, so no extra sync).  Proposals that are not row-wise get exactly the active rows."""
-        P = run.parts
+        P = run.particles
         if not run.proposal.vectorised:
             run.syncs += 1
             return active.nonzero().flatten()
@@ -490,16 +543,16 @@ class SMC:
         return torch.argsort((~active).to(torch.uint8), stable=True)[:run.live]
 
     @staticmethod
-    def _count(run: _Run, name: str, per_row: torch.Tensor) -> None:
+    def _count(run: SMCState, name: str, per_row: torch.Tensor) -> None:
         """Accumulate ``per_row`` (a bool or count per row) per slot; a prompt's total is the sum
         over its slots at the end (resampling moves particles, not the work already done)."""
         total = run.host.get(name)
         run.host[name] = per_row.long() if total is None else total + per_row
 
-    def _promote(self, run: _Run, inc: torch.Tensor, a: torch.Tensor) -> None:
+    def _promote(self, run: SMCState, inc: torch.Tensor, a: torch.Tensor) -> None:
         """Particles that ended this step jump to the final target:
         ``+ (α − a_t) log p(y) + log φ_complete(y) − log ψ_{t−1}``."""
-        P, target = run.parts, run.target
+        P, target = run.particles, run.target
         ended = (P.finished | P.truncated) & ~P.dead & ~P.promoted
         zero = torch.zeros_like(P.log_p)
         untwist = torch.where(ended, -P.log_twist, zero) if target.has_twist else None
@@ -526,9 +579,9 @@ class SMC:
         if target.has_twist:
             run.record(untwist=untwist.view(P.G, P.N))
 
-    def _update_twists(self, run: _Run, inc: torch.Tensor) -> None:
+    def _update_twists(self, run: SMCState, inc: torch.Tensor) -> None:
         """``+ log ψ_t(y_≤t) − log ψ_{t−1}(y_<t)`` for particles still running."""
-        P, target = run.parts, run.target
+        P, target = run.particles, run.target
         if not target.has_twist:
             return
         rows = (~P.done).nonzero().flatten()
@@ -543,74 +596,40 @@ class SMC:
             P.cause[rows] = torch.where(bad, torch.full_like(P.cause[rows], 3), P.cause[rows])
         run.record(twist=P.log_twist.view(P.G, P.N).clone())
 
-    def _reweight(self, run: _Run, inc: torch.Tensor, log_w_before: torch.Tensor,
+    def _reweight(self, run: SMCState, inc: torch.Tensor, log_w_before: torch.Tensor,
                   a: torch.Tensor, t: int) -> torch.Tensor:
-        """``log w += inc``; ``log Ẑ += log Σ_i W̄_i w_i`` per prompt; kill −∞ particles and
-        prompts; record the step.  Returns the ESS per prompt ``(G,)``."""
-        P = run.parts
+        """Apply :func:`~llmppl.inference.weights.reweight` to the particles (``log w += inc``,
+        ``log Ẑ += log Σ_i W̄_i w_i`` per prompt), kill −∞ particles and prompts, record the
+        step.  Returns the ESS per prompt ``(G,)``."""
+        P = run.particles
         inc_g = inc.view(P.G, P.N)
-        new = P.log_w + inc_g
-        lse_new = torch.logsumexp(new, 1)
-        lse_old = torch.logsumexp(log_w_before, 1)
-        newly_failed = ~torch.isfinite(lse_new) & ~P.failed
-        ok = ~(P.failed | newly_failed)
-        incr = torch.where(ok, lse_new - lse_old, torch.zeros_like(lse_new))
-        P.log_Z = torch.where(newly_failed, torch.full_like(P.log_Z, -math.inf), P.log_Z + incr)
-        P.failed |= newly_failed
-        P.failed_at = torch.where(newly_failed, t, P.failed_at)
-        P.log_w = new
-        newly_dead = ~torch.isfinite(new.reshape(-1)) & ~P.dead
+        rw = reweight(log_w_before, inc_g, P.log_Z, P.failed)
+        P.log_Z, P.log_w = rw.log_Z, rw.log_w
+        P.failed = P.failed | rw.newly_failed
+        P.failed_at = torch.where(rw.newly_failed, t, P.failed_at)
+        newly_dead = ~torch.isfinite(rw.log_w.reshape(-1)) & ~P.dead
         live_dying = newly_dead & ~P.done
-        run.state.finish(live_dying)
+        run.decoding.finish(live_dying)
         if run.proposal.stateful:
             run.syncs += 1
             run.proposal.on_finish(live_dying.nonzero().flatten().cpu())
         P.dead |= newly_dead
-        zero = torch.zeros_like(lse_new)
-        ess = torch.where(ok, torch.exp(log_ess(new, lse_new)), zero)
-        # (a, new, log_w_before and inc are never written in place: no copies; the conditional
-        # ESS, a diagnostic, is computed for every step at once in _results)
-        run.record(exponent=a, log_weights=new, ess=ess, log_evidence_increment=incr,
+        # (a, log_w, log_w_before and inc are never written in place: no copies; the conditional
+        # ESS, a diagnostic, is computed for every step at once in results)
+        run.record(exponent=a, log_weights=rw.log_w, ess=rw.ess, log_evidence_increment=rw.increment,
                    alive=(~P.done).view(P.G, P.N).sum(1))
-        run.cess.append((log_w_before, inc_g, lse_old, lse_new, ok))
-        return ess
+        run.cess.append((log_w_before, inc_g, rw.lse_old, rw.lse_new, rw.ok))
+        return rw.ess
 
-    def _needs_resampling(self, run: _Run, ess: torch.Tensor) -> torch.Tensor:
-        """``(G,)`` bool: prompts with live particles whose ``ESS < κ N`` (always for κ = 1)."""
-        P = run.parts
-        live = (~P.done).view(P.G, P.N).any(1) & ~P.failed
-        if self.ess_threshold >= 1.0:
-            return live
-        if self.ess_threshold <= 0.0:
-            return torch.zeros_like(live)
-        return live & (ess < self.ess_threshold * P.N)
-
-    def _ancestors(self, run: _Run, need: torch.Tensor) -> torch.Tensor:
-        """``(G, N)`` ancestor indices within each prompt: resampled (survivors kept in their own
-        slot, :func:`~llmppl.inference.resampling.in_place_ancestors`) where ``need``, else the
-        identity.  Drawn before the step's host sync, so the sync also tells which rows move."""
-        P = run.parts
-        ident = torch.arange(P.N, device=P.device).expand(P.G, P.N)
-        if self.ess_threshold <= 0.0:
-            return ident
-        lw = torch.where(need[:, None], P.log_w, torch.zeros_like(P.log_w))   # uniform where not needed
-        draw = getattr(self.resampler, "from_normalised", None)   # registered: no check, no host sync
-        if draw is not None:
-            anc = draw(run.generator, torch.softmax(lw, 1), P.N)
-        else:
-            anc = self.resampler(run.generator, torch.exp(lw - lw.amax(1, keepdim=True)).nan_to_num(0.0), P.N)
-        anc = in_place_ancestors(anc.to(P.device))
-        return torch.where(need[:, None], anc, ident)
-
-    def _resample(self, run: _Run, need: torch.Tensor, anc: torch.Tensor, moved: list[int],
+    def _resample(self, run: SMCState, need: torch.Tensor, anc: torch.Tensor, moved: list[int],
                   a: torch.Tensor, t: int) -> None:
         """Apply the ancestors ``anc`` of the prompts in ``need``: only the ``moved`` rows (those
         whose ancestor is another particle; known on the host) are copied in the KV cache; then
         rejuvenate."""
-        P = run.parts
+        P = run.particles
         rows = (anc + torch.arange(P.G, device=P.device)[:, None] * P.N).reshape(-1)
         if moved:
-            run.state.reorder(rows, rows=torch.tensor(moved, dtype=torch.long).to(P.device, non_blocking=True))
+            run.decoding.reorder(rows, rows=torch.tensor(moved, dtype=torch.long).to(P.device, non_blocking=True))
             if run.proposal.stateful:
                 run.proposal.on_reorder(rows.cpu())
             P.gather(rows)
@@ -621,8 +640,8 @@ class SMC:
         if self.rejuvenate is not None:
             self._rejuvenate(run, a, t)
 
-    def _record_no_resampling(self, run: _Run) -> None:
-        P = run.parts
+    def _record_no_resampling(self, run: SMCState) -> None:
+        P = run.particles
         if not run.unmoved:     # the same (constant) tensors every such step: stacked at the end
             run.unmoved = (torch.zeros(P.G, dtype=torch.bool, device=P.device),
                            torch.arange(P.N, device=P.device).expand(P.G, P.N),
@@ -632,18 +651,18 @@ class SMC:
             run.host.setdefault("moves_accepted", []).append([0] * P.G)
             run.host.setdefault("unique_after_move", []).append(_distinct(P))
 
-    def _rejuvenate(self, run: _Run, a: torch.Tensor, t: int) -> None:
+    def _rejuvenate(self, run: SMCState, a: torch.Tensor, t: int) -> None:
         """MH moves on the live rows; the engine's token buffer is re-read for them afterwards."""
-        P = run.parts
+        P = run.particles
         rows = (~P.done).nonzero().flatten().cpu()
         accepted = [0] * P.G
         if len(rows):
             a_host = a.cpu()
             exponent = float(a_host[0]) if bool((a_host == a_host[0]).all()) else run.a_rows(a).cpu()
-            ctx = MoveContext(run.target, run.state, rows, exponent, P.log_p, P.log_other,
+            ctx = MoveContext(run.target, run.decoding, rows, exponent, P.log_p, P.log_other,
                               P.log_twist, run.generator, step=t)
             per_row = self.rejuvenate.move(ctx)
-            moved = run.state.tokens
+            moved = run.decoding.tokens
             for r in rows.tolist():
                 seq = moved[r]
                 P.tokens[r, : len(seq)] = torch.tensor(seq, dtype=torch.long, device=P.device)
@@ -654,17 +673,22 @@ class SMC:
         run.host.setdefault("moves_accepted", []).append(accepted)
         run.host.setdefault("unique_after_move", []).append(_distinct(P))
 
-    def _bad_logprobs_error(self, run: _Run, t: int) -> LanguageModelError:
+    def _bad_logprobs_error(self, run: SMCState, t: int) -> LanguageModelError:
         r = int(run.bad_logprobs.nonzero()[0, 0])
-        g, i = divmod(r, run.parts.N)
-        where = f"prompt {g}, " if run.parts.G > 1 else ""
+        g, i = divmod(r, run.particles.N)
+        where = f"prompt {g}, " if run.particles.G > 1 else ""
         return LanguageModelError(f"{run.target.lm.name} produced NaN/+inf log-probabilities for "
                                   f"{where}particle {i} at SMC step {t}")
 
     # --------------------------------------------------------------------- results
-    def _results(self, run: _Run, seed: int | None, seconds: float, raise_on_failure: bool
-                 ) -> list[Result]:
-        P, lm, state = run.parts, run.target.lm, run.state
+    def results(self, state: SMCState, raise_on_failure: bool = False) -> list[Result]:
+        """One :class:`Result` per prompt of ``state`` (after its last step, or at any step for
+        a look at the particles so far).  A prompt whose particles all died gets a Result with
+        ``error`` set, or raises :class:`AllParticlesDied` when ``raise_on_failure``."""
+        if state.t == 0:
+            raise ValueError("no SMC step has been taken on this state: call step(state) first")
+        run, seed, seconds = state, state.seed, state.clock.stop()
+        P, lm, decoding = run.particles, run.target.lm, run.decoding
         traces = {k: torch.stack(v).cpu() for k, v in run.traces.items()}  # (steps, G, ...)
         lw, inc, lse_old, lse_new, ok = (torch.stack(x) for x in zip(*run.cess))
         traces["conditional_ess"] = torch.where(ok, conditional_ess(lw, inc, (lse_old, lse_new)), 0.0).cpu()
@@ -677,7 +701,7 @@ class SMC:
                   if isinstance(v, torch.Tensor)}
         config = {
             "n_particles": P.N, "proposal": repr(run.proposal), "resampling": str(self.resampling),
-            "ess_threshold": self.ess_threshold, "schedule": repr(self.schedule), "step": repr(self.step),
+            "ess_threshold": self.ess_threshold, "schedule": repr(self.schedule), "step": repr(self.step_kind),
             "rejuvenate": repr(self.rejuvenate) if self.rejuvenate is not None else None,
             "target": repr(run.target), "max_new_tokens": run.max_new_tokens,
         }
@@ -691,7 +715,7 @@ class SMC:
                 if k in run.host:
                     steps[k] = [x[g] for x in run.host[k]]
             stats = {
-                "forward_passes": int(state.forward_passes) + extra_fp,
+                "forward_passes": int(decoding.forward_passes) + extra_fp,
                 "tokens_decoded": int(counts.get("tokens_decoded", [0] * P.G)[g]) + extra_tok.get(g, 0),
                 "tokens_sampled": int(counts.get("tokens_sampled", [0] * P.G)[g]),
                 "wall_time": seconds, "peak_memory": peak_memory(lm.device),
@@ -724,13 +748,13 @@ def _distinct(P: Particles) -> list[int]:
     return [len({tuple(s) for s in toks[g * P.N:(g + 1) * P.N]}) for g in range(P.G)]
 
 
-def _failure_message(run: _Run, g: int, causes: torch.Tensor) -> str:
+def _failure_message(run: SMCState, g: int, causes: torch.Tensor) -> str:
     counts: dict[str, int] = {}
     for c in causes.tolist():
         text = CAUSES.get(c, "unknown cause")
         counts[text] = counts.get(text, 0) + 1
     why = "; ".join(f"{n} particle(s): {c}" for c, n in counts.items())
-    where = (f"prompt {g}, " if run.parts.G > 1 else "") + f"SMC step {int(run.parts.failed_at[g])}: "
+    where = (f"prompt {g}, " if run.particles.G > 1 else "") + f"SMC step {int(run.particles.failed_at[g])}: "
     cut = run.target.explain_zero_weight([c == _CUT_CAUSE for c in causes.tolist()], run.max_new_tokens)
     hint = (f" {cut[0].upper()}{cut[1:]}." if cut else
             " A constraint that nothing satisfies, or a proposal whose support misses the target's?")
@@ -738,4 +762,4 @@ def _failure_message(run: _Run, g: int, causes: torch.Tensor) -> str:
             f"gives zero density to all of them — {why}.{hint}")
 
 
-__all__ = ["SMC", "default_proposal"]
+__all__ = ["SMC", "SMCState", "default_proposal"]
