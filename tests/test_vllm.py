@@ -221,6 +221,33 @@ def test_sessions_keep_kv_between_blocks_and_close(tiny):
     assert not engine.engine_core.engine_core.scheduler.requests
 
 
+def test_a_failed_block_leaves_the_state_usable(tiny, monkeypatch):
+    """vLLM gives up on a block (here: our engine-step bound of 1): one RuntimeError, every
+    request of the call is aborted, the rows keep the tokens they had, and the next block
+    opens new sessions and is exact; nothing leaks once the state is dropped."""
+    import llmppl.models.vllm as vllm_mod
+
+    lm, model = tiny
+    engine = lm.llm.llm_engine
+    spec = BlockSpec.make(4, 3, 0.8, [])
+    state = lm.start([[1, 2, 3], [4, 5]], n=2, max_new_tokens=16)
+    state.sample_block(torch.arange(4), spec, torch.Generator().manual_seed(0))
+    before = [list(t) for t in state.tokens]
+    with monkeypatch.context() as m:
+        m.setattr(vllm_mod, "_step_bound", lambda prompts, params: 1)
+        with pytest.raises(RuntimeError, match="did not finish"):
+            state.sample_block(torch.arange(4), spec, torch.Generator().manual_seed(1))
+    assert [list(t) for t in state.tokens] == before
+    assert not lm.sessions and all(s is None for s in state.sessions)
+    block = state.sample_block(torch.arange(4), spec, torch.Generator().manual_seed(2))
+    check_block(state, model, list(range(4)), spec, block, before)
+    del state, block
+    gc.collect()
+    assert not lm.sessions
+    assert not engine.output_processor.request_states
+    assert not engine.engine_core.engine_core.scheduler.requests
+
+
 def test_stop_budget_feed_last(tiny):
     lm, model = tiny
     n = 24

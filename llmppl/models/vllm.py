@@ -554,7 +554,13 @@ class VLLMState(HostRowsState):
         for s, chunk, sp in zip(subs, sent, params):
             if s is not None:
                 lm.submit(chunk, sp, session=s)
-        outs = lm.drive([self.sessions[r].ext for r in rows], _step_bound(sent, params))
+        try:
+            outs = lm.drive([self.sessions[r].ext for r in rows], _step_bound(sent, params))
+        except RuntimeError:     # drive aborted them: forget the sessions (the rows' tokens stand)
+            self._close([self.sessions[r] for r in rows])
+            for r in rows:
+                self.sessions[r] = None
+            raise
         res, steps = [], 0
         for r, chunk, sub in zip(rows, sent, subs):
             s, o = self.sessions[r], outs[self.sessions[r].ext]
