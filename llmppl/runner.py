@@ -357,7 +357,8 @@ class Progress:
 
     def update(self, records: Sequence[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
         self.prompts += len(records)
-        self.tokens += sum(int((r.get("stats") or {}).get("tokens_decoded") or 0) for r in records)
+        # dataset records keep the engine's stats under "stats", evaluation records at the top level
+        self.tokens += sum(int((r.get("stats") or r).get("tokens_decoded") or 0) for r in records)
         self.errors += sum(r.get("error") is not None for r in records)
         dt = max(time.monotonic() - self.t0, 1e-9)
         post = {"prompts/s": f"{self.prompts / dt:.2f}", "tok/s": f"{self.tokens / dt:.1f}"}

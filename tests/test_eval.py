@@ -368,3 +368,13 @@ def test_fetchable_model_is_registered_and_says_how_to_fetch(tmp_path, monkeypat
         pp.models.load_model("qwen2.5-coder-0.5b", backend="llamacpp")
     with pytest.raises(ValueError, match="llama.cpp backend only"):
         pp.models.load_model("qwen2.5-coder-0.5b", n_ctx=4096)
+
+
+def test_progress_counts_the_tokens_of_evaluation_and_dataset_records():
+    from llmppl.runner import Progress
+
+    bar = Progress(total=3, enabled=False)
+    bar.update([{"tokens_decoded": 40}, {"tokens_decoded": 2}])   # evaluation records (top level)
+    bar.update([{"stats": {"tokens_decoded": 7}}])                # `llmppl run` records
+    assert bar.tokens == 49 and bar.prompts == 3
+    bar.close()
