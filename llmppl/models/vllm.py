@@ -613,6 +613,9 @@ class VLLMState(HostRowsState):
         """
         from vllm import SamplingParams
 
+        if spec.propose is not None or spec.forced is not None:
+            raise NotNative("VLLMLM draws blocks natively from q ∝ p^{1/τ}: a full-vocabulary proposal "
+                            "hook or forced tokens need a backend with full_vocabulary (HFLM, LlamaCppLM)")
         rows_l = torch.arange(self.n) if rows is None else torch.as_tensor(rows, dtype=torch.long).reshape(-1).cpu()
         as_index(rows_l, self.n)
         rows_l = rows_l.tolist()
