@@ -302,3 +302,36 @@ def test_block_steps_count_tokens_and_one_sync_per_token_step():
     assert blocks.stats["n_steps"] <= math.ceil(T / 2)
     assert all(len(s) <= T for s in blocks.samples)
     assert list(itertools.chain(*blocks.samples))     # something was drawn
+
+
+def test_one_token_hook_sees_every_listed_row_and_feed_last_false_makes_no_last_forward():
+    """A one-token block runs on the device path: the hook sees every listed row (budget 0 too, its
+    draw discarded); ``feed_last=False`` (a host bool) feeds no token at the budget's end, so the
+    loop makes no ``step`` there, while a per-row ``feed_last`` tensor still does."""
+    n = 5
+    budget = torch.tensor([1, 0, 1, 1, 0])
+    for feed_last, steps in ((False, 0), (torch.zeros(n, dtype=torch.bool), 1), (None, 1)):
+        state = LM.start(PROMPT, n + 2, max_new_tokens=T)
+        calls = []
+        step = state.step
+        state.step = lambda tok, act: calls.append(act.clone()) or step(tok, act)
+        hook = TiltHook()
+        spec = BlockSpec(budget=budget, width=1, temperature=torch.ones(n, dtype=torch.float64),
+                         stop_ids=LM.eos_token_ids, feed_last=feed_last, propose=hook)
+        blk = state.sample_block(torch.arange(1, n + 1), spec, torch.Generator().manual_seed(0))
+        assert hook.calls == [list(range(n))]
+        assert ((blk.tokens[:, 0] >= 0) == (budget > 0)).all() and blk.length.tolist() == budget.tolist()
+        assert len(calls) == steps
+        fed = [] if feed_last is not None else [k + 1 for k in range(n)
+                                                  if budget[k] and int(blk.tokens[k, 0]) != LM.eos_token_id]
+        assert [r for r in range(n + 2) if state.tokens[r]] == fed
+    # several tokens with feed_last=False: a step per position but the last, rows at their end unfed
+    state = LM.start(PROMPT, 3, max_new_tokens=T)
+    calls = []
+    step = state.step
+    state.step = lambda tok, act: calls.append(act.clone()) or step(tok, act)
+    spec = BlockSpec(budget=torch.tensor([3, 1, 3]), width=3, temperature=torch.ones(3, dtype=torch.float64),
+                     stop_ids=LM.eos_token_ids, allow_stop=False, feed_last=False)
+    blk = state.sample_block(None, spec, torch.Generator().manual_seed(0))
+    assert len(calls) == 2 and calls[0].tolist() == [True, False, True]
+    assert [len(t) for t in state.tokens] == [2, 0, 2] and blk.length.tolist() == [3, 1, 3]

@@ -95,7 +95,7 @@ def advance(
                      temperature=tau if native else torch.ones(R, dtype=torch.float64),
                      stop_ids=eos_ids(target.lm), allow_stop=allow_eos and proposal.allow_stop,
                      greedy=native and proposal.greedy,
-                     feed_last=None if feed_last else torch.zeros(R, dtype=torch.bool))
+                     feed_last=None if feed_last else False)
     if not native:
         spec.propose = _proposal_hook(target, state, rows, proposal, exponent, a_rows, generator)
         spec.sample, spec.forced = proposal.sample, _forced_tokens(forced, R, W)

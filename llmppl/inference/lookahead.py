@@ -128,7 +128,7 @@ class Lookahead(Proposal):
         # the futures: draws from p until EOS or the horizon (whose last token is never fed)
         n = len(go)
         spec = BlockSpec(budget=hor[go], width=int(hor[go].max()), temperature=torch.ones(n, dtype=torch.float64),
-                         stop_ids=stop_ids, feed_last=torch.zeros(n, dtype=torch.bool))
+                         stop_ids=stop_ids, feed_last=False)
         blk = fork.sample_block(go, spec, ctx.generator)
         log_f[go] = blk.total("log_p").cpu()
         # fed: the candidate, then every drawn token but the last (EOS, or the horizon's end)

@@ -11,20 +11,22 @@ Engines weigh at block boundaries from these two numbers (float64 sums): for
 ``q ∝ p^{a}`` the per-token weight ``a·log p − log q = log Σ_u p(u|y_<t)^a`` is exact.
 
 A drawn stop token is recorded in the block but never fed to the state; a row that
-reaches its budget with ``spec.feed_last[k]`` false keeps its last token unfed too
-(a completion cut at ``max_new_tokens``: the caller finishes it).  Every other drawn
-token is appended to the row, exactly as ``state.step`` / ``state.extend`` would.
+reaches its budget with ``spec.feed_last[k]`` (or a plain ``spec.feed_last``) false keeps
+its last token unfed too (a completion cut at ``max_new_tokens``, whose caller finishes it;
+a token the caller feeds itself once weighed).  Every other drawn token is appended to the
+row, exactly as ``state.step`` / ``state.extend`` would.
 
 Two optional fields make the same loop serve proposals that need the full vocabulary and
 the replay of given suffixes (MH reverse moves), on backends with ``full_vocabulary``:
 
 * ``spec.propose(k, log_p) -> (log_q, log_inc)``: at each position, for the rows ``k`` of the
-  block still drawing (indices into ``rows``) and their ``(m, V)`` ``log p``, the proposal's
-  normalised ``(m, V)`` ``log q`` (then restricted by ``allowed`` / ``allow_stop`` and
-  renormalised; ``temperature`` and ``greedy`` are not used) and optionally the target's
-  ``(m, V)`` token-level increment ``log_inc`` (``log γ_t(y_≤t) − log γ_{t−1}(y_<t)`` for each
-  next token), which the block records at the drawn token (``Block.log_inc``).  Tokens are
-  drawn by ``spec.sample(log_q, generator)`` (default :func:`sample_inverse_cdf`).
+  block still drawing (indices into ``rows``; a one-token block shows every listed row) and
+  their ``(m, V)`` ``log p``, the proposal's normalised ``(m, V)`` ``log q`` (then restricted
+  by ``allowed`` / ``allow_stop`` and renormalised; ``temperature`` and ``greedy`` are not
+  used) and optionally the target's ``(m, V)`` token-level increment ``log_inc``
+  (``log γ_t(y_≤t) − log γ_{t−1}(y_<t)`` for each next token), which the block records at the
+  drawn token (``Block.log_inc``).  Tokens are drawn by ``spec.sample(log_q, generator)``
+  (default :func:`sample_inverse_cdf`).
 * ``spec.forced`` ``(n, W)`` long: where ``>= 0`` the token at that position is the given one
   instead of a draw; its ``log p``, ``log q`` and ``log_inc`` are recorded all the same
   (``log q(y'|y)`` of a reverse move).  Give forced rows a ``budget`` equal to their suffix.
@@ -68,7 +70,9 @@ class BlockSpec:
     ``temperature`` ``(n,)`` float64 ``τ`` per row (ignored when ``greedy``);
     ``stop_ids``: ids that end a row; ``allow_stop``: when false ``q`` is renormalised
     without them; ``allowed`` ``(V,)`` bool: a static token mask (``None``: every token);
-    ``feed_last`` ``(n,)`` bool: feed a row's token at its budget end (default: all);
+    ``feed_last`` ``(n,)`` bool, or one bool for every row: feed a row's token at its budget end
+    (default: all; ``False`` is known on the host, so the loop makes no forward for the last
+    position, whose tokens are all unfed);
     ``propose``, ``sample``, ``forced``: a full-vocabulary proposal hook, its sampler and given
     tokens (see the module docstring; only backends with ``full_vocabulary`` take them).
     """
@@ -80,7 +84,7 @@ class BlockSpec:
     allow_stop: bool = True
     allowed: torch.Tensor | None = None
     greedy: bool = False
-    feed_last: torch.Tensor | None = None
+    feed_last: torch.Tensor | bool | None = None
     propose: Propose | None = None
     sample: Sampler | None = None
     forced: torch.Tensor | None = None
@@ -231,34 +235,48 @@ def _position(lp: torch.Tensor, k: torch.Tensor | None, tau: torch.Tensor, stop:
     return tok, _at(lq, tok), None if inc is None else _at(inc, tok)
 
 
+def _fed(feed: torch.Tensor, at_end: torch.Tensor, feed_last: torch.Tensor | bool | None) -> torch.Tensor:
+    """The rows fed: ``feed`` (drew a token that is not a stop id), except those at their budget's
+    end (``at_end``) whose ``feed_last`` is false."""
+    if feed_last is None or feed_last is True:
+        return feed
+    if feed_last is False:
+        return feed & ~at_end
+    return feed & (~at_end | feed_last)
+
+
 def _device_loop(state, rows: torch.Tensor | None, spec: BlockSpec, generator: torch.Generator | None,
-                 ) -> tuple[torch.Tensor, ...]:
-    """The device fast path of :func:`sample_tokenwise` (no hook, no forced tokens): every listed
-    row at each position (``last_logprobs`` / ``step``); ``(tokens, log_p, log_q)`` ``(n, W)``
-    and ``ended`` ``(n,)``."""
+                 ) -> tuple[torch.Tensor | None, ...]:
+    """The device fast path of :func:`sample_tokenwise`: every listed row at each position
+    (``last_logprobs`` / ``step``; a hook sees them all); ``(tokens, log_p, log_q, log_inc)``
+    ``(n, W)`` (``log_inc`` None without the hook's increments) and ``ended`` ``(n,)``."""
     dev, R, W = state.lm.device, state.n, spec.width
     every = rows is None                  # all rows, in order: no gathers / scatters
     n = R if every else len(rows)
     budget = spec.budget.to(dev)
-    feed_last = None if spec.feed_last is None else spec.feed_last.to(dev)
+    feed_last = spec.feed_last.to(dev) if isinstance(spec.feed_last, torch.Tensor) else spec.feed_last
     stop = torch.tensor(spec.stop_ids, dtype=torch.long, device=dev)
     tau = spec.temperature.to(dev)
     allowed = None if spec.allowed is None else spec.allowed.to(dev)
+    forced = None if spec.forced is None else spec.forced.to(dev)
+    k = None if spec.propose is None else torch.arange(n, device=dev)
     ended = torch.zeros(n, dtype=torch.bool, device=dev)
-    columns: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    columns: list[tuple[torch.Tensor, ...]] = []
     for j in range(W):
         live = budget > j if j == 0 else ~ended & (budget > j)
         if j and not bool(live.any()):
             break
         lp = state.last_logprobs() if every else state.last_logprobs().index_select(0, rows)
-        tok, lq_tok, _ = _position(lp, None, tau, stop, spec, allowed, None, generator)
-        columns.append((torch.where(live, tok, -1), torch.where(live, _at(lp, tok), -math.inf),
-                        torch.where(live, lq_tok, -math.inf)))
+        tok, lq_tok, inc_tok = _position(lp, k, tau, stop, spec, allowed, None if forced is None else forced[:, j],
+                                         generator)
+        column = (torch.where(live, tok, -1), torch.where(live, _at(lp, tok), -math.inf),
+                  torch.where(live, lq_tok, -math.inf))
+        columns.append(column if inc_tok is None else (*column, torch.where(live, inc_tok, -math.inf)))
         is_stop = live & torch.isin(tok, stop)
         ended = ended | is_stop
-        feed = live & ~is_stop
-        if feed_last is not None:
-            feed = feed & ((budget > j + 1) | feed_last)
+        if j == W - 1 and feed_last is False:
+            break                     # no row is fed at its budget's end: no forward for it
+        feed = _fed(live & ~is_stop, budget <= j + 1, feed_last)
         fed = torch.where(feed, tok, 0)
         if every:
             state.step(fed, feed)
@@ -267,24 +285,24 @@ def _device_loop(state, rows: torch.Tensor | None, spec: BlockSpec, generator: t
                        torch.zeros(R, dtype=torch.bool, device=dev).index_copy_(0, rows, feed))
     if not columns:
         return (torch.empty((n, 0), dtype=torch.long, device=dev),
-                *(torch.empty((n, 0), dtype=torch.float64, device=dev),) * 2, ended)
-    tokens, log_p, log_q = (torch.stack(c, 1) for c in zip(*columns))
-    if tokens.shape[1] < W:        # every row stopped early: pad to the block's width
-        pad = W - tokens.shape[1]
-        tokens = torch.cat([tokens, tokens.new_full((n, pad), -1)], 1)
-        log_p = torch.cat([log_p, log_p.new_full((n, pad), -math.inf)], 1)
-        log_q = torch.cat([log_q, log_q.new_full((n, pad), -math.inf)], 1)
-    return tokens, log_p, log_q, ended
+                *(torch.empty((n, 0), dtype=torch.float64, device=dev),) * 2, None, ended)
+    stacked = [torch.stack(c, 1) for c in zip(*columns)]
+    if stacked[0].shape[1] < W:        # every row stopped early: pad to the block's width
+        pad = W - stacked[0].shape[1]
+        stacked = [torch.cat([x, x.new_full((n, pad), -1 if i == 0 else -math.inf)], 1)
+                   for i, x in enumerate(stacked)]
+    tokens, log_p, log_q = stacked[:3]
+    return tokens, log_p, log_q, stacked[3] if len(stacked) > 3 else None, ended
 
 
 def _subset_loop(state, rows: torch.Tensor, spec: BlockSpec, generator: torch.Generator | None,
-                 ) -> tuple[torch.Tensor, ...]:
+                 ) -> tuple[torch.Tensor | None, ...]:
     """The host path of :func:`sample_tokenwise`: at each position, ``logprobs`` / ``extend`` on
-    the rows still drawing only (the hook sees exactly those); ``(tokens, log_p, log_q, ended,
-    log_inc)`` with ``log_inc`` None when the hook gives no increment."""
+    the rows still drawing only (the hook sees exactly those); ``(tokens, log_p, log_q, log_inc)``
+    (``log_inc`` None without the hook's increments) and ``ended``."""
     dev, n, W = state.lm.device, len(rows), spec.width
     budget = spec.budget.to(dev)
-    feed_last = None if spec.feed_last is None else spec.feed_last.to(dev)
+    feed_last = spec.feed_last.to(dev) if isinstance(spec.feed_last, torch.Tensor) else spec.feed_last
     stop = torch.tensor(spec.stop_ids, dtype=torch.long, device=dev)
     tau = spec.temperature.to(dev)
     allowed = None if spec.allowed is None else spec.allowed.to(dev)
@@ -309,22 +327,23 @@ def _subset_loop(state, rows: torch.Tensor, spec: BlockSpec, generator: torch.Ge
             log_inc[sub, j] = inc_tok
         is_stop = torch.isin(tok, stop)
         ended[sub] |= is_stop
-        feed = ~is_stop
-        if feed_last is not None:
-            feed = feed & ((budget[sub] > j + 1) | feed_last[sub])
+        feed = _fed(~is_stop, budget[sub] <= j + 1,
+                    feed_last[sub] if isinstance(feed_last, torch.Tensor) else feed_last)
         if bool(feed.any()):
             state.extend(tok[feed].cpu(), rows[sub][feed].cpu())
-    return tokens, log_p, log_q, ended, log_inc
+    return tokens, log_p, log_q, log_inc, ended
 
 
 def sample_tokenwise(state, rows: torch.Tensor | None, spec: BlockSpec, generator: torch.Generator | None) -> Block:
     """The reference :meth:`LMState.sample_block`: one batched forward per position.
 
-    When ``rows`` covers every row of the state, or the block is one token, and there is no
-    ``spec.propose`` / ``spec.forced``, it runs on the device fast path (``last_logprobs`` /
-    ``step``: no host sync for one token, one per position otherwise, to stop once every row is
-    done).  Otherwise it uses ``logprobs(rows)`` / ``extend`` on the rows still drawing, so the
-    forward (and the hook) covers only them.
+    When ``rows`` covers every row of the state, or the block is one token, it runs on the
+    device fast path (``last_logprobs`` / ``step``: no host sync for one token, one per
+    position otherwise, to stop once every row is done).  For a subset of the rows it uses
+    ``logprobs(rows)`` / ``extend`` on the rows still drawing, so the forward covers only them.
+    A block of several tokens with a hook or forced tokens always takes that path, so the hook
+    sees only the rows still drawing; a one-token block shows the hook every listed row (a row
+    with budget 0 too: its draw is discarded), as SMC's token step needs.
     """
     dev, R, W = state.lm.device, state.n, spec.width
     if rows is not None:
@@ -332,12 +351,12 @@ def sample_tokenwise(state, rows: torch.Tensor | None, spec: BlockSpec, generato
     n = R if rows is None else len(rows)
     if spec.forced is not None and tuple(spec.forced.shape) != (n, W):
         raise ValueError(f"forced tokens must be ({n}, {W}) (rows, width), got {tuple(spec.forced.shape)}")
-    log_inc = None
-    if spec.propose is None and spec.forced is None and (n == R or W == 1):
-        tokens, log_p, log_q, ended = _device_loop(state, rows, spec, generator)
+    plain = spec.propose is None and spec.forced is None
+    if W == 1 or (n == R and plain):
+        tokens, log_p, log_q, log_inc, ended = _device_loop(state, rows, spec, generator)
     else:
         rows = torch.arange(R, device=dev) if rows is None else rows
-        tokens, log_p, log_q, ended, log_inc = _subset_loop(state, rows, spec, generator)
+        tokens, log_p, log_q, log_inc, ended = _subset_loop(state, rows, spec, generator)
     return Block(tokens, log_p, log_q, ended, (tokens >= 0).sum(1), log_inc)
 
 

@@ -627,7 +627,8 @@ class VLLMState(HostRowsState):
             raise ValueError(f"sample_block got {n} rows but a budget of {len(budget)}")
         W = max([int(spec.width)] + budget) if n else int(spec.width)
         tau = [float(t) for t in spec.temperature.reshape(-1).expand(n).cpu().tolist()] if n else []
-        feed_last = [True] * n if spec.feed_last is None else [bool(f) for f in spec.feed_last.cpu().tolist()]
+        fl = spec.feed_last
+        feed_last = [bool(f) for f in fl.cpu().tolist()] if isinstance(fl, torch.Tensor) else [fl is not False] * n
         stop = tuple(int(s) for s in spec.stop_ids)
         if any(not 0 <= s < V for s in stop):
             raise ValueError(f"stop ids must lie in [0, {V}), got {list(stop)}")
