@@ -55,9 +55,10 @@ LM = SETUP.lm()
 NATIVE = NativeOnlyLM(seed=SETUP.seed, eos_profile=SETUP.eos_profile)
 
 
-def block_law(lm, prompt, width, tau):
-    """Exact law of one block of ``width`` tokens (stopping at EOS) under ``q ∝ p^{1/τ}``,
-    by enumeration over ``lm.next_logprobs`` (independent of any decoding state)."""
+def block_law(lm, prompt, width, tau, log_w=None):
+    """Exact law of one block of ``width`` tokens (stopping at EOS) under ``q ∝ p^{1/τ}``
+    (times ``exp(log_w)`` when given, a ``(V,)`` tilt), by enumeration over ``lm.next_logprobs``
+    (independent of any decoding state)."""
     law = {}
     eos = lm.eos_token_id
 
@@ -65,7 +66,8 @@ def block_law(lm, prompt, width, tau):
         if len(prefix) == width or (prefix and prefix[-1] == eos):
             law[tuple(prefix)] = law.get(tuple(prefix), 0.0) + math.exp(logq)
             return
-        lq = torch.log_softmax(lm.next_logprobs([prompt + prefix])[0].double() / tau, -1)
+        lq = torch.log_softmax(lm.next_logprobs([prompt + prefix])[0].double() / tau
+                               + (0.0 if log_w is None else log_w), -1)
         for v in range(lm.vocab_size):
             if lq[v] > -math.inf:
                 walk(prefix + [v], logq + float(lq[v]))
@@ -130,6 +132,108 @@ def test_sample_block_budget_feed_last_allow_stop_and_greedy():
     assert float(out.log_q[0, 0]) == 0.0
 
 
+#: a full-vocabulary proposal that no temperature gives: q(v) ∝ p(v) · (v + 1)
+TILT = torch.log(torch.arange(1, LM.vocab_size + 1, dtype=torch.float64))
+
+
+class TiltHook:
+    """``spec.propose`` for the tests: ``log q = log_softmax(log p + TILT)``, ``log_inc = 2 log p``;
+    records the block rows it was asked about at each call."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, k, lp):
+        self.calls.append(k.tolist())
+        return torch.log_softmax(lp.double() + TILT, -1), 2.0 * lp.double()
+
+
+def test_a_full_vocabulary_hook_draws_from_its_q_and_records_log_q_and_log_inc():
+    """``spec.propose``: the block has the law of the hook's ``q`` (enumerated), its ``log q`` and
+    ``log_inc`` are the hook's at the drawn token, ``log p`` the LM's, and the hook sees only the
+    rows still drawing."""
+    n, width = 40000, 3          # the tilt spreads q over ~100 blocks: TV noise ≈ 0.015
+    state = LM.start(PROMPT, n, max_new_tokens=T)
+    hook = TiltHook()
+    spec = BlockSpec.make(n, width, 1.0, LM.eos_token_ids, propose=hook)
+    blk = state.sample_block(torch.arange(n), spec, torch.Generator().manual_seed(0))
+    rows = [tuple(t for t in r if t >= 0) for r in blk.tokens.tolist()]
+    emp = {}
+    for r in rows:
+        emp[r] = emp.get(r, 0.0) + 1.0 / n
+    assert tv_distance(block_law(LM, PROMPT, width, 1.0, TILT), emp) < 0.03
+    assert tv_distance(block_law(LM, PROMPT, width, 1.0), emp) > 0.1       # not the base LM's law
+    for k in range(0, n, 3997):
+        for j, tok in enumerate(rows[k]):
+            lp = LM.next_logprobs([PROMPT + list(rows[k][:j])])[0].double()
+            assert blk.log_p[k, j].item() == pytest.approx(float(lp[tok]), abs=1e-6)
+            assert blk.log_q[k, j].item() == pytest.approx(float(torch.log_softmax(lp + TILT, -1)[tok]), abs=1e-6)
+            assert blk.log_inc[k, j].item() == pytest.approx(2 * float(lp[tok]), abs=1e-6)
+    assert torch.allclose(blk.total("log_inc"), 2 * blk.total("log_p"))
+    # call j sees exactly the rows that have not drawn EOS in columns < j
+    for j, seen in enumerate(hook.calls):
+        assert seen == [k for k in range(n) if LM.eos_token_id not in rows[k][:j]]
+    for k in range(0, n, 2011):
+        assert state.tokens[k] == [t for t in rows[k] if t != LM.eos_token_id]
+
+
+def test_forced_tokens_are_replayed_with_their_log_q_and_the_rest_is_drawn():
+    """``spec.forced``: rows 0-2 replay given suffixes (one ends in EOS), with the hook's ``log q``,
+    ``log_inc`` and the LM's ``log p`` of each given token, computed here by hand; row 3 draws;
+    ``allow_stop=False`` renormalises the hook's q without EOS; ``feed_last`` false leaves the
+    last token of a row at its budget unfed."""
+    eos = LM.eos_token_id
+    given = [[0, 1, 2], [2, eos], [1], None]
+    n, W = len(given), 3
+    forced = torch.full((n, W), -1, dtype=torch.long)
+    for k, g in enumerate(given):
+        if g is not None:
+            forced[k, :len(g)] = torch.tensor(g)
+    budget = torch.tensor([len(g) if g is not None else W for g in given])
+    for allow_stop in (True, False):
+        state = LM.start(PROMPT, n, max_new_tokens=T)
+        spec = BlockSpec(budget=budget, width=W, temperature=torch.ones(n, dtype=torch.float64),
+                         stop_ids=LM.eos_token_ids, allow_stop=allow_stop, propose=TiltHook(), forced=forced,
+                         feed_last=torch.tensor([True, True, False, False]))
+        blk = state.sample_block(torch.arange(n), spec, torch.Generator().manual_seed(3))
+        for k, g in enumerate(given):
+            toks = [t for t in blk.tokens[k].tolist() if t >= 0]
+            if g is not None:
+                assert toks == g
+            else:
+                assert len(toks) == W or (allow_stop and toks[-1] == eos)
+                assert allow_stop or eos not in toks
+            for j, tok in enumerate(toks):
+                lp = LM.next_logprobs([PROMPT + toks[:j]])[0].double()
+                w = lp + TILT
+                if not allow_stop:
+                    w[eos] = -math.inf
+                assert blk.log_p[k, j].item() == pytest.approx(float(lp[tok]), abs=1e-6)
+                assert blk.log_q[k, j].item() == pytest.approx(float(torch.log_softmax(w, -1)[tok]), abs=1e-6)
+                assert blk.log_inc[k, j].item() == pytest.approx(2 * float(lp[tok]), abs=1e-6)
+        drawn = [t for t in blk.tokens[3].tolist() if t >= 0]
+        assert blk.ended.tolist() == [False, True, False, eos in drawn]
+        assert blk.length.tolist() == [3, 2, 1, len(drawn)]
+        # a given EOS has log q = -inf when q has no stop: a reverse move the proposal cannot make
+        assert math.isinf(blk.log_q[1, 1].item()) == (not allow_stop)
+        # fed: all of row 0 (feed_last), row 1 but its EOS, nothing of row 2 (its last token at
+        # its budget), row 3 but its last token (EOS, or the budget's end without feed_last)
+        assert state.tokens == [[0, 1, 2], [2], [], drawn[:-1]]
+
+
+def test_forced_tokens_without_a_hook_use_the_temperature_q():
+    """Forced tokens under the native ``q ∝ p^{1/τ}``: their ``log q`` is that q's, by hand."""
+    state = LM.start(PROMPT, 2, max_new_tokens=T)
+    spec = BlockSpec.make(2, 2, 0.5, LM.eos_token_ids, forced=torch.tensor([[1, 0], [-1, -1]]))
+    blk = state.sample_block(None, spec, torch.Generator().manual_seed(0))
+    assert blk.tokens[0].tolist() == [1, 0] and blk.log_inc is None
+    for j, prefix in enumerate([[], [1]]):
+        lp = LM.next_logprobs([PROMPT + prefix])[0].double()
+        assert blk.log_q[0, j].item() == pytest.approx(float(torch.log_softmax(lp / 0.5, -1)[[1, 0][j]]), abs=1e-6)
+    with pytest.raises(ValueError, match="forced"):
+        state.sample_block(None, BlockSpec.make(2, 2, 1.0, LM.eos_token_ids, forced=torch.zeros(2, 3).long()), None)
+
+
 @pytest.mark.parametrize("k, schedule", [(1, None), (2, None), (1, pp.schedules.Linear(1.0, 3))])
 def test_smc_on_a_block_only_backend_matches_exact(k, schedule):
     """Power-SMC with native blocks of k tokens (weighed at block boundaries) on a backend that has
@@ -180,6 +284,9 @@ def _mask(batch):
     (pp.SMC(4, schedule=pp.schedules.AdaptiveESS()), pp.Target(NATIVE, pp.Power(2.0)), "AdaptiveESS"),
     (pp.SMC(4, step=pp.steps.Until(1)), pp.Target(NATIVE, pp.Power(2.0)), "Until"),
     (pp.SMC(4, rejuvenate=pp.MH(1, 1)), pp.Target(NATIVE, pp.Power(2.0)), "rejuvenate"),
+    (pp.MH(2, 2, proposal=pp.proposals.TopK(2)), pp.Target(NATIVE, pp.Power(2.0)), "TopK"),
+    (pp.samplers.ScalablePower(2, 2, 2, n=4), pp.Target(NATIVE, pp.Power(2.0)), "Lookahead"),
+    (pp.baselines.Plain(4), pp.Target(NATIVE, pp.Constraint(mask=_mask)), "proposal Base"),
 ])
 def test_what_needs_the_full_vocabulary_is_refused_by_name(engine, target, needle):
     with pytest.raises(NotNative, match=needle) as err:
@@ -195,3 +302,36 @@ def test_block_steps_count_tokens_and_one_sync_per_token_step():
     assert blocks.stats["n_steps"] <= math.ceil(T / 2)
     assert all(len(s) <= T for s in blocks.samples)
     assert list(itertools.chain(*blocks.samples))     # something was drawn
+
+
+def test_one_token_hook_sees_every_listed_row_and_feed_last_false_makes_no_last_forward():
+    """A one-token block runs on the device path: the hook sees every listed row (budget 0 too, its
+    draw discarded); ``feed_last=False`` (a host bool) feeds no token at the budget's end, so the
+    loop makes no ``step`` there, while a per-row ``feed_last`` tensor still does."""
+    n = 5
+    budget = torch.tensor([1, 0, 1, 1, 0])
+    for feed_last, steps in ((False, 0), (torch.zeros(n, dtype=torch.bool), 1), (None, 1)):
+        state = LM.start(PROMPT, n + 2, max_new_tokens=T)
+        calls = []
+        step = state.step
+        state.step = lambda tok, act: calls.append(act.clone()) or step(tok, act)
+        hook = TiltHook()
+        spec = BlockSpec(budget=budget, width=1, temperature=torch.ones(n, dtype=torch.float64),
+                         stop_ids=LM.eos_token_ids, feed_last=feed_last, propose=hook)
+        blk = state.sample_block(torch.arange(1, n + 1), spec, torch.Generator().manual_seed(0))
+        assert hook.calls == [list(range(n))]
+        assert ((blk.tokens[:, 0] >= 0) == (budget > 0)).all() and blk.length.tolist() == budget.tolist()
+        assert len(calls) == steps
+        fed = [] if feed_last is not None else [k + 1 for k in range(n)
+                                                  if budget[k] and int(blk.tokens[k, 0]) != LM.eos_token_id]
+        assert [r for r in range(n + 2) if state.tokens[r]] == fed
+    # several tokens with feed_last=False: a step per position but the last, rows at their end unfed
+    state = LM.start(PROMPT, 3, max_new_tokens=T)
+    calls = []
+    step = state.step
+    state.step = lambda tok, act: calls.append(act.clone()) or step(tok, act)
+    spec = BlockSpec(budget=torch.tensor([3, 1, 3]), width=3, temperature=torch.ones(3, dtype=torch.float64),
+                     stop_ids=LM.eos_token_ids, allow_stop=False, feed_last=False)
+    blk = state.sample_block(None, spec, torch.Generator().manual_seed(0))
+    assert len(calls) == 2 and calls[0].tolist() == [True, False, True]
+    assert [len(t) for t in state.tokens] == [2, 0, 2] and blk.length.tolist() == [3, 1, 3]

@@ -188,3 +188,30 @@ def test_lookahead_run_batch_with_per_prompt_exponents():
         others.update({f"prompt {j}'s target": exact[j].as_dict() for j in range(len(exact))
                        if j != k and tv_distance(exact[j].as_dict(), exact[k].as_dict()) > 0.1})
         check(exact[k], s, w, 0.04, others, f"batched Lookahead + AdaptiveESS, prompt {k}")
+
+
+@pytest.mark.parametrize("horizon, budget", [(3, None), (2, None), (8, 4)])
+def test_rollouts_stay_within_horizon_and_budget_and_count_what_they_feed(horizon, budget):
+    """The rollouts (one ``sample_block`` of the fork) against the LM's own counters: every row the
+    LM evaluates during ``log_probs`` is a token the rollouts fed (the candidate, then every drawn
+    token but the last), one call per forward pass; a future has at most ``horizon`` tokens (its
+    last never fed) and the completion at most ``max_new_tokens`` (EOS included)."""
+    lm = CountingLM(seed=9)
+    prompt = ZEROS.prompt
+    mode = int(lm.next_logprobs([list(prompt)])[0].argmax())
+    prefixes = [[], [mode], [mode]]
+    target = pp.Target(lm, pp.Power(4.0))
+    ctx = _context(lm, target, prompt, prefixes, exponent=4.0, seed=1)
+    ctx.max_new_tokens = budget
+    la = pp.proposals.Lookahead(top_k=3, rollouts=5, horizon=horizon)
+    la.start(target, prompt, len(prefixes))
+    rows, calls = lm.rows, lm.calls
+    lm.longest = 0
+    lq = la.log_probs(ctx)
+    assert torch.isfinite(lq.logsumexp(-1)).all()
+    assert la.tokens_decoded > 0 and lm.rows - rows == la.tokens_decoded
+    assert lm.calls - calls == la.forward_passes <= horizon
+    assert la.work() == (la.forward_passes, {0: la.tokens_decoded})
+    # a prefix of t tokens continues to at most t + 1 + (horizon − 1) tokens when queried
+    assert lm.longest <= 1 + horizon if budget is None else lm.longest <= budget - 1
+    assert ctx.state.tokens == prefixes          # the engine's state is left alone

@@ -1,10 +1,16 @@
-"""Ancestral decoding from a proposal, one batched forward per position.
+"""Ancestral decoding from a proposal, one ``state.sample_block`` call.
 
 Shared by MH (blocks and suffix proposals), the baselines and ``ScalablePower``.
 :func:`advance` extends rows of an :class:`LMState` until EOS or a per-row length,
 drawing ``y_t ~ q(· | y_<t)`` (or replaying given tokens), and records per position
 
     log q(y_t | y_<t),   log p(y_t | y_<t),   log γ-increment = target.log_next(·, a)[y_t].
+
+A native proposal (``q ∝ p^{1/τ}`` on a target without token-level factors) is a plain
+block spec, and the increment is ``a · log p``; any other proposal, and the replay of given
+suffixes, runs through the spec's full-vocabulary hook (``proposal.log_probs`` and
+``target.log_next`` at each position, :mod:`llmppl.models.block`) and its forced tokens, on
+backends with ``full_vocabulary`` (others refuse with ``NotNative``).
 
 EOS is never appended to the state: a row that draws EOS is ``ended`` and stops.
 Lengths count the EOS token, as in ``llmppl.exact`` (a completion has at most
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.block import BlockSpec
+from ..models.block import BlockSpec, Propose
 from ..targets.target import Target
 from .common import eos_ids
 from .native import NATIVE_HINT, block_temperature, require_full_vocabulary
@@ -45,13 +51,6 @@ class Decoded:
         """``(R,)`` sum over the decoded positions of ``log_q``, ``log_p`` or ``log_inc``."""
         x = getattr(self, name)
         return torch.where(self.tokens >= 0, x, torch.zeros((), dtype=x.dtype)).sum(1)
-
-
-def without_eos(log_q: torch.Tensor, eos: int | torch.Tensor) -> torch.Tensor:
-    """``q`` renormalised on the tokens other than EOS (every EOS id)."""
-    out = log_q.double().clone()
-    out[:, torch.as_tensor(eos, device=out.device)] = -math.inf
-    return torch.log_softmax(out, dim=-1)
 
 
 def advance(
@@ -88,67 +87,66 @@ def advance(
     a_rows = exponent.double().reshape(-1) if per_row_exponent(exponent) else torch.full((R,), float(exponent),
                                                                                           dtype=torch.float64)
     tau = block_temperature(proposal, target, a_rows) if forced is None else None
-    if tau is not None and bool(torch.isfinite(tau).all()):
-        return _advance_native(target, state, rows, start, stop_t, W, proposal, tau, a_rows, generator, allow_eos,
-                               feed_last)
-    require_full_vocabulary(state, f"decoding with the proposal {proposal!r}" if forced is None else
-                            "replaying given suffixes (MH moves)", NATIVE_HINT)
-    tokens = torch.full((R, W), -1, dtype=torch.long)
-    log_q = torch.full((R, W), -math.inf, dtype=torch.float64)
-    log_p = log_q.clone()
-    log_inc = log_q.clone()
-    ended = torch.zeros(R, dtype=torch.bool)
-    eos = torch.tensor(eos_ids(target.lm))
-    per_row = isinstance(exponent, torch.Tensor)
-    for j in range(W):
-        live = ((start + j < stop_t) & ~ended).nonzero().flatten()
-        if len(live) == 0:
-            break
-        srows = rows[live]
-        lp = state.logprobs(srows)
-        batch = target.batch([state.prompt_of(r) for r in srows.tolist()],
-                             [state.tokens[r] for r in srows.tolist()], lp)
-        a = exponent[live][:, None] if per_row else exponent
+    native = tau is not None and bool(torch.isfinite(tau).all())
+    if not native:
+        require_full_vocabulary(state, f"decoding with the proposal {proposal!r}" if forced is None else
+                                "replaying given suffixes (MH moves)", NATIVE_HINT)
+    spec = BlockSpec(budget=(stop_t - start).clamp(min=0), width=W,
+                     temperature=tau if native else torch.ones(R, dtype=torch.float64),
+                     stop_ids=eos_ids(target.lm), allow_stop=allow_eos and proposal.allow_stop,
+                     greedy=native and proposal.greedy,
+                     feed_last=None if feed_last else False)
+    if not native:
+        spec.propose = _proposal_hook(target, state, rows, proposal, exponent, a_rows, generator)
+        spec.sample, spec.forced = proposal.sample, _forced_tokens(forced, R, W)
+    blk = state.sample_block(rows, spec, generator)
+    tokens, log_p = blk.tokens.cpu(), blk.log_p.cpu()
+    unused = torch.full_like(log_p, -math.inf)
+    if native:      # no token-level factor (block_temperature checked that): the increment is a · log p
+        log_inc = torch.where(tokens >= 0, a_rows[:, None] * log_p, unused)
+    else:           # the hook's target.log_next at the tokens (None: nothing was drawn)
+        log_inc = unused if blk.log_inc is None else blk.log_inc.cpu()
+    return Decoded(tokens, blk.log_q.cpu(), log_p, log_inc, blk.ended.cpu(), start + blk.length.cpu())
+
+
+def _proposal_hook(target: Target, state, rows: torch.Tensor, proposal: Proposal, exponent: float | torch.Tensor,
+                   a_rows: torch.Tensor, generator: torch.Generator) -> Propose:
+    """The ``spec.propose`` of :func:`advance`'s token path: for the rows ``k`` (indices into
+    ``rows``) still drawing, with log p ``lp``,
+
+        log q = proposal.log_probs(ctx),    log_inc = target.log_next(·, a)   (both (m, V)),
+
+    where ``ctx`` holds the rows' prefixes (``target.batch``), the state, the state rows and
+    the exponent ``a`` (a float, or ``(m, 1)`` with one per row)."""
+    per_row = per_row_exponent(exponent)
+    a_host = a_rows if per_row else float(exponent)
+
+    def propose(k: torch.Tensor, lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = k.cpu()
+        srows = rows[k]
+        rl = srows.tolist()
+        batch = target.batch([state.prompt_of(r) for r in rl], [state.tokens[r] for r in rl], lp)
+        a = a_host[k][:, None] if per_row else a_host
         ctx = ProposalContext(target, batch, state, srows, a, generator)
-        lq = proposal.log_probs(ctx)
-        if not allow_eos:
-            lq = without_eos(lq, eos)
-        tok = proposal.sample(lq, generator).cpu()
-        if forced is not None:
-            for pos, k in enumerate(live.tolist()):
-                if forced[k] is not None:
-                    tok[pos] = int(forced[k][j])
-        inc = target.log_next(batch, exponent=a.to(lp.device) if per_row else a)
-        dev_tok = tok.to(lq.device)[:, None]
-        tokens[live, j] = tok
-        log_q[live, j] = lq.gather(1, dev_tok).squeeze(1).double().cpu()
-        log_p[live, j] = lp.gather(1, tok.to(lp.device)[:, None]).squeeze(1).double().cpu()
-        log_inc[live, j] = inc.gather(1, tok.to(inc.device)[:, None]).squeeze(1).double().cpu()
-        is_eos = torch.isin(tok, eos)
-        ended[live[is_eos]] = True
-        go = (~is_eos & (torch.tensor(feed_last) | (start[live] + j + 1 < stop_t[live]))).nonzero().flatten()
-        if len(go):
-            state.extend(tok[go], srows[go])
-    length = start + (tokens >= 0).sum(1)
-    return Decoded(tokens, log_q, log_p, log_inc, ended, length)
+        log_q = proposal.log_probs(ctx)
+        return log_q, target.log_next(batch, exponent=a.to(lp.device) if per_row else a)
+
+    return propose
+
+
+def _forced_tokens(forced: Sequence[Sequence[int] | None] | None, R: int, W: int) -> torch.Tensor | None:
+    """``(R, W)`` long: row ``k``'s given suffix ``forced[k]`` (``-1`` past it, and for rows drawn)."""
+    if forced is None:
+        return None
+    out = torch.full((R, W), -1, dtype=torch.long)
+    for k, f in enumerate(forced):
+        if f is not None and len(f):
+            out[k, :len(f)] = torch.as_tensor(list(f), dtype=torch.long)
+    return out
 
 
 def per_row_exponent(exponent: float | torch.Tensor) -> bool:
     return isinstance(exponent, torch.Tensor) and exponent.numel() > 1
-
-
-def _advance_native(target, state, rows: torch.Tensor, start: torch.Tensor, stop: torch.Tensor, W: int,
-                    proposal: Proposal, tau: torch.Tensor, a_rows: torch.Tensor, generator: torch.Generator,
-                    allow_eos: bool, feed_last: bool) -> Decoded:
-    """:func:`advance` as one ``state.sample_block`` call: ``log_inc = a · log p`` (no token-level
-    factor: :func:`~llmppl.inference.native.block_temperature` checked that)."""
-    spec = BlockSpec(budget=stop - start, width=W, temperature=tau, stop_ids=eos_ids(target.lm),
-                     allow_stop=allow_eos and proposal.allow_stop, greedy=proposal.greedy,
-                     feed_last=None if feed_last else torch.zeros(len(rows), dtype=torch.bool))
-    blk = state.sample_block(rows, spec, generator)
-    tokens, log_p, log_q = blk.tokens.cpu(), blk.log_p.cpu(), blk.log_q.cpu()
-    log_inc = torch.where(tokens >= 0, a_rows[:, None] * log_p, torch.full_like(log_p, -math.inf))
-    return Decoded(tokens, log_q, log_p, log_inc, blk.ended.cpu(), start + blk.length.cpu())
 
 
 def end_terms(target: Target, prompts: list[list[int]], tokens: list[list[int]], ended: torch.Tensor,

@@ -4,7 +4,7 @@ The next-token conditional of ``p^α`` is ``π_α(v | y_<t) ∝ p(v|y_<t)^α · 
 ``ζ(y_<t, v) = E_{f ~ p(·|y_<t v)}[p(f)^{α−1}]`` (``f`` the rest of the completion).
 For the ``top_k`` most likely ``v``, ``ζ`` is estimated by ``rollouts`` futures of at
 most ``horizon`` tokens drawn from ``p`` (all candidates × rollouts decoded in one
-batched fork of the engine's state):
+batched fork of the engine's state, by one ``sample_block`` call at temperature 1):
 
     log ζ̂(v) = logsumexp_j[(α−1) · log p(f_j)] − log M,      ζ(EOS) = 1 exactly,
 
@@ -29,6 +29,7 @@ import math
 
 import torch
 
+from ..models.block import BlockSpec
 from .common import eos_ids
 from .proposal import Proposal, ProposalContext, exponent_of
 
@@ -78,12 +79,11 @@ class Lookahead(Proposal):
         return self.forward_passes, dict(self._tokens_by_prompt)
 
     def _count(self, groups: torch.Tensor, fed: torch.Tensor) -> None:
-        """``fed`` rollout rows (indices into ``groups``) were each fed one token."""
-        if len(fed) == 0:
-            return
-        self.tokens_decoded += len(fed)
-        for g, k in zip(*torch.unique(groups[fed], return_counts=True)):
-            self._tokens_by_prompt[int(g)] = self._tokens_by_prompt.get(int(g), 0) + int(k)
+        """Rollout row ``r`` (of prompt ``groups[r]``) was fed ``fed[r]`` tokens."""
+        fed = fed.long()
+        self.tokens_decoded += int(fed.sum())
+        for g in groups.unique().tolist():
+            self._tokens_by_prompt[g] = self._tokens_by_prompt.get(g, 0) + int(fed[groups == g].sum())
 
     def __repr__(self) -> str:
         jk = ", jackknife=True" if self.jackknife else ""
@@ -98,10 +98,13 @@ class Lookahead(Proposal):
 
         Each rollout is capped so that the completion stays within the run's budget: after
         ``t`` tokens and the candidate, the future has at most ``T − t − 1`` tokens (``T`` =
-        ``ctx.max_new_tokens``, else ``self.max_new_tokens``)."""
+        ``ctx.max_new_tokens``, else ``self.max_new_tokens``).  The fork is fed each candidate,
+        then draws every future in one ``sample_block`` (``q = p``, stop at EOS, the last token
+        of a future never fed); ``log p(f)`` is the block's ``log p`` total."""
         R, K = cand.shape
         M = self.rollouts
-        eos = torch.tensor(eos_ids(ctx.target.lm))
+        stop_ids = eos_ids(ctx.target.lm)
+        eos = torch.tensor(stop_ids)
         rows = torch.as_tensor(ctx.rows, dtype=torch.long).reshape(-1)
         lengths = torch.tensor([len(t) for t in ctx.batch.tokens])
         horizon = torch.full((R,), self.horizon, dtype=torch.long)
@@ -118,24 +121,18 @@ class Lookahead(Proposal):
             return log_f.view(R, K, M)
         fork = ctx.state.copy()
         fork.reorder(rows.repeat_interleave(K * M))
-        groups = torch.as_tensor(fork.group).cpu()
+        groups = torch.as_tensor(fork.group).cpu()[alive]
         fp0 = fork.forward_passes
         go = alive.nonzero().flatten()
         fork.extend(first[go], go)
-        self._count(groups, go)
-        for h in range(self.horizon):
-            live = (alive & (hor > h)).nonzero().flatten()
-            if len(live) == 0:
-                break
-            lp = fork.logprobs(live)
-            tok = torch.multinomial(torch.softmax(lp.double(), -1), 1, generator=ctx.generator).squeeze(1)
-            log_f[live] += lp.gather(1, tok[:, None]).squeeze(1).double().cpu()
-            tok = tok.cpu()
-            alive[live[torch.isin(tok, eos)]] = False
-            cont = live[~torch.isin(tok, eos) & (hor[live] > h + 1)]
-            if len(cont):
-                fork.extend(tok[~torch.isin(tok, eos) & (hor[live] > h + 1)], cont)
-                self._count(groups, cont)
+        # the futures: draws from p until EOS or the horizon (whose last token is never fed)
+        n = len(go)
+        spec = BlockSpec(budget=hor[go], width=int(hor[go].max()), temperature=torch.ones(n, dtype=torch.float64),
+                         stop_ids=stop_ids, feed_last=False)
+        blk = fork.sample_block(go, spec, ctx.generator)
+        log_f[go] = blk.total("log_p").cpu()
+        # fed: the candidate, then every drawn token but the last (EOS, or the horizon's end)
+        self._count(groups, 1 + (blk.length.cpu() - 1).clamp(min=0))
         self.forward_passes += fork.forward_passes - fp0
         return log_f.view(R, K, M)
 

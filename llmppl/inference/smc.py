@@ -463,35 +463,43 @@ class SMC:
               inc: torch.Tensor) -> None:
         """Draw one token for each ``active`` row and do all the per-token bookkeeping.
 
+        The draw is a one-token ``state.sample_block`` whose hook is the proposal (``log q``) and
+        the target's non-``Power`` token factors (``log φ^next``); it feeds nothing
+        (``feed_last=False``): the token is fed here once weighed, so dead rows never are.
         The proposal, the sampler and the potentials see only the rows of
         :meth:`_rows_to_draw` (all rows, or the live ones once few are left), so rows that
         ended cost nothing but their slot in the ``(R,)`` vectors.
         """
         P, state, target, proposal = run.particles, run.decoding, run.target, run.proposal
-        lp = state.last_logprobs()
         rows = self._rows_to_draw(run, active)
-        if rows is None:
-            sub_lp, a_sub = lp, a_rows
-        else:
-            sub_lp, a_sub = lp.index_select(0, rows.to(lp.device)), a_rows.index_select(0, rows)
-        bad = (torch.isnan(sub_lp).any(1) | torch.isposinf(sub_lp).any(1)).to(P.device)
-        batch = RowPrefixes(target.lm, run.prompts, P, rows, sub_lp)
+        a_sub = a_rows if rows is None else a_rows.index_select(0, rows)
         if proposal.vectorised:
             exponent: float | torch.Tensor = a_sub[:, None]
         else:  # a float when every row shares it (proposals that are not row-wise may need one)
             exponent = (float(a_sub[0]) if len(a_sub) and bool((a_sub == a_sub[0]).all()) else a_sub[:, None])
         ctx_rows = None if rows is None else rows if proposal.vectorised else rows.cpu()  # (no sync when row-wise)
-        ctx = ProposalContext(target, batch, state, ctx_rows, exponent, run.generator, run.max_new_tokens)
+        seen: dict[str, torch.Tensor] = {}
+
+        def propose(k: torch.Tensor, sub_lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """Every row of the one-token block: ``log q`` and the target's non-``Power`` token factors."""
+            seen["bad"] = (torch.isnan(sub_lp).any(1) | torch.isposinf(sub_lp).any(1)).to(P.device)
+            batch = RowPrefixes(target.lm, run.prompts, P, rows, sub_lp)
+            ctx = ProposalContext(target, batch, state, ctx_rows, exponent, run.generator, run.max_new_tokens)
+            return proposal.log_probs(ctx), target.log_next_other(batch)
+
         if len(a_sub):
-            log_q = proposal.log_probs(ctx)
-            v = proposal.sample(log_q, run.generator).to(P.device)
-            other = target.log_next_other(batch)
+            # one token from q, drawn and recorded by state.sample_block; fed below, once weighed
+            budget = active.long() if rows is None else active.index_select(0, rows).long()
+            spec = BlockSpec(budget=budget, width=1, temperature=torch.ones_like(a_sub), stop_ids=run.stop_ids,
+                             feed_last=False, propose=propose, sample=proposal.sample)
+            blk = state.sample_block(rows, spec, run.generator)
+            v, lp_v, lq_v = (x[:, 0].to(P.device) for x in (blk.tokens, blk.log_p, blk.log_q))
+            other_v = None if blk.log_inc is None else blk.log_inc[:, 0].to(P.device)
+            bad = seen["bad"]
         else:
-            log_q, v, other = sub_lp, torch.zeros(0, dtype=torch.long, device=P.device), None
-        col = v[:, None]
-        lp_v = sub_lp.gather(1, col.to(sub_lp.device)).squeeze(1).double().to(P.device)
-        lq_v = log_q.gather(1, col.to(log_q.device)).squeeze(1).double().to(P.device)
-        other_v = None if other is None else other.gather(1, col.to(other.device)).squeeze(1).double().to(P.device)
+            v = torch.zeros(0, dtype=torch.long, device=P.device)
+            lp_v = lq_v = torch.zeros(0, dtype=torch.float64, device=P.device)
+            other_v, bad = None, torch.zeros(0, dtype=torch.bool, device=P.device)
         if rows is not None:  # back to one entry per row (rows not drawn: masked below)
             def full(x: torch.Tensor) -> torch.Tensor:
                 return torch.zeros(P.R, dtype=x.dtype, device=P.device).index_copy_(0, rows, x)

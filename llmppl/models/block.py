@@ -11,9 +11,25 @@ Engines weigh at block boundaries from these two numbers (float64 sums): for
 ``q ∝ p^{a}`` the per-token weight ``a·log p − log q = log Σ_u p(u|y_<t)^a`` is exact.
 
 A drawn stop token is recorded in the block but never fed to the state; a row that
-reaches its budget with ``spec.feed_last[k]`` false keeps its last token unfed too
-(a completion cut at ``max_new_tokens``: the caller finishes it).  Every other drawn
-token is appended to the row, exactly as ``state.step`` / ``state.extend`` would.
+reaches its budget with ``spec.feed_last[k]`` (or a plain ``spec.feed_last``) false keeps
+its last token unfed too (a completion cut at ``max_new_tokens``, whose caller finishes it;
+a token the caller feeds itself once weighed).  Every other drawn token is appended to the
+row, exactly as ``state.step`` / ``state.extend`` would.
+
+Two optional fields make the same loop serve proposals that need the full vocabulary and
+the replay of given suffixes (MH reverse moves), on backends with ``full_vocabulary``:
+
+* ``spec.propose(k, log_p) -> (log_q, log_inc)``: at each position, for the rows ``k`` of the
+  block still drawing (indices into ``rows``; a one-token block shows every listed row) and
+  their ``(m, V)`` ``log p``, the proposal's normalised ``(m, V)`` ``log q`` (then restricted
+  by ``allowed`` / ``allow_stop`` and renormalised; ``temperature`` and ``greedy`` are not
+  used) and optionally the target's ``(m, V)`` token-level increment ``log_inc``
+  (``log γ_t(y_≤t) − log γ_{t−1}(y_<t)`` for each next token), which the block records at the
+  drawn token (``Block.log_inc``).  Tokens are drawn by ``spec.sample(log_q, generator)``
+  (default :func:`sample_inverse_cdf`).
+* ``spec.forced`` ``(n, W)`` long: where ``>= 0`` the token at that position is the given one
+  instead of a draw; its ``log p``, ``log q`` and ``log_inc`` are recorded all the same
+  (``log q(y'|y)`` of a reverse move).  Give forced rows a ``budget`` equal to their suffix.
 
 :func:`sample_tokenwise` is the reference implementation over ``last_logprobs`` /
 ``step`` (the device fast path of every ``LMState``); backends that decode natively
@@ -23,6 +39,7 @@ token is appended to the row, exactly as ``state.step`` / ``state.extend`` would
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +48,12 @@ import torch
 LOG_Q_FLOOR = -80.0
 #: tokens per block of the two-level inverse-CDF sampler
 SAMPLE_BLOCK = 1024
+
+
+#: ``propose(k, log_p) -> (log_q, log_inc or None)``: a full-vocabulary proposal (module docstring)
+Propose = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+#: ``sample(log_q, generator) -> (m,)``: one token per row of ``log_q``
+Sampler = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
 
 
 class NotNative(ValueError):
@@ -47,7 +70,11 @@ class BlockSpec:
     ``temperature`` ``(n,)`` float64 ``τ`` per row (ignored when ``greedy``);
     ``stop_ids``: ids that end a row; ``allow_stop``: when false ``q`` is renormalised
     without them; ``allowed`` ``(V,)`` bool: a static token mask (``None``: every token);
-    ``feed_last`` ``(n,)`` bool: feed a row's token at its budget end (default: all).
+    ``feed_last`` ``(n,)`` bool, or one bool for every row: feed a row's token at its budget end
+    (default: all; ``False`` is known on the host, so the loop makes no forward for the last
+    position, whose tokens are all unfed);
+    ``propose``, ``sample``, ``forced``: a full-vocabulary proposal hook, its sampler and given
+    tokens (see the module docstring; only backends with ``full_vocabulary`` take them).
     """
 
     budget: torch.Tensor
@@ -57,7 +84,10 @@ class BlockSpec:
     allow_stop: bool = True
     allowed: torch.Tensor | None = None
     greedy: bool = False
-    feed_last: torch.Tensor | None = None
+    feed_last: torch.Tensor | bool | None = None
+    propose: Propose | None = None
+    sample: Sampler | None = None
+    forced: torch.Tensor | None = None
 
     @classmethod
     def make(cls, n: int, max_tokens: int | torch.Tensor, temperature: float | torch.Tensor,
@@ -75,7 +105,8 @@ class Block:
 
     Column ``j`` is the ``j``-th token drawn for the row in this call; unused cells hold
     ``token = -1`` and ``-inf`` log values.  ``length[k]`` counts the drawn tokens (the
-    stop token included); ``ended[k]``: the row drew a stop id.
+    stop token included); ``ended[k]``: the row drew a stop id.  ``log_inc``: the increments
+    ``spec.propose`` returned, at the drawn tokens (None when it returned none).
     """
 
     tokens: torch.Tensor   # (n, W) long
@@ -83,9 +114,10 @@ class Block:
     log_q: torch.Tensor    # (n, W) float64
     ended: torch.Tensor    # (n,) bool
     length: torch.Tensor   # (n,) long
+    log_inc: torch.Tensor | None = None   # (n, W) float64
 
     def total(self, name: str) -> torch.Tensor:
-        """``(n,)`` float64 sum over the drawn positions of ``log_p`` or ``log_q``."""
+        """``(n,)`` float64 sum over the drawn positions of ``log_p``, ``log_q`` or ``log_inc``."""
         x = getattr(self, name)
         return torch.where(self.tokens >= 0, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(1)
 
@@ -144,19 +176,162 @@ def sample_inverse_cdf(log_q: torch.Tensor, generator: torch.Generator | None) -
     return cols.gather(1, torch.searchsorted(inside, rest, right=True).clamp_(max=K - 1)).squeeze(1).clamp_(max=V - 1)
 
 
-def _draw_token(lp: torch.Tensor, tau: torch.Tensor, stop: torch.Tensor, spec: BlockSpec,
-                allowed: torch.Tensor | None, generator: torch.Generator | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row of ``lp`` ``(n, V)`` and its float64 ``log q`` (0 for greedy)."""
+def _restrict(log_q: torch.Tensor, stop: torch.Tensor, allow_stop: bool,
+              allowed: torch.Tensor | None) -> torch.Tensor:
+    """``q`` renormalised on the ``allowed`` tokens, without the stop ids when ``allow_stop`` is
+    false: ``log q' = log_softmax(log q + log 1[allowed] + log 1[v ∉ stop])`` (float64)."""
+    if allow_stop and allowed is None:
+        return log_q
+    out = log_q.double()
+    if allowed is not None:
+        out = out.masked_fill(~allowed[None, :], -math.inf)
+    if not allow_stop:
+        out = out.index_fill(1, stop.to(out.device), -math.inf)
+    return torch.log_softmax(out, dim=-1)
+
+
+def _log_q(lp: torch.Tensor, k: torch.Tensor | None, tau: torch.Tensor, stop: torch.Tensor, spec: BlockSpec,
+           allowed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(m, V)`` ``log q`` of the block's rows ``k`` (log p ``lp``) and the hook's ``log_inc``
+    (or None).
+
+    With ``spec.propose``: its ``q``, restricted by :func:`_restrict`; greedy: the point mass at
+    the mode of ``p`` (masked like ``q``), so ``log q`` of the mode is 0; else
+    :func:`proposal_logprobs` at the rows' temperatures."""
+    if spec.propose is not None:
+        lq, inc = spec.propose(k, lp)
+        return _restrict(lq, stop, spec.allow_stop, allowed), inc
     if spec.greedy:
-        masked = lp if allowed is None else lp.masked_fill(~allowed[None], -math.inf)
-        if not spec.allow_stop:
-            masked = masked.index_fill(1, stop, -math.inf)
-        tok = masked.argmax(-1)
-        return tok, torch.zeros(len(tok), dtype=torch.float64, device=tok.device)
-    lq = proposal_logprobs(lp, tau, stop, spec.allow_stop, allowed)
-    tok = sample_inverse_cdf(lq, generator).to(lp.device)
-    return tok, lq.gather(1, tok[:, None]).squeeze(1).double()
+        mode = _restrict(lp, stop, spec.allow_stop, allowed).argmax(-1, keepdim=True)
+        return torch.full_like(lp, -math.inf).scatter_(1, mode, 0.0), None
+    return proposal_logprobs(lp, tau, stop, spec.allow_stop, allowed), None
+
+
+def _sample(log_q: torch.Tensor, spec: BlockSpec, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row: ``spec.sample`` for a hook's ``q`` (default: inverse CDF), the mode when
+    greedy (no random numbers drawn), else :func:`sample_inverse_cdf`."""
+    if spec.propose is not None:
+        return (spec.sample or sample_inverse_cdf)(log_q, generator)
+    if spec.greedy:
+        return log_q.argmax(-1)
+    return sample_inverse_cdf(log_q, generator)
+
+
+def _at(x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+    """``x[i, tok[i]]`` as float64 on ``tok``'s device."""
+    return x.gather(1, tok.to(x.device)[:, None]).squeeze(1).double().to(tok.device)
+
+
+def _position(lp: torch.Tensor, k: torch.Tensor | None, tau: torch.Tensor, stop: torch.Tensor, spec: BlockSpec,
+              allowed: torch.Tensor | None, forced: torch.Tensor | None, generator: torch.Generator | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One position of the block's rows ``k`` (log p ``lp`` ``(m, V)``): the token of each row
+    (drawn from ``q``, or ``forced`` where that is ``>= 0``) and, at it, float64 ``log q`` and the
+    hook's ``log_inc`` (None without one)."""
+    lq, inc = _log_q(lp, k, tau, stop, spec, allowed)
+    tok = _sample(lq, spec, generator).to(lp.device)
+    if forced is not None:
+        tok = torch.where(forced >= 0, forced, tok)
+    return tok, _at(lq, tok), None if inc is None else _at(inc, tok)
+
+
+def _fed(feed: torch.Tensor, at_end: torch.Tensor, feed_last: torch.Tensor | bool | None) -> torch.Tensor:
+    """The rows fed: ``feed`` (drew a token that is not a stop id), except those at their budget's
+    end (``at_end``) whose ``feed_last`` is false."""
+    if feed_last is None or feed_last is True:
+        return feed
+    if feed_last is False:
+        return feed & ~at_end
+    return feed & (~at_end | feed_last)
+
+
+def _device_loop(state, rows: torch.Tensor | None, spec: BlockSpec, generator: torch.Generator | None,
+                 ) -> tuple[torch.Tensor | None, ...]:
+    """The device fast path of :func:`sample_tokenwise`: every listed row at each position
+    (``last_logprobs`` / ``step``; a hook sees them all); ``(tokens, log_p, log_q, log_inc)``
+    ``(n, W)`` (``log_inc`` None without the hook's increments) and ``ended`` ``(n,)``."""
+    dev, R, W = state.lm.device, state.n, spec.width
+    every = rows is None                  # all rows, in order: no gathers / scatters
+    n = R if every else len(rows)
+    budget = spec.budget.to(dev)
+    feed_last = spec.feed_last.to(dev) if isinstance(spec.feed_last, torch.Tensor) else spec.feed_last
+    stop = torch.tensor(spec.stop_ids, dtype=torch.long, device=dev)
+    tau = spec.temperature.to(dev)
+    allowed = None if spec.allowed is None else spec.allowed.to(dev)
+    forced = None if spec.forced is None else spec.forced.to(dev)
+    k = None if spec.propose is None else torch.arange(n, device=dev)
+    ended = torch.zeros(n, dtype=torch.bool, device=dev)
+    columns: list[tuple[torch.Tensor, ...]] = []
+    for j in range(W):
+        live = budget > j if j == 0 else ~ended & (budget > j)
+        if j and not bool(live.any()):
+            break
+        lp = state.last_logprobs() if every else state.last_logprobs().index_select(0, rows)
+        tok, lq_tok, inc_tok = _position(lp, k, tau, stop, spec, allowed, None if forced is None else forced[:, j],
+                                         generator)
+        column = (torch.where(live, tok, -1), torch.where(live, _at(lp, tok), -math.inf),
+                  torch.where(live, lq_tok, -math.inf))
+        columns.append(column if inc_tok is None else (*column, torch.where(live, inc_tok, -math.inf)))
+        is_stop = live & torch.isin(tok, stop)
+        ended = ended | is_stop
+        if j == W - 1 and feed_last is False:
+            break                     # no row is fed at its budget's end: no forward for it
+        feed = _fed(live & ~is_stop, budget <= j + 1, feed_last)
+        fed = torch.where(feed, tok, 0)
+        if every:
+            state.step(fed, feed)
+        else:
+            state.step(torch.zeros(R, dtype=torch.long, device=dev).index_copy_(0, rows, fed),
+                       torch.zeros(R, dtype=torch.bool, device=dev).index_copy_(0, rows, feed))
+    if not columns:
+        return (torch.empty((n, 0), dtype=torch.long, device=dev),
+                *(torch.empty((n, 0), dtype=torch.float64, device=dev),) * 2, None, ended)
+    stacked = [torch.stack(c, 1) for c in zip(*columns)]
+    if stacked[0].shape[1] < W:        # every row stopped early: pad to the block's width
+        pad = W - stacked[0].shape[1]
+        stacked = [torch.cat([x, x.new_full((n, pad), -1 if i == 0 else -math.inf)], 1)
+                   for i, x in enumerate(stacked)]
+    tokens, log_p, log_q = stacked[:3]
+    return tokens, log_p, log_q, stacked[3] if len(stacked) > 3 else None, ended
+
+
+def _subset_loop(state, rows: torch.Tensor, spec: BlockSpec, generator: torch.Generator | None,
+                 ) -> tuple[torch.Tensor | None, ...]:
+    """The host path of :func:`sample_tokenwise`: at each position, ``logprobs`` / ``extend`` on
+    the rows still drawing only (the hook sees exactly those); ``(tokens, log_p, log_q, log_inc)``
+    (``log_inc`` None without the hook's increments) and ``ended``."""
+    dev, n, W = state.lm.device, len(rows), spec.width
+    budget = spec.budget.to(dev)
+    feed_last = spec.feed_last.to(dev) if isinstance(spec.feed_last, torch.Tensor) else spec.feed_last
+    stop = torch.tensor(spec.stop_ids, dtype=torch.long, device=dev)
+    tau = spec.temperature.to(dev)
+    allowed = None if spec.allowed is None else spec.allowed.to(dev)
+    forced = None if spec.forced is None else spec.forced.to(dev)
+    ended = torch.zeros(n, dtype=torch.bool, device=dev)
+    tokens = torch.full((n, W), -1, dtype=torch.long, device=dev)
+    log_p = torch.full((n, W), -math.inf, dtype=torch.float64, device=dev)
+    log_q = log_p.clone()
+    log_inc = None
+    for j in range(W):
+        sub = (~ended & (budget > j)).nonzero().flatten()
+        if len(sub) == 0:
+            break
+        lp = state.logprobs(rows[sub].cpu()).to(dev)
+        tok, lq_tok, inc_tok = _position(lp, sub, tau[sub], stop, spec, allowed,
+                                         None if forced is None else forced[sub, j], generator)
+        tokens[sub, j] = tok
+        log_p[sub, j] = _at(lp, tok)
+        log_q[sub, j] = lq_tok
+        if inc_tok is not None:
+            log_inc = log_p.new_full((n, W), -math.inf) if log_inc is None else log_inc
+            log_inc[sub, j] = inc_tok
+        is_stop = torch.isin(tok, stop)
+        ended[sub] |= is_stop
+        feed = _fed(~is_stop, budget[sub] <= j + 1,
+                    feed_last[sub] if isinstance(feed_last, torch.Tensor) else feed_last)
+        if bool(feed.any()):
+            state.extend(tok[feed].cpu(), rows[sub][feed].cpu())
+    return tokens, log_p, log_q, log_inc, ended
 
 
 def sample_tokenwise(state, rows: torch.Tensor | None, spec: BlockSpec, generator: torch.Generator | None) -> Block:
@@ -166,71 +341,24 @@ def sample_tokenwise(state, rows: torch.Tensor | None, spec: BlockSpec, generato
     device fast path (``last_logprobs`` / ``step``: no host sync for one token, one per
     position otherwise, to stop once every row is done).  For a subset of the rows it uses
     ``logprobs(rows)`` / ``extend`` on the rows still drawing, so the forward covers only them.
+    A block of several tokens with a hook or forced tokens always takes that path, so the hook
+    sees only the rows still drawing; a one-token block shows the hook every listed row (a row
+    with budget 0 too: its draw is discarded), as SMC's token step needs.
     """
     dev, R, W = state.lm.device, state.n, spec.width
-    every = rows is None                  # all rows, in order: no gathers / scatters
-    if not every:
+    if rows is not None:
         rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1).to(dev)
-    n = R if every else len(rows)
-    budget = spec.budget.to(dev)
-    feed_last = None if spec.feed_last is None else spec.feed_last.to(dev)
-    stop = torch.tensor(spec.stop_ids, dtype=torch.long, device=dev)
-    tau = spec.temperature.to(dev)
-    allowed = None if spec.allowed is None else spec.allowed.to(dev)
-    ended = torch.zeros(n, dtype=torch.bool, device=dev)
-    if n == R or W == 1:      # the device path: one column per position, every row of the block
-        columns: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for j in range(W):
-            live = budget > j if j == 0 else ~ended & (budget > j)
-            if j and not bool(live.any()):
-                break
-            lp = state.last_logprobs() if every else state.last_logprobs().index_select(0, rows)
-            tok, lq_tok = _draw_token(lp, tau, stop, spec, allowed, generator)
-            lp_tok = lp.gather(1, tok[:, None]).squeeze(1).double()
-            columns.append((torch.where(live, tok, -1), torch.where(live, lp_tok, -math.inf),
-                            torch.where(live, lq_tok, -math.inf)))
-            is_stop = live & torch.isin(tok, stop)
-            ended = ended | is_stop
-            feed = live & ~is_stop
-            if feed_last is not None:
-                feed = feed & ((budget > j + 1) | feed_last)
-            fed = torch.where(feed, tok, 0)
-            if every:
-                state.step(fed, feed)
-            else:
-                state.step(torch.zeros(R, dtype=torch.long, device=dev).index_copy_(0, rows, fed),
-                           torch.zeros(R, dtype=torch.bool, device=dev).index_copy_(0, rows, feed))
-        tokens, log_p, log_q = (torch.stack(c, 1) for c in zip(*columns)) if columns else (
-            torch.empty((n, 0), dtype=torch.long, device=dev),
-            *(torch.empty((n, 0), dtype=torch.float64, device=dev),) * 2)
-        if tokens.shape[1] < W:        # every row stopped early: pad to the block's width
-            pad = W - tokens.shape[1]
-            tokens = torch.cat([tokens, tokens.new_full((n, pad), -1)], 1)
-            log_p = torch.cat([log_p, log_p.new_full((n, pad), -math.inf)], 1)
-            log_q = torch.cat([log_q, log_q.new_full((n, pad), -math.inf)], 1)
-    else:                     # a subset of the rows: the forward covers only the rows still drawing
-        tokens = torch.full((n, W), -1, dtype=torch.long, device=dev)
-        log_p = torch.full((n, W), -math.inf, dtype=torch.float64, device=dev)
-        log_q = log_p.clone()
-        for j in range(W):
-            sub = (~ended & (budget > j)).nonzero().flatten()
-            if len(sub) == 0:
-                break
-            lp = state.logprobs(rows[sub].cpu()).to(dev)
-            tok, lq_tok = _draw_token(lp, tau[sub], stop, spec, allowed, generator)
-            tokens[sub, j] = tok
-            log_p[sub, j] = lp.gather(1, tok[:, None]).squeeze(1).double()
-            log_q[sub, j] = lq_tok
-            is_stop = torch.isin(tok, stop)
-            ended[sub] |= is_stop
-            feed = ~is_stop
-            if feed_last is not None:
-                feed = feed & ((budget[sub] > j + 1) | feed_last[sub])
-            if bool(feed.any()):
-                state.extend(tok[feed].cpu(), rows[sub][feed].cpu())
-    length = (tokens >= 0).sum(1)
-    return Block(tokens, log_p, log_q, ended, length)
+    n = R if rows is None else len(rows)
+    if spec.forced is not None and tuple(spec.forced.shape) != (n, W):
+        raise ValueError(f"forced tokens must be ({n}, {W}) (rows, width), got {tuple(spec.forced.shape)}")
+    plain = spec.propose is None and spec.forced is None
+    if W == 1 or (n == R and plain):
+        tokens, log_p, log_q, log_inc, ended = _device_loop(state, rows, spec, generator)
+    else:
+        rows = torch.arange(R, device=dev) if rows is None else rows
+        tokens, log_p, log_q, log_inc, ended = _subset_loop(state, rows, spec, generator)
+    return Block(tokens, log_p, log_q, ended, (tokens >= 0).sum(1), log_inc)
 
 
-__all__ = ["Block", "BlockSpec", "NotNative", "proposal_logprobs", "sample_inverse_cdf", "sample_tokenwise",
-           "LOG_Q_FLOOR", "SAMPLE_BLOCK"]
+__all__ = ["Block", "BlockSpec", "NotNative", "Propose", "Sampler", "proposal_logprobs", "sample_inverse_cdf",
+           "sample_tokenwise", "LOG_Q_FLOOR", "SAMPLE_BLOCK"]

@@ -636,6 +636,9 @@ class VLLMState(HostRowsState):
         """
         from vllm import SamplingParams
 
+        if spec.propose is not None or spec.forced is not None:
+            raise NotNative("VLLMLM draws blocks natively from q ∝ p^{1/τ}: a full-vocabulary proposal "
+                            "hook or forced tokens need a backend with full_vocabulary (HFLM, LlamaCppLM)")
         rows_l = torch.arange(self.n) if rows is None else torch.as_tensor(rows, dtype=torch.long).reshape(-1).cpu()
         as_index(rows_l, self.n)
         rows_l = rows_l.tolist()
@@ -647,7 +650,8 @@ class VLLMState(HostRowsState):
             raise ValueError(f"sample_block got {n} rows but a budget of {len(budget)}")
         W = max([int(spec.width)] + budget) if n else int(spec.width)
         tau = [float(t) for t in spec.temperature.reshape(-1).expand(n).cpu().tolist()] if n else []
-        feed_last = [True] * n if spec.feed_last is None else [bool(f) for f in spec.feed_last.cpu().tolist()]
+        fl = spec.feed_last
+        feed_last = [bool(f) for f in fl.cpu().tolist()] if isinstance(fl, torch.Tensor) else [fl is not False] * n
         stop = tuple(int(s) for s in spec.stop_ids)
         if any(not 0 <= s < V for s in stop):
             raise ValueError(f"stop ids must lie in [0, {V}), got {list(stop)}")
