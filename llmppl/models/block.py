@@ -245,6 +245,15 @@ def _fed(feed: torch.Tensor, at_end: torch.Tensor, feed_last: torch.Tensor | boo
     return feed & (~at_end | feed_last)
 
 
+def _spec_on(spec: BlockSpec, dev: torch.device | str) -> tuple[torch.Tensor | bool | None, ...]:
+    """``spec``'s per-row tensors on ``dev``: ``(budget, feed_last, stop ids, temperature, allowed,
+    forced)`` (``feed_last`` stays a bool or None when it is one; absent fields stay None)."""
+    feed_last = spec.feed_last.to(dev) if isinstance(spec.feed_last, torch.Tensor) else spec.feed_last
+    return (spec.budget.to(dev), feed_last, torch.tensor(spec.stop_ids, dtype=torch.long, device=dev),
+            spec.temperature.to(dev), None if spec.allowed is None else spec.allowed.to(dev),
+            None if spec.forced is None else spec.forced.to(dev))
+
+
 def _device_loop(state, rows: torch.Tensor | None, spec: BlockSpec, generator: torch.Generator | None,
                  ) -> tuple[torch.Tensor | None, ...]:
     """The device fast path of :func:`sample_tokenwise`: every listed row at each position
@@ -253,12 +262,7 @@ def _device_loop(state, rows: torch.Tensor | None, spec: BlockSpec, generator: t
     dev, R, W = state.lm.device, state.n, spec.width
     every = rows is None                  # all rows, in order: no gathers / scatters
     n = R if every else len(rows)
-    budget = spec.budget.to(dev)
-    feed_last = spec.feed_last.to(dev) if isinstance(spec.feed_last, torch.Tensor) else spec.feed_last
-    stop = torch.tensor(spec.stop_ids, dtype=torch.long, device=dev)
-    tau = spec.temperature.to(dev)
-    allowed = None if spec.allowed is None else spec.allowed.to(dev)
-    forced = None if spec.forced is None else spec.forced.to(dev)
+    budget, feed_last, stop, tau, allowed, forced = _spec_on(spec, dev)
     k = None if spec.propose is None else torch.arange(n, device=dev)
     ended = torch.zeros(n, dtype=torch.bool, device=dev)
     columns: list[tuple[torch.Tensor, ...]] = []
@@ -301,12 +305,7 @@ def _subset_loop(state, rows: torch.Tensor, spec: BlockSpec, generator: torch.Ge
     the rows still drawing only (the hook sees exactly those); ``(tokens, log_p, log_q, log_inc)``
     (``log_inc`` None without the hook's increments) and ``ended``."""
     dev, n, W = state.lm.device, len(rows), spec.width
-    budget = spec.budget.to(dev)
-    feed_last = spec.feed_last.to(dev) if isinstance(spec.feed_last, torch.Tensor) else spec.feed_last
-    stop = torch.tensor(spec.stop_ids, dtype=torch.long, device=dev)
-    tau = spec.temperature.to(dev)
-    allowed = None if spec.allowed is None else spec.allowed.to(dev)
-    forced = None if spec.forced is None else spec.forced.to(dev)
+    budget, feed_last, stop, tau, allowed, forced = _spec_on(spec, dev)
     ended = torch.zeros(n, dtype=torch.bool, device=dev)
     tokens = torch.full((n, W), -1, dtype=torch.long, device=dev)
     log_p = torch.full((n, W), -math.inf, dtype=torch.float64, device=dev)
