@@ -313,6 +313,11 @@ def test_errors(tiny, tmp_path):
         state.sample_block(torch.tensor([0, 1]), BlockSpec.make(2, 2, 1.0, STOP), None)
     with pytest.raises(ValueError, match="temperatures must be"):
         state.sample_block(torch.tensor([0]), BlockSpec.make(1, 2, 0.0, STOP), None)
+    hook = BlockSpec.make(1, 1, 1.0, STOP, propose=lambda k, lp: (lp, None))
+    with pytest.raises(NotNative, match="full-vocabulary proposal hook or forced tokens"):
+        state.sample_block(torch.tensor([0]), hook, None)
+    with pytest.raises(NotNative, match="full-vocabulary proposal hook or forced tokens"):
+        state.sample_block(torch.tensor([0]), BlockSpec.make(1, 1, 1.0, STOP, forced=torch.tensor([[3]])), None)
     with pytest.raises(FileNotFoundError, match="config.json"):
         VLLMLM(tmp_path / "nothing")
 
