@@ -34,8 +34,8 @@ T = SETUP.max_new_tokens
 TARGET = pp.Target(LM, pp.Power(2.0))
 
 
-def by_hand(smc, prompts, seed):
-    state = smc.init(TARGET, prompts, T, seed=seed)
+def by_hand(smc, prompts, seed, max_new_tokens=T):
+    state = smc.init(TARGET, prompts, max_new_tokens, seed=seed)
     steps = 0
     while not state.done:
         assert smc.step(state) is state
@@ -75,6 +75,41 @@ def test_step_by_step_matches_exact_enumeration():
     for k, prompt in enumerate(PROMPTS):
         exact = enumerate_target(TARGET, prompt, T)
         check(exact, *pooled[k], 0.03, impostors(LM, prompt, T, 2.0), f"init/step prompt {k}")
+
+
+def _log_p(prompt, seq, finished):
+    """``log p(y | x)`` from the LM's own uncached forward (EOS included when finished)."""
+    full = list(seq) + ([LM.eos_token_id] if finished else [])
+    rows = LM.next_logprobs([list(prompt) + full[:t] for t in range(len(full))]).double()
+    return float(rows[torch.arange(len(full)), torch.tensor(full)].sum()) if full else 0.0
+
+
+@pytest.mark.parametrize("engine", [
+    pp.SMC(24, ess_threshold=0.9),
+    pp.SMC(24, ess_threshold=0.9, step=pp.steps.Tokens(2)),
+    pp.SMC(24, ess_threshold=0.9, rejuvenate=pp.MH(1, 2)),
+], ids=["tokens", "blocks", "moves"])
+def test_tokens_have_one_home_the_decoding_state(engine):
+    """The particles keep no token buffer: a completion is the decoding state's fed tokens plus
+    the cut token that was never fed (``particles.unfed``), and it is the sequence whose
+    ``log p`` the run accumulated (checked against the LM's own forward)."""
+    short = T - 1    # short enough that some rows are cut (the toy LM always ends by T)
+    results, state = by_hand(engine, PROMPTS, seed=5, max_new_tokens=short)
+    P, fed = state.particles, state.decoding.tokens
+    assert not hasattr(P, "tokens")
+    unfed, length = P.unfed.tolist(), P.length.tolist()
+    cut = 0
+    for g, res in enumerate(results):
+        for i, (seq, fin, trunc) in enumerate(zip(res.samples, res.finished, res.truncated)):
+            r = g * P.N + i
+            assert len(seq) == length[r]
+            if trunc:
+                cut += 1
+                assert len(seq) == short and fed[r] == seq[:-1] and unfed[r] == seq[-1]
+            else:
+                assert fed[r] == seq and unfed[r] == -1
+            assert res.log_p[i] == pytest.approx(_log_p(PROMPTS[g], seq, fin), abs=1e-9)
+    assert cut and cut < P.R        # both kinds of rows were checked
 
 
 # --------------------------------------------------------------------------- pure pieces

@@ -92,4 +92,4 @@ def test_registered_as_a_sharpened_method():
     m = build_method("reweight", ns)
     assert m.sharpened and isinstance(m.engine, Reweight) and m.engine.n_particles == 8
     assert m.config == {"method": "reweight", "particles": 8, "alpha": 4.0}
-    assert m.engine.ess_threshold == 0.0 and isinstance(m.engine.proposal, pp.proposals.Base)
+    assert m.engine.smc.ess_threshold == 0.0 and isinstance(m.engine.smc.proposal, pp.proposals.Base)

@@ -32,7 +32,8 @@ from ..targets.target import Target
 from .common import AllParticlesDied, Stopwatch, make_generator, peak_memory, prepare_prompts
 from .decode import Decoded, advance, end_terms
 from .moves import MoveContext
-from .proposals import Proposal, default_proposal, is_stateful
+from .native import needs
+from .proposals import Proposal, default_proposal
 from .result import Result
 
 
@@ -51,12 +52,12 @@ def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class _Chains:
-    """Per-chain, per-position records of the current states (``(n, T)`` tensors)."""
+    """Per-chain, per-position records of the current states (``(n, T)`` tensors): ``log q``,
+    ``log p`` and ``log γ`` increments.  The tokens themselves live in the decoding state."""
 
-    FIELDS = ("tokens", "log_q", "log_p", "log_inc")
+    FIELDS = ("log_q", "log_p", "log_inc")
 
     def __init__(self, n: int, T: int) -> None:
-        self.tokens = torch.full((n, T), -1, dtype=torch.long)
         self.log_q = torch.full((n, T), -math.inf, dtype=torch.float64)
         self.log_p = self.log_q.clone()
         self.log_inc = self.log_q.clone()
@@ -71,17 +72,17 @@ class _Chains:
 
     def positions(self, lo: torch.Tensor | int = 0) -> torch.Tensor:
         """``(n, T)`` mask of positions ``lo ≤ t < length``."""
-        t = torch.arange(self.tokens.shape[1])[None, :]
+        t = torch.arange(self.log_q.shape[1])[None, :]
         lo = torch.as_tensor(lo)
         return (t >= (lo[:, None] if lo.dim() else lo)) & (t < self.length[:, None])
 
     def write(self, rows: torch.Tensor, start: torch.Tensor, d: Decoded) -> None:
         """Record ``d`` (decoded from position ``start``) into ``rows``; cut what lies beyond."""
-        T = self.tokens.shape[1]
+        T = self.log_q.shape[1]
         keep = torch.arange(T)[None, :] < start[:, None]
         for f in self.FIELDS:
             arr = getattr(self, f)
-            blank = torch.full_like(arr[rows], -1 if f == "tokens" else -math.inf)
+            blank = torch.full_like(arr[rows], -math.inf)
             arr[rows] = torch.where(keep, arr[rows], blank)
             W = d.tokens.shape[1]
             if W:
@@ -117,8 +118,9 @@ def log_acceptance(log_gamma: torch.Tensor, prop_gamma: torch.Tensor, fwd: torch
 class MHState:
     """The state of one batched MH run (``G`` prompts × ``chains``): what :meth:`MH.init`
     makes, :meth:`MH.step` advances by one stage and :meth:`MH.results` reads.  ``current``
-    holds each chain's per-position tokens, ``log q``, ``log p`` and ``log γ`` increments;
-    ``decoding`` is the LM's opaque decoding handle (rows ``0..G·chains−1`` are the chains)."""
+    holds each chain's per-position ``log q``, ``log p`` and ``log γ`` increments; ``decoding``
+    is the LM's opaque decoding handle (rows ``0..G·chains−1`` are the chains) and the one home
+    of their tokens."""
 
     target: Target
     prompts: list[list[int]]
@@ -161,12 +163,12 @@ class MH:
             raise ValueError(f"n_mcmc must be an int >= 0, got {n_mcmc!r}")
         if proposal is not None and not isinstance(proposal, Proposal):
             raise ValueError(f"proposal must be a llmppl Proposal, got {type(proposal).__name__}")
-        if getattr(proposal, "stochastic", False):
+        if proposal is not None and needs(proposal).random:
             raise ValueError(
                 f"MH needs a proposal whose q is a fixed function of the prefix; {proposal!r} is "
                 "random (its reverse-move probability cannot be evaluated): use it inside SMC"
             )
-        if is_stateful(proposal):   # the same definition as SMC's (Proposal.stateful)
+        if proposal is not None and needs(proposal).own_state:
             raise ValueError(f"MH supports stateless proposals only (no FromLM), got {proposal!r}: "
                              "a proposal with its own decoding state cannot follow MH's truncations")
         self.block_size = block_size

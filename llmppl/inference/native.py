@@ -10,20 +10,116 @@ token-level factor (``q ∝ p^{a_t}``).  Everything else — full-vocabulary pro
 factors of the target (``Constraint`` masks, ``Tempered``), segment steps, rejuvenation
 moves and the ``AdaptiveESS`` schedule — needs ``(rows, V)`` log-probabilities at each token,
 and runs on the token path of backends that have it (``state.full_vocabulary``).
+
+What a part of a run needs is asked in one way: :func:`needs` (a registry keyed by the part's
+type: proposals, potentials, targets, schedules, steps, move kernels) returns a :class:`Needs`.
+The parts *declare* it with their class attributes (``Proposal.vectorised`` / ``stateful`` /
+``stochastic`` / ``block_temperature``, ``Potential.factorises``,
+``Schedule.uses_token_stats``); engines only ever read :func:`needs`.  A new kind of part
+registers itself with ``needs.register(MyType)``.
 """
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from ..models.block import NotNative
+from ..targets.base import Potential, Power, Product
 from ..targets.target import Target
 from .proposal import Proposal
+from .schedules import Schedule
+from .steps import Step, Tokens
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What one part of a run asks of the backend and of the engines.
+
+    * ``full_vocabulary``: ``(rows, V)`` log-probabilities at every token, so it cannot run
+      inside a backend's native blocks (:class:`NotNative` on a backend without them);
+    * ``own_state``: a decoding state of its own that follows the particles through the
+      ``on_*`` hooks (SMC calls them with a host sync a token; MH and moves refuse it);
+    * ``row_wise``: a row-wise tensor function of the base log-probabilities, evaluated on
+      every row at once without a host sync;
+    * ``random``: random when evaluated, so its ``log q`` cannot be evaluated again for an MH
+      reverse move.
+
+    ``a | b`` is what a run with both parts needs (row-wise only when both are).
+    """
+
+    full_vocabulary: bool = False
+    own_state: bool = False
+    row_wise: bool = True
+    random: bool = False
+
+    def __or__(self, other: "Needs") -> "Needs":
+        return Needs(self.full_vocabulary or other.full_vocabulary, self.own_state or other.own_state,
+                     self.row_wise and other.row_wise, self.random or other.random)
+
+
+@functools.singledispatch
+def needs(part: Any, target: Target | None = None) -> Needs:
+    """What ``part`` needs (see :class:`Needs`); ``target``: the target it runs on, when that
+    matters (a proposal is native only on a target without token-level factors).  A part of
+    an unregistered type (a custom move kernel, say) is assumed to need the full vocabulary."""
+    return Needs(full_vocabulary=True, row_wise=False)
+
+
+@needs.register
+def _(part: Proposal, target: Target | None = None) -> Needs:
+    a = torch.ones(1, dtype=torch.float64) * (target.base_exponent if target is not None else 1.0)
+    tau = block_temperature(part, target, a) if target is not None else part.block_temperature(a)
+    native = tau is not None and bool(torch.isfinite(tau).all() and (tau >= 0).all())
+    return Needs(full_vocabulary=not native, own_state=bool(part.stateful), row_wise=bool(part.vectorised),
+                 random=bool(part.stochastic))
+
+
+@needs.register
+def _(part: Potential, target: Target | None = None) -> Needs:
+    """A factor that acts on every next token (``log φ^next``: masks, ``Tempered``) needs the
+    full vocabulary; one defined on finished sequences or prefixes (rewards, twists) does not."""
+    return Needs(full_vocabulary=bool(part.factorises))
+
+
+@needs.register
+def _(part: Product, target: Target | None = None) -> Needs:
+    out = Needs()
+    for f in part.factors:
+        out = out | needs(f)
+    return out
+
+
+@needs.register
+def _(part: Power, target: Target | None = None) -> Needs:
+    return Needs()       # p^a is the base exponent: native blocks weigh it exactly
+
+
+@needs.register
+def _(part: Target, target: Target | None = None) -> Needs:
+    out = Needs()
+    for f in part.others:
+        out = out | needs(f)
+    return out
+
+
+@needs.register
+def _(part: Schedule, target: Target | None = None) -> Needs:
+    return Needs(full_vocabulary=bool(part.uses_token_stats))
+
+
+@needs.register
+def _(part: Step, target: Target | None = None) -> Needs:
+    """Token and block steps are native; a segment step reads each drawn token on the host."""
+    return Needs(full_vocabulary=not isinstance(part, Tokens), row_wise=isinstance(part, Tokens))
 
 
 def token_level_factors(target: Target) -> list[str]:
     """Names of the target's factors that act on every next token (``log φ^next``)."""
-    return [repr(f) for f in target.others if getattr(f, "factorises", False)]
+    return [repr(f) for f in target.others if needs(f).full_vocabulary]
 
 
 def block_temperature(proposal: Proposal, target: Target, a_rows: torch.Tensor) -> torch.Tensor | None:
@@ -44,4 +140,4 @@ def require_full_vocabulary(state, what: str, instead: str) -> None:
 NATIVE_HINT = ("use a native proposal (pp.proposals.Temperature() or Base()) on a target without "
                "token-level factors, or a backend with full-vocabulary log-probabilities (HFLM, LlamaCppLM)")
 
-__all__ = ["block_temperature", "require_full_vocabulary", "token_level_factors", "NATIVE_HINT"]
+__all__ = ["Needs", "needs", "block_temperature", "require_full_vocabulary", "token_level_factors", "NATIVE_HINT"]

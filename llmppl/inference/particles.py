@@ -3,9 +3,12 @@
 Row ``r = g·N + i`` is particle ``i`` of prompt ``g``.  Every per-particle quantity is
 a tensor on the LM's device (float64 for accumulated log values), so a token step of
 the engine is a handful of tensor ops over all rows; group-wise reductions (weights,
-ESS, evidence) are reductions over the second axis of a ``(G, N)`` view.  Sampled
-tokens live in ``tokens`` ``(R, T)`` (``-1`` past ``length``; EOS is never stored; a
-token drawn at the last position, the cut, is stored but never fed to the LM).
+ESS, evidence) are reductions over the second axis of a ``(G, N)`` view.
+
+Tokens have one home: the LM's decoding state (``decoding.tokens[r]``, the tokens fed to
+row ``r``), which resampling and moves keep right.  The particles add only ``unfed``: the
+token a row drew at its last position (the cut at ``max_new_tokens``), which is never fed
+to the LM, or ``-1``.  A completion is :func:`completions` of the two; EOS is never in it.
 """
 
 from __future__ import annotations
@@ -47,15 +50,15 @@ class Particles:
         self.dead = torch.zeros(R, dtype=torch.bool, device=dev)       # weight −∞
         self.promoted = torch.zeros(R, dtype=torch.bool, device=dev)   # jumped to the final target
         self.cause = torch.zeros(R, dtype=torch.int8, device=dev)      # CAUSES code of a dead row
-        self.length = torch.zeros(R, dtype=torch.long, device=dev)
-        self.tokens = torch.full((R, self.T), -1, dtype=torch.long, device=dev)
+        self.length = torch.zeros(R, dtype=torch.long, device=dev)              # tokens drawn (EOS excluded)
+        self.unfed = torch.full((R,), -1, dtype=torch.long, device=dev)        # the cut token, or -1
         self.log_Z = torch.zeros(self.G, dtype=f64, device=dev)
         self.failed = torch.zeros(self.G, dtype=torch.bool, device=dev)  # every particle of the prompt died
         self.failed_at = torch.zeros(self.G, dtype=torch.long, device=dev)  # the step at which it did
 
     #: per-row tensors that follow the particles through resampling
     ROW_FIELDS = ("log_p", "log_other", "log_q", "log_twist", "length_twist", "finished", "truncated", "dead", "promoted",
-                  "cause", "length", "tokens")
+                  "cause", "length", "unfed")
 
     @property
     def R(self) -> int:
@@ -74,55 +77,27 @@ class Particles:
         for name in self.ROW_FIELDS:
             setattr(self, name, getattr(self, name).index_select(0, rows))
 
-    def append(self, tokens: torch.Tensor, where: torch.Tensor) -> None:
-        """Store ``tokens[r]`` at position ``length[r]`` of the rows in ``where`` (R,) bool."""
-        col = torch.where(where, self.length, torch.zeros_like(self.length)).clamp_(max=self.T - 1)
-        current = self.tokens.gather(1, col[:, None]).squeeze(1)
-        self.tokens.scatter_(1, col[:, None], torch.where(where, tokens, current)[:, None])
-        self.length += where.long()
 
-    def append_block(self, tokens: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        """Store the first ``counts[k]`` tokens of ``tokens[k]`` (``(n, W)``) after the current end of
-        row ``rows[k]`` (every row, in order, when None), without a host sync."""
-        W = tokens.shape[1]
-        if W == 0:
-            return
-        if W == 1 and rows is None:
-            self.append(tokens[:, 0], counts > 0)
-            return
-        src = self.tokens if rows is None else self.tokens[rows]
-        length = self.length if rows is None else self.length[rows]
-        j = torch.arange(W, device=self.device)[None, :]
-        # positions >= length hold -1, so the cells a row does not keep are written -1 again
-        buf = torch.cat([src, src.new_full((src.shape[0], W), -1)], 1)
-        buf.scatter_(1, length[:, None] + j, torch.where(j < counts[:, None], tokens, -1))
-        if rows is None:
-            self.tokens = buf[:, :self.T].contiguous()
-            self.length = self.length + counts
-        else:
-            self.tokens[rows] = buf[:, :self.T]
-            self.length.index_add_(0, rows, counts.to(self.length.dtype))
-
-    def host_tokens(self, rows: torch.Tensor | None = None) -> list[list[int]]:
-        """Token lists of ``rows`` (all when None): one device→host copy."""
-        toks = self.tokens if rows is None else self.tokens[rows]
-        lens = self.length if rows is None else self.length[rows]
-        width = int(lens.max()) if len(lens) else 0
-        t, n = toks[:, :width].cpu().tolist(), lens.cpu().tolist()
-        return [row[:k] for row, k in zip(t, n)]
+def completions(decoding: Any, unfed: torch.Tensor, rows: torch.Tensor | None = None) -> list[list[int]]:
+    """The completions of ``rows`` (all when None): the decoding state's tokens of each row,
+    plus its ``unfed`` cut token when it has one (one device→host copy of ``unfed``)."""
+    idx = list(range(len(unfed))) if rows is None else rows.cpu().tolist()
+    cut = (unfed if rows is None else unfed[rows]).cpu().tolist()
+    fed = decoding.tokens
+    return [fed[r] + [c] if c >= 0 else list(fed[r]) for r, c in zip(idx, cut)]
 
 
 class RowPrefixes(Prefixes):
-    """A :class:`Prefixes` over rows of a run whose ``tokens`` are read from the device buffer
+    """A :class:`Prefixes` over rows of a run whose ``tokens`` (:func:`completions`) are read
     only when a potential asks for them (pure-``Power`` targets never do: no host sync)."""
 
-    def __init__(self, lm: Any, prompts: list[list[int]], particles: Particles,
+    def __init__(self, lm: Any, prompts: list[list[int]], particles: Particles, decoding: Any,
                  rows: torch.Tensor | None, base_logprobs: torch.Tensor | None = None,
                  finished: list[bool] | None = None, truncated: list[bool] | None = None) -> None:
         self.lm, self.base_logprobs = lm, base_logprobs
         self.finished, self.truncated = finished, truncated
         self._texts = None
-        self._particles, self._rows = particles, rows
+        self._particles, self._decoding, self._rows = particles, decoding, rows
         self._tokens: list[list[int]] | None = None
         self._prompts = prompts
         n = particles.R if rows is None else len(rows)
@@ -158,7 +133,7 @@ class RowPrefixes(Prefixes):
     @property
     def tokens(self) -> list[list[int]]:  # type: ignore[override]
         if self._tokens is None:
-            self._tokens = self._particles.host_tokens(self._rows)
+            self._tokens = completions(self._decoding, self._particles.unfed, self._rows)
         return self._tokens
 
     @tokens.setter
@@ -169,4 +144,4 @@ class RowPrefixes(Prefixes):
         return self._len
 
 
-__all__ = ["Particles", "RowPrefixes", "CAUSES"]
+__all__ = ["Particles", "RowPrefixes", "CAUSES", "completions"]

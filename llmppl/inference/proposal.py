@@ -9,6 +9,9 @@
 * ``vectorised = True`` promises that ``log_probs`` is a row-wise function of
   ``ctx.batch.base_logprobs``, the target and the exponent (no LM state, no Python per
   row): the SMC engine then evaluates it on every row at once without a host sync.
+
+These attributes (``vectorised``, ``stateful``, ``stochastic``, ``block_temperature``)
+*declare* what a proposal needs; engines ask :func:`llmppl.inference.native.needs`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ class Proposal:
 
     #: ``log_probs`` is row-wise on ``base_logprobs`` (see module docstring)
     vectorised: bool = False
+    #: ``log_probs`` is random (``Lookahead``'s rollouts): ``log q`` of a given token cannot be
+    #: evaluated again, so MH (reverse moves) refuses it
+    stochastic: bool = False
 
     @property
     def stateful(self) -> bool:

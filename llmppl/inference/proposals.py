@@ -25,6 +25,7 @@ import torch
 
 from .lookahead import Lookahead  # noqa: F401  (pp.proposals.Lookahead)
 from ..targets.base import scaled
+from .native import needs
 from .proposal import Proposal, ProposalContext, exponent_of
 
 
@@ -113,7 +114,7 @@ def default_proposal(target: Any) -> Proposal:
     (:class:`LocallyOptimal`) when a token-level factor (a token mask, a ``Tempered`` factor) is
     present or the base exponent is 0 (``Target(lm, Tempered(τ))``), so proposals stay inside
     masks and give impossible tokens ``q = 0``."""
-    token_factors = any(getattr(f, "factorises", False) for f in target.others)
+    token_factors = needs(target).full_vocabulary
     return Temperature() if target.base_exponent > 0 and not token_factors else LocallyOptimal()
 
 
@@ -122,8 +123,8 @@ def is_stateful(proposal: Proposal | None) -> bool:
     decoding state that follows the particles through the ``on_*`` hooks (:class:`FromLM`,
     possibly wrapped in a restriction such as :class:`TopK`).  Such a proposal cannot
     follow MH truncations or rejuvenation moves, and SMC calls its hooks (a host sync per
-    token).  ``Proposal.stateful`` is this function of the proposal."""
-    return proposal is not None and bool(proposal.stateful)
+    token).  It is ``needs(proposal).own_state``."""
+    return proposal is not None and needs(proposal).own_state
 
 
 class FromLM(Proposal):
@@ -247,7 +248,7 @@ class _Restricted(Proposal):
             raise ValueError(f"epsilon must be in (0, 1] so the proposal covers the target, got {epsilon!r}")
         self.inner = inner if inner is not None else Temperature()
         self.epsilon = float(epsilon)
-        self.vectorised = getattr(self.inner, "vectorised", False)
+        self.vectorised, self.stochastic = self.inner.vectorised, self.inner.stochastic
 
     @property
     def stateful(self) -> bool:  # type: ignore[override]

@@ -44,15 +44,10 @@ from .common import (
     prepare_prompts,
 )
 from .moves import MoveContext
-from .native import (
-    NATIVE_HINT,
-    block_temperature,
-    require_full_vocabulary,
-    token_level_factors,
-)
-from .particles import CAUSES, Particles, RowPrefixes
+from .native import NATIVE_HINT, Needs, block_temperature, needs, require_full_vocabulary
+from .particles import CAUSES, Particles, RowPrefixes, completions
 from .proposal import Proposal, ProposalContext
-from .proposals import default_proposal, is_stateful
+from .proposals import default_proposal
 from .resampling import draw_ancestors, get_resampler, needs_resampling
 from .result import Result
 from .schedules import (
@@ -79,8 +74,9 @@ class SMCState:
     :meth:`SMC.init` makes, :meth:`SMC.step` advances and :meth:`SMC.results` reads.
 
     ``particles`` holds every per-particle quantity as device tensors (weights, ``log p``,
-    tokens, flags; :class:`~llmppl.inference.particles.Particles`), ``decoding`` is the LM's
-    opaque decoding handle (KV cache, :class:`~llmppl.models.base.LMState`); the rest is the
+    flags; :class:`~llmppl.inference.particles.Particles`), ``decoding`` is the LM's opaque
+    decoding handle (KV cache, :class:`~llmppl.models.base.LMState`), also the one home of the
+    particles' tokens; the rest is the
     run's configuration, its step counter and the traces recorded so far.
     """
 
@@ -105,6 +101,7 @@ class SMCState:
     step_tokens: torch.Tensor | None = None   # tokens each row drew in the current step
     live: int | None = None   # rows live at this step, known on the host (None: not known)
     native: bool = False      # the backend draws each step's block itself (state.sample_block)
+    proposal_needs: Needs = field(default_factory=Needs)   # needs(proposal, target)
     stop_ids: tuple[int, ...] = ()   # the LM's EOS ids (host)
     slope: dict[str, torch.Tensor] = field(default_factory=dict)   # the length twist's c_t (segment steps)
     bridging: bool = True     # the exponent may change between steps (not a Constant schedule)
@@ -197,16 +194,19 @@ class SMC:
 
     def _run(self, target: Target, prompts: Sequence[Any], max_new_tokens: int, seed: int | None,
              raise_on_failure: bool) -> list[Result]:
+        return self.results(self.drive(self.init(target, prompts, max_new_tokens, seed)), raise_on_failure)
+
+    def drive(self, state: SMCState) -> SMCState:
+        """``step(state)`` until ``state.done`` (a progress bar when ``progress``); returns ``state``."""
         from tqdm.auto import tqdm
 
-        state = self.init(target, prompts, max_new_tokens, seed)
         G = state.particles.G
-        with tqdm(total=max_new_tokens, disable=not self.progress, file=sys.stderr,
+        with tqdm(total=state.max_new_tokens, disable=not self.progress, file=sys.stderr,
                   desc=f"SMC ({G} prompt{'s' if G > 1 else ''})", unit="tok") as bar:
             while not state.done:
                 self.step(state)
                 bar.update(1)
-        return self.results(state, raise_on_failure)
+        return state
 
     # ------------------------------------------------------------------ init / step / results
     def init(self, target: Target, prompts: Sequence[str | Sequence[int] | Sequence[dict]],
@@ -222,7 +222,7 @@ class SMC:
         lm = target.lm
         self.step_kind.check(lm)
         proposal = self.proposal or default_proposal(target)
-        if self.rejuvenate is not None and is_stateful(proposal):
+        if self.rejuvenate is not None and needs(proposal).own_state:
             raise ValueError(
                 f"rejuvenate cannot be combined with the stateful proposal {proposal!r}: moves change "
                 "particles behind the proposal's own decoding state")
@@ -235,6 +235,7 @@ class SMC:
                          Particles(G, N, max_new_tokens, dev), alpha, torch.tensor(eos_ids(lm), device=dev),
                          clock, live=G * N, seed=seed)
         state.a_prev = torch.full((G,), self.schedule.initial(alpha), dtype=torch.float64, device=dev)
+        state.proposal_needs = needs(proposal, target)
         state.native, state.stop_ids = self._native(state), eos_ids(lm)
         state.bridging = not isinstance(self.schedule, Constant)
         state.twisted = target.has_twist or isinstance(self.step_kind, Until)
@@ -286,22 +287,25 @@ class SMC:
 
     # ----------------------------------------------------------------- the pieces
     def _native(self, run: SMCState) -> bool:
-        """Whether each step is one ``state.sample_block`` call (see :mod:`.native`); on a backend
-        without full-vocabulary log-probabilities, a run that is not native is refused here."""
-        tau = block_temperature(run.proposal, run.target,
-                                torch.tensor([self.schedule.initial(run.alpha), run.alpha], dtype=torch.float64))
-        native = (isinstance(self.step_kind, Tokens) and tau is not None
-                  and bool(torch.isfinite(tau).all() and (tau >= 0).all()))
-        if not native:
-            why = (f"the step {self.step_kind!r}" if not isinstance(self.step_kind, Tokens) else
-                   f"the token-level factors {token_level_factors(run.target)}" if token_level_factors(run.target)
-                   else f"the proposal {run.proposal!r}")
-            require_full_vocabulary(run.decoding, f"SMC with {why}", NATIVE_HINT)
-        if self.schedule.uses_token_stats:
-            require_full_vocabulary(run.decoding, f"the schedule {self.schedule!r}",
-                                    "use pp.schedules.Constant, Linear or Geometric")
+        """Whether each step is one ``state.sample_block`` call: neither the step nor the proposal
+        on this target (:func:`~llmppl.inference.native.needs`) needs the full vocabulary, at the
+        schedule's first exponent too.  On a backend without full-vocabulary log-probabilities, a
+        run with a part that needs them is refused here, by the part's name."""
+        target, proposal = run.target, run.proposal
+        a0 = torch.tensor([self.schedule.initial(run.alpha)], dtype=torch.float64)
+        tau0 = block_temperature(proposal, target, a0)
+        native = (not needs(self.step_kind).full_vocabulary and not run.proposal_needs.full_vocabulary
+                  and tau0 is not None and bool(torch.isfinite(tau0).all() and (tau0 >= 0).all()))
+        factors = [f for f in target.others if needs(f).full_vocabulary]
+        parts = [(self.step_kind, f"SMC with the step {self.step_kind!r}", NATIVE_HINT)]
+        parts += [(f, f"SMC with the token-level factor {f!r}", NATIVE_HINT) for f in factors]
+        parts += [(proposal, f"SMC with the proposal {proposal!r}", NATIVE_HINT),
+                  (self.schedule, f"the schedule {self.schedule!r}", "use pp.schedules.Constant, Linear or Geometric")]
         if self.rejuvenate is not None:
-            require_full_vocabulary(run.decoding, f"rejuvenate={self.rejuvenate!r}", "run SMC without moves")
+            parts.append((self.rejuvenate, f"rejuvenate={self.rejuvenate!r}", "run SMC without moves"))
+        for part, what, instead in parts:
+            if needs(part, target).full_vocabulary or (part is proposal and not native):
+                require_full_vocabulary(run.decoding, what, instead)
         return native
 
     def _exponent(self, run: SMCState, t: int, a_prev: torch.Tensor) -> torch.Tensor:
@@ -357,7 +361,7 @@ class SMC:
             else:
                 rows = active.nonzero().flatten()
                 run.syncs += 1
-                segs = P.host_tokens(rows)
+                segs = completions(run.decoding, P.unfed, rows)
                 starts = start[rows].tolist()
                 ended = [self.step_kind.ends(s[k:], run.target.lm) for s, k in zip(segs, starts)]
                 active = active.clone()
@@ -424,7 +428,7 @@ class SMC:
             inc += Σ_j [a_t log p(y_j | y_<j) − log q(y_j | y_<j)]
 
         over the drawn tokens (float64), with ``q ∝ p^{1/τ}``; EOS ends a row, reaching
-        ``max_new_tokens`` cuts it (its last token is stored but not fed to the LM)."""
+        ``max_new_tokens`` cuts it (its last token is kept in ``particles.unfed``, not fed to the LM)."""
         P, state, proposal = run.particles, run.decoding, run.proposal
         k = self.step_kind.k
         rows = self._rows_to_draw(run, active)      # None: every row (no gathers, no scatters)
@@ -454,7 +458,9 @@ class SMC:
         run.bad_logprobs = bad if run.bad_logprobs is None else run.bad_logprobs | bad
         self._count(run, "tokens_sampled", full(n))
         self._count(run, "tokens_decoded", full(n - (ended | cut).long()))
-        P.append_block(blk.tokens.to(P.device), n - ended.long(), rows)
+        last = blk.tokens.to(P.device).gather(1, (n - 1).clamp_min(0)[:, None]).squeeze(1)
+        P.unfed = torch.where(full(cut), full(last), P.unfed)   # the cut token is not fed
+        P.length += full(n - ended.long())
         P.finished |= full(ended)
         P.truncated |= full(cut)
         state.finish(full(ended | cut))
@@ -473,17 +479,18 @@ class SMC:
         P, state, target, proposal = run.particles, run.decoding, run.target, run.proposal
         rows = self._rows_to_draw(run, active)
         a_sub = a_rows if rows is None else a_rows.index_select(0, rows)
-        if proposal.vectorised:
+        row_wise = run.proposal_needs.row_wise
+        if row_wise:
             exponent: float | torch.Tensor = a_sub[:, None]
         else:  # a float when every row shares it (proposals that are not row-wise may need one)
             exponent = (float(a_sub[0]) if len(a_sub) and bool((a_sub == a_sub[0]).all()) else a_sub[:, None])
-        ctx_rows = None if rows is None else rows if proposal.vectorised else rows.cpu()  # (no sync when row-wise)
+        ctx_rows = None if rows is None else rows if row_wise else rows.cpu()  # (no sync when row-wise)
         seen: dict[str, torch.Tensor] = {}
 
         def propose(k: torch.Tensor, sub_lp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             """Every row of the one-token block: ``log q`` and the target's non-``Power`` token factors."""
             seen["bad"] = (torch.isnan(sub_lp).any(1) | torch.isposinf(sub_lp).any(1)).to(P.device)
-            batch = RowPrefixes(target.lm, run.prompts, P, rows, sub_lp)
+            batch = RowPrefixes(target.lm, run.prompts, P, state, rows, sub_lp)
             ctx = ProposalContext(target, batch, state, ctx_rows, exponent, run.generator, run.max_new_tokens)
             return proposal.log_probs(ctx), target.log_next_other(batch)
 
@@ -523,7 +530,8 @@ class SMC:
         dead = active & ~torch.isfinite(inc)
         P.cause = torch.where(dead & (P.cause == 0), torch.ones_like(P.cause), P.cause)
         grow = active & ~is_eos & ~cut & ~dead
-        P.append(v, active & ~is_eos & ~dead)
+        P.length += (active & ~is_eos & ~dead).long()
+        P.unfed = torch.where(cut & ~dead, v, P.unfed)           # the cut token is not fed
         state.step(v, grow)
         self._count(run, "tokens_decoded", grow)
         P.finished |= is_eos
@@ -531,7 +539,7 @@ class SMC:
         P.dead |= dead
         ended = is_eos | cut | dead
         state.finish(ended)
-        if proposal.stateful:
+        if run.proposal_needs.own_state:
             run.syncs += 1
             rows = grow.nonzero().flatten().cpu()
             proposal.on_extend([[int(x)] for x in v[grow].tolist()], rows)
@@ -542,7 +550,7 @@ class SMC:
         superset of the ``active`` rows of size ``run.live`` (counted on the host at the last
         sync, so no extra sync).  Proposals that are not row-wise get exactly the active rows."""
         P = run.particles
-        if not run.proposal.vectorised:
+        if not run.proposal_needs.row_wise:
             run.syncs += 1
             return active.nonzero().flatten()
         if run.live is None or run.live > COMPACT_BELOW * P.R:
@@ -573,7 +581,7 @@ class SMC:
             rows = ended.nonzero().flatten()
             run.syncs += 1
             if len(rows):
-                batch = RowPrefixes(target.lm, run.prompts, P, rows, None,
+                batch = RowPrefixes(target.lm, run.prompts, P, run.decoding, rows, None,
                                     P.finished[rows].tolist(), P.truncated[rows].tolist())
                 lc = target.log_complete(batch).to(device=P.device, dtype=torch.float64)
                 inc[rows] += lc
@@ -596,7 +604,7 @@ class SMC:
         run.syncs += 1
         if len(rows):
             n = len(rows)
-            batch = RowPrefixes(target.lm, run.prompts, P, rows, None, [False] * n, [False] * n)
+            batch = RowPrefixes(target.lm, run.prompts, P, run.decoding, rows, None, [False] * n, [False] * n)
             tw = target.log_twist(batch).to(device=P.device, dtype=torch.float64)
             inc[rows] += tw - P.log_twist[rows]
             P.log_twist[rows] = tw
@@ -618,7 +626,7 @@ class SMC:
         newly_dead = ~torch.isfinite(rw.log_w.reshape(-1)) & ~P.dead
         live_dying = newly_dead & ~P.done
         run.decoding.finish(live_dying)
-        if run.proposal.stateful:
+        if run.proposal_needs.own_state:
             run.syncs += 1
             run.proposal.on_finish(live_dying.nonzero().flatten().cpu())
         P.dead |= newly_dead
@@ -638,7 +646,7 @@ class SMC:
         rows = (anc + torch.arange(P.G, device=P.device)[:, None] * P.N).reshape(-1)
         if moved:
             run.decoding.reorder(rows, rows=torch.tensor(moved, dtype=torch.long).to(P.device, non_blocking=True))
-            if run.proposal.stateful:
+            if run.proposal_needs.own_state:
                 run.proposal.on_reorder(rows.cpu())
             P.gather(rows)
         # equal weights after resampling, scaled so that LSE(log_w) − log N = log Ẑ
@@ -657,10 +665,11 @@ class SMC:
         run.record(resampled=run.unmoved[0], ancestors=run.unmoved[1], unique=run.unmoved[2])
         if self.rejuvenate is not None:
             run.host.setdefault("moves_accepted", []).append([0] * P.G)
-            run.host.setdefault("unique_after_move", []).append(_distinct(P))
+            run.host.setdefault("unique_after_move", []).append(_distinct(run))
 
     def _rejuvenate(self, run: SMCState, a: torch.Tensor, t: int) -> None:
-        """MH moves on the live rows; the engine's token buffer is re-read for them afterwards."""
+        """MH moves on the live rows (they rewrite the rows' tokens in the decoding state, their
+        one home, and ``log p``, ``log φ^next``, ``log ψ`` in the particles)."""
         P = run.particles
         rows = (~P.done).nonzero().flatten().cpu()
         accepted = [0] * P.G
@@ -670,16 +679,12 @@ class SMC:
             ctx = MoveContext(run.target, run.decoding, rows, exponent, P.log_p, P.log_other,
                               P.log_twist, run.generator, step=t)
             per_row = self.rejuvenate.move(ctx)
-            moved = run.decoding.tokens
-            for r in rows.tolist():
-                seq = moved[r]
-                P.tokens[r, : len(seq)] = torch.tensor(seq, dtype=torch.long, device=P.device)
             if isinstance(per_row, torch.Tensor) and per_row.numel() == P.R:
                 accepted = per_row.view(P.G, P.N).sum(1).tolist()
             else:
                 accepted[0] = int(per_row)
         run.host.setdefault("moves_accepted", []).append(accepted)
-        run.host.setdefault("unique_after_move", []).append(_distinct(P))
+        run.host.setdefault("unique_after_move", []).append(_distinct(run))
 
     def _bad_logprobs_error(self, run: SMCState, t: int) -> LanguageModelError:
         r = int(run.bad_logprobs.nonzero()[0, 0])
@@ -700,7 +705,7 @@ class SMC:
         traces = {k: torch.stack(v).cpu() for k, v in run.traces.items()}  # (steps, G, ...)
         lw, inc, lse_old, lse_new, ok = (torch.stack(x) for x in zip(*run.cess))
         traces["conditional_ess"] = torch.where(ok, conditional_ess(lw, inc, (lse_old, lse_new)), 0.0).cpu()
-        samples = P.host_tokens()
+        samples = completions(decoding, P.unfed)
         log_w, log_p = P.log_w.cpu(), P.log_p.cpu().view(P.G, P.N)
         finished, truncated = P.finished.cpu().view(P.G, P.N), P.truncated.cpu().view(P.G, P.N)
         failed, log_Z = P.failed.cpu().tolist(), P.log_Z.cpu().tolist()
@@ -750,9 +755,10 @@ class SMC:
         return out
 
 
-def _distinct(P: Particles) -> list[int]:
+def _distinct(run: SMCState) -> list[int]:
     """Distinct particle sequences per prompt (what rejuvenation moves increase)."""
-    toks = P.host_tokens()
+    P = run.particles
+    toks = completions(run.decoding, P.unfed)
     return [len({tuple(s) for s in toks[g * P.N:(g + 1) * P.N]}) for g in range(P.G)]
 
 
