@@ -16,7 +16,7 @@ from collections.abc import Callable
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from .methods import (  # noqa: E402,F401  (re-exported)
-    METHODS, add_engine_arguments, build_method, check_sampler_options, check_truncation,
+    METHODS, add_engine_arguments, build_method, check_backend, check_sampler_options, check_truncation,
 )
 
 TRUNCATION_HELP = ("keep (default): a completion cut at --max-new-tokens weighs p(prefix)^alpha; "
@@ -50,6 +50,7 @@ def run_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     pp.Power(args.alpha)  # bad input fails before the model loads
     method = build_method(args.method, args)
+    check_backend(method, args.backend)
     truncation = check_truncation(args.truncation, method.sharpened)
     lm = pp.models.load_model(args.model, device=args.device, dtype=args.dtype, backend=args.backend)
     chat = not args.no_chat and getattr(lm.tokenizer, "chat_template", None) is not None
@@ -115,6 +116,7 @@ def _check_run_args(args: argparse.Namespace) -> None:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     check_sampler_options(args, args.method)
+    check_backend(build_method(args.method, args), args.backend)
     check_truncation(args.truncation, METHODS[args.method].sharpened)
 
 

@@ -22,7 +22,10 @@ import codecs
 from .inference import MH, SMC, proposals, schedules, steps
 from .inference.baselines import BestOfN, Greedy, LowTemperature, Plain
 from .inference.samplers import ScalablePower
+from .inference.native import NATIVE_HINT, needs
 from .models import load_model
+from .models.block import NotNative
+from .models.registry import FULL_VOCABULARY_BACKENDS
 from .targets import Power, Target
 
 
@@ -209,6 +212,17 @@ METHODS: dict[str, MethodEntry] = {
     "reweight": MethodEntry(_reweight, True, ("particles", "alpha")),
     "lookahead": MethodEntry(_lookahead, True, ("particles", "alpha", "top_k", "rollouts", "horizon")),
 }
+
+
+def check_backend(method: Method, backend: str) -> None:
+    """Refuse, before any model loads, a method whose engine needs full-vocabulary
+    log-probabilities at every token (:func:`~llmppl.inference.native.needs`) on a backend that
+    decodes natively in blocks (vLLM): :class:`~llmppl.models.block.NotNative` naming both."""
+    if backend in FULL_VOCABULARY_BACKENDS or not needs(method.engine).full_vocabulary:
+        return
+    raise NotNative(f"--method {method.name} ({method.engine!r}) needs full-vocabulary log-probabilities "
+                    f"at every token, which the {backend} backend does not give (it decodes natively in "
+                    f"blocks): {NATIVE_HINT}")
 
 
 def build_method(name: str, ns: Any) -> Method:

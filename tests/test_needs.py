@@ -11,6 +11,7 @@ import torch
 
 import llmppl as pp
 from llmppl.inference.native import Needs, needs
+from llmppl.inference.reweight import Reweight
 from llmppl.models.toy import EXACTNESS
 
 LM = EXACTNESS["prompts"].lm()
@@ -54,7 +55,20 @@ NATIVE = Needs()
     (pp.schedules.AdaptiveESS(), None, Needs(full_vocabulary=True)),
     (pp.steps.Tokens(4), None, NATIVE),
     (pp.steps.Until("\n"), None, Needs(full_vocabulary=True, row_wise=False)),
-    (pp.MH(2, 1), None, Needs(full_vocabulary=True, row_wise=False)),   # a move kernel: replays suffixes
+    # engines: what a run of the engine needs
+    (pp.SMC(4), POWER, NATIVE),
+    (pp.SMC(4, step=pp.steps.Tokens(8)), None, NATIVE),
+    (pp.SMC(4, schedule=pp.schedules.AdaptiveESS()), None, Needs(full_vocabulary=True)),
+    (pp.SMC(4, rejuvenate=pp.MH(1, 1)), None, Needs(full_vocabulary=True)),   # moves replay suffixes
+    (pp.SMC(4, proposal=LOOKAHEAD), None, Needs(full_vocabulary=True, row_wise=False, random=True)),
+    (pp.MH(2, 1), None, NATIVE),                 # reverse moves use the recorded log q
+    (pp.MH(2, 1, proposal=pp.proposals.TopK(2)), None, Needs(full_vocabulary=True)),
+    (pp.baselines.Plain(4), None, NATIVE),
+    (pp.baselines.Greedy(), None, NATIVE),
+    (pp.baselines.BestOfN(4), None, NATIVE),
+    (pp.baselines.LowTemperature(0.5, 4), None, NATIVE),
+    (pp.samplers.ScalablePower(2, 2, 2, n=4), None, Needs(full_vocabulary=True, row_wise=False, random=True)),
+    (Reweight(4), None, NATIVE),
 ], ids=repr)
 def test_every_kind_of_part_answers_the_same_question(part, target, expected):
     assert needs(part, target) == expected

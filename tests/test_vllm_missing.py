@@ -6,6 +6,7 @@ import importlib.util
 import pytest
 
 import llmppl as pp
+from llmppl.cli import main
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
 
@@ -22,3 +23,20 @@ def test_vllm_backend_input_errors(tmp_path):
         pp.models.load_model(str(tmp_path / "absent"), backend="vllm")
     with pytest.raises(ValueError, match="unknown backend 'vlm'"):
         pp.models.load_model(None, backend="vlm")
+
+
+@pytest.mark.parametrize("command", [
+    ["sample", "--prompt", "hi", "--method", "lookahead"],
+    ["sample", "--prompt", "hi", "--method", "smc", "--schedule", "adaptive"],
+    ["eval", "--task", "reasoning_gym:chain_sum", "--json", "OUT", "--methods", "plain,lookahead"],
+    ["run", "--input", "IN", "--output", "OUT", "--method", "smc", "--step", "until:\\n"],
+])
+def test_the_cli_refuses_what_vllm_cannot_run_before_loading_a_model(command, tmp_path, capsys):
+    # vLLM is not even installed here: the refusal comes first, from what the method needs
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": 0, "prompt": "hi"}\n')
+    argv = [str(src) if a == "IN" else str(tmp_path / "out.jsonl") if a == "OUT" else a for a in command]
+    assert main(argv + ["--backend", "vllm", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("llmppl: error: --method") and "full-vocabulary" in err and "vllm backend" in err, err
+    assert "pip install" not in err

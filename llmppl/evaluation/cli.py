@@ -78,7 +78,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     import llmppl as pp
 
-    from ..methods import METHODS
+    from ..methods import METHODS, check_backend
     from .runner import Job, MethodSpec, ResultStore, method_config, method_namespace, run_eval
     from .registry import get_task
 
@@ -92,12 +92,14 @@ def evaluate(args: argparse.Namespace) -> int:
     if len({s.label for s in specs}) != len(specs):
         raise ValueError(f"--methods lists a method twice: {args.methods}")
     namespaces = [method_namespace(s, args) for s in specs]  # validates names and options early
+    backend = getattr(args, "backend", "hf")
+    for spec, ns in zip(specs, namespaces):                    # ... and what the backend cannot run
+        check_backend(METHODS[spec.name](ns, spec.name), backend)
     task = get_task(args.task, task_config, seed=args.seed)
     problems = task.problems(args.n)
     store = ResultStore(args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
-    backend = getattr(args, "backend", "hf")
     options = {"n_ctx": args.n_ctx} if args.n_ctx else {}  # (load_model refuses it for other backends)
     lm = pp.models.load_model(args.model, device=args.device, dtype=args.dtype, backend=backend, **options)
     chat = not args.no_chat and getattr(getattr(lm, "tokenizer", None), "chat_template", None) is not None

@@ -25,6 +25,7 @@ from ..targets.target import Target
 from .proposal import Proposal, ProposalContext
 from .common import Stopwatch, make_generator, peak_memory, prepare_prompts
 from .decode import advance, end_terms
+from .native import Needs, needs
 from .proposals import Base, Temperature
 from .result import Result
 
@@ -216,3 +217,14 @@ class BestOfN(BatchMixin):
 
     def __repr__(self) -> str:
         return f"BestOfN(n={self.n}, by={getattr(self.by, '__name__', self.by)!r})"
+
+
+@needs.register
+def _(engine: Decoder, target: Target | None = None) -> Needs:
+    return needs(engine.proposal, target)
+
+
+@needs.register
+def _(engine: BatchMixin, target: Target | None = None) -> Needs:
+    """A decoding baseline needs what its proposal needs (one block per row when native)."""
+    return needs(engine._decoder(), target)

@@ -32,8 +32,8 @@ from ..targets.target import Target
 from .common import AllParticlesDied, Stopwatch, make_generator, peak_memory, prepare_prompts
 from .decode import Decoded, advance, end_terms
 from .moves import MoveContext
-from .native import needs
-from .proposals import Proposal, default_proposal
+from .native import Needs, needs
+from .proposals import Proposal, Temperature, default_proposal
 from .result import Result
 
 
@@ -381,3 +381,10 @@ class MH:
             ctx.log_twist[moved_d] = twist_new[acc].to(dev)
             accepted += int(acc.sum())
         return accepted
+
+
+@needs.register
+def _(engine: MH, target: Target | None = None) -> Needs:
+    """A run of ``engine``: what its proposal (the default on ``target``) needs; its reverse
+    moves use the recorded ``log q`` of each token, so nothing more."""
+    return needs(engine.proposal or (default_proposal(target) if target is not None else Temperature()), target)

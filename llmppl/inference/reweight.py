@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..targets.target import Target
+from .native import Needs, needs
 from .proposals import Base
 from .result import Result
 from .smc import SMC, SMCState
@@ -58,3 +59,8 @@ class Reweight:
 
     def __repr__(self) -> str:
         return f"Reweight(n={self.n_particles})"
+
+
+@needs.register
+def _(engine: Reweight, target: Target | None = None) -> Needs:
+    return needs(engine.smc, target)

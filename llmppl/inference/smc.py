@@ -47,7 +47,7 @@ from .moves import MoveContext
 from .native import NATIVE_HINT, Needs, block_temperature, needs, require_full_vocabulary
 from .particles import CAUSES, Particles, RowPrefixes, completions
 from .proposal import Proposal, ProposalContext
-from .proposals import default_proposal
+from .proposals import Temperature, default_proposal
 from .resampling import draw_ancestors, get_resampler, needs_resampling
 from .result import Result
 from .schedules import (
@@ -296,15 +296,16 @@ class SMC:
         tau0 = block_temperature(proposal, target, a0)
         native = (not needs(self.step_kind).full_vocabulary and not run.proposal_needs.full_vocabulary
                   and tau0 is not None and bool(torch.isfinite(tau0).all() and (tau0 >= 0).all()))
-        factors = [f for f in target.others if needs(f).full_vocabulary]
-        parts = [(self.step_kind, f"SMC with the step {self.step_kind!r}", NATIVE_HINT)]
-        parts += [(f, f"SMC with the token-level factor {f!r}", NATIVE_HINT) for f in factors]
-        parts += [(proposal, f"SMC with the proposal {proposal!r}", NATIVE_HINT),
-                  (self.schedule, f"the schedule {self.schedule!r}", "use pp.schedules.Constant, Linear or Geometric")]
-        if self.rejuvenate is not None:
-            parts.append((self.rejuvenate, f"rejuvenate={self.rejuvenate!r}", "run SMC without moves"))
-        for part, what, instead in parts:
-            if needs(part, target).full_vocabulary or (part is proposal and not native):
+        full = Needs(full_vocabulary=True)
+        parts = [(needs(self.step_kind), f"SMC with the step {self.step_kind!r}", NATIVE_HINT)]
+        parts += [(needs(f), f"SMC with the token-level factor {f!r}", NATIVE_HINT) for f in target.others]
+        parts += [(full if not native else Needs(), f"SMC with the proposal {proposal!r}", NATIVE_HINT),
+                  (needs(self.schedule), f"the schedule {self.schedule!r}",
+                   "use pp.schedules.Constant, Linear or Geometric")]
+        if self.rejuvenate is not None:      # moves replay suffixes token by token (forced tokens)
+            parts.append((full, f"rejuvenate={self.rejuvenate!r}", "run SMC without moves"))
+        for need, what, instead in parts:
+            if need.full_vocabulary:
                 require_full_vocabulary(run.decoding, what, instead)
         return native
 
@@ -753,6 +754,16 @@ class SMC:
                 select=self.select, error=error,
             ))
         return out
+
+
+@needs.register
+def _(engine: SMC, target: Target | None = None) -> Needs:
+    """A run of ``engine`` on ``target``: its step, its proposal (the default on ``target``;
+    ``Temperature()`` on a pure power target when none is given), its schedule and its moves
+    (which replay suffixes token by token)."""
+    proposal = engine.proposal or (default_proposal(target) if target is not None else Temperature())
+    out = needs(engine.step_kind) | needs(proposal, target) | needs(engine.schedule)
+    return out | Needs(full_vocabulary=True) if engine.rejuvenate is not None else out
 
 
 def _distinct(run: SMCState) -> list[int]:

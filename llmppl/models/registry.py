@@ -161,6 +161,9 @@ def register_gguf(name: str, locate: Callable[[], Path]) -> None:
 
 #: inference backends ``load_model`` knows
 BACKENDS = ("hf", "llamacpp", "vllm")
+#: the backends whose decoding states give ``(rows, V)`` log-probabilities at every token
+#: (``LMState.full_vocabulary``); the others decode natively in blocks
+FULL_VOCABULARY_BACKENDS = ("hf", "llamacpp")
 
 
 def load_model(spec: str | None = None, device: str | torch.device = "cpu",
