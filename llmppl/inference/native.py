@@ -85,12 +85,14 @@ def _(part: Potential, target: Target | None = None) -> Needs:
     return Needs(full_vocabulary=bool(part.factorises))
 
 
+def all_of(parts: Any) -> Needs:
+    """What a run with every one of ``parts`` needs (``Needs()`` for none)."""
+    return functools.reduce(lambda acc, part: acc | needs(part), parts, Needs())
+
+
 @needs.register
 def _(part: Product, target: Target | None = None) -> Needs:
-    out = Needs()
-    for f in part.factors:
-        out = out | needs(f)
-    return out
+    return all_of(part.factors)
 
 
 @needs.register
@@ -100,10 +102,7 @@ def _(part: Power, target: Target | None = None) -> Needs:
 
 @needs.register
 def _(part: Target, target: Target | None = None) -> Needs:
-    out = Needs()
-    for f in part.others:
-        out = out | needs(f)
-    return out
+    return all_of(part.others)
 
 
 @needs.register
@@ -140,4 +139,4 @@ def require_full_vocabulary(state, what: str, instead: str) -> None:
 NATIVE_HINT = ("use a native proposal (pp.proposals.Temperature() or Base()) on a target without "
                "token-level factors, or a backend with full-vocabulary log-probabilities (HFLM, LlamaCppLM)")
 
-__all__ = ["Needs", "needs", "block_temperature", "require_full_vocabulary", "token_level_factors", "NATIVE_HINT"]
+__all__ = ["Needs", "needs", "all_of", "block_temperature", "require_full_vocabulary", "token_level_factors", "NATIVE_HINT"]
