@@ -296,14 +296,13 @@ class SMC:
         tau0 = block_temperature(proposal, target, a0)
         native = (not needs(self.step_kind).full_vocabulary and not run.proposal_needs.full_vocabulary
                   and tau0 is not None and bool(torch.isfinite(tau0).all() and (tau0 >= 0).all()))
-        full = Needs(full_vocabulary=True)
         parts = [(needs(self.step_kind), f"SMC with the step {self.step_kind!r}", NATIVE_HINT)]
         parts += [(needs(f), f"SMC with the token-level factor {f!r}", NATIVE_HINT) for f in target.others]
-        parts += [(full if not native else Needs(), f"SMC with the proposal {proposal!r}", NATIVE_HINT),
+        parts += [(Needs(full_vocabulary=not native), f"SMC with the proposal {proposal!r}", NATIVE_HINT),
                   (needs(self.schedule), f"the schedule {self.schedule!r}",
                    "use pp.schedules.Constant, Linear or Geometric")]
         if self.rejuvenate is not None:      # moves replay suffixes token by token (forced tokens)
-            parts.append((full, f"rejuvenate={self.rejuvenate!r}", "run SMC without moves"))
+            parts.append((Needs(full_vocabulary=True), f"rejuvenate={self.rejuvenate!r}", "run SMC without moves"))
         for need, what, instead in parts:
             if need.full_vocabulary:
                 require_full_vocabulary(run.decoding, what, instead)
