@@ -12,7 +12,8 @@ moves and the ``AdaptiveESS`` schedule — needs ``(rows, V)`` log-probabilities
 and runs on the token path of backends that have it (``state.full_vocabulary``).
 
 What a part of a run needs is asked in one way: :func:`needs` (a registry keyed by the part's
-type: proposals, potentials, targets, schedules, steps, move kernels) returns a :class:`Needs`.
+type: proposals, potentials, targets, schedules, steps, and the engines, which register in their
+own modules) returns a :class:`Needs`.
 The parts *declare* it with their class attributes (``Proposal.vectorised`` / ``stateful`` /
 ``stochastic`` / ``block_temperature``, ``Potential.factorises``,
 ``Schedule.uses_token_stats``); engines only ever read :func:`needs`.  A new kind of part
