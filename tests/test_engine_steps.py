@@ -186,3 +186,21 @@ def test_mh_init_step_results_is_run_batch():
         mh.step(state)
     with pytest.raises(ValueError, match="no MH stage"):
         mh.results(mh.init(TARGET, PROMPTS, T, chains=2, seed=0))
+
+
+# --------------------------------------------------------------------------- decoding baselines
+@pytest.mark.parametrize("engine", [pp.baselines.Plain(6), pp.baselines.LowTemperature(0.5, 6), pp.baselines.Greedy(),
+                                    pp.baselines.BestOfN(6), pp.samplers.ScalablePower(2, 2, 2, n=3)], ids=repr)
+def test_baselines_init_step_results_is_run_batch(engine):
+    """The baselines have the engines' shape too: their one step decodes every row (one block)."""
+    state = engine.init(TARGET, PROMPTS, T, seed=11)
+    assert not state.done
+    with pytest.raises(ValueError, match="call step"):
+        engine.results(state)
+    assert engine.step(state) is state and state.done
+    with pytest.raises(ValueError, match="has been decoded"):
+        engine.step(state)
+    mine, theirs = engine.results(state), engine.run_batch(TARGET, PROMPTS, T, seed=11)
+    for a, b in zip(mine, theirs):
+        assert a.samples == b.samples and a.log_weights == b.log_weights and a.log_p == b.log_p
+        assert a.method == b.method and a.stats["tokens_decoded"] == b.stats["tokens_decoded"]

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -24,7 +26,7 @@ from ..targets.base import Completion
 from ..targets.target import Target
 from .proposal import Proposal, ProposalContext
 from .common import Stopwatch, make_generator, peak_memory, prepare_prompts
-from .decode import advance, end_terms
+from .decode import Decoded, advance, end_terms
 from .native import Needs, needs
 from .proposals import Base, Temperature
 from .result import Result
@@ -52,6 +54,27 @@ class ArgMax(Proposal):
         return log_q.argmax(dim=-1)
 
 
+@dataclass
+class DecoderState:
+    """A decoding baseline's run on ``G`` prompts × ``n`` rows: what :meth:`Decoder.init` makes,
+    :meth:`Decoder.step` advances (its one step decodes every row to EOS or ``max_new_tokens``,
+    one block) and :meth:`Decoder.results` reads; ``decoding`` is the LM's decoding handle."""
+
+    decoder: "Decoder"
+    target: Target
+    prompts: list[list[int]]
+    max_new_tokens: int
+    decoding: Any
+    generator: torch.Generator
+    clock: Stopwatch
+    seed: int | None = None
+    decoded: Decoded | None = None     # the step's draws, once taken
+
+    @property
+    def done(self) -> bool:
+        return self.decoded is not None
+
+
 class Decoder:
     """``n`` rows per prompt decoded from ``proposal`` to EOS or ``max_new_tokens``: one
     :func:`~llmppl.inference.decode.advance` over all ``G·n`` rows (one native block for a
@@ -68,18 +91,37 @@ class Decoder:
     def run_batch(self, target: Target, prompts: Sequence, max_new_tokens: int,
                   seed: int | None = None) -> list[Result]:
         """One ``Result`` per prompt, all prompts decoded as rows of one state."""
+        return self.results(self.step(self.init(target, prompts, max_new_tokens, seed)))
+
+    def init(self, target: Target, prompts: Sequence, max_new_tokens: int, seed: int | None = None) -> DecoderState:
+        """The LM's decoding state started on the ``G`` prompts (``G·n`` rows), nothing drawn yet."""
         ids = prepare_prompts(target, prompts, max_new_tokens)
-        lm, G, n, T = target.lm, len(ids), self.n, max_new_tokens
-        gen = make_generator(seed, lm.device)
-        with Stopwatch(lm.device) as watch:
-            state = lm.start(ids[0] if G == 1 else ids, n, max_new_tokens=T)
-            self.proposal.start(target, ids[0] if G == 1 else ids, n)
-            d = advance(target, state, torch.arange(G * n), T, self.proposal, float(target.base_exponent), gen,
-                        feed_last=False)
-            samples = [[t for t in row if t >= 0][: int(k) - int(e)] for row, k, e in
-                       zip(d.tokens.tolist(), d.length.tolist(), d.ended.tolist())]
-            log_target = d.total("log_inc") + end_terms(target, [ids[g] for g in range(G) for _ in range(n)],
-                                                         samples, d.ended, final=True)
+        lm, G = target.lm, len(ids)
+        clock = Stopwatch(lm.device).start()
+        decoding = lm.start(ids[0] if G == 1 else ids, self.n, max_new_tokens=max_new_tokens)
+        self.proposal.start(target, ids[0] if G == 1 else ids, self.n)
+        return DecoderState(self, target, ids, max_new_tokens, decoding, make_generator(seed, lm.device), clock, seed)
+
+    def step(self, state: DecoderState) -> DecoderState:
+        """Every row drawn from the proposal to EOS or ``max_new_tokens`` (one ``advance``)."""
+        if state.done:
+            raise ValueError("this run has been decoded (state.done): call results(state)")
+        rows = torch.arange(len(state.prompts) * self.n)
+        state.decoded = advance(state.target, state.decoding, rows, state.max_new_tokens, self.proposal,
+                                float(state.target.base_exponent), state.generator, feed_last=False)
+        return state
+
+    def results(self, state: DecoderState) -> list[Result]:
+        """One ``Result`` per prompt (uniform weights; ``stats["log_target"]`` = ``log γ(y)``)."""
+        if not state.done:
+            raise ValueError("nothing has been decoded on this state: call step(state) first")
+        target, ids, d, T, n = state.target, state.prompts, state.decoded, state.max_new_tokens, self.n
+        lm, G = target.lm, len(ids)
+        samples = [[t for t in row if t >= 0][: int(k) - int(e)] for row, k, e in
+                   zip(d.tokens.tolist(), d.length.tolist(), d.ended.tolist())]
+        log_target = d.total("log_inc") + end_terms(target, [ids[g] for g in range(G) for _ in range(n)],
+                                                     samples, d.ended, final=True)
+        seconds = state.clock.stop()
         log_p, log_q, drawn = d.total("log_p"), d.total("log_q"), (d.tokens >= 0).sum(1)
         fed = drawn - d.ended.long() - (~d.ended & (drawn >= T)).long()
         extra_fp, extra_tok = self.proposal.work()    # the proposal's own LM work (look-ahead rollouts)
@@ -87,9 +129,9 @@ class Decoder:
         for g in range(G):
             rows = slice(g * n, (g + 1) * n)
             sam = samples[rows]
-            stats = {"forward_passes": int(state.forward_passes) + extra_fp,
+            stats = {"forward_passes": int(state.decoding.forward_passes) + extra_fp,
                      "tokens_decoded": int(fed[rows].sum()) + extra_tok.get(g, 0),
-                     "tokens_sampled": int(drawn[rows].sum()), "wall_time": watch.seconds,
+                     "tokens_sampled": int(drawn[rows].sum()), "wall_time": seconds,
                      "peak_memory": peak_memory(lm.device), "batch_prompts": G,
                      "log_target": log_target[rows].tolist(), "log_q": log_q[rows].tolist()}
             if self.proposal.work_name is not None:   # included in the totals above
@@ -99,14 +141,15 @@ class Decoder:
                 method=self.method, prompt_ids=list(ids[g]), samples=sam, log_weights=[0.0] * n,
                 texts=[lm.decode(s) for s in sam] if lm.tokenizer is not None else None,
                 finished=d.ended[rows].tolist(), truncated=(~d.ended[rows]).tolist(), log_p=log_p[rows].tolist(),
-                log_evidence=None, steps={}, stats=stats, seed=seed,
+                log_evidence=None, steps={}, stats=stats, seed=state.seed,
                 config={"n": n, "max_new_tokens": T, "proposal": repr(self.proposal), "target": repr(target),
                         **self.extra}))
         return out
 
 
 class BatchMixin:
-    """``run`` and ``run_batch`` of a decoding baseline from its ``_decoder()`` and ``_finish``."""
+    """``init`` / ``step`` / ``results`` (and ``run``, ``run_batch``) of a decoding baseline from
+    its ``_decoder()`` and ``_finish``."""
 
     def _decoder(self) -> Decoder:
         raise NotImplementedError
@@ -114,10 +157,20 @@ class BatchMixin:
     def _finish(self, target: Target, res: Result) -> Result:
         return res
 
+    def init(self, target: Target, prompts: Sequence, max_new_tokens: int,
+             seed: int | None = None) -> DecoderState:
+        return self._decoder().init(target, prompts, max_new_tokens, seed)
+
+    def step(self, state: DecoderState) -> DecoderState:
+        return state.decoder.step(state)
+
+    def results(self, state: DecoderState) -> list[Result]:
+        return [self._finish(state.target, r) for r in state.decoder.results(state)]
+
     def run_batch(self, target: Target, prompts: Sequence, max_new_tokens: int,
                   seed: int | None = None) -> list[Result]:
         """One ``Result`` per prompt, all prompts decoded as rows of one state."""
-        return [self._finish(target, r) for r in self._decoder().run_batch(target, prompts, max_new_tokens, seed)]
+        return self.results(self.step(self.init(target, prompts, max_new_tokens, seed)))
 
     def run(self, target: Target, prompt, max_new_tokens: int, seed: int | None = None) -> Result:
         return self.run_batch(target, [prompt], max_new_tokens, seed)[0]

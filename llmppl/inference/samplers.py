@@ -11,7 +11,7 @@ future; inside ``pp.SMC(proposal=Lookahead(...))`` the weights make it exact.
 from __future__ import annotations
 
 from ..targets.target import Target
-from .baselines import BatchMixin, Decoder, _check_n
+from .baselines import BatchMixin, Decoder, DecoderState, _check_n
 from .lookahead import Lookahead
 from .result import Result
 
@@ -31,15 +31,17 @@ class ScalablePower(BatchMixin):
                        {"top_k": la.top_k, "rollouts": la.rollouts, "horizon": la.horizon,
                         "jackknife": la.jackknife, "floor": la.floor})
 
-    def run_batch(self, target: Target, prompts, max_new_tokens: int,
-                  seed: int | None = None) -> list[Result]:
-        """Every prompt's rows decode together; the rollouts of all rows share one forked state.
-        ``Result.stats`` counts the rollouts (``tokens_decoded`` includes them; the engine adds
+    def init(self, target: Target, prompts, max_new_tokens: int, seed: int | None = None) -> DecoderState:
+        """Every prompt's rows decode together; the rollouts of all rows share one forked state
+        and never look past ``max_new_tokens``."""
+        self.lookahead.max_new_tokens = max_new_tokens
+        return super().init(target, prompts, max_new_tokens, seed)
+
+    def results(self, state: DecoderState) -> list[Result]:
+        """``Result.stats`` counts the rollouts (``tokens_decoded`` includes them; the engine adds
         the proposal's work): ``lookahead_tokens_decoded`` (alias ``rollout_tokens``) are the
         rollout tokens of the prompt's own rows, ``lookahead_forward_passes`` the batch's."""
-        la = self.lookahead
-        la.max_new_tokens = max_new_tokens
-        out = super().run_batch(target, prompts, max_new_tokens, seed)
+        out = super().results(state)
         for res in out:
             res.stats["rollout_tokens"] = res.stats.get("lookahead_tokens_decoded", 0)
         return out
