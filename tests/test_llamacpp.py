@@ -319,3 +319,4 @@ def test_cli_sample_and_latency_on_llamacpp(capsys, tmp_path):
 
     res = json.loads(out.read_text())
     assert res["backend"] == "llamacpp" and res["per_step_ms"]["smc_batch"] > 0 and res["rows"] == 4
+    assert res["smc_step"] == "Tokens(1)" and "--block" not in res["command"]   # the backend's native block

@@ -85,6 +85,7 @@ def test_metadata(tiny):
     assert lm.vocab_size == V and lm.eos_token_ids == (7,) and lm.bos_token_id == 1
     assert lm.max_context == 48 and lm.tokenizer is None
     assert lm.kv_tokens is not None and lm.kv_tokens > 1000
+    assert lm.native_block == lm.block_size == 32     # the CPU KV block: where SMC steps cost no recompute
     assert lm.verify() < TOL  # construction ran it too: recorder vs the engine's own full logprobs
 
 

@@ -49,25 +49,28 @@ def engines(lm: Any, N: int, block: int = 1) -> dict[str, Any]:
 
 def run_latency(model: str | None, particles: int, prompts: int, max_new_tokens: int, device: str,
                 reps: int, backend: str = "hf", seed: int = 0, lm: Any = None,
-                compare: str | None = None, block: int = 1) -> dict[str, Any]:
+                compare: str | None = None, block: int | None = None) -> dict[str, Any]:
     """The benchmark itself; returns the JSON-ready dict.  ``compare``: a second backend timed in
     the same interleaved repetitions (its results under ``"compare"``); ``block``: SMC steps of
-    ``block`` tokens (``pp.steps.Tokens(block)``, weighed at block boundaries)."""
+    ``block`` tokens (``pp.steps.Tokens(block)``, weighed at block boundaries; default: the
+    backend's ``lm.native_block``, 1 for transformers and llama.cpp, the KV block for vLLM)."""
     from ..models import load_model
 
-    if particles < 1 or max_new_tokens < 1 or reps < 1 or block < 1 or not 1 <= prompts <= len(PROMPTS):
+    bad_block = block is not None and block < 1
+    if particles < 1 or max_new_tokens < 1 or reps < 1 or bad_block or not 1 <= prompts <= len(PROMPTS):
         raise ValueError(f"--particles, --max-new-tokens, --reps, --block must be >= 1 and --prompts in "
                          f"[1, {len(PROMPTS)}]")
     lms = {backend: lm or load_model(model, device=device, backend=backend)}
     if compare and compare != backend:
         lms[compare] = load_model(model, device=device, backend=compare)
+    given, block = block, block or getattr(lms[backend], "native_block", 1)
     runs = {name: _Timed(name, x, particles, prompts, max_new_tokens, block, seed) for name, x in lms.items()}
     for r in range(reps):                 # interleaved: every backend's runs in each repetition
         for t in runs.values():
             t.repetition(seed + r)
     out = runs[backend].summary(reps)
     out["command"] = (f"llmppl bench latency --backend {backend} --prompts {prompts} --particles {particles} "
-                      f"--max-new-tokens {max_new_tokens} --reps {reps}" + (f" --block {block}" if block > 1 else "")
+                      f"--max-new-tokens {max_new_tokens} --reps {reps}" + (f" --block {block}" if given else "")
                       + (f" --compare {compare}" if compare and compare != backend else ""))
     if compare and compare != backend:
         out["compare"] = runs[compare].summary(reps)
@@ -127,7 +130,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["hf", "llamacpp", "vllm"], default="hf")
     p.add_argument("--compare", choices=["hf", "llamacpp", "vllm"], default=None,
                    help="a second backend timed in the same interleaved run (default: hf when --backend is not)")
-    p.add_argument("--block", type=int, default=1, help="SMC steps of this many tokens (pp.steps.Tokens)")
+    p.add_argument("--block", type=int, default=None,
+                   help="SMC steps of this many tokens (pp.steps.Tokens; default: the backend's native block, "
+                        "lm.native_block: 1 for hf and llamacpp, the KV block for vllm)")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--particles", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=32)

@@ -39,6 +39,10 @@ class LanguageModel:
     """
 
     tokenizer: Any = None
+    #: the SMC step (``pp.steps.Tokens(native_block)``) that decodes at this backend's speed: 1
+    #: where full-vocabulary log-probabilities make token steps cheap; a block-native backend
+    #: (vLLM) says its KV block, at whose boundaries a forked row recomputes nothing it decoded
+    native_block: int = 1
 
     def __init__(
         self,

@@ -315,6 +315,7 @@ class VLLMLM(LanguageModel):
         #: tokens of KV the engine holds (all requests together); None when vLLM does not say
         self.kv_tokens: int | None = int(blocks) * int(cc.block_size) if blocks else None
         self.block_size = int(cc.block_size)
+        self.native_block = self.block_size     # (LanguageModel.native_block)
         self.dtype = kwargs["dtype"]
         self._tasks = engine.get_supported_tasks()
         #: external ids of the open decoding sessions (all states); at most ``max_sessions``
