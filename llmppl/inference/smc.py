@@ -264,7 +264,9 @@ class SMC:
         ess = self._reweight(run, inc, log_w_before, a, t)
         live = (~P.done).view(P.G, P.N).any(1) & ~P.failed
         need = needs_resampling(ess, live, self.ess_threshold, P.N)
-        anc = (draw_ancestors(self.resampler, run.generator, P.log_w, need) if self.ess_threshold > 0.0
+        # on a CPU device reading ``need`` is free: no ancestors are drawn when no prompt resamples
+        drawn = self.ess_threshold > 0.0 and (P.device.type != "cpu" or bool(need.any()))
+        anc = (draw_ancestors(self.resampler, run.generator, P.log_w, need) if drawn
                else torch.arange(P.N, device=P.device).expand(P.G, P.N))
         source = (anc + torch.arange(P.G, device=P.device)[:, None] * P.N).reshape(-1)
         flags = torch.cat([torch.stack([P.done.all(), run.bad_logprobs.any(), need.any()]).long(),
