@@ -58,8 +58,8 @@ class Proposal:
         through the ``on_*`` hooks (another LM, a cache): it overrides ``on_extend``.  Engines
         then call the hooks (SMC: a host sync per token), and MH and rejuvenation refuse it
         (they truncate particles behind its back).  A wrapper that only forwards the hooks
-        (``TopK``, ``TopP``) is stateful exactly when its inner proposal is.  This property is
-        the one definition every engine uses (``proposals.is_stateful``)."""
+        (``TopK``, ``TopP``) is stateful exactly when its inner proposal is.  Engines read it
+        through ``native.needs(proposal).own_state``."""
         return type(self).on_extend is not Proposal.on_extend
 
     #: ``sample`` returns the mode (greedy decoding): ``block_temperature`` 0 means greedy
