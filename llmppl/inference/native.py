@@ -117,15 +117,10 @@ def _(part: Step, target: Target | None = None) -> Needs:
     return Needs(full_vocabulary=not isinstance(part, Tokens), row_wise=isinstance(part, Tokens))
 
 
-def token_level_factors(target: Target) -> list[str]:
-    """Names of the target's factors that act on every next token (``log φ^next``)."""
-    return [repr(f) for f in target.others if needs(f).full_vocabulary]
-
-
 def block_temperature(proposal: Proposal, target: Target, a_rows: torch.Tensor) -> torch.Tensor | None:
     """``(R,)`` float64 ``τ`` per row when ``proposal`` is native for ``target`` at exponents
     ``a_rows`` (``0`` for greedy), else ``None``."""
-    if token_level_factors(target):
+    if needs(target).full_vocabulary:     # a token-level factor (mask, Tempered): not p^{1/τ}
         return None
     return proposal.block_temperature(a_rows.double())
 
@@ -140,4 +135,4 @@ def require_full_vocabulary(state, what: str, instead: str) -> None:
 NATIVE_HINT = ("use a native proposal (pp.proposals.Temperature() or Base()) on a target without "
                "token-level factors, or a backend with full-vocabulary log-probabilities (HFLM, LlamaCppLM)")
 
-__all__ = ["Needs", "needs", "all_of", "block_temperature", "require_full_vocabulary", "token_level_factors", "NATIVE_HINT"]
+__all__ = ["Needs", "needs", "all_of", "block_temperature", "require_full_vocabulary", "NATIVE_HINT"]

@@ -34,7 +34,6 @@ class Particles:
 
     G: int
     N: int
-    T: int
     device: torch.device
 
     def __post_init__(self) -> None:

@@ -232,7 +232,7 @@ class SMC:
         proposal.start(target, ids[0] if G == 1 else ids, N)
         alpha = float(target.base_exponent)
         state = SMCState(target, ids, max_new_tokens, decoding, proposal, make_generator(seed, dev),
-                         Particles(G, N, max_new_tokens, dev), alpha, torch.tensor(eos_ids(lm), device=dev),
+                         Particles(G, N, dev), alpha, torch.tensor(eos_ids(lm), device=dev),
                          clock, live=G * N, seed=seed)
         state.a_prev = torch.full((G,), self.schedule.initial(alpha), dtype=torch.float64, device=dev)
         state.proposal_needs = needs(proposal, target)

@@ -315,7 +315,6 @@ class VLLMLM(LanguageModel):
         #: tokens of KV the engine holds (all requests together); None when vLLM does not say
         self.kv_tokens: int | None = int(blocks) * int(cc.block_size) if blocks else None
         self.block_size = int(cc.block_size)
-        self.native_block = self.block_size     # (LanguageModel.native_block)
         self.dtype = kwargs["dtype"]
         self._tasks = engine.get_supported_tasks()
         #: external ids of the open decoding sessions (all states); at most ``max_sessions``
@@ -344,6 +343,12 @@ class VLLMLM(LanguageModel):
                              f"difference {worst:.3g} > {tol:g} (this vLLM version applies logits processors "
                              f"differently; tested with vllm 0.32.0)")
         return worst
+
+    @property
+    def native_block(self) -> int:  # type: ignore[override]
+        """The KV block (``LanguageModel.native_block``): SMC steps of this many tokens make a
+        forked row recompute only its prompt's partial block."""
+        return self.block_size
 
     def __repr__(self) -> str:
         return f"VLLMLM({str(self.path)!r}, vocab_size={self.vocab_size}, max_context={self.max_context})"
