@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 import llmppl as pp
 from llmppl.methods import Method
-from llmppl.evaluation.runner import Job, MethodSpec, ResultStore, run_eval, score_result
+from llmppl.evaluation.runner import (Job, MethodSpec, ResultStore, load_records, record_key, run_eval,
+                                      score_result)
 from llmppl.evaluation.stats import bootstrap_ci, mcnemar_exact, paired_bootstrap, pass_at_k, wilson
 from llmppl.evaluation.registry import get_task
 from llmppl.evaluation.tasks import Extraction, Problem, Task, canonical_number, extract_number
@@ -206,6 +207,29 @@ def test_eval_batches_problems_through_the_dataset_runner(tmp_path):
     strip = lambda r: {k: v for k, v in r.items() if "wall_time" not in k}  # noqa: E731
     assert {k: strip(r) for k, r in ResultStore(part).records.items()} == {
         k: strip(r) for k, r in ResultStore(clean).records.items()}
+
+
+def test_shards_write_the_records_of_one_run(tmp_path):
+    """Shards k/n run the batches b = k mod n; merged, they are one run's records."""
+    from llmppl.evaluation.cli import parse_shard
+
+    task, problems = _ToyTask(), _ToyTask().problems(5)  # batches of 2: 0, 1, 2
+    clean = tmp_path / "clean.jsonl"
+    run_eval(task, problems, _jobs(), ResultStore(clean), 6, 3, {}, progress=False, batch_prompts=2)
+    paths = [tmp_path / f"shard{k}.jsonl" for k in range(2)]
+    ran = [run_eval(task, problems, _jobs(), ResultStore(paths[k]), 6, 3, {}, progress=False,
+                    batch_prompts=2, shard=(k, 2)) for k in range(2)]
+    assert ran == [3 * 2, 2 * 2]  # shard 0: batches 0 and 2 (3 problems), shard 1: batch 1 (2)
+    assert {r["batch"] for r in ResultStore(paths[1]).records.values()} == {1}
+    strip = lambda r: {k: v for k, v in r.items() if "wall_time" not in k}  # noqa: E731
+    merged = {record_key(r): strip(r) for r in load_records(paths)}
+    assert merged == {k: strip(r) for k, r in ResultStore(clean).records.items()}
+    assert parse_shard("1/2") == (1, 2) and parse_shard(" 0 / 3 ") == (0, 3)
+    for bad in ("2/2", "1", "a/b", "-1/2", "1/0"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)
+    with pytest.raises(ValueError, match="shard must be"):
+        run_eval(task, problems, _jobs(), ResultStore(paths[0]), 6, 3, {}, progress=False, shard=(2, 2))
 
 
 def test_resume_refuses_a_different_configuration(tmp_path):

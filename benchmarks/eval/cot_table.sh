@@ -9,6 +9,7 @@
 #   bash benchmarks/eval/cot_table.sh                    # N=200 problems, the default model
 #   MODEL=qwen2.5-coder-0.5b bash benchmarks/eval/cot_table.sh   # after: llmppl models fetch qwen2.5-coder-0.5b
 #   N=4 OUT=/tmp/cot bash benchmarks/eval/cot_table.sh   # a smoke run
+#   SHARD=1/2 MODEL=... bash benchmarks/eval/cot_table.sh     # with SHARD=0/2 beside it: 2 processes
 #
 # Resumable: the same command continues where a killed run stopped (records are written per
 # batch of problems, fsync'd).  All methods run in one phase, batch after batch, so a partial
@@ -27,6 +28,9 @@ BATCH=${BATCH:-4}
 NICE=${NICE:-15}
 PY=${PYTHON:-python3}
 NAME=${NAME:-${MODEL%%-*}_${TASK##*:}}
+# shard K/N runs batches b = K mod N into its own file (shard 0 keeps the plain name)
+SHARD=${SHARD:-0/1}
+if [[ ${SHARD%%/*} != 0 ]]; then NAME=${NAME}.shard${SHARD%%/*}; fi
 # alpha = 4 (lowtemp tau = 1/4), 8 samples / particles / chains, at most 256 new tokens, a
 # must-finish target for the sharpened methods (smc, mh, reweight), MH block 64 (T/4), 2 steps
 COMMON=(--seed 0 --particles 8 --alpha 4 --max-new-tokens 256 --truncation zero
@@ -34,6 +38,6 @@ COMMON=(--seed 0 --particles 8 --alpha 4 --max-new-tokens 256 --truncation zero
 mkdir -p "$OUT"
 if [[ $MODEL == qwen* ]]; then $PY -m llmppl.cli models fetch "$MODEL" >/dev/null; fi
 nice -n "$NICE" $PY -m llmppl.cli eval --task "$TASK" --task-config "$TASK_CONFIG" --n "$N" --model "$MODEL" --methods "$METHODS" \
-  "${COMMON[@]}" --json "$OUT/$NAME.jsonl" ${TIME_LIMIT:+--time-limit "$TIME_LIMIT"}
+  "${COMMON[@]}" --shard "$SHARD" --json "$OUT/$NAME.jsonl" ${TIME_LIMIT:+--time-limit "$TIME_LIMIT"}
 nice -n "$NICE" $PY -m llmppl.cli eval --plot "$OUT"/*.jsonl --out "$OUT" \
   --note "Made by \`N=$N MODEL=$MODEL TASK=$TASK TASK_CONFIG='$TASK_CONFIG' bash benchmarks/eval/cot_table.sh\` (chain of thought, \\boxed{} answers graded by math-verify); the machine of each row is under Settings."

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     add_engine_arguments(p)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy box)")
     p.add_argument("--time-limit", type=float, default=None, help="stop cleanly after this many seconds")
+    p.add_argument("--shard", default=None, metavar="K/N",
+                   help="run only the batches b with b mod N = K (N processes or machines, each with its own "
+                   "--json file; the records are those of one run; --plot merges the files)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--plot", nargs="+", default=None, metavar="JSONL",
                    help="summarise results file(s): markdown table, McNemar tests, PNG figures")
@@ -71,6 +75,14 @@ def run_eval_command(args: argparse.Namespace) -> int:
     if not args.task or not args.json:
         raise ValueError("llmppl eval needs --task and --json (or --plot FILE)")
     return evaluate(args)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)``, refusing anything but integers with ``0 <= K < N``."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not int(match[1]) < int(match[2]):
+        raise ValueError(f"--shard {text!r}: expected K/N with 0 <= K < N, e.g. 0/2 and 1/2")
+    return int(match[1]), int(match[2])
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -95,6 +107,7 @@ def evaluate(args: argparse.Namespace) -> int:
     backend = getattr(args, "backend", "hf")
     for spec, ns in zip(specs, namespaces):                    # ... and what the backend cannot run
         check_backend(METHODS[spec.name](ns, spec.name), backend)
+    shard = parse_shard(args.shard) if args.shard else (0, 1)
     task = get_task(args.task, task_config, seed=args.seed)
     problems = task.problems(args.n)
     store = ResultStore(args.json)
@@ -121,7 +134,8 @@ def evaluate(args: argparse.Namespace) -> int:
         run_config["backend"] = backend
         run_config["model"] = f"{run_config['model']}@{backend}"  # records of two backends do not collide
     ran = run_eval(task, problems, jobs, store, args.max_new_tokens, args.seed, run_config,
-                   progress=not args.quiet, time_limit=args.time_limit, batch_prompts=args.batch_prompts)
+                   progress=not args.quiet, time_limit=args.time_limit, batch_prompts=args.batch_prompts,
+                   shard=shard)
     done = sum(1 for p in problems for j in jobs if (task.spec, run_config["model"], p.index, j.spec.label) in store)
     print(f"{ran} runs now, {done}/{len(problems) * len(jobs)} done in {args.json}", file=sys.stderr)
     return 0

@@ -194,14 +194,20 @@ def single_problem_seed(seed: int, problem: int) -> int:
 
 def run_eval(task: Task, problems: list[Problem], jobs: list[Job], store: ResultStore,
              max_new_tokens: int, seed: int, run_config: dict[str, Any],
-             progress: bool = True, time_limit: float | None = None, batch_prompts: int = 1) -> int:
+             progress: bool = True, time_limit: float | None = None, batch_prompts: int = 1,
+             shard: tuple[int, int] = (0, 1)) -> int:
     """Evaluate every (problem, method) pair missing from ``store``; return how many ran.
 
     Batches of problems are the outer loop and methods the inner one, so a partial run
     has every method on the same problems (paired comparisons).  Every prompt is checked
     against the model's context before any compute.  Stops cleanly (between batches)
-    after ``time_limit`` seconds.
+    after ``time_limit`` seconds.  ``shard=(k, n)`` runs only the batches ``b`` with
+    ``b mod n = k``: a batch's seed depends on ``b`` alone, so ``n`` shards (processes or
+    machines, each with its own store) write the records one process would.
     """
+    k, n = shard
+    if not (isinstance(k, int) and isinstance(n, int) and 0 <= k < n):
+        raise ValueError(f"shard must be (k, n) with 0 <= k < n, got {shard!r}")
     model = run_config.get("model", "?")
 
     def key(index: int, job: Job) -> Key:
@@ -217,15 +223,17 @@ def run_eval(task: Task, problems: list[Problem], jobs: list[Job], store: Result
     by_index = {p.index: p for p in problems}
     host = machine_summary()
     items = [dataset.Item(p.index, task.prompt(p)) for p in problems]
-    batches = dataset.make_batches(items, batch_prompts, seed,
-                                   done=lambda it: all(key(it.id, j) in store for j in jobs))
+    batches = [b for b in dataset.make_batches(items, batch_prompts, seed,
+                                               done=lambda it: all(key(it.id, j) in store for j in jobs))
+               if b.index % n == k]
+    mine = [p for pos, p in enumerate(problems) if (pos // batch_prompts) % n == k]
     if batch_prompts == 1:  # one problem a batch: the seed results files before the runner used
         for b in batches:
             b.seed = single_problem_seed(seed, b.items[0].id)
     todo_items = [it for b in batches for it in b.items]
     encoded = {id(j): dataset.encode_items(j.target, todo_items, max_new_tokens) for j in jobs}
-    total = len(problems) * len(jobs)
-    done = sum(1 for p in problems for j in jobs if key(p.index, j) in store)
+    total = len(mine) * len(jobs)
+    done = sum(1 for p in mine for j in jobs if key(p.index, j) in store)
     bar = dataset.Progress(total, done, progress, desc=task.spec, unit="run")
     t0, ran, offset = time.monotonic(), 0, 0
     hits: dict[str, list[float]] = defaultdict(list)
