@@ -240,17 +240,21 @@ def test_in_place_ancestors_keep_counts_and_survivors(anc):
             assert out[g, i] == i                                      # survivors stay in place
 
 
-def test_overhead_benchmark_runs_on_a_tiny_random_model(tmp_path, one_thread):
+def test_overhead_benchmark_runs_on_a_tiny_random_model(tmp_path, one_thread, capsys):
     import json
 
     from llmppl.cli import main
 
     out = tmp_path / "overhead.json"
     assert main(["bench", "overhead", "--prompts", "2", "--particles", "2", "--max-new-tokens", "3",
-                 "--reps", "1", "--json", str(out)]) == 0
+                 "--reps", "1", "--blocks", "1,2", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["rows"] == 4 and res["host_syncs_per_step"] == 1.0
     assert res["per_step_ms"]["smc_batch"] > 0 and res["per_step_ms"]["model_loop"] > 0
+    assert set(res["by_block"]) == {"1", "2"} and res["by_block"]["1"]["ms_per_token"] == res["per_step_ms"]["smc_batch"]
+    for bad in ("0", "1,1", "a"):
+        assert main(["bench", "overhead", "--reps", "1", "--blocks", bad]) != 0
+        assert "--blocks" in capsys.readouterr().err
 
 
 def test_adaptive_schedule_with_impossible_tokens_has_no_nan():

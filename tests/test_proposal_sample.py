@@ -15,7 +15,7 @@ def _law(log_q: torch.Tensor, draws: int, seed: int = 0) -> torch.Tensor:
     return torch.bincount(x, minlength=log_q.shape[-1]).double() / draws
 
 
-@pytest.mark.parametrize("vocab, block", [(50, 8), (48, 8), (7, 8), (1000, 1024)])
+@pytest.mark.parametrize("vocab, block", [(50, 8), (48, 8), (7, 8), (1000, 1024), (3000, 1024)])
 def test_sample_matches_q_and_never_draws_zero_mass(monkeypatch, vocab, block):
     monkeypatch.setattr(proposal_module, "SAMPLE_BLOCK", block)
     g = torch.Generator().manual_seed(1)
@@ -57,3 +57,35 @@ def test_sampler_index_stays_in_the_vocabulary_for_a_row_without_mass():
         lq[1] = -float("inf")
         idx = sample_inverse_cdf(lq, torch.Generator().manual_seed(0))
         assert idx.shape == (2,) and int(idx.min()) >= 0 and int(idx.max()) < V
+
+
+@pytest.mark.parametrize("vocab, allow_stop, masked", [(9, True, False), (300, False, True), (1200, False, False)])
+def test_sample_tempered_draws_q_and_reports_its_log_q(vocab, allow_stop, masked):
+    """``sample_tempered`` (the fused draw of ``q ∝ p^{1/τ}`` per row) against the law written
+    out with ``log_softmax``: TV at the sampling noise of ``torch.multinomial``, ``log q`` of
+    every drawn token equal to the reference, nothing drawn outside the mask or at a stop id."""
+    from llmppl.models.block import proposal_logprobs, sample_tempered
+
+    g = torch.Generator().manual_seed(3)
+    log_p = torch.log_softmax(2.0 * torch.randn(2, vocab, generator=g), -1)
+    log_p[1, : vocab // 3] = -math.inf                       # exact zeros
+    tau = torch.tensor([0.25, 2.0], dtype=torch.float64)     # sharpened and flattened rows
+    stop = torch.tensor([vocab - 1])
+    allowed = (torch.arange(vocab) % 4 != 1) if masked else None
+    ref = proposal_logprobs(log_p, tau, stop, allow_stop, allowed).double()
+    draws = 40_000
+    tok, lq = sample_tempered(log_p.repeat(draws, 1), tau.repeat(draws), stop, allow_stop, allowed,
+                              torch.Generator().manual_seed(0))
+    assert torch.allclose(lq, ref[torch.arange(2 * draws) % 2, tok], atol=1e-5)
+    for row in range(2):
+        q = ref[row].exp()
+        emp = torch.bincount(tok[row::2], minlength=vocab).double() / draws
+        assert emp[q == 0].sum() == 0
+        mult = torch.bincount(torch.multinomial(q, draws, replacement=True, generator=g), minlength=vocab)
+        tv_ref = 0.5 * (mult.double() / draws - q).abs().sum().item()
+        assert 0.5 * (emp - q).abs().sum().item() < 1.3 * tv_ref + 0.003
+        base = log_p[row].double().exp()            # the impostor: p itself, not p^{1/τ}
+        assert 0.5 * (emp - base).abs().sum().item() > 0.05
+    # a row without mass gets a draw inside the vocabulary and a log q that is not finite
+    tok, lq = sample_tempered(torch.full((1, vocab), -math.inf), tau[:1], stop, allow_stop, allowed, g)
+    assert 0 <= int(tok) < vocab and not bool(torch.isfinite(lq).all())

@@ -148,39 +148,59 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_overhead(config: str, prompts: int, particles: int, max_new_tokens: int, reps: int,
-                 device: str = "cpu", static_cache: bool = False, seed: int = 0) -> dict[str, Any]:
+                 device: str = "cpu", static_cache: bool = False, seed: int = 0,
+                 blocks: tuple[int, ...] = (1,)) -> dict[str, Any]:
     """ms/step of ``pp.SMC.run_batch`` over the model's own cached forward loop on a tiny
-    random-weight model (the forward is almost free, so the engine's own cost shows)."""
+    random-weight model (the forward is almost free, so the engine's own cost shows), for SMC
+    in steps of each of ``blocks`` tokens (``pp.steps.Tokens(k)``: weighed, ESS checked and
+    resampled every ``k`` tokens), all timed in the same interleaved repetitions.
+
+    ``smc_batch`` / ``smc_over_model_loop`` are the first block size's; every size is under
+    ``by_block``."""
     import torch
 
     import llmppl as pp
     from .engine import time_model_loop
     from .gpu import random_lm
 
+    if not blocks or any(k < 1 for k in blocks) or len(set(blocks)) != len(blocks):
+        raise ValueError(f"--blocks must list distinct sizes >= 1, got {list(blocks)}")
     lm = random_lm(config, device, torch.float32, static_cache=static_cache)
     gen = torch.Generator().manual_seed(seed)
     ids = [torch.randint(0, lm.vocab_size - 2, (4 + i % 5,), generator=gen).tolist() for i in range(prompts)]
     target = pp.Target(lm, pp.Power(ALPHA))
     T, N = max_new_tokens, particles
-    smc = engines(lm, N)["smc"]
-    time_engine(smc, target, ids, min(T, 4), seed)
+    smcs = {k: engines(lm, N, k)["smc"] for k in blocks}
+    for smc in smcs.values():
+        time_engine(smc, target, ids, min(T, 4), seed)
     time_model_loop(lm, ids, N, min(T, 4), seed)
-    times: dict[str, list[float]] = {"model_loop": [], "smc_batch": []}
-    syncs = []
+    times: dict[str, list[float]] = {"model_loop": [], **{f"smc_block{k}": [] for k in blocks}}
+    syncs: dict[int, list[float]] = {k: [] for k in blocks}
     for r in range(reps):
         times["model_loop"].append(time_model_loop(lm, ids, N, T, seed + r))
-        sec, res = time_engine(smc, target, ids, T, seed + r)
-        times["smc_batch"].append(sec)
-        syncs.append(res[0].stats["host_syncs"] / res[0].stats["n_steps"])
-    med = {k: statistics.median(v) for k, v in times.items()}
+        for k, smc in smcs.items():
+            sec, res = time_engine(smc, target, ids, T, seed + r)
+            times[f"smc_block{k}"].append(sec)
+            syncs[k].append(res[0].stats["host_syncs"] / res[0].stats["n_steps"])
+    med = {name: statistics.median(v) for name, v in times.items()}
+    by_block = {str(k): {"ms_per_token": 1000.0 * med[f"smc_block{k}"] / T,
+                         "smc_over_model_loop": med[f"smc_block{k}"] / med["model_loop"],
+                         "paired_median_ratio": statistics.median(
+                             s / f for s, f in zip(times[f"smc_block{k}"], times["model_loop"])),
+                         "host_syncs_per_step": statistics.median(syncs[k])} for k in blocks}
+    first = str(blocks[0])
+    times["smc_batch"] = times.pop(f"smc_block{blocks[0]}")
     return {
         "benchmark": "engine_overhead", "model": f"random:{config}", "static_cache": static_cache,
         "prompts": prompts, "particles": N, "rows": prompts * N, "max_new_tokens": T, "reps": reps,
         "command": (f"llmppl bench overhead --config {config} --prompts {prompts} --particles {N} "
-                    f"--max-new-tokens {T} --reps {reps}" + (" --static-cache" if static_cache else "")),
-        "seconds": times, "per_step_ms": {k: 1000.0 * v / T for k, v in med.items()},
-        "smc_over_model_loop": med["smc_batch"] / med["model_loop"],
-        "host_syncs_per_step": statistics.median(syncs),
+                    f"--max-new-tokens {T} --reps {reps}" + (" --static-cache" if static_cache else "")
+                    + (f" --blocks {','.join(map(str, blocks))}" if list(blocks) != [1] else "")),
+        "seconds": times,
+        "per_step_ms": {"model_loop": 1000.0 * med["model_loop"] / T, "smc_batch": by_block[first]["ms_per_token"]},
+        "smc_over_model_loop": by_block[first]["smc_over_model_loop"],
+        "host_syncs_per_step": by_block[first]["host_syncs_per_step"],
+        "by_block": by_block,
         "machine": machine_info(device),
     }
 
@@ -193,9 +213,18 @@ def add_overhead_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--static-cache", action="store_true")
+    p.add_argument("--blocks", default="1", help="SMC step sizes to time side by side, e.g. 1,8 (default 1: token steps)")
     p.add_argument("--json", default=None, help="write the results here")
 
 
 def run_overhead_cli(args: argparse.Namespace) -> int:
     return emit(run_overhead(args.config, args.prompts, args.particles, args.max_new_tokens, args.reps,
-                             args.device, args.static_cache), args.json)
+                             args.device, args.static_cache, blocks=parse_blocks(args.blocks)), args.json)
+
+
+def parse_blocks(text: str) -> tuple[int, ...]:
+    """``"1,8"`` -> ``(1, 8)``; a clear error for anything else."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--blocks {text!r}: expected comma-separated block sizes, e.g. 1,8") from None

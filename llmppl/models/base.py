@@ -591,19 +591,32 @@ class KVCachedState(LMState):
         self._ops = []
         args = [[t.cpu() for t in ts] for _, ts in ops]
         tokens, finished, group = self._tokens, self._finished, self._group
+        pending: list[list[torch.Tensor]] = []     # consecutive steps, appended at once
+
+        def append_steps() -> None:
+            if not pending:
+                return
+            tok = torch.stack([a[0] for a in pending], 1).tolist()       # (R, S)
+            act = torch.stack([a[1] for a in pending], 1)
+            counts = act.sum(1).tolist()
+            for r, (row, on, n) in enumerate(zip(tok, act.tolist(), counts)):
+                if n:
+                    tokens[r] = tokens[r] + (row if n == len(row) else [t for t, fed in zip(row, on) if fed])
+            self._ntd += sum(counts)
+            pending.clear()
+
         for (kind, _), a in zip(ops, args):
             if kind == "step":
-                tok, act = a[0].tolist(), a[1].tolist()
-                for r, on in enumerate(act):
-                    if on:
-                        tokens[r] = tokens[r] + [tok[r]]
-                self._ntd += sum(act)
-            elif kind == "reorder":
+                pending.append(a)
+                continue
+            append_steps()
+            if kind == "reorder":
                 idx = a[0]
                 tokens = [list(tokens[i]) for i in idx.tolist()]
                 finished, group = finished[idx], group[idx]
             elif kind == "finish":
                 finished = finished | a[0].bool()
+        append_steps()
         self._tokens, self._finished, self._group = tokens, finished, group
 
     # ------------------------------------------------------------- subclass hooks

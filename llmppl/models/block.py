@@ -46,7 +46,7 @@ import torch
 
 #: ``log q`` below this counts as probability 0 when sampling (see :func:`sample_inverse_cdf`)
 LOG_Q_FLOOR = -80.0
-#: tokens per block of the two-level inverse-CDF sampler
+#: the most tokens per block of the two-level inverse-CDF sampler (see :func:`invert_weights`)
 SAMPLE_BLOCK = 1024
 
 
@@ -136,30 +136,41 @@ def proposal_logprobs(log_p: torch.Tensor, temperature: torch.Tensor, stop_ids: 
 
 
 def sample_inverse_cdf(log_q: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row from ``q = exp(log_q)`` by inversion, in two levels.
-
-    With ``U ~ U[0, 1)`` from ``generator``, the vocabulary cut into blocks of
-    ``SAMPLE_BLOCK`` tokens, ``S_b`` their float64 sums and ``C`` the running sums:
-    block ``b = min{b : C_b > U·C_last}``, then inside it the token
-    ``v = min{v : c_v > U·C_last − C_{b−1}}`` with ``c`` the float64 cumulative sums
-    of the block.  This is ``v = min{v : C_v > U·C_V}`` over the whole vocabulary,
-    with one float64 cumulative sum of a block per row instead of the full row (a
-    vocabulary of at most one block is inverted in one level).
+    """One draw per row from ``q = exp(log_q)`` by inversion (:func:`invert_weights` of
+    ``exp(log_q)``).
 
     Tokens with ``log q < −80`` (``q < 1.8e−35``, at most ~1e−30 of the mass for any
     vocabulary) count as probability 0: their float32 ``exp`` would be denormal, which is
     an order of magnitude slower on CPUs, and below the resolution of the float64 sums.
     (Inversion is ~6× faster than ``torch.multinomial`` on a CPU for a 49k vocabulary.)
     """
-    B, V = log_q.shape
     p = torch.nn.functional.threshold(log_q, LOG_Q_FLOOR, -math.inf).exp_()   # (also NaN → 0)
-    dev = generator.device if generator is not None else log_q.device
-    K = SAMPLE_BLOCK
+    return invert_weights(p, generator)[0]
+
+
+def invert_weights(p: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One draw per row from ``q_v = p_v / Σ_u p_u`` (``p`` ``(B, V)`` unnormalised, ``>= 0``),
+    by inversion in two levels; returns the tokens and the float64 totals ``C = Σ_u p_u``.
+
+    With ``U ~ U[0, 1)`` from ``generator``, the vocabulary cut into blocks of ``K``
+    tokens, ``S_b`` their float64 sums and ``C`` the running sums:
+    block ``b = min{b : C_b > U·C_last}``, then inside it the token
+    ``v = min{v : c_v > U·C_last − C_{b−1}}`` with ``c`` the float64 cumulative sums
+    of the block.  This is ``v = min{v : C_v > U·C_V}`` over the whole vocabulary,
+    with float64 cumulative sums of ``V/K + K`` numbers per row instead of ``V``
+    (``K = 2^⌈b/2⌉ ≈ √V`` for a ``b``-bit ``V``, at least 16 and at most ``SAMPLE_BLOCK``;
+    a vocabulary of at most one block is inverted in one level).  No ``(B, V)`` float64
+    tensor is made: on a CPU that allocation alone costs more than the sums.  A row with
+    ``C = 0`` gets token ``V − 1`` (callers see ``C = 0`` and treat the draw as impossible).
+    """
+    B, V = p.shape
+    dev = generator.device if generator is not None else p.device
+    K = min(SAMPLE_BLOCK, 1 << max(4, (V.bit_length() + 1) // 2))
     if V <= K:             # one level: the float64 cumulative sums of the row itself
         cum = p.double().cumsum(-1)       # (the same sums as cumsum(dtype=float64), ~1.5x faster on CPU)
         u = torch.rand((B, 1), generator=generator, dtype=torch.float64, device=dev).to(cum.device)
         rest = torch.minimum(u * cum[:, -1:], cum[:, -1:] * (1.0 - 1e-12))
-        return torch.searchsorted(cum, rest, right=True).squeeze(1).clamp_(max=V - 1)
+        return torch.searchsorted(cum, rest, right=True).squeeze(1).clamp_(max=V - 1), cum[:, -1]
     full, tail = divmod(V, K)
     sums = p[:, :full * K].reshape(B, full, K).sum(-1, dtype=torch.float64)
     if tail:
@@ -169,11 +180,37 @@ def sample_inverse_cdf(log_q: torch.Tensor, generator: torch.Generator | None) -
     u = u * cum[:, -1:]
     block = torch.searchsorted(cum, u, right=True).clamp_(max=cum.shape[1] - 1)
     before = torch.where(block > 0, cum.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(u))
-    cols = block * K + torch.arange(K, device=log_q.device)
+    cols = block * K + torch.arange(K, device=p.device)
     inside = p.gather(1, cols.clamp(max=V - 1)).masked_fill_(cols >= V, 0.0).double().cumsum(-1)
     # rounding can put U·C_last − C_{b−1} at or past the block's own total: take its last token with mass
     rest = torch.minimum(u - before, inside[:, -1:] * (1.0 - 1e-12))
-    return cols.gather(1, torch.searchsorted(inside, rest, right=True).clamp_(max=K - 1)).squeeze(1).clamp_(max=V - 1)
+    token = cols.gather(1, torch.searchsorted(inside, rest, right=True).clamp_(max=K - 1)).squeeze(1).clamp_(max=V - 1)
+    return token, cum[:, -1]
+
+
+def sample_tempered(log_p: torch.Tensor, temperature: torch.Tensor, stop_ids: torch.Tensor,
+                    allow_stop: bool, allowed: torch.Tensor | None, generator: torch.Generator | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One draw per row from ``q ∝ p^{1/τ} · 1[allowed]`` (without the stop ids unless
+    ``allow_stop``) and its float64 ``log q`` at the drawn token, without materialising
+    ``log q``:
+
+        s_v = log p_v / τ − max_u log p_u / τ,   w_v = exp(s_v) · 1[s_v ≥ −80],
+        v ~ w / C  (:func:`invert_weights`, C = Σ_u w_u),   log q(v) = log w_v − log C.
+
+    ``w`` is the law the draw follows exactly (tokens ``e^{80}`` times less likely than the
+    mode count as 0, as in :func:`sample_inverse_cdf`).  A row with no allowed mass
+    (``C = 0``) gets a NaN ``log q``, as ``log_softmax`` would give it: callers refuse it.
+    """
+    s = log_p / temperature.to(log_p)[:, None]
+    if allowed is not None:
+        s.masked_fill_(~allowed.to(s.device)[None, :], -math.inf)
+    if not allow_stop:
+        s.index_fill_(1, stop_ids.to(s.device), -math.inf)
+    s.sub_(s.amax(-1, keepdim=True))
+    w = torch.nn.functional.threshold_(s, LOG_Q_FLOOR, -math.inf).exp_()   # (also NaN → 0)
+    token, total = invert_weights(w, generator)
+    return token, w.gather(1, token[:, None]).squeeze(1).double().log_() - total.log()
 
 
 def _restrict(log_q: torch.Tensor, stop: torch.Tensor, allow_stop: bool,
@@ -228,6 +265,9 @@ def _position(lp: torch.Tensor, k: torch.Tensor | None, tau: torch.Tensor, stop:
     """One position of the block's rows ``k`` (log p ``lp`` ``(m, V)``): the token of each row
     (drawn from ``q``, or ``forced`` where that is ``>= 0``) and, at it, float64 ``log q`` and the
     hook's ``log_inc`` (None without one)."""
+    if spec.propose is None and not spec.greedy and forced is None:
+        tok, lq_tok = sample_tempered(lp, tau, stop, spec.allow_stop, allowed, generator)
+        return tok, lq_tok, None
     lq, inc = _log_q(lp, k, tau, stop, spec, allowed)
     tok = _sample(lq, spec, generator).to(lp.device)
     if forced is not None:
@@ -360,4 +400,5 @@ def sample_tokenwise(state, rows: torch.Tensor | None, spec: BlockSpec, generato
 
 
 __all__ = ["Block", "BlockSpec", "NotNative", "Propose", "Sampler", "proposal_logprobs", "sample_inverse_cdf",
+           "invert_weights", "sample_tempered",
            "sample_tokenwise", "LOG_Q_FLOOR", "SAMPLE_BLOCK"]
