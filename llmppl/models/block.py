@@ -46,7 +46,7 @@ import torch
 
 #: ``log q`` below this counts as probability 0 when sampling (see :func:`sample_inverse_cdf`)
 LOG_Q_FLOOR = -80.0
-#: the most tokens per block of the two-level inverse-CDF sampler (see :func:`invert_weights`)
+#: tokens per block of the two-level inverse-CDF sampler (see :func:`invert_weights`)
 SAMPLE_BLOCK = 1024
 
 
@@ -158,14 +158,13 @@ def invert_weights(p: torch.Tensor, generator: torch.Generator | None) -> tuple[
     ``v = min{v : c_v > U·C_last − C_{b−1}}`` with ``c`` the float64 cumulative sums
     of the block.  This is ``v = min{v : C_v > U·C_V}`` over the whole vocabulary,
     with float64 cumulative sums of ``V/K + K`` numbers per row instead of ``V``
-    (``K = 2^⌈b/2⌉ ≈ √V`` for a ``b``-bit ``V``, at least 16 and at most ``SAMPLE_BLOCK``;
-    a vocabulary of at most one block is inverted in one level).  No ``(B, V)`` float64
-    tensor is made: on a CPU that allocation alone costs more than the sums.  A row with
-    ``C = 0`` gets token ``V − 1`` (callers see ``C = 0`` and treat the draw as impossible).
+    (``K = SAMPLE_BLOCK``; a vocabulary of at most one block is inverted in one level).
+    A row with ``C = 0`` gets token ``V − 1`` (callers see ``C = 0`` and treat the draw as
+    impossible).
     """
     B, V = p.shape
     dev = generator.device if generator is not None else p.device
-    K = min(SAMPLE_BLOCK, 1 << max(4, (V.bit_length() + 1) // 2))
+    K = SAMPLE_BLOCK
     if V <= K:             # one level: the float64 cumulative sums of the row itself
         cum = p.double().cumsum(-1)       # (the same sums as cumsum(dtype=float64), ~1.5x faster on CPU)
         u = torch.rand((B, 1), generator=generator, dtype=torch.float64, device=dev).to(cum.device)
@@ -179,9 +178,12 @@ def invert_weights(p: torch.Tensor, generator: torch.Generator | None) -> tuple[
     u = torch.rand((B, 1), generator=generator, dtype=torch.float64, device=dev).to(cum.device)
     u = u * cum[:, -1:]
     block = torch.searchsorted(cum, u, right=True).clamp_(max=cum.shape[1] - 1)
-    before = torch.where(block > 0, cum.gather(1, (block - 1).clamp(min=0)), torch.zeros_like(u))
+    before = (cum - sums).gather(1, block)              # C_{b−1} (0 for the first block)
     cols = block * K + torch.arange(K, device=p.device)
-    inside = p.gather(1, cols.clamp(max=V - 1)).masked_fill_(cols >= V, 0.0).double().cumsum(-1)
+    if tail:
+        inside = p.gather(1, cols.clamp(max=V - 1)).masked_fill_(cols >= V, 0.0).double().cumsum(-1)
+    else:
+        inside = p.gather(1, cols).double().cumsum(-1)
     # rounding can put U·C_last − C_{b−1} at or past the block's own total: take its last token with mass
     rest = torch.minimum(u - before, inside[:, -1:] * (1.0 - 1e-12))
     token = cols.gather(1, torch.searchsorted(inside, rest, right=True).clamp_(max=K - 1)).squeeze(1).clamp_(max=V - 1)
