@@ -174,10 +174,21 @@ def test_table_reports_box_only_pass1_and_failed_runs(tmp_path):
     assert rows["plain"]["pass1"] == 1.0 and rows["plain"]["pass1_boxed"] == 0.5 and rows["plain"]["boxed"] == 0.5
     assert rows["reweight"]["pass1"] == 0.5 and rows["reweight"]["failed"] == 0.5
     assert rows["reweight"]["samples"] == 2 and rows["reweight"]["pass_at_k"] == [0.5, 0.5]
-    text = markdown(list(rows.values()), paired_tests(recs))
+    tests = paired_tests(recs)
+    text = markdown(list(rows.values()), tests)
     header, align = text.splitlines()[2:4]
     assert header.count("|") == align.count("|") == text.splitlines()[4].count("|")
     assert "pass@1 box only" in header and "no answer (all cut)" in header
+    # the dead run answered nothing: only problem 0 counts, where both returned 72
+    assert (tests[0]["both_answered"], tests[0]["same_answer"]) == (1, 1) and "| 1/1 |" in text
+
+
+def test_same_answer_is_equivalence_not_text():
+    from llmppl.evaluation.plots import same_answer
+
+    assert same_answer("72", " 72") and same_answer("\\frac{1}{2}", "0.5") and same_answer("1,000", "1000")
+    assert not same_answer("72", "27") and not same_answer("0.51", "0.5") and not same_answer("2", "-2")
+    assert not same_answer(None, "72") and not same_answer("72", None) and not same_answer("72", "seventy")
 
 
 @pytest.mark.model

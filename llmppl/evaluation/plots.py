@@ -10,7 +10,8 @@ at ``max_new_tokens`` (weighted, as the method returns them, and of all samples 
 share of problems a must-finish method answered nothing (every sample cut: no weight left),
 tokens and seconds per problem.  ``paired_tests`` compares
 every two methods on the problems both finished (McNemar exact on the returned
-answers, paired bootstrap on pass@1).  ``report`` writes ``table.md``,
+answers, paired bootstrap on pass@1, and how often the two return the same answer:
+does one method reproduce the other's answers?).  ``report`` writes ``table.md``,
 ``accuracy_vs_time.png`` and ``pass_at_k.png``.
 """
 
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from .grading import equivalent
 from .runner import load_records
 from .stats import bootstrap_ci, mcnemar_exact, paired_bootstrap, pass_at_k, wilson
 
@@ -98,6 +100,20 @@ def summarise(records: list[dict[str, Any]], common: bool = True) -> list[dict[s
     return rows
 
 
+def same_answer(a: str | None, b: str | None) -> bool:
+    """Two returned answers agree: both given and equal as text or as mathematical objects
+    (math-verify; an answer it cannot parse agrees only with its own text; without
+    math-verify installed, text alone)."""
+    if a is None or b is None:
+        return False
+    if a.strip() == b.strip():
+        return True
+    try:
+        return equivalent(a, b)
+    except (ValueError, ModuleNotFoundError):   # b is no parseable expression / no math-verify
+        return False
+
+
 def paired_tests(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every pair of methods on the same (task, model), on the problems both finished."""
     out = []
@@ -109,9 +125,12 @@ def paired_tests(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ra, rb = [methods[a][i] for i in common], [methods[b][i] for i in common]
             mc = mcnemar_exact([r["best_correct"] for r in ra], [r["best_correct"] for r in rb])
             diff, lo, hi = paired_bootstrap([r["pass1"] for r in ra], [r["pass1"] for r in rb])
+            both = [(x["best_answer"], y["best_answer"]) for x, y in zip(ra, rb)
+                    if x.get("best_answer") is not None and y.get("best_answer") is not None]
             out.append({"task": task, "model": model, "a": a, "b": b, "problems": len(common),
                         "a_only": mc.n10, "b_only": mc.n01, "mcnemar_p": mc.p_value,
-                        "pass1_diff": diff, "pass1_diff_ci": (lo, hi)})
+                        "pass1_diff": diff, "pass1_diff_ci": (lo, hi),
+                        "both_answered": len(both), "same_answer": sum(same_answer(x, y) for x, y in both)})
     return out
 
 
@@ -150,13 +169,15 @@ def markdown(rows: list[dict[str, Any]], tests: list[dict[str, Any]]) -> str:
     text = head + body
     if tests:
         text += ("\nPaired tests on common problems (McNemar exact on the returned answers; "
-                 "paired bootstrap 95% CI of the pass@1 difference a − b):\n\n"
+                 "paired bootstrap 95% CI of the pass@1 difference a − b; same answer: of the problems "
+                 "both methods answered, those where the two returned answers agree):\n\n"
                  "| task | model | a | b | problems | a right, b wrong | b right, a wrong | McNemar p "
-                 "| pass@1 a − b [95% CI] |\n|---|---|---|---|---:|---:|---:|---:|---|\n")
+                 "| pass@1 a − b [95% CI] | same answer |\n|---|---|---|---|---:|---:|---:|---:|---|---:|\n")
         text += "".join(
             f"| {t['task']} | {t['model']} | {t['a']} | {t['b']} | {t['problems']} | {t['a_only']} "
             f"| {t['b_only']} | {t['mcnemar_p']:.3g} | {t['pass1_diff']:+.3f} "
-            f"[{t['pass1_diff_ci'][0]:+.3f}, {t['pass1_diff_ci'][1]:+.3f}] |\n" for t in tests)
+            f"[{t['pass1_diff_ci'][0]:+.3f}, {t['pass1_diff_ci'][1]:+.3f}] "
+            f"| {t['same_answer']}/{t['both_answered']} |\n" for t in tests)
     return text
 
 
