@@ -28,7 +28,8 @@ BATCH=${BATCH:-4}
 NICE=${NICE:-15}
 PY=${PYTHON:-python3}
 NAME=${NAME:-${MODEL%%-*}_${TASK##*:}}
-# shard K/N runs batches b = K mod N into its own file (shard 0 keeps the plain name)
+# shard K/N runs batches b = K mod N into its own file (shard 0 keeps the plain name); a shard skips
+# only what its own file holds: to shard a run with records, start each shard file as a copy of them
 SHARD=${SHARD:-0/1}
 if [[ ${SHARD%%/*} != 0 ]]; then NAME=${NAME}.shard${SHARD%%/*}; fi
 # alpha = 4 (lowtemp tau = 1/4), 8 samples / particles / chains, at most 256 new tokens, a

@@ -56,7 +56,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-limit", type=float, default=None, help="stop cleanly after this many seconds")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="run only the batches b with b mod N = K (N processes or machines, each with its own "
-                   "--json file; the records are those of one run; --plot merges the files)")
+                   "--json file; the records are those of one run; --plot merges the files). A shard skips only "
+                   "what its own file holds: to shard a run that has records, start each file as a copy of them")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--plot", nargs="+", default=None, metavar="JSONL",
                    help="summarise results file(s): markdown table, McNemar tests, PNG figures")
