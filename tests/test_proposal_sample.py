@@ -64,7 +64,7 @@ def test_sample_tempered_draws_q_and_reports_its_log_q(vocab, allow_stop, masked
     """``sample_tempered`` (the fused draw of ``q ∝ p^{1/τ}`` per row) against the law written
     out with ``log_softmax``: TV at the sampling noise of ``torch.multinomial``, ``log q`` of
     every drawn token equal to the reference, nothing drawn outside the mask or at a stop id."""
-    from llmppl.models.block import proposal_logprobs, sample_tempered
+    from llmppl.models.block import sample_tempered
 
     g = torch.Generator().manual_seed(3)
     log_p = torch.log_softmax(2.0 * torch.randn(2, vocab, generator=g), -1)
@@ -72,7 +72,10 @@ def test_sample_tempered_draws_q_and_reports_its_log_q(vocab, allow_stop, masked
     tau = torch.tensor([0.25, 2.0], dtype=torch.float64)     # sharpened and flattened rows
     stop = torch.tensor([vocab - 1])
     allowed = (torch.arange(vocab) % 4 != 1) if masked else None
-    ref = proposal_logprobs(log_p, tau, stop, allow_stop, allowed).double()
+    keep = torch.ones(vocab, dtype=torch.bool) if allowed is None else allowed.clone()
+    if not allow_stop:
+        keep[stop] = False
+    ref = torch.log_softmax((log_p.double() / tau[:, None]).masked_fill(~keep, -math.inf), -1)
     draws = 40_000
     tok, lq = sample_tempered(log_p.repeat(draws, 1), tau.repeat(draws), stop, allow_stop, allowed,
                               torch.Generator().manual_seed(0))

@@ -223,10 +223,9 @@ def run_eval(task: Task, problems: list[Problem], jobs: list[Job], store: Result
     by_index = {p.index: p for p in problems}
     host = machine_summary()
     items = [dataset.Item(p.index, task.prompt(p)) for p in problems]
-    batches = [b for b in dataset.make_batches(items, batch_prompts, seed,
-                                               done=lambda it: all(key(it.id, j) in store for j in jobs))
-               if b.index % n == k]
-    mine = [p for pos, p in enumerate(problems) if (pos // batch_prompts) % n == k]
+    shard_batches = [b for b in dataset.make_batches(items, batch_prompts, seed) if b.index % n == k]
+    mine = [by_index[it.id] for b in shard_batches for it in b.items]
+    batches = [b for b in shard_batches if not all(key(it.id, j) in store for it in b.items for j in jobs)]
     if batch_prompts == 1:  # one problem a batch: the seed results files before the runner used
         for b in batches:
             b.seed = single_problem_seed(seed, b.items[0].id)

@@ -127,12 +127,19 @@ def proposal_logprobs(log_p: torch.Tensor, temperature: torch.Tensor, stop_ids: 
     """``log q = log_softmax(log p / τ + log 1[allowed])`` per row (``τ`` ``(n,)``), in the
     dtype of ``log_p``; without the stop ids when ``allow_stop`` is false.  Tokens with
     ``p = 0`` stay at ``−inf`` (no ``0 · ∞``)."""
-    scaled = log_p / temperature.to(log_p)[:, None]
+    return torch.log_softmax(_tempered_scores(log_p, temperature, stop_ids, allow_stop, allowed), dim=-1)
+
+
+def _tempered_scores(log_p: torch.Tensor, temperature: torch.Tensor, stop_ids: torch.Tensor,
+                     allow_stop: bool, allowed: torch.Tensor | None) -> torch.Tensor:
+    """``log p / τ + log 1[allowed]`` (``−inf`` at the stop ids unless ``allow_stop``): the
+    unnormalised ``log q`` of :func:`proposal_logprobs` and :func:`sample_tempered`, a new tensor."""
+    scores = log_p / temperature.to(log_p)[:, None]
     if allowed is not None:
-        scaled = scaled.masked_fill(~allowed.to(scaled.device)[None, :], -math.inf)
+        scores.masked_fill_(~allowed.to(scores.device)[None, :], -math.inf)
     if not allow_stop:
-        scaled = scaled.index_fill(1, stop_ids.to(scaled.device), -math.inf)
-    return torch.log_softmax(scaled, dim=-1)
+        scores.index_fill_(1, stop_ids.to(scores.device), -math.inf)
+    return scores
 
 
 def sample_inverse_cdf(log_q: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -204,11 +211,7 @@ def sample_tempered(log_p: torch.Tensor, temperature: torch.Tensor, stop_ids: to
     mode count as 0, as in :func:`sample_inverse_cdf`).  A row with no allowed mass
     (``C = 0``) gets a NaN ``log q``, as ``log_softmax`` would give it: callers refuse it.
     """
-    s = log_p / temperature.to(log_p)[:, None]
-    if allowed is not None:
-        s.masked_fill_(~allowed.to(s.device)[None, :], -math.inf)
-    if not allow_stop:
-        s.index_fill_(1, stop_ids.to(s.device), -math.inf)
+    s = _tempered_scores(log_p, temperature, stop_ids, allow_stop, allowed)
     s.sub_(s.amax(-1, keepdim=True))
     w = torch.nn.functional.threshold_(s, LOG_Q_FLOOR, -math.inf).exp_()   # (also NaN → 0)
     token, total = invert_weights(w, generator)
