@@ -93,6 +93,7 @@ class Decoder:
         """One ``Result`` per prompt, all prompts decoded as rows of one state."""
         return self.results(self.step(self.init(target, prompts, max_new_tokens, seed)))
 
+    @torch.inference_mode()
     def init(self, target: Target, prompts: Sequence, max_new_tokens: int, seed: int | None = None) -> DecoderState:
         """The LM's decoding state started on the ``G`` prompts (``G·n`` rows), nothing drawn yet."""
         ids = prepare_prompts(target, prompts, max_new_tokens)
@@ -102,6 +103,7 @@ class Decoder:
         self.proposal.start(target, ids[0] if G == 1 else ids, self.n)
         return DecoderState(self, target, ids, max_new_tokens, decoding, make_generator(seed, lm.device), clock, seed)
 
+    @torch.inference_mode()
     def step(self, state: DecoderState) -> DecoderState:
         """Every row drawn from the proposal to EOS or ``max_new_tokens`` (one ``advance``)."""
         if state.done:
@@ -111,6 +113,7 @@ class Decoder:
                                 float(state.target.base_exponent), state.generator, feed_last=False)
         return state
 
+    @torch.inference_mode()
     def results(self, state: DecoderState) -> list[Result]:
         """One ``Result`` per prompt (uniform weights; ``stats["log_target"]`` = ``log γ(y)``)."""
         if not state.done:

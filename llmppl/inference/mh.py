@@ -203,6 +203,7 @@ class MH:
         return self.results(state, raise_on_failure)
 
     # ------------------------------------------------------ init / step / results
+    @torch.inference_mode()
     def init(self, target: Target, prompts, max_new_tokens: int, chains: int = 1,
              seed: int | None = None) -> "MHState":
         """``chains`` empty chains for each of the ``G`` prompts, as ``G·chains`` rows of the LM's
@@ -221,6 +222,7 @@ class MH:
                        decoded=torch.zeros(n, dtype=torch.long),
                        log_gamma=torch.full((n,), -math.inf, dtype=torch.float64))
 
+    @torch.inference_mode()
     def step(self, state: "MHState") -> "MHState":
         """Stage ``k`` (advanced in place, and returned): extend every chain to
         ``L_k = min(kB, T)`` tokens (or EOS) from the proposal, then ``n_mcmc`` suffix moves
@@ -274,6 +276,7 @@ class MH:
         state.stage_length.append(L)
         return state
 
+    @torch.inference_mode()
     def results(self, state: "MHState", raise_on_failure: bool = False) -> list[Result]:
         """One :class:`Result` per prompt: its chains' current states, uniform weights (``−inf``
         for a chain at target density zero).  A prompt whose chains all sit at density zero gets

@@ -47,6 +47,7 @@ class Particles:
         self.finished = torch.zeros(R, dtype=torch.bool, device=dev)   # ended with EOS
         self.truncated = torch.zeros(R, dtype=torch.bool, device=dev)  # cut at max_new_tokens
         self.dead = torch.zeros(R, dtype=torch.bool, device=dev)       # weight −∞
+        self.done = torch.zeros(R, dtype=torch.bool, device=dev)       # finished | truncated | dead (kept in step)
         self.promoted = torch.zeros(R, dtype=torch.bool, device=dev)   # jumped to the final target
         self.cause = torch.zeros(R, dtype=torch.int8, device=dev)      # CAUSES code of a dead row
         self.length = torch.zeros(R, dtype=torch.long, device=dev)              # tokens drawn (EOS excluded)
@@ -56,16 +57,12 @@ class Particles:
         self.failed_at = torch.zeros(self.G, dtype=torch.long, device=dev)  # the step at which it did
 
     #: per-row tensors that follow the particles through resampling
-    ROW_FIELDS = ("log_p", "log_other", "log_q", "log_twist", "length_twist", "finished", "truncated", "dead", "promoted",
-                  "cause", "length", "unfed")
+    ROW_FIELDS = ("log_p", "log_other", "log_q", "log_twist", "length_twist", "finished", "truncated", "dead", "done",
+                  "promoted", "cause", "length", "unfed")
 
     @property
     def R(self) -> int:
         return self.G * self.N
-
-    @property
-    def done(self) -> torch.Tensor:
-        return self.finished | self.truncated | self.dead
 
     @property
     def group(self) -> torch.Tensor:

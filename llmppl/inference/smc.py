@@ -108,13 +108,17 @@ class SMCState:
     twisted: bool = True      # particles may carry a twist (target twists, segment look-ahead)
     unmoved: tuple[torch.Tensor, ...] = ()   # the traces of a step without resampling (constant)
     cess: list[tuple[torch.Tensor, ...]] = field(default_factory=list)   # conditional ESS inputs, per step
+    a_const: torch.Tensor | None = None       # (G,) the exponent of every step under a Constant schedule
+    a_const_rows: torch.Tensor | None = None  # (R,) the same per row
+    offsets: torch.Tensor | None = None       # (G, 1) the first row of each prompt (g·N)
 
     def record(self, **values: torch.Tensor) -> None:
         for k, v in values.items():
             self.traces.setdefault(k, []).append(v)
 
     def a_rows(self, a: torch.Tensor) -> torch.Tensor:
-        return a.repeat_interleave(self.particles.N)
+        """``(R,)``: each prompt's exponent on each of its rows."""
+        return self.a_const_rows if a is self.a_const else a.repeat_interleave(self.particles.N)
 
 
 class SMC:
@@ -209,6 +213,8 @@ class SMC:
         return state
 
     # ------------------------------------------------------------------ init / step / results
+    # (init, step and results run under torch.inference_mode: no autograd bookkeeping per op)
+    @torch.inference_mode()
     def init(self, target: Target, prompts: Sequence[str | Sequence[int] | Sequence[dict]],
              max_new_tokens: int, seed: int | None = None) -> SMCState:
         """The state of a run on ``G`` prompts before its first step: ``N`` particles per prompt
@@ -238,9 +244,14 @@ class SMC:
         state.proposal_needs = needs(proposal, target)
         state.native, state.stop_ids = self._native(state), eos_ids(lm)
         state.bridging = not isinstance(self.schedule, Constant)
+        if not state.bridging:
+            state.a_const = torch.full((G,), alpha, dtype=torch.float64, device=dev)
+            state.a_const_rows = state.a_const.repeat_interleave(N)
+        state.offsets = torch.arange(G, device=dev)[:, None] * N
         state.twisted = target.has_twist or isinstance(self.step_kind, Until)
         return state
 
+    @torch.inference_mode()
     def step(self, state: SMCState) -> SMCState:
         """One SMC step on every prompt of ``state`` (advanced in place, and returned):
 
@@ -261,30 +272,31 @@ class SMC:
         self._promote(run, inc, a)
         self._update_twists(run, inc)
         self._length_twist(run, inc, seg_inc, a)
-        ess = self._reweight(run, inc, log_w_before, a, t)
-        live = (~P.done).view(P.G, P.N).any(1) & ~P.failed
-        need = needs_resampling(ess, live, self.ess_threshold, P.N)
+        ess, alive = self._reweight(run, inc, log_w_before, a, t)
+        need = needs_resampling(ess, alive > 0, self.ess_threshold, P.N)
         # on a CPU device reading ``need`` is free: no ancestors are drawn when no prompt resamples
         drawn = self.ess_threshold > 0.0 and (P.device.type != "cpu" or bool(need.any()))
-        anc = (draw_ancestors(self.resampler, run.generator, P.log_w, need) if drawn
-               else torch.arange(P.N, device=P.device).expand(P.G, P.N))
-        source = (anc + torch.arange(P.G, device=P.device)[:, None] * P.N).reshape(-1)
-        flags = torch.cat([torch.stack([P.done.all(), run.bad_logprobs.any(), need.any()]).long(),
-                           P.done.long(), source]).tolist()   # the step's one host sync
+        if drawn:
+            anc = draw_ancestors(self.resampler, run.generator, P.log_w, need)
+            flags = torch.cat([torch.stack([alive.sum(), run.bad_logprobs.any(), need.any()]),
+                               P.done.long(), (anc + run.offsets).reshape(-1)]).tolist()   # the step's one host sync
+        else:
+            flags = torch.stack([alive.sum(), run.bad_logprobs.any()]).tolist()
         run.syncs += 1
         if flags[1]:
             raise self._bad_logprobs_error(run, t)
-        done, source_rows = flags[3:3 + P.R], flags[3 + P.R:]
-        if flags[0] or not flags[2]:
+        n_alive = flags[0]
+        if not drawn or not n_alive or not flags[2]:
             self._record_no_resampling(run)
         else:
+            done, source_rows = flags[3:3 + P.R], flags[3 + P.R:]
             moved = [r for r, s in enumerate(source_rows) if s != r]
             self._resample(run, need, anc, moved, a, t)
-            done = [done[s] for s in source_rows]
+            n_alive = P.R - sum(done[s] for s in source_rows)
         # rows live at the next step (moves may end particles: then unknown)
-        run.live = P.R - sum(done) if self.rejuvenate is None else None
+        run.live = n_alive if self.rejuvenate is None else None
         run.a_prev = a
-        run.done = bool(flags[0])
+        run.done = not n_alive
         return state
 
     # ----------------------------------------------------------------- the pieces
@@ -312,8 +324,8 @@ class SMC:
 
     def _exponent(self, run: SMCState, t: int, a_prev: torch.Tensor) -> torch.Tensor:
         """``a_t`` per prompt, ``(G,)`` float64 on the device."""
-        if isinstance(self.schedule, Constant):
-            return torch.full_like(a_prev, run.alpha)
+        if run.a_const is not None:
+            return run.a_const
         P = run.particles
 
         def stats() -> BridgeStats:
@@ -345,10 +357,11 @@ class SMC:
         P = run.particles
         alive = ~P.done
         inc = (torch.where(alive, scaled(run.a_rows(a - a_prev), P.log_p), torch.zeros_like(P.log_p))
-               if run.bridging else torch.zeros_like(P.log_p))   # a_t − a_{t−1} = 0 under Constant
+               if run.bridging else None)   # a_t − a_{t−1} = 0 under Constant
         if run.native:
-            self._draw_block(run, run.a_rows(a), alive, inc)
-            return inc, None
+            drawn = self._draw_block(run, run.a_rows(a), alive)
+            return (drawn if inc is None else inc + drawn), None
+        inc = torch.zeros_like(P.log_p) if inc is None else inc
         retro = inc.clone()
         start = P.length.clone()
         active = alive
@@ -424,48 +437,55 @@ class SMC:
         inc += torch.where(live, new - P.length_twist, torch.zeros_like(inc))
         P.length_twist = new
 
-    def _draw_block(self, run: SMCState, a_rows: torch.Tensor, active: torch.Tensor, inc: torch.Tensor) -> None:
-        """One native block of up to ``k`` tokens for each ``active`` row (``state.sample_block``):
+    def _draw_block(self, run: SMCState, a_rows: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """One native block of up to ``k`` tokens for each ``active`` row (``state.sample_block``);
+        returns the rows' incremental log-weights ``(R,)``
 
-            inc += Σ_j [a_t log p(y_j | y_<j) − log q(y_j | y_<j)]
+            Σ_j [a_t log p(y_j | y_<j) − log q(y_j | y_<j)]
 
         over the drawn tokens (float64), with ``q ∝ p^{1/τ}``; EOS ends a row, reaching
         ``max_new_tokens`` cuts it (its last token is kept in ``particles.unfed``, not fed to the LM)."""
         P, state, proposal = run.particles, run.decoding, run.proposal
         k = self.step_kind.k
         rows = self._rows_to_draw(run, active)      # None: every row (no gathers, no scatters)
-        sel = slice(None) if rows is None else rows
-        remaining = run.max_new_tokens - P.length[sel]
-        act = active[sel]
-        budget = torch.where(act, remaining.clamp(max=k), torch.zeros_like(remaining))
+        if rows is None:
+            remaining, act, a_sel = run.max_new_tokens - P.length, active, a_rows
+        else:
+            remaining, act, a_sel = run.max_new_tokens - P.length[rows], active[rows], a_rows[rows]
+        budget = torch.where(act, remaining.clamp(max=k), 0)
         spec = BlockSpec(budget=budget, width=min(k, run.max_new_tokens), stop_ids=run.stop_ids,
-                         temperature=proposal.block_temperature(a_rows[sel]), greedy=proposal.greedy,
+                         temperature=proposal.block_temperature(a_sel), greedy=proposal.greedy,
                          allow_stop=proposal.allow_stop, feed_last=budget < remaining)
         blk = state.sample_block(rows, spec, run.generator)
         # rows with budget 0 drew nothing: totals 0, length 0, not ended (the Block contract)
         lp, lq = blk.total("log_p").to(P.device), blk.total("log_q").to(P.device)
-        n = blk.length.to(P.device)
-        ended = blk.ended.to(P.device) & act
-        cut = act & ~ended & (n >= remaining)
+        ended, n = blk.ended.to(P.device), blk.length.to(P.device)
+        grown = n - ended.long()                            # tokens that extend the completion
+        cut = act & (grown >= remaining)                    # (an ended row has grown < budget <= remaining)
+        drawn = a_sel * lp - lq
+        last = (blk.tokens[:, 0] if blk.tokens.shape[1] == 1 else
+                blk.tokens.gather(1, (n - 1).clamp_min(0)[:, None]).squeeze(1)).to(P.device)
 
         def full(x: torch.Tensor) -> torch.Tensor:
             if rows is None:
                 return x
             return torch.zeros(P.R, dtype=x.dtype, device=P.device).index_copy_(0, rows, x)
 
-        inc += full(a_rows[sel] * lp - lq)
+        ended, cut, n, grown = full(ended), full(cut), full(n), full(grown)
         P.log_p += full(lp)
         P.log_q += full(lq)
         bad = full(~torch.isfinite(lp - lq))
         run.bad_logprobs = bad if run.bad_logprobs is None else run.bad_logprobs | bad
-        self._count(run, "tokens_sampled", full(n))
-        self._count(run, "tokens_decoded", full(n - (ended | cut).long()))
-        last = blk.tokens.to(P.device).gather(1, (n - 1).clamp_min(0)[:, None]).squeeze(1)
-        P.unfed = torch.where(full(cut), full(last), P.unfed)   # the cut token is not fed
-        P.length += full(n - ended.long())
-        P.finished |= full(ended)
-        P.truncated |= full(cut)
-        state.finish(full(ended | cut))
+        self._count(run, "tokens_sampled", n)
+        self._count(run, "tokens_decoded", grown - cut.long())
+        P.unfed = torch.where(cut, full(last), P.unfed)   # the cut token is not fed
+        P.length += grown
+        P.finished |= ended
+        P.truncated |= cut
+        stopped = ended | cut
+        P.done |= stopped
+        state.finish(stopped)
+        return full(drawn)
 
     def _draw(self, run: SMCState, t: int, a_rows: torch.Tensor, active: torch.Tensor,
               inc: torch.Tensor) -> None:
@@ -540,6 +560,7 @@ class SMC:
         P.truncated |= cut
         P.dead |= dead
         ended = is_eos | cut | dead
+        P.done |= ended
         state.finish(ended)
         if run.proposal_needs.own_state:
             run.syncs += 1
@@ -571,6 +592,8 @@ class SMC:
         """Particles that ended this step jump to the final target:
         ``+ (α − a_t) log p(y) + log φ_complete(y) − log ψ_{t−1}``."""
         P, target = run.particles, run.target
+        if not (run.bridging or run.twisted or target.has_complete or target.has_twist):
+            return      # a_t = α, ψ = 1 and no φ_complete: the jump is 0
         ended = (P.finished | P.truncated) & ~P.dead & ~P.promoted
         zero = torch.zeros_like(P.log_p)
         untwist = torch.where(ended, -P.log_twist, zero) if target.has_twist else None
@@ -615,29 +638,31 @@ class SMC:
         run.record(twist=P.log_twist.view(P.G, P.N).clone())
 
     def _reweight(self, run: SMCState, inc: torch.Tensor, log_w_before: torch.Tensor,
-                  a: torch.Tensor, t: int) -> torch.Tensor:
+                  a: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply :func:`~llmppl.inference.weights.reweight` to the particles (``log w += inc``,
         ``log Ẑ += log Σ_i W̄_i w_i`` per prompt), kill −∞ particles and prompts, record the
-        step.  Returns the ESS per prompt ``(G,)``."""
+        step.  Returns the ESS and the number of live particles per prompt, ``(G,)`` each."""
         P = run.particles
         inc_g = inc.view(P.G, P.N)
         rw = reweight(log_w_before, inc_g, P.log_Z, P.failed)
         P.log_Z, P.log_w = rw.log_Z, rw.log_w
         P.failed = P.failed | rw.newly_failed
         P.failed_at = torch.where(rw.newly_failed, t, P.failed_at)
-        newly_dead = ~torch.isfinite(rw.log_w.reshape(-1)) & ~P.dead
-        live_dying = newly_dead & ~P.done
+        zero_weight = ~torch.isfinite(rw.log_w.reshape(-1))
+        live_dying = zero_weight & ~P.done
         run.decoding.finish(live_dying)
         if run.proposal_needs.own_state:
             run.syncs += 1
             run.proposal.on_finish(live_dying.nonzero().flatten().cpu())
-        P.dead |= newly_dead
+        P.dead |= zero_weight
+        P.done |= zero_weight
+        alive = (~P.done).view(P.G, P.N).sum(1)
         # (a, log_w, log_w_before and inc are never written in place: no copies; the conditional
         # ESS, a diagnostic, is computed for every step at once in results)
         run.record(exponent=a, log_weights=rw.log_w, ess=rw.ess, log_evidence_increment=rw.increment,
-                   alive=(~P.done).view(P.G, P.N).sum(1))
+                   alive=alive)
         run.cess.append((log_w_before, inc_g, rw.lse_old, rw.lse_new, rw.ok))
-        return rw.ess
+        return rw.ess, alive
 
     def _resample(self, run: SMCState, need: torch.Tensor, anc: torch.Tensor, moved: list[int],
                   a: torch.Tensor, t: int) -> None:
@@ -696,6 +721,7 @@ class SMC:
                                   f"{where}particle {i} at SMC step {t}")
 
     # --------------------------------------------------------------------- results
+    @torch.inference_mode()
     def results(self, state: SMCState, raise_on_failure: bool = False) -> list[Result]:
         """One :class:`Result` per prompt of ``state`` (after its last step, or at any step for
         a look at the particles so far).  A prompt whose particles all died gets a Result with
