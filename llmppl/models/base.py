@@ -608,14 +608,13 @@ class KVCachedState(LMState):
         for (kind, _), a in zip(ops, args):
             if kind == "step":
                 pending.append(a)
-                continue
-            append_steps()
-            if kind == "reorder":
+            elif kind == "finish":      # (steps append by their own active flags: no flush needed)
+                finished = finished | a[0].bool()
+            elif kind == "reorder":
+                append_steps()
                 idx = a[0]
                 tokens = [list(tokens[i]) for i in idx.tolist()]
                 finished, group = finished[idx], group[idx]
-            elif kind == "finish":
-                finished = finished | a[0].bool()
         append_steps()
         self._tokens, self._finished, self._group = tokens, finished, group
 

@@ -153,6 +153,9 @@ class HFLM(LanguageModel):
             name=name or getattr(config, "_name_or_path", None) or "HFLM",
         )
         self.model = model.eval()
+        # the model's first parameter: its device and dtype are the model's (``Module.to`` moves a
+        # parameter's data, not the parameter), read in O(1) instead of walking the modules
+        self._first_parameter = next(model.parameters())
         self.tokenizer = tokenizer
         pad = getattr(config, "pad_token_id", None)
         self.pad_token_id = int(pad) if isinstance(pad, int) and 0 <= pad < vocab else self.eos_token_id
@@ -200,11 +203,11 @@ class HFLM(LanguageModel):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self._first_parameter.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return self._first_parameter.dtype
 
     # ----------------------------------------------------------------- contract
     @torch.inference_mode()
