@@ -355,8 +355,32 @@ def test_cli_llamacpp_batched_run_killed_resumes_to_the_uninterrupted_records(tm
     assert got == {k: strip(r) for k, r in ResultStore(clean).records.items()}
     rec = next(iter(ResultStore(clean).records.values()))
     assert rec["config"]["model"] == "default@llamacpp" and rec["host"]["cpu_count"] >= 1
+    from llmppl.benchmarking.engine import code_version
+    assert rec["host"]["llmppl"] == code_version()
     smc = [r for r in ResultStore(clean).records.values() if r["method"] == "smc"]
     assert all(r["config"]["truncation"] == "zero" for r in smc)
+
+
+def test_records_name_the_code_that_made_them():
+    """The code version is this checkout's commit (``+modified`` when llmppl/ differs from it), and
+    table.md's settings list the versions of a group's records and count those that kept none."""
+    from llmppl.benchmarking.engine import code_version
+    from llmppl.evaluation.plots import settings
+
+    if (ROOT / ".git").exists():
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", "llmppl"]).returncode != 0
+        assert code_version() == head[:12] + ("+modified" if dirty else "")
+
+    def record(problem, host):
+        return {"task": "t", "method": "plain", "problem": problem, "config": {"model": "m", "method": "plain"},
+                "host": host}
+
+    text = settings([record(0, {"cpu_model": "X", "llmppl": "abc"}), record(1, {"cpu_model": "X", "llmppl": "def"}),
+                     record(2, {"cpu_model": "X"})])
+    assert "llmppl code: abc, def (1 earlier records did not keep it)." in text
+    assert "llmppl code" not in settings([record(0, {"cpu_model": "X"})])
 
 
 # ------------------------------------------------------------ models fetch

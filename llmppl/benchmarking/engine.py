@@ -13,7 +13,10 @@ from __future__ import annotations
 import math
 import os
 import platform
+import subprocess
 import sys
+from functools import cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -102,10 +105,32 @@ def emit(result: dict[str, Any], path: str | None) -> int:
     return 0
 
 
+@cache
+def code_version() -> str:
+    """The llmppl code that ran: its git commit (12 hex digits, ``+modified`` when the package's
+    own files differ from it) in a checkout, else the installed package's version."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / ".git").exists() and (root / "llmppl").is_dir():
+        try:
+            head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                                  capture_output=True, text=True, timeout=10)
+            clean = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD", "--", "llmppl"],
+                                   capture_output=True, timeout=10)
+            if head.returncode == 0:
+                return head.stdout.strip() + ("" if clean.returncode == 0 else "+modified")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("llmppl")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def machine_info(device: str) -> dict[str, Any]:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "python": sys.version.split()[0], "device": device}
+            "python": sys.version.split()[0], "device": device, "llmppl": code_version()}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:

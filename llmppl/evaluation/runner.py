@@ -179,7 +179,7 @@ def machine_summary() -> dict[str, Any]:
     from ..benchmarking.engine import machine_info
 
     info = machine_info("cpu")
-    return {k: info.get(k) for k in ("cpu_model", "cpu_count", "torch_threads", "torch")}
+    return {k: info.get(k) for k in ("cpu_model", "cpu_count", "torch_threads", "torch", "llmppl")}
 
 
 def single_problem_seed(seed: int, problem: int) -> int:
