@@ -202,10 +202,15 @@ def plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                                  squeeze=False)
         for row, draw in zip(axes, draws):
             for ax, g in zip(row, groups):
-                draw(ax, [r for r in rows if (r["task"], r["model"]) == g])
-                ax.set_title(f"{g[0].split(':')[-1]} — {g[1]}", fontsize=9)
-        handles, labels = axes[0][0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="center right", fontsize=7)
+                group_rows = [r for r in rows if (r["task"], r["model"]) == g]
+                draw(ax, group_rows)
+                n = max(r["problems"] for r in group_rows)
+                ax.set_title(f"{g[0].split(':')[-1]} — {g[1]}\n(n = {n} problems)", fontsize=9)
+        legend: dict[str, Any] = {}     # every group's methods, once each (groups may differ)
+        for ax in axes[0]:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(label, handle)
+        fig.legend(list(legend.values()), list(legend), loc="center right", fontsize=7)
         fig.tight_layout(rect=(0, 0, 0.78, 1))
         path = out / fname
         fig.savefig(path, dpi=120)
@@ -235,7 +240,7 @@ def _accuracy_vs(key: str, label: str):
             colour = colours.setdefault(base, _colour(base))
             lo, hi = r["pass1_ci"]
             ax.errorbar(r[key], r["pass1"], yerr=[[r["pass1"] - lo], [hi - r["pass1"]]], fmt="o", color=colour,
-                        capsize=3, label=f"{r['method']} (N={r['samples']}, n={r['problems']})")
+                        capsize=3, label=f"{r['method']} (N={r['samples']})")
         for base, colour in colours.items():
             pts = sorted((r[key], r["pass1"]) for r in rows if r["method"].split(":")[0] == base)
             if len(pts) > 1:
