@@ -147,10 +147,11 @@ def settings(records: list[dict[str, Any]]) -> str:
             for m, ps in sorted(methods.items())).replace(": ;", ": defaults;")
         hosts = sorted({f"{h.get('cpu_model')} ({h.get('cpu_count')} CPUs, {h.get('torch_threads')} threads)"
                         for r in recs if (h := r.get("host"))}) or ["not recorded"]
-        codes = sorted({c for r in recs if (c := (r.get("host") or {}).get("llmppl"))})
-        older = sum(1 for r in recs if not (r.get("host") or {}).get("llmppl"))
-        code = (f" llmppl code: {', '.join(codes)}" + (f" ({older} earlier records did not keep it)" if older else "")
-                + "." if codes else "")
+        versions = [(r.get("host") or {}).get("llmppl") for r in recs]
+        codes, older = sorted({v for v in versions if v}), sum(not v for v in versions)
+        code = ""
+        if codes:
+            code = f" llmppl code: {', '.join(codes)}" + (f" ({older} earlier records did not keep it)" if older else "") + "."
         lines.append(f"- **{task} — {model}**: {', '.join(f'{k}={v}' for k, v in sorted(shared.items()))}. "
                      f"Methods: {per_method}. Machine: {'; '.join(hosts)}.{code}")
     return "\n".join(lines) + "\n"

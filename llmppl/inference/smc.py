@@ -110,7 +110,6 @@ class SMCState:
     cess: list[tuple[torch.Tensor, ...]] = field(default_factory=list)   # conditional ESS inputs, per step
     a_const: torch.Tensor | None = None       # (G,) the exponent of every step under a Constant schedule
     a_const_rows: torch.Tensor | None = None  # (R,) the same per row
-    offsets: torch.Tensor | None = None       # (G, 1) the first row of each prompt (g·N)
 
     def record(self, **values: torch.Tensor) -> None:
         for k, v in values.items():
@@ -247,7 +246,6 @@ class SMC:
         if not state.bridging:
             state.a_const = torch.full((G,), alpha, dtype=torch.float64, device=dev)
             state.a_const_rows = state.a_const.repeat_interleave(N)
-        state.offsets = torch.arange(G, device=dev)[:, None] * N
         state.twisted = target.has_twist or isinstance(self.step_kind, Until)
         return state
 
@@ -279,7 +277,7 @@ class SMC:
         if drawn:
             anc = draw_ancestors(self.resampler, run.generator, P.log_w, need)
             flags = torch.cat([torch.stack([alive.sum(), run.bad_logprobs.any(), need.any()]),
-                               P.done.long(), (anc + run.offsets).reshape(-1)]).tolist()   # the step's one host sync
+                               P.done.long(), (anc + torch.arange(P.G, device=P.device)[:, None] * P.N).reshape(-1)]).tolist()   # the step's one host sync
         else:
             flags = torch.stack([alive.sum(), run.bad_logprobs.any()]).tolist()
         run.syncs += 1

@@ -118,12 +118,9 @@ class Block:
     ended: torch.Tensor    # (n,) bool
     length: torch.Tensor   # (n,) long
     log_inc: torch.Tensor | None = None   # (n, W) float64
-    totals: dict[str, torch.Tensor] | None = None   # sums the sampler kept as it drew (see total)
 
     def total(self, name: str) -> torch.Tensor:
         """``(n,)`` float64 sum over the drawn positions of ``log_p``, ``log_q`` or ``log_inc``."""
-        if self.totals is not None and name in self.totals:
-            return self.totals[name]
         x = getattr(self, name)
         return torch.where(self.tokens >= 0, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(1)
 
@@ -309,8 +306,7 @@ def _device_loop(state, rows: torch.Tensor | None, spec: BlockSpec, generator: t
                  ) -> tuple[torch.Tensor | None, ...]:
     """The device fast path of :func:`sample_tokenwise`: every listed row at each position
     (``last_logprobs`` / ``step``; a hook sees them all); ``(tokens, log_p, log_q, log_inc)``
-    ``(n, W)`` (``log_inc`` None without the hook's increments), ``ended`` ``(n,)`` and, for a
-    one-token block, ``log_p`` and ``log_q`` as ``Block.totals`` (else None)."""
+    ``(n, W)`` (``log_inc`` None without the hook's increments) and ``ended`` ``(n,)``."""
     dev, R, W = state.lm.device, state.n, spec.width
     every = rows is None                  # all rows, in order: no gathers / scatters
     n = R if every else len(rows)
@@ -318,7 +314,6 @@ def _device_loop(state, rows: torch.Tensor | None, spec: BlockSpec, generator: t
     k = None if spec.propose is None else torch.arange(n, device=dev)
     ended = torch.zeros(n, dtype=torch.bool, device=dev)
     columns: list[tuple[torch.Tensor, ...]] = []
-    sums = None
     for j in range(W):
         live = budget > j if j == 0 else ~ended & (budget > j)
         if j and not bool(live.any()):
@@ -328,8 +323,6 @@ def _device_loop(state, rows: torch.Tensor | None, spec: BlockSpec, generator: t
                                          generator)
         column = (torch.where(live, tok, -1), torch.where(live, _at(lp, tok), -math.inf),
                   torch.where(live, lq_tok, -math.inf))
-        if W == 1:
-            sums = {"log_p": torch.where(live, column[1], 0.0), "log_q": torch.where(live, column[2], 0.0)}
         columns.append(column if inc_tok is None else (*column, torch.where(live, inc_tok, -math.inf)))
         is_stop = live & torch.isin(tok, stop)
         ended = ended | is_stop
@@ -344,14 +337,14 @@ def _device_loop(state, rows: torch.Tensor | None, spec: BlockSpec, generator: t
                        torch.zeros(R, dtype=torch.bool, device=dev).index_copy_(0, rows, feed))
     if not columns:
         return (torch.empty((n, 0), dtype=torch.long, device=dev),
-                *(torch.empty((n, 0), dtype=torch.float64, device=dev),) * 2, None, ended, None)
+                *(torch.empty((n, 0), dtype=torch.float64, device=dev),) * 2, None, ended)
     stacked = [torch.stack(c, 1) for c in zip(*columns)]
     if stacked[0].shape[1] < W:        # every row stopped early: pad to the block's width
         pad = W - stacked[0].shape[1]
         stacked = [torch.cat([x, x.new_full((n, pad), -1 if i == 0 else -math.inf)], 1)
                    for i, x in enumerate(stacked)]
     tokens, log_p, log_q = stacked[:3]
-    return tokens, log_p, log_q, stacked[3] if len(stacked) > 3 else None, ended, sums
+    return tokens, log_p, log_q, stacked[3] if len(stacked) > 3 else None, ended
 
 
 def _subset_loop(state, rows: torch.Tensor, spec: BlockSpec, generator: torch.Generator | None,
@@ -406,13 +399,12 @@ def sample_tokenwise(state, rows: torch.Tensor | None, spec: BlockSpec, generato
     if spec.forced is not None and tuple(spec.forced.shape) != (n, W):
         raise ValueError(f"forced tokens must be ({n}, {W}) (rows, width), got {tuple(spec.forced.shape)}")
     plain = spec.propose is None and spec.forced is None
-    totals = None
     if W == 1 or (n == R and plain):
-        tokens, log_p, log_q, log_inc, ended, totals = _device_loop(state, rows, spec, generator)
+        tokens, log_p, log_q, log_inc, ended = _device_loop(state, rows, spec, generator)
     else:
         rows = torch.arange(R, device=dev) if rows is None else rows
         tokens, log_p, log_q, log_inc, ended = _subset_loop(state, rows, spec, generator)
-    return Block(tokens, log_p, log_q, ended, (tokens >= 0).sum(1), log_inc, totals)
+    return Block(tokens, log_p, log_q, ended, (tokens >= 0).sum(1), log_inc)
 
 
 __all__ = ["Block", "BlockSpec", "NotNative", "Propose", "Sampler", "proposal_logprobs", "sample_inverse_cdf",
