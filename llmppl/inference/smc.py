@@ -276,8 +276,9 @@ class SMC:
         drawn = self.ess_threshold > 0.0 and (P.device.type != "cpu" or bool(need.any()))
         if drawn:
             anc = draw_ancestors(self.resampler, run.generator, P.log_w, need)
+            sources = (anc + torch.arange(P.G, device=P.device)[:, None] * P.N).reshape(-1)   # (R,) global rows
             flags = torch.cat([torch.stack([alive.sum(), run.bad_logprobs.any(), need.any()]),
-                               P.done.long(), (anc + torch.arange(P.G, device=P.device)[:, None] * P.N).reshape(-1)]).tolist()   # the step's one host sync
+                               P.done.long(), sources]).tolist()   # the step's one host sync
         else:
             flags = torch.stack([alive.sum(), run.bad_logprobs.any()]).tolist()
         run.syncs += 1
@@ -289,7 +290,7 @@ class SMC:
         else:
             done, source_rows = flags[3:3 + P.R], flags[3 + P.R:]
             moved = [r for r, s in enumerate(source_rows) if s != r]
-            self._resample(run, need, anc, moved, a, t)
+            self._resample(run, need, anc, sources, moved, a, t)
             n_alive = P.R - sum(done[s] for s in source_rows)
         # rows live at the next step (moves may end particles: then unknown)
         run.live = n_alive if self.rejuvenate is None else None
@@ -662,13 +663,13 @@ class SMC:
         run.cess.append((log_w_before, inc_g, rw.lse_old, rw.lse_new, rw.ok))
         return rw.ess, alive
 
-    def _resample(self, run: SMCState, need: torch.Tensor, anc: torch.Tensor, moved: list[int],
-                  a: torch.Tensor, t: int) -> None:
-        """Apply the ancestors ``anc`` of the prompts in ``need``: only the ``moved`` rows (those
-        whose ancestor is another particle; known on the host) are copied in the KV cache; then
+    def _resample(self, run: SMCState, need: torch.Tensor, anc: torch.Tensor, rows: torch.Tensor,
+                  moved: list[int], a: torch.Tensor, t: int) -> None:
+        """Apply the ancestors ``anc`` ``(G, N)`` of the prompts in ``need`` (``rows`` ``(R,)``: the
+        same as global row indices, ``g·N + anc[g, i]``): only the ``moved`` rows (those whose
+        ancestor is another particle; known on the host) are copied in the KV cache; then
         rejuvenate."""
         P = run.particles
-        rows = (anc + torch.arange(P.G, device=P.device)[:, None] * P.N).reshape(-1)
         if moved:
             run.decoding.reorder(rows, rows=torch.tensor(moved, dtype=torch.long).to(P.device, non_blocking=True))
             if run.proposal_needs.own_state:
