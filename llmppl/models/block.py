@@ -31,6 +31,33 @@ the replay of given suffixes (MH reverse moves), on backends with ``full_vocabul
   instead of a draw; its ``log p``, ``log q`` and ``log_inc`` are recorded all the same
   (``log q(y'|y)`` of a reverse move).  Give forced rows a ``budget`` equal to their suffix.
 
+Masks, normalisers and delimiters (every backend, :func:`sample_tokenwise` and vLLM's native path):
+
+* **Masks.**  ``spec.allowed`` is a static ``(V,)`` or per-row ``(n, V)`` bool mask;
+  ``spec.mask_fn(k, tokens) -> (m, V) bool`` (or ``(V,)``, broadcast) is called at each position
+  for the rows ``k`` of the block still drawing (``(m,)`` long indices into ``rows``) with
+  ``tokens[i]`` the completion of row ``k[i]`` so far: the state's tokens of the row (its prompt
+  excluded) followed by the tokens drawn in this block before this position.  The mask at
+  position ``j`` of row ``k`` is ``M_j = allowed ∧ mask_fn`` (without the stop ids when
+  ``allow_stop`` is false) and the proposal is ``q_j(v) ∝ p(v | y_<j)^{1/τ_k} · M_j(v)``,
+  renormalised: ``log q`` recorded is that of the masked, renormalised ``q`` (a greedy row takes
+  the mode of ``p · M_j``).  A row whose mask leaves no token raises ``ValueError``.
+* **Normalisers.**  With ``spec.norm_exponent`` ``(n,)`` float64 (``a_k >= 0`` per row) the block
+  records, per drawn token, ``Block.log_norm[k, j] = log Σ_v p(v | y_<j)^{a_k} · M_j(v)`` (float64
+  sums on HF / llama.cpp / toy LMs; float32 ``logsumexp``, float64 difference on vLLM): the
+  one-token look-ahead twist of segment steps and the per-token statistic of adaptive bridging.
+  With ``a_k = 1/τ_k`` it is ``a_k·log p(y_j) − log q(y_j)`` of the drawn token (the exact weight
+  of ``q ∝ p^a``).  ``spec.norm_next`` also asks for ``Block.log_norm_next[k]``, the same
+  normaliser at the position right after the row's last fed token (``M`` from ``allowed`` and
+  ``mask_fn`` on the whole completion), for rows that drew at least one token, drew no stop id
+  and fed their last token (NaN for the others).  :func:`sample_tokenwise` has those log-probs
+  without another forward (the state holds them); vLLM computes them with one more engine step
+  of the block (see :mod:`llmppl.models.vllm`).
+* **Delimiters.**  ``spec.end_ids``: ids that end a row's block once drawn, like a stop id, but
+  the token is fed and the row continues at the next block (``Block.ended`` stays false;
+  ``Block.delimited[k]`` is true).  A token that is both a stop id and an end id is a stop id.
+  Delimiters of several tokens are the caller's: draw, find the match on the host, ``truncate``.
+
 :func:`sample_tokenwise` is the reference implementation over ``last_logprobs`` /
 ``step`` (the device fast path of every ``LMState``); backends that decode natively
 (vLLM) override ``LMState.sample_block`` and never materialise ``(rows, V)`` tensors.
@@ -57,6 +84,8 @@ SAMPLE_BLOCK = 1024
 Propose = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 #: ``sample(log_q, generator) -> (m,)``: one token per row of ``log_q``
 Sampler = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
+#: ``mask_fn(k, tokens) -> (m, V) bool``: the allowed next tokens of the rows ``k`` given their completions
+MaskFn = Callable[[torch.Tensor, list[list[int]]], torch.Tensor]
 
 
 class NotNative(ValueError):
@@ -72,12 +101,16 @@ class BlockSpec:
     ``width``: ``max(budget)`` as a host int (so the loop needs no sync to size itself);
     ``temperature`` ``(n,)`` float64 ``τ`` per row (ignored when ``greedy``);
     ``stop_ids``: ids that end a row; ``allow_stop``: when false ``q`` is renormalised
-    without them; ``allowed`` ``(V,)`` bool: a static token mask (``None``: every token);
+    without them; ``allowed`` ``(V,)`` bool: a static token mask, or ``(n, V)``: one per row
+    (``None``: every token);
     ``feed_last`` ``(n,)`` bool, or one bool for every row: feed a row's token at its budget end
     (default: all; ``False`` is known on the host, so the loop makes no forward for the last
     position, whose tokens are all unfed);
     ``propose``, ``sample``, ``forced``: a full-vocabulary proposal hook, its sampler and given
-    tokens (see the module docstring; only backends with ``full_vocabulary`` take them).
+    tokens (see the module docstring; only backends with ``full_vocabulary`` take them);
+    ``mask_fn``: a callable mask per row and position; ``norm_exponent`` ``(n,)`` float64: record
+    ``Block.log_norm`` with this exponent per row; ``norm_next``: also ``Block.log_norm_next``;
+    ``end_ids``: delimiters that end a row's block and are fed (module docstring).
     """
 
     budget: torch.Tensor
@@ -91,6 +124,10 @@ class BlockSpec:
     propose: Propose | None = None
     sample: Sampler | None = None
     forced: torch.Tensor | None = None
+    mask_fn: MaskFn | None = None
+    norm_exponent: torch.Tensor | None = None
+    norm_next: bool = False
+    end_ids: tuple[int, ...] = ()
 
     @classmethod
     def make(cls, n: int, max_tokens: int | torch.Tensor, temperature: float | torch.Tensor,
@@ -110,6 +147,10 @@ class Block:
     ``token = -1`` and ``-inf`` log values.  ``length[k]`` counts the drawn tokens (the
     stop token included); ``ended[k]``: the row drew a stop id.  ``log_inc``: the increments
     ``spec.propose`` returned, at the drawn tokens (None when it returned none).
+    ``log_norm`` ``(n, W)``: ``log Σ_v p(v | y_<j)^a · M_j(v)`` at each drawn position and
+    ``log_norm_next`` ``(n,)``: the same after the row's last fed token (NaN where undefined), when
+    the spec asked (``norm_exponent``, ``norm_next``; else None); ``delimited`` ``(n,)`` bool: the
+    row's block ended at one of ``spec.end_ids`` (None without end ids).  See the module docstring.
     """
 
     tokens: torch.Tensor   # (n, W) long
@@ -118,11 +159,19 @@ class Block:
     ended: torch.Tensor    # (n,) bool
     length: torch.Tensor   # (n,) long
     log_inc: torch.Tensor | None = None   # (n, W) float64
+    log_norm: torch.Tensor | None = None        # (n, W) float64
+    log_norm_next: torch.Tensor | None = None   # (n,) float64
+    delimited: torch.Tensor | None = None       # (n,) bool
 
     def total(self, name: str) -> torch.Tensor:
         """``(n,)`` float64 sum over the drawn positions of ``log_p``, ``log_q`` or ``log_inc``."""
         x = getattr(self, name)
         return torch.where(self.tokens >= 0, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(1)
+
+
+def _bcast(mask: torch.Tensor) -> torch.Tensor:
+    """A ``(V,)`` mask as ``(1, V)``; an ``(m, V)`` one as it is."""
+    return mask[None, :] if mask.dim() == 1 else mask
 
 
 def proposal_logprobs(log_p: torch.Tensor, temperature: torch.Tensor, stop_ids: torch.Tensor,
@@ -139,7 +188,7 @@ def _tempered_scores(log_p: torch.Tensor, temperature: torch.Tensor, stop_ids: t
     unnormalised ``log q`` of :func:`proposal_logprobs` and :func:`sample_tempered`, a new tensor."""
     scores = log_p / temperature.to(log_p)[:, None]
     if allowed is not None:
-        scores.masked_fill_(~allowed.to(scores.device)[None, :], -math.inf)
+        scores.masked_fill_(~_bcast(allowed.to(scores.device)), -math.inf)
     if not allow_stop:
         scores.index_fill_(1, stop_ids.to(scores.device), -math.inf)
     return scores
@@ -229,7 +278,7 @@ def _restrict(log_q: torch.Tensor, stop: torch.Tensor, allow_stop: bool,
         return log_q
     out = log_q.double()
     if allowed is not None:
-        out = out.masked_fill(~allowed[None, :], -math.inf)
+        out = out.masked_fill(~_bcast(allowed.to(out.device)), -math.inf)
     if not allow_stop:
         out = out.index_fill(1, stop.to(out.device), -math.inf)
     return torch.log_softmax(out, dim=-1)
@@ -302,30 +351,138 @@ def _spec_on(spec: BlockSpec, dev: torch.device | str) -> tuple[torch.Tensor | b
             None if spec.forced is None else spec.forced.to(dev))
 
 
+def _extras(spec: BlockSpec, dev: torch.device | str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(end ids, norm exponents)`` of ``spec`` on ``dev`` (None when absent)."""
+    end = torch.tensor(spec.end_ids, dtype=torch.long, device=dev) if spec.end_ids else None
+    a = None if spec.norm_exponent is None else spec.norm_exponent.to(dev, torch.float64).reshape(-1)
+    return end, a
+
+
+def _mask_at(allowed: torch.Tensor | None, sel: torch.Tensor | None, spec: BlockSpec, k: torch.Tensor,
+             prefixes: list[list[int]] | None, m: int, V: int, dev: torch.device | str,
+             place: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``M`` of ``m`` rows at one position, before the stop ids: ``allowed`` (``(V,)``, or its rows
+    ``sel`` of an ``(n, V)`` mask; all of it when ``sel`` is None) and ``spec.mask_fn`` on the block
+    rows ``k`` (their completions ``prefixes[k]``), which sit at ``place`` among the ``m`` rows
+    (default: they are the ``m`` rows; rows not in ``place`` are not restricted by it);
+    ``(V,)``, ``(m, V)`` or None."""
+    out = allowed if allowed is None or allowed.dim() == 1 or sel is None else allowed[sel]
+    if spec.mask_fn is None or len(k) == 0:
+        return out
+    f = torch.as_tensor(spec.mask_fn(k, [prefixes[i] for i in k.tolist()]), dtype=torch.bool).to(dev)
+    if f.dim() == 1 and f.shape[0] == V:
+        f = f.expand(len(k), V)
+    if tuple(f.shape) != (len(k), V):
+        raise ValueError(f"mask_fn must return a ({len(k)}, {V}) or ({V},) bool mask, got {tuple(f.shape)}")
+    if place is not None and len(k) != m:
+        f = torch.ones((m, V), dtype=torch.bool, device=dev).index_copy_(0, place.to(dev), f)
+    return f if out is None else _bcast(out) & f
+
+
+def _check_mass(mask: torch.Tensor | None, live: torch.Tensor, stop: torch.Tensor, spec: BlockSpec,
+                rows: list[int], j: int) -> None:
+    """``ValueError`` naming the first live row whose mask (without the stop ids unless
+    ``allow_stop``) leaves no token."""
+    if mask is None:
+        return
+    m = _bcast(mask)
+    if not spec.allow_stop:
+        m = m.index_fill(1, stop.to(m.device), False)
+    empty = live & ~m.any(-1) if m.shape[0] == len(live) else live & ~m.any(-1).expand(len(live))
+    if bool(empty.any()):
+        i = int(empty.nonzero()[0])
+        raise ValueError(f"the token mask allows no token for row {rows[i]} at block position {j}")
+
+
+def log_normaliser(log_p: torch.Tensor, a: torch.Tensor, mask: torch.Tensor | None, stop_ids: torch.Tensor,
+                   allow_stop: bool = True) -> torch.Tensor:
+    """``(m,)`` float64 ``log Σ_v p(v)^{a} · M(v)`` per row of ``log_p`` ``(m, V)`` (``a`` ``(m,)``,
+    ``M`` = ``mask`` ``(V,)`` / ``(m, V)`` without the stop ids unless ``allow_stop``); tokens
+    with ``p = 0`` count 0 at every ``a >= 0`` (no ``0 · ∞``)."""
+    lp = log_p.double()
+    s = torch.where(torch.isneginf(lp), lp, lp * a.to(lp)[:, None])
+    if mask is not None:
+        s = s.masked_fill(~_bcast(mask.to(s.device)), -math.inf)
+    if not allow_stop:
+        s = s.index_fill(1, stop_ids.to(s.device), -math.inf)
+    return torch.logsumexp(s, -1)
+
+
+def _norm_next(state, rows: torch.Tensor, spec: BlockSpec, tokens: torch.Tensor, ended: torch.Tensor,
+               budget: torch.Tensor, feed_last: torch.Tensor | bool | None, allowed: torch.Tensor | None,
+               a: torch.Tensor, stop: torch.Tensor, prefixes: list[list[int]] | None, every: bool
+               ) -> torch.Tensor:
+    """``Block.log_norm_next`` of :func:`sample_tokenwise`: the normaliser after each row's last fed
+    token, from the log-probs the state holds there (no forward), NaN for rows that drew nothing,
+    drew a stop id or kept their last token unfed."""
+    dev, n, V = tokens.device, len(ended), state.lm.vocab_size
+    length = (tokens >= 0).sum(1)
+    at_end = length >= budget
+    unfed = at_end if feed_last is False else (at_end & ~feed_last if isinstance(feed_last, torch.Tensor)
+                                               else torch.zeros_like(at_end))
+    ok = (length > 0) & ~ended & ~unfed
+    out = torch.full((n,), math.nan, dtype=torch.float64, device=dev)
+    sel = ok.nonzero().flatten()
+    if len(sel) == 0:
+        return out
+    lp = state.last_logprobs() if every else state.logprobs(rows[sel].cpu()).to(dev)
+    if every:
+        lp = lp.index_select(0, sel.to(lp.device)).to(dev)
+    mask = _mask_at(allowed, sel, spec, sel.cpu(), prefixes, len(sel), V, dev)
+    out[sel] = log_normaliser(lp, a[sel], mask, stop, spec.allow_stop).to(dev)
+    return out
+
+
 def _device_loop(state, rows: torch.Tensor | None, spec: BlockSpec, generator: torch.Generator | None,
-                 ) -> tuple[torch.Tensor | None, ...]:
+                 ) -> dict[str, torch.Tensor | None]:
     """The device fast path of :func:`sample_tokenwise`: every listed row at each position
-    (``last_logprobs`` / ``step``; a hook sees them all); ``(tokens, log_p, log_q, log_inc)``
-    ``(n, W)`` (``log_inc`` None without the hook's increments) and ``ended`` ``(n,)``."""
-    dev, R, W = state.lm.device, state.n, spec.width
+    (``last_logprobs`` / ``step``; a hook sees them all, ``mask_fn`` the rows still drawing);
+    the block's fields by name (``tokens``, ``log_p``, ``log_q``, ``log_inc``, ``log_norm``,
+    ``ended``, ``delimited``, ``log_norm_next``; None where the spec did not ask)."""
+    dev, R, W, V = state.lm.device, state.n, spec.width, state.lm.vocab_size
     every = rows is None                  # all rows, in order: no gathers / scatters
     n = R if every else len(rows)
     budget, feed_last, stop, tau, allowed, forced = _spec_on(spec, dev)
+    end, a = _extras(spec, dev)
     k = None if spec.propose is None else torch.arange(n, device=dev)
     ended = torch.zeros(n, dtype=torch.bool, device=dev)
+    delimited = None if end is None else torch.zeros(n, dtype=torch.bool, device=dev)
+    fn = spec.mask_fn is not None
+    row_ids = list(range(R)) if every else rows.tolist()
+    prefixes = [list(state.tokens[r]) for r in row_ids] if fn else None
+    check = fn or (allowed is not None and allowed.dim() == 2)
+    names = ["tokens", "log_p", "log_q"] + (["log_inc"] if spec.propose is not None else []) + \
+        (["log_norm"] if a is not None else [])
     columns: list[tuple[torch.Tensor, ...]] = []
     for j in range(W):
-        live = budget > j if j == 0 else ~ended & (budget > j)
+        done = ended if delimited is None else ended | delimited
+        live = budget > j if j == 0 else ~done & (budget > j)
         if j and not bool(live.any()):
             break
         lp = state.last_logprobs() if every else state.last_logprobs().index_select(0, rows)
-        tok, lq_tok, inc_tok = _position(lp, k, tau, stop, spec, allowed, None if forced is None else forced[:, j],
+        mask = allowed
+        if fn:
+            idx = live.nonzero().flatten().cpu()
+            mask = _mask_at(allowed, None, spec, idx, prefixes, n, V, dev, place=idx)
+        if check:
+            _check_mass(mask, live, stop, spec, row_ids, j)
+        tok, lq_tok, inc_tok = _position(lp, k, tau, stop, spec, mask, None if forced is None else forced[:, j],
                                          generator)
-        column = (torch.where(live, tok, -1), torch.where(live, _at(lp, tok), -math.inf),
-                  torch.where(live, lq_tok, -math.inf))
-        columns.append(column if inc_tok is None else (*column, torch.where(live, inc_tok, -math.inf)))
+        column = [torch.where(live, tok, -1), torch.where(live, _at(lp, tok), -math.inf),
+                  torch.where(live, lq_tok, -math.inf)]
+        if k is not None:
+            column.append(torch.where(live, inc_tok, -math.inf) if inc_tok is not None else None)
+        if a is not None:
+            column.append(torch.where(live, log_normaliser(lp, a, mask, stop, spec.allow_stop).to(dev), -math.inf))
+        columns.append(tuple(column))
         is_stop = live & torch.isin(tok, stop)
         ended = ended | is_stop
+        if delimited is not None:
+            delimited = delimited | (live & ~is_stop & torch.isin(tok, end))
+        if fn:
+            for i, (t, l) in enumerate(zip(tok.tolist(), live.tolist())):
+                if l:
+                    prefixes[i].append(t)
         if j == W - 1 and feed_last is False:
             break                     # no row is fed at its budget's end: no forward for it
         feed = _fed(live & ~is_stop, budget <= j + 1, feed_last)
@@ -335,50 +492,99 @@ def _device_loop(state, rows: torch.Tensor | None, spec: BlockSpec, generator: t
         else:
             state.step(torch.zeros(R, dtype=torch.long, device=dev).index_copy_(0, rows, fed),
                        torch.zeros(R, dtype=torch.bool, device=dev).index_copy_(0, rows, feed))
+    out: dict[str, torch.Tensor | None] = {"ended": ended, "delimited": delimited, "log_inc": None}
     if not columns:
-        return (torch.empty((n, 0), dtype=torch.long, device=dev),
-                *(torch.empty((n, 0), dtype=torch.float64, device=dev),) * 2, None, ended)
-    stacked = [torch.stack(c, 1) for c in zip(*columns)]
-    if stacked[0].shape[1] < W:        # every row stopped early: pad to the block's width
-        pad = W - stacked[0].shape[1]
-        stacked = [torch.cat([x, x.new_full((n, pad), -1 if i == 0 else -math.inf)], 1)
-                   for i, x in enumerate(stacked)]
-    tokens, log_p, log_q = stacked[:3]
-    return tokens, log_p, log_q, stacked[3] if len(stacked) > 3 else None, ended
+        out.update(tokens=torch.empty((n, 0), dtype=torch.long, device=dev), log_inc=None,
+                   **{x: torch.empty((n, 0), dtype=torch.float64, device=dev) for x in names[1:]})
+    else:
+        for i, x in enumerate(names):
+            if x == "log_inc" and columns[0][i] is None:
+                out[x] = None
+                continue
+            t = torch.stack([c[i] for c in columns], 1)
+            if t.shape[1] < W:        # every row stopped early: pad to the block's width
+                t = torch.cat([t, t.new_full((n, W - t.shape[1]), -1 if i == 0 else -math.inf)], 1)
+            out[x] = t
+    if spec.norm_next:
+        out["log_norm_next"] = _norm_next(state, rows, spec, out["tokens"], ended, budget, feed_last, allowed, a,
+                                          stop, prefixes, every)
+    return out
 
 
 def _subset_loop(state, rows: torch.Tensor, spec: BlockSpec, generator: torch.Generator | None,
-                 ) -> tuple[torch.Tensor | None, ...]:
+                 ) -> dict[str, torch.Tensor | None]:
     """The host path of :func:`sample_tokenwise`: at each position, ``logprobs`` / ``extend`` on
-    the rows still drawing only (the hook sees exactly those); ``(tokens, log_p, log_q, log_inc)``
-    (``log_inc`` None without the hook's increments) and ``ended``."""
-    dev, n, W = state.lm.device, len(rows), spec.width
+    the rows still drawing only (the hook and ``mask_fn`` see exactly those); the block's fields
+    by name, as :func:`_device_loop`."""
+    dev, n, W, V = state.lm.device, len(rows), spec.width, state.lm.vocab_size
     budget, feed_last, stop, tau, allowed, forced = _spec_on(spec, dev)
+    end, a = _extras(spec, dev)
     ended = torch.zeros(n, dtype=torch.bool, device=dev)
+    delimited = None if end is None else torch.zeros(n, dtype=torch.bool, device=dev)
+    row_ids = rows.tolist()
+    prefixes = [list(state.tokens[r]) for r in row_ids] if spec.mask_fn is not None else None
     tokens = torch.full((n, W), -1, dtype=torch.long, device=dev)
     log_p = torch.full((n, W), -math.inf, dtype=torch.float64, device=dev)
     log_q = log_p.clone()
+    log_norm = None if a is None else log_p.clone()
     log_inc = None
     for j in range(W):
-        sub = (~ended & (budget > j)).nonzero().flatten()
+        done = ended if delimited is None else ended | delimited
+        sub = (~done & (budget > j)).nonzero().flatten()
         if len(sub) == 0:
             break
         lp = state.logprobs(rows[sub].cpu()).to(dev)
-        tok, lq_tok, inc_tok = _position(lp, sub, tau[sub], stop, spec, allowed,
+        mask = _mask_at(allowed, sub, spec, sub.cpu(), prefixes, len(sub), V, dev)
+        if spec.mask_fn is not None or (allowed is not None and allowed.dim() == 2):
+            _check_mass(mask, torch.ones(len(sub), dtype=torch.bool, device=dev), stop, spec,
+                        [row_ids[i] for i in sub.tolist()], j)
+        tok, lq_tok, inc_tok = _position(lp, sub, tau[sub], stop, spec, mask,
                                          None if forced is None else forced[sub, j], generator)
         tokens[sub, j] = tok
         log_p[sub, j] = _at(lp, tok)
         log_q[sub, j] = lq_tok
+        if log_norm is not None:
+            log_norm[sub, j] = log_normaliser(lp, a[sub], mask, stop, spec.allow_stop).to(dev)
         if inc_tok is not None:
             log_inc = log_p.new_full((n, W), -math.inf) if log_inc is None else log_inc
             log_inc[sub, j] = inc_tok
         is_stop = torch.isin(tok, stop)
         ended[sub] |= is_stop
+        if delimited is not None:
+            delimited[sub] |= ~is_stop & torch.isin(tok, end)
+        if prefixes is not None:
+            for i, t in zip(sub.tolist(), tok.tolist()):
+                prefixes[i].append(t)
         feed = _fed(~is_stop, budget[sub] <= j + 1,
                     feed_last[sub] if isinstance(feed_last, torch.Tensor) else feed_last)
         if bool(feed.any()):
             state.extend(tok[feed].cpu(), rows[sub][feed].cpu())
-    return tokens, log_p, log_q, log_inc, ended
+    out = dict(tokens=tokens, log_p=log_p, log_q=log_q, log_inc=log_inc, log_norm=log_norm, ended=ended,
+               delimited=delimited)
+    if spec.norm_next:
+        out["log_norm_next"] = _norm_next(state, rows, spec, tokens, ended, budget, feed_last, allowed, a, stop,
+                                          prefixes, False)
+    return out
+
+
+def check_extras(spec: BlockSpec, n: int, V: int) -> None:
+    """``ValueError`` for a malformed mask, exponent or end id of ``spec`` for ``n`` rows of a
+    vocabulary of ``V`` (shared by every backend's ``sample_block``)."""
+    if spec.allowed is not None:
+        shape = tuple(spec.allowed.shape)
+        if shape not in ((V,), (n, V)) or spec.allowed.dtype != torch.bool:
+            raise ValueError(f"the allowed-token mask must be ({V},) or ({n}, {V}) bool, got {shape} "
+                             f"{spec.allowed.dtype}")
+    if spec.mask_fn is not None and not callable(spec.mask_fn):
+        raise ValueError(f"mask_fn must be callable, got {spec.mask_fn!r}")
+    if spec.norm_exponent is not None:
+        a = spec.norm_exponent
+        if tuple(a.shape) != (n,) or not bool(torch.isfinite(a).all()) or bool((a < 0).any()):
+            raise ValueError(f"norm_exponent must be ({n},) finite and >= 0, got shape {tuple(a.shape)}")
+    if spec.norm_next and spec.norm_exponent is None:
+        raise ValueError("norm_next needs norm_exponent (the exponent a of log Σ p^a · M)")
+    if any(not 0 <= int(e) < V for e in spec.end_ids):
+        raise ValueError(f"end ids must lie in [0, {V}), got {list(spec.end_ids)}")
 
 
 def sample_tokenwise(state, rows: torch.Tensor | None, spec: BlockSpec, generator: torch.Generator | None) -> Block:
@@ -390,7 +596,8 @@ def sample_tokenwise(state, rows: torch.Tensor | None, spec: BlockSpec, generato
     ``logprobs(rows)`` / ``extend`` on the rows still drawing, so the forward covers only them.
     A block of several tokens with a hook or forced tokens always takes that path, so the hook
     sees only the rows still drawing; a one-token block shows the hook every listed row (a row
-    with budget 0 too: its draw is discarded), as SMC's token step needs.
+    with budget 0 too: its draw is discarded), as SMC's token step needs.  ``mask_fn`` sees only
+    the rows still drawing on both paths.
     """
     dev, R, W = state.lm.device, state.n, spec.width
     if rows is not None:
@@ -398,15 +605,20 @@ def sample_tokenwise(state, rows: torch.Tensor | None, spec: BlockSpec, generato
     n = R if rows is None else len(rows)
     if spec.forced is not None and tuple(spec.forced.shape) != (n, W):
         raise ValueError(f"forced tokens must be ({n}, {W}) (rows, width), got {tuple(spec.forced.shape)}")
+    if (spec.allowed is not None and spec.allowed.dim() != 1) or spec.mask_fn is not None or \
+            spec.norm_exponent is not None or spec.end_ids or spec.norm_next:
+        check_extras(spec, n, state.lm.vocab_size)
     plain = spec.propose is None and spec.forced is None
     if W == 1 or (n == R and plain):
-        tokens, log_p, log_q, log_inc, ended = _device_loop(state, rows, spec, generator)
+        out = _device_loop(state, rows, spec, generator)
     else:
         rows = torch.arange(R, device=dev) if rows is None else rows
-        tokens, log_p, log_q, log_inc, ended = _subset_loop(state, rows, spec, generator)
-    return Block(tokens, log_p, log_q, ended, (tokens >= 0).sum(1), log_inc)
+        out = _subset_loop(state, rows, spec, generator)
+    tokens = out["tokens"]
+    return Block(tokens, out["log_p"], out["log_q"], out["ended"], (tokens >= 0).sum(1), out["log_inc"],
+                 out.get("log_norm"), out.get("log_norm_next"), out.get("delimited"))
 
 
-__all__ = ["Block", "BlockSpec", "NotNative", "Propose", "Sampler", "proposal_logprobs", "sample_inverse_cdf",
-           "invert_weights", "sample_tempered",
+__all__ = ["Block", "BlockSpec", "NotNative", "Propose", "Sampler", "MaskFn", "proposal_logprobs",
+           "sample_inverse_cdf", "invert_weights", "sample_tempered", "log_normaliser", "check_extras",
            "sample_tokenwise", "LOG_Q_FLOOR", "SAMPLE_BLOCK"]
