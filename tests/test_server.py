@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -123,12 +124,16 @@ def test_text_completion_with_extra_body_and_n(toy):
     r = _client(base).completions.create(model="toy", prompt=[1, 2], max_tokens=5, n=3,
                                          extra_body={"alpha": 2.0, "particles": 5, "resampling": "multinomial"})
     assert r.object == "text_completion" and r.model == "toy"
-    assert [c.index for c in r.choices] == [0, 1, 2]
     info = r.model_extra["llmppl"]
+    # n > 1: the n heaviest *distinct* completions (fewer when the particles hold fewer)
+    assert 1 <= len(r.choices) <= 3 and [c.index for c in r.choices] == list(range(len(r.choices)))
+    assert len(r.choices) == min(3, info["distinct_completions"])
+    assert len({tuple(d["tokens"]) for d in info["choices"]}) == len(r.choices)
     assert info["method"] == "smc" and info["alpha"] == 2.0 and info["particles"] == 5
     assert info["n_particles"] == 5 and 1.0 <= info["ess"] <= 5.0 + 1e-9
-    weights = [c["weight"] for c in info["choices"]]
-    assert weights == sorted(weights, reverse=True)  # n > 1: the top-n particles by weight
+    masses = [c["mass"] for c in info["choices"]]
+    assert masses == sorted(masses, reverse=True) and sum(masses) <= 1 + 1e-9
+    assert all(c["mass"] >= c["weight"] - 1e-12 and c["particles_with_it"] >= 1 for c in info["choices"])
     for c, d in zip(r.choices, info["choices"]):
         assert c.finish_reason == ("length" if len(d["tokens"]) == 5 else "stop")
         assert 1 <= len(d["tokens"]) <= 5 or c.finish_reason == "stop"
@@ -140,8 +145,9 @@ def test_text_completion_with_extra_body_and_n(toy):
 def test_several_prompts_in_one_request(toy):
     base, _ = toy
     r = _client(base).completions.create(model="toy", prompt=[[1, 2], [3, 1, 2]], n=2, max_tokens=3)
-    assert [c.index for c in r.choices] == [0, 1, 2, 3]
     per_prompt = r.model_extra["llmppl"]["prompts"]
+    assert [c.index for c in r.choices] == list(range(len(r.choices)))
+    assert len(r.choices) == sum(min(2, p["distinct_completions"]) for p in per_prompt)
     assert len(per_prompt) == 2 and r.usage.prompt_tokens == 5
     assert r.usage.completion_tokens == sum(p["tokens_decoded"] for p in per_prompt)
 
@@ -155,13 +161,23 @@ def test_seed_makes_a_request_reproducible(toy):
     assert toks(a) == toks(b) and a.model_extra["llmppl"]["seed"] == 11
 
 
-def test_stream_returns_the_answer_as_one_final_chunk(toy):
-    base, _ = toy
-    chunks = list(_client(base).completions.create(model="toy", prompt=[1, 2], max_tokens=3, stream=True,
-                                                   stream_options={"include_usage": True}))
-    assert len(chunks) == 2  # the completion, then the usage chunk
-    assert chunks[0].choices[0].finish_reason in ("stop", "length") and "llmppl" in chunks[0].model_extra
-    assert chunks[1].choices == [] and chunks[1].usage.completion_tokens > 0
+def test_stream_sends_progress_then_the_answer(toy):
+    """SMC's answer exists only when the run ends: the stream says where the request is (progress
+    events, no choices), then sends the answer, then the usage."""
+    base, lm = toy
+    lm.delay = 0.3
+    try:
+        chunks = list(_client(base).completions.create(model="toy", prompt=[2, 1], max_tokens=6, stream=True,
+                                                       stream_options={"include_usage": True}))
+    finally:
+        lm.delay = 0.0
+    progress = [c for c in chunks if not c.choices and c.usage is None]
+    answer = [c for c in chunks if c.choices]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert len(answer) == 1 and chunks.index(answer[0]) == len(chunks) - 2
+    assert answer[0].choices[0].finish_reason in ("stop", "length") and "llmppl" in answer[0].model_extra
+    statuses = [c.model_extra["llmppl"]["progress"]["status"] for c in progress]
+    assert statuses[0] in ("queued", "running") and "running" in statuses, statuses  # a 2 s run: progress seen
 
 
 def test_api_key_required_except_health(toy):
@@ -380,10 +396,12 @@ def test_chat_completion_on_the_default_model(smol_server):
     chunks = list(_client(smol_server).chat.completions.create(
         model="smollm2", messages=[{"role": "user", "content": "Hi!"}], max_tokens=4, stream=True,
         extra_body={"particles": 2}))
-    assert len(chunks) == 1 and chunks[0].object == "chat.completion.chunk"  # the whole answer, once
-    delta = chunks[0].choices[0].delta
+    answer = [c for c in chunks if c.choices]
+    assert len(answer) == 1 and answer[0].object == "chat.completion.chunk"  # the whole answer, once
+    assert all("progress" in c.model_extra["llmppl"] for c in chunks if not c.choices)
+    delta = answer[0].choices[0].delta
     assert delta.role == "assistant" and isinstance(delta.content, str)
-    assert chunks[0].choices[0].finish_reason in ("stop", "length")
+    assert answer[0].choices[0].finish_reason in ("stop", "length")
 
 
 @pytest.mark.model
@@ -442,7 +460,9 @@ def test_serve_rejects_bad_flags_before_loading_a_model(capsys):
 
 @pytest.mark.model
 def test_llmppl_serve_command(tmp_path):
-    """``llmppl serve`` as a user starts it, answering the openai client."""
+    """``llmppl serve`` as a user starts it, answering the openai client; the sampler flags reach the
+    server (``/health`` shows them); Ctrl-C with a request in flight answers it with a 503 JSON error
+    and logs no traceback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -451,7 +471,9 @@ def test_llmppl_serve_command(tmp_path):
     base = f"http://127.0.0.1:{port}"
     with open(tmp_path / "serve.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "llmppl.cli", "serve", "--port", str(port), "--particles", "2",
-                                 "--max-new-tokens", "4", "--log-level", "warning"], env=env, stdout=log, stderr=log)
+                                 "--max-new-tokens", "4", "--log-level", "warning", "--schedule", "linear",
+                                 "--bridge-steps", "3", "--step", "tokens:2", "--proposal", "locally-optimal",
+                                 "--threads", "1"], env=env, stdout=log, stderr=log)
         try:
             deadline = time.monotonic() + 150
             while True:
@@ -463,11 +485,28 @@ def test_llmppl_serve_command(tmp_path):
                 time.sleep(0.5)
             h = _health(base)
             assert h["config"]["particles"] == 2 and h["config"]["auth"] and h["model"] == "smollm2-135m-instruct"
+            assert (h["config"]["schedule"], h["config"]["bridge_steps"], h["config"]["step"],
+                    h["config"]["proposal"]) == ("linear", 3, "tokens:2", "locally-optimal")
             with pytest.raises(openai.AuthenticationError):
                 _client(base, key="nope").models.list()
             r = _client(base).chat.completions.create(model="smollm2-135m-instruct",
                                                       messages=[{"role": "user", "content": "Hi!"}])
             assert r.choices[0].message.content and r.model_extra["llmppl"]["particles"] == 2
+
+            # Ctrl-C while a long request runs: it gets an OpenAI-style 503, the server exits cleanly
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(httpx.post, base + "/v1/completions", timeout=120,
+                                      headers={"Authorization": f"Bearer {KEY}"},
+                                      json={"model": "smollm2-135m-instruct", "prompt": "Once upon a time",
+                                            "max_tokens": 256, "particles": 8})
+                _wait_for(base, lambda h: h["running"] == 1, timeout=60)
+                proc.send_signal(signal.SIGINT)
+                answer = pending.result(timeout=60)
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["error"]["code"] == "server_shutting_down"
+            assert proc.wait(30) == 0
+            text = (tmp_path / "serve.log").read_text()
+            assert "CancelledError" not in text and "Traceback" not in text, text
         finally:
             proc.terminate()
             try:

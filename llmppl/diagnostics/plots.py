@@ -9,9 +9,10 @@ Result gets is looked up in ``FIGURES`` (first predicate that matches).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -124,10 +125,29 @@ def plot_mh(result: Result, fig: Figure, axes: np.ndarray) -> None:
     else:
         _empty(ax, "acceptance")
     ax = axes[1, 1]
-    ess = az.ess(idata, var_names=[var])[var].values
-    rhat = az.rhat(idata, var_names=[var])[var].values if idata.posterior.sizes["chain"] > 1 else np.nan
-    az.plot_autocorr(idata, var_names=[var], combined=True, ax=ax, show=False)
-    ax.set(xlabel="lag (MH steps)", title=f"autocorrelation of {var}  (ESS={float(ess):.1f}, R-hat={float(rhat):.2f})")
+    ess, rhat = mh_convergence(idata, var)
+    with warnings.catch_warnings():   # arviz warns on short or constant traces; the title says it instead
+        warnings.simplefilter("ignore")
+        az.plot_autocorr(idata, var_names=[var], combined=True, ax=ax, show=False)
+    parts = [f"ESS={ess:.1f}" if ess is not None else "ESS: trace too short or constant",
+             f"R-hat={rhat:.2f}" if rhat is not None else "R-hat: needs 2 chains with 4+ varying draws"]
+    ax.set(xlabel="lag (MH steps)", title=f"autocorrelation of {var}  ({', '.join(parts)})")
+
+
+def mh_convergence(idata: Any, var: str) -> tuple[float | None, float | None]:
+    """Bulk ESS and R-hat of ``var``, or None where they are undefined (fewer than 4 draws, a
+    constant trace, one chain for R-hat): arviz would return NaN with shape warnings."""
+    import arviz as az
+
+    values = np.asarray(idata.posterior[var].values, dtype=float)
+    chains, draws = values.shape[:2]
+    if draws < 4 or not np.isfinite(values).all() or np.ptp(values) == 0:
+        return None, None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ess = float(az.ess(idata, var_names=[var])[var].values)
+        rhat = float(az.rhat(idata, var_names=[var])[var].values) if chains > 1 else None
+    return (ess if np.isfinite(ess) else None), (rhat if rhat is not None and np.isfinite(rhat) else None)
 
 
 def plot_samples(result: Result, fig: Figure, axes: np.ndarray) -> None:

@@ -22,10 +22,10 @@ DEFAULT_METHODS = "plain,lowtemp,smc,mh"
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    from ..methods import METHODS, add_engine_arguments
+    from ..options import METHOD_NAMES, HelpFormatter, add_engine_arguments
 
     p = sub.add_parser("eval", help="reasoning evaluation (accuracy, pass@k, cost) or --plot a results file",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--task", default=None, help="FAMILY:NAME: reasoning_gym:chain_sum (short answers), or a "
                    "chain-of-thought task graded by math-verify on the last \\boxed{}: "
                    "reasoning_gym_cot:gsm_symbolic, jsonl:PATH, parquet:PATH, hf:DATASET_ID")
@@ -35,12 +35,11 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=100, help="number of problems (default 100)")
     p.add_argument("--seed", type=int, default=0, help="problem-set and sampling seed")
     p.add_argument("--methods", default=DEFAULT_METHODS,
-                   help=f"comma-separated, each name[:key=value...]; names: {', '.join(sorted(METHODS))}")
+                   help=f"comma-separated, each name[:key=value...]; names: {', '.join(METHOD_NAMES)}")
     p.add_argument("--model", default=None, help="model name, local dir or .gguf (default: SmolLM2-135M)")
     p.add_argument("--json", default=None, help="results JSONL (appended; resumes)")
     p.add_argument("--particles", type=int, default=8, help="samples / particles / chains per problem (default 8)")
     p.add_argument("--alpha", type=float, default=4.0, help="power of the base LM for smc/mh/lookahead (default 4)")
-    p.add_argument("--tau", type=float, default=None, help="lowtemp temperature (default 1/alpha)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-prompts", type=int, default=1,
                    help="problems per run_batch call (default 1: problem i seeded by seed*1000003+i, as "
@@ -52,7 +51,6 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                    help="llama.cpp KV cells shared by all rows (--backend llamacpp; batches need about "
                    "batch-prompts x particles x max-new-tokens + the prompts)")
     add_engine_arguments(p)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy box)")
     p.add_argument("--time-limit", type=float, default=None, help="stop cleanly after this many seconds")
     p.add_argument("--shard", default=None, metavar="K/N",
                    help="run only the batches b with b mod N = K (N processes or machines, each with its own "
@@ -87,9 +85,8 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    import torch
-
     import llmppl as pp
+    from ..options import apply_threads, parse_threads, resolve_device, resolve_dtype
 
     from ..methods import METHODS, check_backend
     from .runner import Job, MethodSpec, ResultStore, method_config, method_namespace, run_eval
@@ -97,6 +94,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     if args.n < 1 or args.particles < 1 or args.max_new_tokens < 1 or args.batch_prompts < 1:
         raise ValueError("--n, --particles, --max-new-tokens and --batch-prompts must be >= 1")
+    parse_threads(args.threads)
     try:
         task_config = json.loads(args.task_config)
     except json.JSONDecodeError as exc:
@@ -112,10 +110,11 @@ def evaluate(args: argparse.Namespace) -> int:
     task = get_task(args.task, task_config, seed=args.seed)
     problems = task.problems(args.n)
     store = ResultStore(args.json)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     options = {"n_ctx": args.n_ctx} if args.n_ctx else {}  # (load_model refuses it for other backends)
-    lm = pp.models.load_model(args.model, device=args.device, dtype=args.dtype, backend=backend, **options)
+    device = resolve_device(args.device)
+    lm = pp.models.load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device, backend),
+                              backend=backend, **options)
     chat = not args.no_chat and getattr(getattr(lm, "tokenizer", None), "chat_template", None) is not None
     jobs = []
     for spec, ns in zip(specs, namespaces):

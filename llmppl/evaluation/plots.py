@@ -159,7 +159,11 @@ def settings(records: list[dict[str, Any]]) -> str:
 
 def markdown(rows: list[dict[str, Any]], tests: list[dict[str, Any]]) -> str:
     """The summary table and the paired tests as markdown."""
-    head = ("Rows use the problems that every method of the task finished.\n\n| task | model | method | problems | N | pass@1 [95% CI] | returned answer [Wilson 95%] "
+    head = ("Rows use the problems that every method of the task finished. pass@1 is *weighted*: "
+            "Σ_i W_i·1[y_i correct], the probability that the answer the method returns (a draw from its "
+            "weighted samples) is right. pass_at_k.png's k = 1 is *unweighted* (the share of correct samples, "
+            "each sample a draw): the two agree when a method's weights are uniform (plain sampling) and "
+            "differ when they are not (SMC's weighted particles).\n\n| task | model | method | problems | N | pass@1 [95% CI] | returned answer [Wilson 95%] "
             "| maj@N | pass@N | pass@1 box only | boxed (samples) | mean log p | log p / token | truncated (weight) "
             "| cut (samples) | no answer (all cut) | tokens / problem "
             "| s / problem |\n|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
@@ -267,7 +271,7 @@ def _draw_pass_at_k(ax: Any, rows: list[dict[str, Any]]) -> None:
         ax.plot(ks, r["pass_at_k"], marker="o", ms=3, label=r["method"], color=_colour(r["method"]),
                 ls="--" if ":" in r["method"] else "-")
     ax.set_xlabel("k")
-    ax.set_ylabel("pass@k (unbiased)")
+    ax.set_ylabel("pass@k (unbiased, samples unweighted)")
     ax.set_ylim(0, 1)
 
 

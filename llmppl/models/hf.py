@@ -169,7 +169,7 @@ class HFLM(LanguageModel):
         #: ``cache`` on current transformers, ``past_key_values`` on older ones (hf_common)
         self._cache_arg = cache_argument(model)
         if verify:
-            self.verify()
+            self.verify_once()
 
     @classmethod
     def from_pretrained(
@@ -300,6 +300,34 @@ class HFLM(LanguageModel):
             logits = logits[:, -1:]
         return torch.log_softmax(logits.float(), dim=-1)
 
+    def verify_once(self) -> float | None:
+        """:meth:`verify` on a model's first load only: the verdict is cached under
+        ``cache_dir()/verified`` keyed by the model directory's weight and config files (path, size,
+        mtime), the model class, dtype, device type, cache kind, the torch and transformers versions
+        and the source of the code that runs the forward (this file, ``static.py``, ``hf_common.py``).
+        A model that is not a local directory (built in memory, or a hub id) is verified every time.
+        Returns the cached or measured worst difference (None when it came from the cache)."""
+        key = _verify_key(self)
+        path = None
+        if key is not None:
+            from .paths import cache_dir
+
+            path = cache_dir() / "verified" / f"{key}.json"
+            if path.exists():
+                return None
+        worst = self.verify()
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+                import json
+
+                tmp.write_text(json.dumps({"name": str(self.name), "worst": worst}))
+                tmp.replace(path)
+            except OSError:  # a read-only cache: verify again next time
+                pass
+        return worst
+
     @torch.inference_mode()
     def verify(self, tol: float | None = None) -> float:
         """Compare every path on a few tokens with ``log_softmax(model(ids).logits[:, -1])``.
@@ -336,6 +364,34 @@ class HFLM(LanguageModel):
                 f"HFLM does not reproduce {type(self.model).__name__}'s own forward ({self.name}): "
                 f"max |log p difference| = {worst:.3g} > {tol:g}")
         return worst
+
+
+def _verify_key(lm: HFLM) -> str | None:
+    """The cache key of :meth:`HFLM.verify_once` (None: not cacheable)."""
+    import hashlib
+
+    import transformers
+
+    source = getattr(lm.model.config, "_name_or_path", None)
+    if not source or not Path(source).is_dir():
+        return None
+    files = sorted(f for f in Path(source).iterdir()
+                   if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".pt", ".gguf"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    here = Path(__file__).parent
+    for name in ("hf.py", "static.py", "hf_common.py", "base.py"):
+        try:
+            h.update((here / name).read_bytes())
+        except OSError:
+            return None
+    h.update(f"{type(lm.model).__name__}|{lm.dtype}|{lm.device.type}|{lm.static_cache}|{lm.eos_token_ids}|"
+             f"{torch.__version__}|{transformers.__version__}".encode())
+    return h.hexdigest()[:32]
 
 
 class HFState(KVCachedState):

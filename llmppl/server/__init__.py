@@ -34,4 +34,14 @@ def serve(lm: Any, config: ServerConfig | None = None, host: str = "127.0.0.1", 
         import uvicorn
     except ModuleNotFoundError as exc:
         raise ModuleNotFoundError("llmppl serve needs uvicorn; install it with: pip install 'llmppl[serve]'") from exc
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    batcher = app.state.batcher
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # at the first Ctrl-C / SIGTERM, answer every queued and running request with a 503
+            # JSON error at once (rather than cancelling them after the graceful timeout)
+            if batcher.loop is not None and not batcher.loop.is_closed():
+                batcher.loop.call_soon_threadsafe(batcher.shutdown)
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)).run()

@@ -21,7 +21,6 @@ import math
 import secrets
 import time
 from contextlib import asynccontextmanager
-from types import SimpleNamespace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -30,9 +29,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..methods import METHODS
-from ..inference.resampling import RESAMPLERS
+from ..options import RESAMPLING_NAMES
 from . import responses
-from .batcher import Batcher, Job, QueueFull
+from .batcher import Batcher, Job, QueueFull, RunSettings, ShuttingDown
 from .config import ServerConfig
 from .errors import (
     APIError,
@@ -113,6 +112,10 @@ class Guard:
         await self.app(scope, replay, send)
 
 
+#: seconds between two progress events of a streamed request while its batch runs
+PROGRESS_EVERY_S = 1.0
+
+
 # ---------------------------------------------------------------- request -> job
 async def _parse(request: Request, model: type[BaseModel]) -> Any:
     """The body as ``model``: JSON whatever the Content-Type (``curl -d`` sends a form type)."""
@@ -128,39 +131,37 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
 
 
 def _settings(body: ChatCompletionRequest | CompletionRequest, config: ServerConfig,
-              max_tokens: int) -> SimpleNamespace:
+              max_tokens: int) -> RunSettings:
     """The run's settings: the request's llmppl fields over the server's defaults, checked."""
     method = body.method if body.method is not None else config.method
     if method not in METHODS:
         raise bad_request(f"unknown method {method!r}; choose from {', '.join(sorted(METHODS))}", "method")
     m = METHODS[method]
-    given = [f for f in ("alpha", "particles", "resampling", "ess_threshold", "block_size", "n_mcmc")
-             if getattr(body, f) is not None]
+    fields = ("alpha", "particles", "resampling", "ess_threshold", "block_size", "n_mcmc")
+    given = {f: getattr(body, f) for f in fields if getattr(body, f) is not None}
     for f in given:
         if f not in m.options:
             reads = ", ".join(m.options) or "none of them"
             raise bad_request(f"{f} does not apply to method {method!r} (it reads: {reads})", f)
-    s = SimpleNamespace(method=method, max_new_tokens=max_tokens, quiet=True, tau=None, top_k=config.top_k,
-                        rollouts=config.rollouts, horizon=config.horizon)
-    for f in ("alpha", "particles", "resampling", "ess_threshold", "block_size", "n_mcmc"):
-        v = getattr(body, f)
-        setattr(s, f, getattr(config, f) if v is None else v)
-    s.alpha = float(s.alpha)
-    if not (math.isfinite(s.alpha) and s.alpha > 0):
-        raise bad_request(f"alpha must be finite and > 0, got {s.alpha!r}", "alpha")
-    if s.particles > config.max_particles:
-        raise bad_request(f"particles={s.particles} exceeds the server's limit of {config.max_particles}",
+    if "alpha" in given:
+        given["alpha"] = float(given["alpha"])
+        if not (math.isfinite(given["alpha"]) and given["alpha"] > 0):
+            raise bad_request(f"alpha must be finite and > 0, got {given['alpha']!r}", "alpha")
+    options = config.method_options(max_new_tokens=max_tokens, **given)
+    if options.particles > config.max_particles:
+        raise bad_request(f"particles={options.particles} exceeds the server's limit of {config.max_particles}",
                           "particles")
-    if s.resampling not in RESAMPLERS:
-        raise bad_request(f"unknown resampling {s.resampling!r}; choose from {', '.join(sorted(RESAMPLERS))}",
-                          "resampling")
-    if s.n_mcmc > config.max_n_mcmc:
-        raise bad_request(f"n_mcmc={s.n_mcmc} exceeds the server's limit of {config.max_n_mcmc}", "n_mcmc")
-    samples = 1 if method == "greedy" else s.particles
+    if options.resampling not in RESAMPLING_NAMES:
+        raise bad_request(f"unknown resampling {options.resampling!r}; choose from "
+                          f"{', '.join(sorted(RESAMPLING_NAMES))}", "resampling")
+    if options.n_mcmc > config.max_n_mcmc:
+        raise bad_request(f"n_mcmc={options.n_mcmc} exceeds the server's limit of {config.max_n_mcmc}", "n_mcmc")
+    samples = 1 if method == "greedy" else options.particles
     if body.n > samples:
         raise bad_request(f"n={body.n} exceeds the {samples} sample(s) method {method!r} returns"
                           + ("" if method == "greedy" else " (raise particles)"), "n")
-    return s
+    truncation = config.truncation if m.sharpened else "keep"
+    return RunSettings(method, options, max_tokens, truncation)
 
 
 def _max_tokens(body: Any, config: ServerConfig) -> int:
@@ -218,6 +219,7 @@ def create_app(lm: Any, config: ServerConfig | None = None, potential: Any = Non
         try:
             yield
         finally:
+            batcher.shutdown()
             await batcher.stop()
 
     app = FastAPI(title="llmppl", description="OpenAI-compatible sampling from p^alpha", lifespan=lifespan)
@@ -246,33 +248,87 @@ def create_app(lm: Any, config: ServerConfig | None = None, potential: Any = Non
         return model_card()
 
     async def serve(request: Request, body: Any, kind: str, prompts: list[list[int]], max_tokens: int,
-                    settings: SimpleNamespace) -> Response:
+                    settings: RunSettings) -> Response:
         sharpened = METHODS[settings.method].sharpened
-        job = Job(prompts=prompts, settings=settings, alpha=settings.alpha if sharpened else 1.0,
+        job = Job(prompts=prompts, settings=settings, alpha=settings.options.alpha if sharpened else 1.0,
                   seed=body.seed, future=asyncio.get_running_loop().create_future())
         try:
             batcher.submit(job)
         except QueueFull as exc:
             raise APIError(429, str(exc), code="queue_full") from None
+        except ShuttingDown as exc:
+            raise APIError(503, str(exc), code="server_shutting_down") from None
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_stream(body, kind, prompts, job, include_usage),
+                                     media_type="text/event-stream")
         results = await _wait(request, job)
         if results is None:  # the client went away; nobody reads this
             return Response(status_code=499)
+        _check_results(results)
+        return JSONResponse(_body(body, kind, prompts, job, results))
+
+    def _check_results(results: list[Any]) -> None:
         for p, res in enumerate(results):
             if res.error is not None or res.n == 0:
                 batcher.stats.failed += 1
                 where = f"prompt {p}: " if len(results) > 1 else ""
                 raise APIError(422, f"{where}{res.error or 'no sample'}", param=None, code="all_particles_died")
-        batch = job.batch or {}
+
+    def _body(body: Any, kind: str, prompts: list[list[int]], job: Job, results: list[Any]) -> dict[str, Any]:
+        settings = job.settings
         meta = {"method": settings.method, "alpha": job.alpha,
-                "particles": 1 if settings.method == "greedy" else settings.particles,
+                "particles": 1 if settings.method == "greedy" else settings.options.particles,
                 "seed": body.seed, "queue_time": (job.started or job.enqueued) - job.enqueued,
-                "batch": batch}
+                "batch": job.batch or {}}
         out = responses.build(kind, config.model_name, prompts, results, body.n, meta)
         batcher.stats.completed += 1
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(responses.stream_events(out, include_usage), media_type="text/event-stream")
-        return JSONResponse(out)
+        return out
+
+    async def _stream(body: Any, kind: str, prompts: list[list[int]], job: Job, include_usage: bool) -> Any:
+        """Server-sent events: a progress event (``choices: []``, an ``llmppl.progress`` object) when the
+        request is queued, when its batch starts and every ``PROGRESS_EVERY_S`` while it runs; then the
+        answer, [usage], ``[DONE]``.  SMC's answer is known only when its run ends (resampling can
+        replace any prefix), so no token is sent before then.  An error once the stream has started is
+        an ``{"error": ...}`` event, then ``[DONE]``."""
+        stream = responses.Stream(kind, config.model_name, include_usage)
+        try:
+            info = job.progress()
+            yield stream.progress(info)
+            while not job.future.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(job.future), PROGRESS_EVERY_S)
+                except asyncio.TimeoutError:
+                    pass
+                except Exception:  # noqa: BLE001 - the job's error: _outcome answers it
+                    break
+                now = job.progress()
+                if not job.future.done() and (now["status"] != info["status"] or now["status"] == "running"):
+                    info = now
+                    yield stream.progress(info)
+            try:
+                results = _outcome(job)
+                _check_results(results)
+                events = stream.answer(_body(body, kind, prompts, job, results))
+            except APIError as err:
+                events = stream.error(err.status, err.message, err.param, err.code, err.type)
+            for event in events:
+                yield event
+        except asyncio.CancelledError:  # the client went away (or the server stops)
+            batcher.cancel(job)
+            raise
+
+    def _outcome(job: Job) -> list[Any]:
+        """The results of a finished job, or the :class:`APIError` its failure answers."""
+        exc = job.future.exception()
+        if exc is None:
+            return job.future.result()
+        if isinstance(exc, ShuttingDown):
+            raise APIError(503, str(exc), code="server_shutting_down")
+        batcher.stats.failed += 1
+        if isinstance(exc, ValueError):
+            raise bad_request(str(exc), None)
+        raise APIError(500, f"sampling failed: {type(exc).__name__}: {exc}", code="sampling_failed")
 
     async def _wait(request: Request, job: Job) -> list[Any] | None:
         """The job's results, or None if the client disconnects first (the job is then dropped)."""
@@ -293,13 +349,7 @@ def create_app(lm: Any, config: ServerConfig | None = None, potential: Any = Non
         if not job.future.done():
             batcher.cancel(job)
             return None
-        exc = job.future.exception()
-        if exc is None:
-            return job.future.result()
-        batcher.stats.failed += 1
-        if isinstance(exc, ValueError):
-            raise bad_request(str(exc), None) from None
-        raise APIError(500, f"sampling failed: {type(exc).__name__}: {exc}", code="sampling_failed") from None
+        return _outcome(job)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:

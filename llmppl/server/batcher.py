@@ -21,12 +21,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import Hashable
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any
 
-from ..methods import METHODS
+from ..methods import MethodOptions, build_method
 from ..inference.result import Result
 from ..targets import Power, Target
 from .config import ServerConfig
@@ -38,12 +37,27 @@ class QueueFull(Exception):
     """The queue holds ``queue_size`` waiting requests."""
 
 
+class ShuttingDown(Exception):
+    """The server is stopping: queued and running requests are answered with a 503."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How one request is sampled: the method, its typed options (``max_tokens`` included as
+    ``options.max_new_tokens``), the token budget and the target's truncation rule."""
+
+    method: str
+    options: MethodOptions
+    max_new_tokens: int
+    truncation: str = "keep"
+
+
 @dataclass
 class Job:
-    """One request: prompts (token ids) sampled under ``settings`` (see ``llmppl.methods``)."""
+    """One request: prompts (token ids) sampled under ``settings``."""
 
     prompts: list[list[int]]
-    settings: SimpleNamespace
+    settings: RunSettings
     alpha: float  # the target's exponent (1 for methods that sample the base LM)
     seed: int | None
     future: asyncio.Future
@@ -54,9 +68,17 @@ class Job:
 
     @property
     def key(self) -> Hashable:
+        """Jobs with equal keys share one ``run_batch``: same method, options, budget, seed, target."""
         s = self.settings
-        opts = tuple((o, getattr(s, o, None)) for o in METHODS[s.method].options)
-        return (s.method, s.max_new_tokens, self.seed, self.alpha, opts)
+        return (s.method, s.options, s.max_new_tokens, s.truncation, self.seed, self.alpha)
+
+    def progress(self) -> dict[str, Any]:
+        """Where this request is: ``queued`` or ``running`` (with the seconds since it started)."""
+        now = time.perf_counter()
+        if self.started is None:
+            return {"status": "queued", "queued_s": round(now - self.enqueued, 3)}
+        return {"status": "running", "running_s": round(now - self.started, 3),
+                "queued_s": round(self.started - self.enqueued, 3)}
 
 
 @dataclass
@@ -90,15 +112,29 @@ class Batcher:
         self.pending: deque[Job] = deque()
         self.running: list[Job] = []
         self.stats = Stats()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmppl-batch")
+        self._threads = itertools.count(1)
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._ids = itertools.count(1)
+        self.closing = False
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._worker(), name="llmppl-batcher")
+
+    def shutdown(self) -> None:
+        """The server is stopping: refuse new requests and answer every queued and running one
+        now with :class:`ShuttingDown` (a 503 JSON error), instead of leaving them to be cancelled.
+        A running ``run_batch`` finishes in its thread; its results are discarded."""
+        self.closing = True
+        for job in [*self.pending, *self.running]:
+            if not job.future.done():
+                job.future.set_exception(ShuttingDown("the server is shutting down; retry on another server or later"))
+                job.future.exception()  # retrieved: no "exception was never retrieved" log
+        self.pending.clear()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -107,15 +143,13 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        for job in list(self.pending):
-            if not job.future.done():
-                job.future.set_exception(RuntimeError("the server is shutting down"))
-        self.pending.clear()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.shutdown()
 
     # ------------------------------------------------------------ requests
     def submit(self, job: Job) -> None:
         """Queue ``job`` (raises :class:`QueueFull` when ``queue_size`` jobs are waiting)."""
+        if self.closing:
+            raise ShuttingDown("the server is shutting down")
         if len(self.pending) >= self.config.queue_size:
             self.stats.rejected += 1
             raise QueueFull(f"the queue is full ({self.config.queue_size} requests waiting); retry later")
@@ -181,7 +215,7 @@ class Batcher:
         started = time.perf_counter()
         for job in group:
             job.started = started
-        outcomes = await loop.run_in_executor(self._executor, self._run_group, group)
+        outcomes = await self._in_thread(loop, group)
         self.running = []
         seconds = time.perf_counter() - started
         batch = {"id": next(self._ids), "requests": len(group), "prompts": sum(len(j.prompts) for j in group),
@@ -203,16 +237,40 @@ class Batcher:
             else:
                 job.future.set_result(out)
 
+    def _in_thread(self, loop: asyncio.AbstractEventLoop, group: list[Job]) -> "asyncio.Future[Any]":
+        """``_run_group(group)`` in a daemon thread (a batch still running when the server stops does
+        not hold the process: its results would be discarded anyway)."""
+        future: asyncio.Future[Any] = loop.create_future()
+
+        def settle(ok: bool, value: Any) -> None:
+            if not future.done():
+                future.set_result(value) if ok else future.set_exception(value)
+
+        def work() -> None:
+            try:
+                out = self._run_group(group)
+                ok: bool = True
+            except BaseException as exc:  # noqa: BLE001 - handed to the event loop
+                out, ok = exc, False
+            try:
+                loop.call_soon_threadsafe(settle, ok, out)
+            except RuntimeError:  # the loop has closed: the server is gone
+                pass
+
+        threading.Thread(target=work, name=f"llmppl-batch-{next(self._threads)}", daemon=True).start()
+        return future
+
     # ------------------------------------------------------------ in the worker thread
-    def target(self, alpha: float) -> Target:
+    def target(self, alpha: float, truncation: str = "keep") -> Target:
         potential = Power(alpha) if self.potential is None else Power(alpha) * self.potential
-        return Target(self.lm, potential, chat=False)  # prompts arrive as token ids
+        return Target(self.lm, potential, chat=False, truncation=truncation)  # prompts arrive as token ids
 
     def _run(self, jobs: list[Job]) -> list[Result]:
         first = jobs[0]
-        runner = METHODS[first.settings.method](first.settings)
+        s = first.settings
+        method = build_method(s.method, s.options)
         prompts = [p for job in jobs for p in job.prompts]
-        return runner.run_batch(self.target(first.alpha), prompts, first.settings.max_new_tokens, seed=first.seed)
+        return method.run_batch(self.target(first.alpha, s.truncation), prompts, s.max_new_tokens, seed=first.seed)
 
     def _run_group(self, group: list[Job]) -> list[list[Result] | BaseException]:
         """Results per job; an exception for a job that failed on its own."""

@@ -6,8 +6,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..methods import METHODS
-from ..inference.resampling import RESAMPLERS
+from ..options import METHOD_NAMES, PROPOSAL_NAMES, RESAMPLING_NAMES, SAMPLER_DEFAULTS, SCHEDULE_NAMES, TRUNCATION
 
 
 @dataclass(frozen=True)
@@ -17,6 +16,10 @@ class ServerConfig:
     Defaults (a request's ``extra_body`` overrides them): ``method``, ``alpha``, ``particles``,
     ``resampling``, ``ess_threshold``, ``block_size`` (MH; None: ``max_tokens // 4``), ``n_mcmc``,
     ``top_k`` / ``rollouts`` / ``horizon`` (look-ahead, server-side only), ``max_tokens``.
+    Server-side only (``llmppl serve`` flags, shown by ``/health``): ``proposal``, ``schedule``,
+    ``bridge_steps``, ``step`` (SMC; ``proposal`` also MH), ``tau`` (lowtemp; None: ``1/alpha``)
+    and ``truncation`` (``keep``: a completion cut at ``max_tokens`` weighs ``p(prefix)^alpha``;
+    ``zero``: it weighs 0).
 
     Limits: ``max_particles`` (particles per request), ``max_tokens_limit`` (``max_tokens``),
     ``max_n_mcmc``, ``max_batch_prompts`` (prompts in one ``run_batch``, and in one
@@ -49,6 +52,12 @@ class ServerConfig:
     batch_wait_s: float = 0.005
     api_key: str | None = None
     chat: bool = True
+    proposal: str = SAMPLER_DEFAULTS["proposal"]
+    schedule: str = SAMPLER_DEFAULTS["schedule"]
+    bridge_steps: int = SAMPLER_DEFAULTS["bridge_steps"]
+    step: str = SAMPLER_DEFAULTS["step"]
+    tau: float | None = None
+    truncation: str = "keep"
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -56,16 +65,25 @@ class ServerConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
 
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(sorted(METHODS))}")
+        if self.method not in METHOD_NAMES:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(sorted(METHOD_NAMES))}")
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"alpha must be finite and > 0, got {self.alpha!r}")
-        if self.resampling not in RESAMPLERS:
-            raise ValueError(f"unknown resampling {self.resampling!r}; choose from {sorted(RESAMPLERS)}")
+        if self.resampling not in RESAMPLING_NAMES:
+            raise ValueError(f"unknown resampling {self.resampling!r}; choose from {sorted(RESAMPLING_NAMES)}")
+        if self.proposal not in PROPOSAL_NAMES:
+            raise ValueError(f"unknown proposal {self.proposal!r}; choose from {', '.join(PROPOSAL_NAMES)}")
+        if self.schedule not in SCHEDULE_NAMES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULE_NAMES)}")
+        if self.truncation not in TRUNCATION:
+            raise ValueError(f"truncation must be keep or zero, got {self.truncation!r}")
+        if self.tau is not None and not (isinstance(self.tau, (int, float)) and math.isfinite(self.tau)
+                                         and self.tau > 0):
+            raise ValueError(f"tau must be finite and > 0, got {self.tau!r}")
         if not 0.0 <= self.ess_threshold <= 1.0:
             raise ValueError(f"ess_threshold must be in [0, 1], got {self.ess_threshold!r}")
         for name in ("particles", "max_tokens", "max_particles", "max_tokens_limit", "max_batch_prompts",
-                     "queue_size", "max_body_bytes", "top_k", "rollouts", "horizon"):
+                     "queue_size", "max_body_bytes", "top_k", "rollouts", "horizon", "bridge_steps"):
             positive_int(name)
         if self.block_size is not None:
             positive_int("block_size")
@@ -81,6 +99,21 @@ class ServerConfig:
             raise ValueError(f"batch_wait_s must be finite and >= 0, got {self.batch_wait_s!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be a non-empty string (or None for no authentication)")
+        from ..methods import build_method, check_truncation  # the engine these defaults build
+
+        method = build_method(self.method, self.method_options())
+        check_truncation(self.truncation, method.sharpened)
+
+    def method_options(self, **overrides: Any) -> Any:
+        """The :class:`~llmppl.methods.MethodOptions` of these defaults (``overrides``: a request's)."""
+        from ..methods import MethodOptions
+
+        values = {k: getattr(self, k) for k in ("particles", "alpha", "resampling", "ess_threshold", "block_size",
+                                                 "n_mcmc", "top_k", "rollouts", "horizon", "tau", "proposal",
+                                                 "schedule", "bridge_steps", "step")}
+        values["max_new_tokens"] = self.max_tokens
+        values.update(overrides)
+        return MethodOptions(**values)
 
     def public(self) -> dict[str, Any]:
         """The configuration without the API key (what ``/health`` shows)."""

@@ -1,8 +1,11 @@
 """OpenAI response bodies built from ``Result`` s, with the sampler's diagnostics in ``llmppl``.
 
 Choices: with ``n == 1`` the completion is ``Result.best`` (a draw from the weighted particles,
-as ``llmppl sample`` prints); with ``n > 1`` the ``n`` particles of largest weight (ties in
-particle order).  ``finish_reason`` is ``"stop"`` for a completion that ended with EOS and
+as ``llmppl sample`` prints); with ``n > 1`` the ``n`` *distinct* completions of largest summed
+weight (identical particles, which resampling makes, count once, with their weights added; ties
+in particle order).  So ``n`` choices are the heaviest points of the one run's weighted
+distribution, not ``n`` independent runs: a run whose particles hold fewer than ``n`` distinct
+completions returns fewer choices, and ``llmppl.choices[j].mass`` gives each one's weight.  ``finish_reason`` is ``"stop"`` for a completion that ended with EOS and
 ``"length"`` for one cut at ``max_tokens``.  ``usage.completion_tokens`` counts the tokens really
 decoded for the request (every particle, look-ahead rollouts and MH proposals included:
 ``Result.stats["tokens_decoded"]``), not only the returned ones.
@@ -17,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from ..diagnostics.completions import distinct_completions
 from ..inference.result import Result, _jsonable
 
 
@@ -28,15 +32,16 @@ def _finite(x: Any) -> float | None:
 
 
 def choice_indices(res: Result, n: int) -> list[int]:
-    """Which particles answer: ``best_index()`` for n == 1, else the top-n by weight."""
+    """Which particles answer: ``best_index()`` for n == 1, else the first particle of each of
+    the ``n`` heaviest distinct completions (fewer when the run has fewer)."""
     if n == 1:
         return [res.best_index()]
-    lw = [w if not math.isnan(w) else -math.inf for w in res.log_weights]
-    return sorted(range(res.n), key=lambda i: (-lw[i], i))[:n]
+    return [c.particles[0] for c in distinct_completions(res)[:n]]
 
 
 def _prompt_diagnostics(res: Result, idx: list[int]) -> dict[str, Any]:
     w = res.weights
+    mass = {tuple(c.tokens): (c.mass, c.count) for c in distinct_completions(res)}
     resamplings = res.stats.get("resampling_count")
     if resamplings is None and "resampled" in res.steps:
         resamplings = int(sum(bool(r) for r in res.steps["resampled"]))
@@ -48,7 +53,10 @@ def _prompt_diagnostics(res: Result, idx: list[int]) -> dict[str, Any]:
         "tokens_decoded": int(res.stats.get("tokens_decoded", 0)),
         "forward_passes": int(res.stats.get("forward_passes", 0)),
         "n_particles": res.n,
-        "choices": [{"particle": i, "weight": float(w[i]), "log_weight": _finite(res.log_weights[i]),
+        "distinct_completions": len(mass),
+        "choices": [{"particle": i, "weight": float(w[i]), "mass": mass[tuple(res.samples[i])][0],
+                     "particles_with_it": mass[tuple(res.samples[i])][1],
+                     "log_weight": _finite(res.log_weights[i]),
                      "log_p": _finite(res.log_p[i]) if i < len(res.log_p) else None,
                      "tokens": [int(t) for t in res.samples[i]]} for i in idx],
         "stats": _jsonable({k: v for k, v in res.stats.items() if isinstance(v, (int, float, str, bool))}),
@@ -71,7 +79,7 @@ def build(kind: str, model: str, prompts: list[list[int]], results: list[Result]
         per_prompt.append(_prompt_diagnostics(res, idx))
         for j, i in enumerate(idx):
             finish = "stop" if (i < len(res.finished) and res.finished[i]) else "length"
-            c: dict[str, Any] = {"index": p * n + j, "finish_reason": finish, "logprobs": None}
+            c: dict[str, Any] = {"index": len(choices), "finish_reason": finish, "logprobs": None}
             if kind == "chat":
                 c["message"] = {"role": "assistant", "content": _text(res, i)}
             else:
@@ -97,11 +105,43 @@ def build(kind: str, model: str, prompts: list[list[int]], results: list[Result]
     }
 
 
+class Stream:
+    """Server-sent events of one request (see ``app._stream``): progress events while it waits
+    and runs, then the finished body as chunks, [usage], ``[DONE]``; or an error event."""
+
+    def __init__(self, kind: str, model: str, include_usage: bool) -> None:
+        self.chat = kind == "chat"
+        self.include_usage = include_usage
+        self.base = {"id": ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex,
+                     "object": "chat.completion.chunk" if self.chat else "text_completion",
+                     "created": int(time.time()), "model": model, "system_fingerprint": None}
+
+    @staticmethod
+    def _event(obj: dict[str, Any]) -> bytes:
+        return f"data: {json.dumps(obj)}\n\n".encode()
+
+    def progress(self, info: dict[str, Any]) -> bytes:
+        """A chunk with no choices and ``llmppl.progress`` = ``info`` (status, seconds)."""
+        return self._event({**self.base, "choices": [], "llmppl": {"progress": info}})
+
+    def answer(self, body: dict[str, Any]) -> Iterator[bytes]:
+        body = {**body, **{k: self.base[k] for k in ("id", "created")}}
+        yield from stream_events(body, self.include_usage)
+
+    def error(self, status: int, message: str, param: str | None, code: str | None,
+              type: str | None) -> Iterator[bytes]:
+        from .errors import error_body
+
+        yield self._event(error_body(status, message, param, code, type))
+        yield b"data: [DONE]\n\n"
+
+
 def stream_events(body: dict[str, Any], include_usage: bool) -> Iterator[bytes]:
     """Server-sent events of a finished body: one chunk with every choice, [usage], ``[DONE]``.
 
     SMC's answer is only known when the run ends (resampling can replace any prefix), so the
-    whole completion arrives as a single chunk rather than token by token.
+    whole completion arrives as a single chunk rather than token by token (``Stream`` sends
+    progress events before it).
     """
     chat = body["object"] == "chat.completion"
     base = {"id": body["id"], "object": "chat.completion.chunk" if chat else "text_completion",
