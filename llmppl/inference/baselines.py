@@ -27,6 +27,7 @@ from ..targets.target import Target
 from .proposal import Proposal, ProposalContext
 from .common import Stopwatch, make_generator, peak_memory, prepare_prompts
 from .decode import Decoded, advance, end_terms
+from .footprint import check_fits, decoder_footprint
 from .native import Needs, needs
 from .proposals import Base, Temperature
 from .result import Result
@@ -99,6 +100,7 @@ class Decoder:
         ids = prepare_prompts(target, prompts, max_new_tokens)
         lm, G = target.lm, len(ids)
         clock = Stopwatch(lm.device).start()
+        check_fits(decoder_footprint(self, target, ids, max_new_tokens))   # rows + the proposal's forks
         decoding = lm.start(ids[0] if G == 1 else ids, self.n, max_new_tokens=max_new_tokens)
         self.proposal.start(target, ids[0] if G == 1 else ids, self.n)
         return DecoderState(self, target, ids, max_new_tokens, decoding, make_generator(seed, lm.device), clock, seed)

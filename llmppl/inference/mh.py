@@ -31,6 +31,7 @@ from ..targets.base import scaled
 from ..targets.target import Target
 from .common import AllParticlesDied, Stopwatch, make_generator, peak_memory, prepare_prompts
 from .decode import Decoded, advance, end_terms
+from .footprint import check_fits, mh_footprint
 from .moves import MoveContext
 from .native import Needs, needs
 from .proposals import Proposal, Temperature, default_proposal
@@ -214,6 +215,7 @@ class MH:
         prompt_ids = prepare_prompts(target, prompts, max_new_tokens)
         G, T = len(prompt_ids), max_new_tokens
         clock = Stopwatch(target.lm.device).start()
+        check_fits(mh_footprint(self, target, prompt_ids, T, chains))   # chains + proposal copies
         decoding = target.lm.start(prompt_ids[0] if G == 1 else prompt_ids, chains, max_new_tokens=T)
         n = G * chains
         return MHState(target, prompt_ids, T, chains, decoding, self._proposal(target),

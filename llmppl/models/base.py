@@ -109,6 +109,12 @@ class LanguageModel:
         n_per_prompt = per_prompt(n_per_prompt, n)
         return UncachedState(self, self.check_prompts(prompts, max_new_tokens), n_per_prompt)
 
+    def memory_needed(self, footprint: Any) -> dict[str, int] | None:
+        """Bytes a run of this :class:`~llmppl.models.memory.Footprint` holds on ``self.device``
+        (``{"kv_cache", "logits", "total"}``), which the engines check before starting; ``None``
+        (the default): the backend sizes its own memory, nothing is checked."""
+        return None
+
     def check_prompts(
         self, prompts: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int | None = None
     ) -> list[list[int]]:

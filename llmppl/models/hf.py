@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .base import KVCachedState, LanguageModel, LMState, as_index, per_prompt
+from .memory import COMPACT_MARGIN, Footprint, check_footprints, estimate_memory
 from . import hf_common
 from .hf_common import LOGIT_BUDGET, cache_argument, left_padded, quiet_loading  # noqa: F401 (LOGIT_BUDGET re-exported)
 from .static import StaticHFState
@@ -228,13 +229,16 @@ class HFLM(LanguageModel):
         prompt + ``max_new_tokens``) when ``static_cache``.  ``n=``: the old name of ``n_per_prompt``."""
         n = per_prompt(n_per_prompt, n)
         checked = self.check_prompts(prompts, max_new_tokens)
-        from .memory import check_memory
-
-        # refuse a run that cannot fit (KV cache + logits for every row) before allocating it
-        check_memory(self, len(checked) * n, max(len(p) for p in checked) + int(max_new_tokens or 0))
+        # refuse a state that cannot fit (KV cache + logits for every row) before allocating it; the
+        # engines check their whole run's footprint (copies and forks included) before this
+        check_footprints([(self, Footprint(len(checked) * n, max(len(p) for p in checked) + int(max_new_tokens or 0)))])
         if self.static_cache:
             return StaticHFState(self, checked, n, max_new_tokens, self.cuda_graph)
         return HFState(self, checked, n)
+
+    def memory_needed(self, footprint: Any) -> dict[str, int]:
+        """KV cache (from the model config, the static or dynamic cache's columns) and logits."""
+        return estimate_memory(self, footprint)
 
     # ------------------------------------------------------------- internals
     def attention_mask(self, qpos: torch.Tensor, qvalid: torch.Tensor, kvalid: torch.Tensor,
@@ -436,7 +440,7 @@ class HFState(KVCachedState):
         width = self.valid.shape[1]
         counts = self.valid.sum(1)
         keep = int(counts.max())
-        if width <= 2 * keep + 32:
+        if width <= 2 * keep + COMPACT_MARGIN:       # the memory guard counts on this bound
             return
         order = torch.sort((~self.valid).to(torch.int8), dim=1, stable=True).indices[:, :keep]
         for layer in self.cache.layers:

@@ -1,20 +1,31 @@
 """How much memory a decoding run needs, checked before it starts (and the device it runs on).
 
-A run of ``R`` rows (prompts × particles or chains) and ``L`` tokens per row (the longest
-prompt plus ``max_new_tokens``) holds, at its peak,
+An engine declares what it holds at its peak as a :class:`Footprint` per LM: ``rows`` rows of
+KV cache of up to ``tokens`` tokens each (the longest prompt plus ``max_new_tokens``, the
+rows of every decoding state it keeps alive at once: MH's proposal copies, look-ahead forks,
+resample-move copies), ``logit_rows`` rows of next-token log-probabilities, and whether rows
+are cut and re-grown (``regrow``: MH, resample-move).  The inference engines compute theirs in
+``llmppl.inference.footprint``; a bare ``lm.start`` checks ``Footprint(rows, tokens)``.
+The LM turns a footprint into bytes (:meth:`~llmppl.models.base.LanguageModel.memory_needed`;
+``None`` where the backend manages its own memory):
 
-    KV cache  = R · L · 2 · Σ_layers kv_heads · head_dim · bytes(dtype)
-    logits    = R · V · 4 bytes · LOGIT_COPIES        (float32 logits, log-softmax, the kept row)
+    KV cache  = rows · columns · 2 · Σ_layers kv_heads · head_dim · bytes(dtype)
+    logits    = logit_rows · V · 4 bytes · LOGIT_COPIES   (float32 logits, log-softmax, the kept row)
 
-(``V`` the vocabulary).  :func:`check_memory` compares the sum with what the device has free
-(``torch.cuda.mem_get_info`` on a GPU, ``MemAvailable`` of ``/proc/meminfo`` on the CPU)
-and refuses with both numbers, so that a run too large fails in a second with one clear
-line instead of being killed by the kernel after filling the machine.  The model's own
-weights are already loaded (and counted by the device as used) when this runs.
+(``V`` the vocabulary; ``columns`` = ``tokens``, + 1 for the static cache's trash column, and
+for a dynamic cache whose rows are cut up to ``2·tokens + COMPACT_MARGIN + 1 + regrow``: the
+columns a cut masks stay until the cache is compacted).  :func:`check_footprints` sums the needs of every
+LM on a device, compares the sum with what the device has free (``torch.cuda.mem_get_info`` on
+a GPU, ``MemAvailable`` of ``/proc/meminfo`` on the CPU) and refuses with both numbers, so that
+a run too large fails in a second with one clear line instead of being killed by the kernel
+after filling the machine.  The models' own weights are already loaded (and counted by the
+device as used) when this runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +34,50 @@ import torch
 LOGIT_COPIES = 3
 #: refuse when the estimate exceeds this fraction of the free memory (fragmentation, activations)
 HEADROOM = 0.9
+#: a dynamic cache (``HFState``) drops its masked columns (those a cut left behind) only once it
+#: is wider than twice its longest row plus this many columns
+COMPACT_MARGIN = 32
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What a run holds at its peak on one LM: ``rows`` rows of KV cache of up to ``tokens``
+    tokens each (every decoding state alive at once: copies and forks included),
+    ``logit_rows`` rows of next-token log-probabilities (default: ``rows``), and ``regrow``:
+    0 when rows are never cut, else the most tokens decoded between two re-feeds of cut rows
+    (MH's block; the token steps between SMC's moves), which a dynamic cache pays in masked
+    columns (see :meth:`columns`).
+    ``what`` says whose footprint it is (it goes into the refusal).  ``a + b``: both held at
+    once (rows and logit rows add, the longer rows count for all)."""
+
+    rows: int
+    tokens: int
+    logit_rows: int | None = None
+    regrow: int = 0
+    what: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("rows", "tokens", "regrow"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"Footprint.{name} must be an int >= 0, got {v!r}")
+        if self.logit_rows is None:
+            object.__setattr__(self, "logit_rows", self.rows)
+
+    def __add__(self, other: "Footprint") -> "Footprint":
+        what = " + ".join(w for w in (self.what, other.what) if w)
+        return Footprint(self.rows + other.rows, max(self.tokens, other.tokens),
+                         self.logit_rows + other.logit_rows, max(self.regrow, other.regrow), what)
+
+    def columns(self, static: bool = False) -> int:
+        """KV columns per row of a cache holding this footprint: a static cache ``tokens`` and
+        its trash column; a dynamic one ``tokens``, and when rows are cut up to
+        ``2·tokens + COMPACT_MARGIN + 1 + regrow`` (masked columns stay until the cache is wider
+        than ``2·longest row + COMPACT_MARGIN``; a re-fed token and the tokens decoded before
+        the next re-feed add theirs)."""
+        if static:
+            return self.tokens + 1
+        return 2 * self.tokens + COMPACT_MARGIN + 1 + self.regrow if self.regrow else self.tokens
 
 
 class NotEnoughMemory(ValueError):
@@ -66,11 +121,20 @@ def kv_bytes_per_token(lm: Any) -> int:
     return int(2 * layers * kv_heads * head_dim * itemsize)
 
 
-def estimate_memory(lm: Any, rows: int, tokens: int) -> dict[str, int]:
-    """Bytes a run of ``rows`` rows of up to ``tokens`` tokens (prompt included) needs:
-    ``{"kv_cache", "logits", "total"}`` (see the module docstring)."""
-    kv = int(rows) * int(tokens) * kv_bytes_per_token(lm)
-    logits = int(rows) * int(lm.vocab_size) * 4 * LOGIT_COPIES
+def _footprint(rows: int | Footprint, tokens: int | None) -> Footprint:
+    if isinstance(rows, Footprint):
+        if tokens is not None:
+            raise ValueError("give a Footprint or rows and tokens, not both")
+        return rows
+    return Footprint(int(rows), int(tokens or 0))
+
+
+def estimate_memory(lm: Any, rows: int | Footprint, tokens: int | None = None) -> dict[str, int]:
+    """Bytes a run needs on ``lm``: ``{"kv_cache", "logits", "total"}`` for a :class:`Footprint`,
+    or for ``rows`` rows of up to ``tokens`` tokens (prompt included) (see the module docstring)."""
+    fp = _footprint(rows, tokens)
+    kv = fp.rows * fp.columns(bool(getattr(lm, "static_cache", False))) * kv_bytes_per_token(lm)
+    logits = int(fp.logit_rows) * int(lm.vocab_size) * 4 * LOGIT_COPIES
     return {"kv_cache": kv, "logits": logits, "total": kv + logits}
 
 
@@ -94,19 +158,51 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**28 else f"{n / 2**20:.0f} MiB"
 
 
-def check_memory(lm: Any, rows: int, tokens: int, available: int | None = None) -> dict[str, int]:
-    """Raise :class:`NotEnoughMemory` (a ``ValueError``) when :func:`estimate_memory` exceeds
-    ``HEADROOM`` × the free memory of the LM's device; return the estimate otherwise."""
-    est = estimate_memory(lm, rows, tokens)
-    free = available_memory(lm.device) if available is None else available
-    if free is not None and est["total"] > HEADROOM * free:
+def _needed(lm: Any, fp: Footprint) -> dict[str, int] | None:
+    """``lm.memory_needed(fp)`` (an LM that is not a ``LanguageModel``: the generic estimate)."""
+    method = getattr(lm, "memory_needed", None)
+    return method(fp) if method is not None else estimate_memory(lm, fp)
+
+
+def check_footprints(needs: Sequence[tuple[Any, Footprint]],
+                     available: int | None = None) -> dict[str, int]:
+    """Raise :class:`NotEnoughMemory` (a ``ValueError``) when what the ``(lm, footprint)`` pairs
+    need on one device (summed: a target LM and its draft on one GPU share it) exceeds
+    ``HEADROOM`` × that device's free memory (``available``: the free bytes, for every device);
+    return the summed estimate otherwise.  LMs whose ``memory_needed`` is ``None`` (a backend
+    that sizes its own memory) are not counted."""
+    by_device: dict[str, list[tuple[Any, Footprint, dict[str, int]]]] = {}
+    total = {"kv_cache": 0, "logits": 0, "total": 0}
+    for lm, fp in needs:
+        est = _needed(lm, fp)
+        if est is None:
+            continue
+        by_device.setdefault(str(lm.device), []).append((lm, fp, est))
+        for k in total:
+            total[k] += est[k]
+    for device, parts in by_device.items():
+        need = sum(est["total"] for _, _, est in parts)
+        free = available_memory(device) if available is None else available
+        if free is None or need <= HEADROOM * free:
+            continue
+        described = [f"{lm.name} ({fp.what or 'prompts x particles'}): {fp.rows} rows x {fp.tokens} tokens, "
+                     f"about {_gib(est['total'])} (KV cache {_gib(est['kv_cache'])} + logits {_gib(est['logits'])})"
+                     for lm, fp, est in parts]
         raise NotEnoughMemory(
-            f"a run of {rows} rows (prompts x particles) x {tokens} tokens on {lm.name} needs about "
-            f"{_gib(est['total'])} (KV cache {_gib(est['kv_cache'])} + logits {_gib(est['logits'])}) "
-            f"but {lm.device} has {_gib(free)} available: use fewer particles or prompts per batch, "
-            f"or a smaller max_new_tokens")
+            f"a run needs about {_gib(need)} on {device} ({'; '.join(described)}) but {device} has "
+            f"{_gib(free)} available: use fewer particles or prompts per batch, or a smaller max_new_tokens")
+    return total
+
+
+def check_memory(lm: Any, rows: int | Footprint, tokens: int | None = None,
+                 available: int | None = None) -> dict[str, int]:
+    """:func:`check_footprints` of one LM: a :class:`Footprint`, or ``rows`` rows of up to
+    ``tokens`` tokens; returns the estimate (:func:`estimate_memory`)."""
+    fp = _footprint(rows, tokens)
+    est = estimate_memory(lm, fp)
+    check_footprints([(lm, fp)], available)
     return est
 
 
-__all__ = ["NotEnoughMemory", "check_device", "kv_bytes_per_token", "estimate_memory",
-           "available_memory", "check_memory", "LOGIT_COPIES", "HEADROOM"]
+__all__ = ["Footprint", "NotEnoughMemory", "check_device", "check_footprints", "kv_bytes_per_token", "estimate_memory",
+           "available_memory", "check_memory", "LOGIT_COPIES", "HEADROOM", "COMPACT_MARGIN"]
