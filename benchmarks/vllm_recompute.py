@@ -35,7 +35,7 @@ def smc_counts(lm, target, texts: list[str], N: int, T: int, K: int, seed: int) 
     smc = engines(lm, N, block=K)["smc"]
     state = smc.init(target, texts, T, seed=seed)
     while not state.done:
-        smc.step(state)
+        state, _ = smc.step(state)
     res = smc.results(state)
     return {"tokens_prefilled": state.decoding.tokens_prefilled, "tokens_decoded": state.decoding.tokens_decoded,
             "resampling_events": sum(r.stats["resampling_count"] for r in res),

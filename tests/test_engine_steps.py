@@ -38,7 +38,9 @@ def by_hand(smc, prompts, seed, max_new_tokens=T):
     state = smc.init(TARGET, prompts, max_new_tokens, seed=seed)
     steps = 0
     while not state.done:
-        assert smc.step(state) is state
+        new, info = smc.step(state)
+        assert new is state and info.step == state.t
+        assert info.ess.shape == (len(prompts),) and info.ancestors.shape == (len(prompts), smc.n_particles)
         steps += 1
         assert state.t == steps
     return smc.results(state), state
@@ -174,7 +176,8 @@ def test_mh_init_step_results_is_run_batch():
     state = mh.init(TARGET, PROMPTS, T, chains=5, seed=7)
     assert state.n_stages == math.ceil(T / 2)
     while not state.done:
-        assert mh.step(state) is state
+        new, info = mh.step(state)
+        assert new is state and info.step == state.stage and info.acceptance.shape == (len(PROMPTS),)
         assert len(state.stage_length) == state.stage
     mine = mh.results(state)
     theirs = mh.run_batch(TARGET, PROMPTS, T, chains=5, seed=7)
@@ -197,7 +200,8 @@ def test_baselines_init_step_results_is_run_batch(engine):
     assert not state.done
     with pytest.raises(ValueError, match="call step"):
         engine.results(state)
-    assert engine.step(state) is state and state.done
+    new, info = engine.step(state)
+    assert new is state and state.done and info.tokens.shape == (len(PROMPTS),)
     with pytest.raises(ValueError, match="has been decoded"):
         engine.step(state)
     mine, theirs = engine.results(state), engine.run_batch(TARGET, PROMPTS, T, seed=11)

@@ -92,10 +92,10 @@ def test_text_prompts_get_bos_and_chat_prompts_one_bos():
 
 def _ctx(target, proposal, n=3):
     prompt = target.lm.encode_prompt("the cat")
-    proposal.start(target, prompt, n)
+    run = proposal.start(target, [prompt], n, 8)
     state = target.lm.start(prompt, n)
     batch = target.batch(prompt, [[] for _ in range(n)], state.logprobs())
-    return ProposalContext(target=target, batch=batch, state=state, rows=torch.arange(n))
+    return ProposalContext(target=target, batch=batch, state=state, rows=torch.arange(n), run=run)
 
 
 @pytest.mark.parametrize("proposal_vocab", [40, 28])
@@ -115,9 +115,9 @@ def test_from_lm_with_another_padded_vocab(proposal_vocab):
         ref = torch.cat([own, own.new_full((32 - proposal_vocab,), -math.inf)])
         assert torch.isinf(log_q[:, proposal_vocab:]).all()
     assert (log_q[0, :min(32, proposal_vocab)] - ref[:min(32, proposal_vocab)]).abs().max() < 1e-5
-    prop.on_extend(torch.tensor([6, 7, 8]), torch.arange(3))  # follows the particles
-    prop.on_reorder(torch.tensor([2, 2, 0]))
-    assert prop.state.tokens == [[8], [8], [6]]
+    prop.on_extend(ctx.run, torch.tensor([6, 7, 8]), torch.arange(3))  # follows the particles
+    prop.on_reorder(ctx.run, torch.tensor([2, 2, 0]))
+    assert ctx.run.state.tokens == [[8], [8], [6]]
 
 
 def test_from_lm_refuses_another_tokenizer():
@@ -126,4 +126,4 @@ def test_from_lm_refuses_another_tokenizer():
     target = pp.Target(HFLM(tiny_model("llama", vocab_size=32), tok), pp.Power(2.0))
     prop = FromLM(HFLM(tiny_model("llama", vocab_size=40), other))
     with pytest.raises(ValueError, match="tokenizer differs"):
-        prop.start(target, [1, 6], 2)
+        prop.start(target, [[1, 6]], 2, 8)

@@ -204,14 +204,14 @@ def test_rollouts_stay_within_horizon_and_budget_and_count_what_they_feed(horizo
     ctx = _context(lm, target, prompt, prefixes, exponent=4.0, seed=1)
     ctx.max_new_tokens = budget
     la = pp.proposals.Lookahead(top_k=3, rollouts=5, horizon=horizon)
-    la.start(target, prompt, len(prefixes))
+    ctx.run = run = la.start(target, [list(prompt)], len(prefixes), budget)
     rows, calls = lm.rows, lm.calls
     lm.longest = 0
     lq = la.log_probs(ctx)
     assert torch.isfinite(lq.logsumexp(-1)).all()
-    assert la.tokens_decoded > 0 and lm.rows - rows == la.tokens_decoded
-    assert lm.calls - calls == la.forward_passes <= horizon
-    assert la.work() == (la.forward_passes, {0: la.tokens_decoded})
+    assert run.tokens_decoded > 0 and lm.rows - rows == run.tokens_decoded
+    assert lm.calls - calls == run.forward_passes <= horizon
+    assert la.work(run) == (run.forward_passes, {0: run.tokens_decoded})
     # a prefix of t tokens continues to at most t + 1 + (horizon − 1) tokens when queried
     assert lm.longest <= 1 + horizon if budget is None else lm.longest <= budget - 1
     assert ctx.state.tokens == prefixes          # the engine's state is left alone

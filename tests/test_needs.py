@@ -93,14 +93,14 @@ def test_a_wrapped_random_proposal_is_refused_by_mh():
 def test_engines_act_on_the_answer():
     prompt = list(EXACTNESS["prompts"].prompts[0])
     native = pp.SMC(4).init(POWER, [prompt], 3, seed=0)
-    assert native.native and native.proposal_needs == NATIVE
+    assert native.plan.native and native.plan.needs == NATIVE
     token_path = pp.SMC(4, proposal=pp.proposals.TopK(2)).init(POWER, [prompt], 3, seed=0)
-    assert not token_path.native
+    assert not token_path.plan.native
     # a proposal that is not row-wise is evaluated on the live rows only (a host sync a draw)
     state = pp.SMC(4, proposal=LOOKAHEAD).init(POWER, [prompt], 3, seed=0)
-    assert not state.proposal_needs.row_wise
+    assert not state.plan.needs.row_wise
     pp.SMC(4, proposal=LOOKAHEAD).step(state)
-    assert state.syncs >= 2
+    assert state.trace.syncs >= 2
 
 
 class Doubled(pp.proposals.Temperature):
@@ -115,7 +115,7 @@ def test_a_new_kind_of_part_registers_its_answer():
         return Needs(full_vocabulary=True)
 
     assert needs(Doubled(), POWER) == Needs(full_vocabulary=True)     # (only Doubled is affected)
-    assert not pp.SMC(4, proposal=Doubled()).init(POWER, [[1]], 2, seed=0).native
+    assert not pp.SMC(4, proposal=Doubled()).init(POWER, [[1]], 2, seed=0).plan.native
 
 
 def test_an_unknown_part_is_assumed_to_need_the_full_vocabulary():

@@ -195,9 +195,9 @@ def test_bad_input_names_the_prompt(name):
 
 @pytest.mark.parametrize("compact_below", [0.0, 1.0], ids=["never-compact", "always-compact"])
 def test_smc_drawing_on_live_rows_only_is_exact(monkeypatch, compact_below):
-    """Draws restricted to the live rows (``COMPACT_BELOW``: from the first step, or never) give
+    """Draws restricted to the live rows (``draw.COMPACT_BELOW``: from the first step, or never) give
     each prompt its own target, with one host sync per step either way."""
-    from llmppl.inference import smc as smc_module
+    from llmppl.inference import draw as smc_module
 
     monkeypatch.setattr(smc_module, "COMPACT_BELOW", compact_below)
     smc = pp.SMC(2500, ess_threshold=0.5)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import llmppl as pp
+from llmppl.inference.native import needs
 from llmppl.exact import enumerate_target, tv_distance
 from llmppl.models.toy import EXACTNESS, ZeroForkingLM
 from llmppl.targets.base import scaled
@@ -112,12 +113,16 @@ def test_one_definition_of_stateful():
     """TopK / TopP forward their inner proposal's state: stateless around Temperature, stateful
     around FromLM — for SMC and MH alike."""
     P = pp.proposals
-    assert not P.TopK(2).stateful and not P.TopP(0.9).stateful and not P.Temperature().stateful
-    assert P.FromLM(ZeroForkingLM(seed=9)).stateful and P.TopK(2, P.FromLM(ZeroForkingLM(seed=9))).stateful
-    assert P.is_stateful(P.TopK(2, P.TopP(0.9, P.FromLM(ZeroForkingLM(seed=9)))))
+
+    def own_state(p):
+        return needs(p).own_state
+
+    assert not own_state(P.TopK(2)) and not own_state(P.TopP(0.9)) and not own_state(P.Temperature())
+    assert own_state(P.FromLM(ZeroForkingLM(seed=9))) and own_state(P.TopK(2, P.FromLM(ZeroForkingLM(seed=9))))
+    assert own_state(P.TopK(2, P.TopP(0.9, P.FromLM(ZeroForkingLM(seed=9)))))
     with pytest.raises(ValueError, match="stateless"):
         pp.MH(2, 1, proposal=P.TopK(2, P.FromLM(ZeroForkingLM(seed=9))))
-    with pytest.raises(ValueError, match="stateful"):
+    with pytest.raises(ValueError, match="own decoding state"):
         pp.SMC(8, proposal=P.TopK(2, P.FromLM(ZeroForkingLM(seed=9))), rejuvenate=pp.MH(1, 1)).run(
             pp.Target(LM, pp.Power(2.0)), PROMPT, T, seed=0)
     pp.MH(2, 1, proposal=P.TopK(2))      # accepted, as by SMC below

@@ -31,7 +31,7 @@ class NoEOS(Proposal):
 
     def __init__(self, inner: Proposal, eos: tuple[int, ...]) -> None:
         self.inner, self.eos = inner, list(eos)
-        self.vectorised = getattr(inner, "vectorised", False)
+        self.requires = inner.requires
 
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
         lq = self.inner.log_probs(ctx).clone()

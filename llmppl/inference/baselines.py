@@ -24,11 +24,13 @@ import torch
 
 from ..targets.base import Completion
 from ..targets.target import Target
-from .proposal import Proposal, ProposalContext
+from .capabilities import Needs
 from .common import Stopwatch, make_generator, peak_memory, prepare_prompts
 from .decode import Decoded, advance, end_terms
 from .footprint import check_fits, decoder_footprint
-from .native import Needs, needs
+from .kernel import Engine, StepInfo
+from .native import needs
+from .proposal import Proposal, ProposalContext
 from .proposals import Base, Temperature
 from .result import Result
 
@@ -42,7 +44,7 @@ def _check_n(n: int) -> int:
 class ArgMax(Proposal):
     """``q = p``, but ``sample`` returns the mode (greedy decoding)."""
 
-    vectorised = True
+    requires = Needs()
     greedy = True
 
     def block_temperature(self, exponent: torch.Tensor) -> torch.Tensor:
@@ -69,6 +71,7 @@ class DecoderState:
     generator: torch.Generator
     clock: Stopwatch
     seed: int | None = None
+    proposal_run: Any = None           # what the proposal's start returned for this run
     decoded: Decoded | None = None     # the step's draws, once taken
 
     @property
@@ -76,7 +79,14 @@ class DecoderState:
         return self.decoded is not None
 
 
-class Decoder:
+@dataclass(frozen=True)
+class DecodeInfo(StepInfo):
+    """The one step of a decoding baseline: tokens drawn per prompt ``(G,)``."""
+
+    tokens: torch.Tensor
+
+
+class Decoder(Engine[DecoderState]):
     """``n`` rows per prompt decoded from ``proposal`` to EOS or ``max_new_tokens``: one
     :func:`~llmppl.inference.decode.advance` over all ``G·n`` rows (one native block for a
     temperature proposal), no weights, no resampling.  ``stats["log_target"]`` of each sample
@@ -86,14 +96,6 @@ class Decoder:
     def __init__(self, method: str, proposal: Proposal, n: int, config: dict) -> None:
         self.method, self.proposal, self.n, self.extra = method, proposal, _check_n(n), config
 
-    def run(self, target: Target, prompt, max_new_tokens: int, seed: int | None = None) -> Result:
-        return self.run_batch(target, [prompt], max_new_tokens, seed)[0]
-
-    def run_batch(self, target: Target, prompts: Sequence, max_new_tokens: int,
-                  seed: int | None = None) -> list[Result]:
-        """One ``Result`` per prompt, all prompts decoded as rows of one state."""
-        return self.results(self.step(self.init(target, prompts, max_new_tokens, seed)))
-
     @torch.inference_mode()
     def init(self, target: Target, prompts: Sequence, max_new_tokens: int, seed: int | None = None) -> DecoderState:
         """The LM's decoding state started on the ``G`` prompts (``G·n`` rows), nothing drawn yet."""
@@ -102,21 +104,24 @@ class Decoder:
         clock = Stopwatch(lm.device).start()
         check_fits(decoder_footprint(self, target, ids, max_new_tokens))   # rows + the proposal's forks
         decoding = lm.start(ids[0] if G == 1 else ids, self.n, max_new_tokens=max_new_tokens)
-        self.proposal.start(target, ids[0] if G == 1 else ids, self.n)
-        return DecoderState(self, target, ids, max_new_tokens, decoding, make_generator(seed, lm.device), clock, seed)
+        run = self.proposal.start(target, ids, self.n, max_new_tokens)
+        return DecoderState(self, target, ids, max_new_tokens, decoding, make_generator(seed, lm.device), clock, seed,
+                            proposal_run=run)
 
     @torch.inference_mode()
-    def step(self, state: DecoderState) -> DecoderState:
+    def step(self, state: DecoderState) -> tuple[DecoderState, DecodeInfo]:
         """Every row drawn from the proposal to EOS or ``max_new_tokens`` (one ``advance``)."""
         if state.done:
             raise ValueError("this run has been decoded (state.done): call results(state)")
-        rows = torch.arange(len(state.prompts) * self.n)
-        state.decoded = advance(state.target, state.decoding, rows, state.max_new_tokens, self.proposal,
-                                float(state.target.base_exponent), state.generator, feed_last=False)
-        return state
+        G = len(state.prompts)
+        rows = torch.arange(G * self.n)
+        state.decoded = d = advance(state.target, state.decoding, rows, state.max_new_tokens, self.proposal,
+                                    float(state.target.base_exponent), state.generator, feed_last=False,
+                                    proposal_run=state.proposal_run, max_new_tokens=state.max_new_tokens)
+        return state, DecodeInfo(step=1, tokens=(d.tokens >= 0).sum(1).view(G, self.n).sum(1))
 
     @torch.inference_mode()
-    def results(self, state: DecoderState) -> list[Result]:
+    def results(self, state: DecoderState, raise_on_failure: bool = False) -> list[Result]:
         """One ``Result`` per prompt (uniform weights; ``stats["log_target"]`` = ``log γ(y)``)."""
         if not state.done:
             raise ValueError("nothing has been decoded on this state: call step(state) first")
@@ -129,7 +134,7 @@ class Decoder:
         seconds = state.clock.stop()
         log_p, log_q, drawn = d.total("log_p"), d.total("log_q"), (d.tokens >= 0).sum(1)
         fed = drawn - d.ended.long() - (~d.ended & (drawn >= T)).long()
-        extra_fp, extra_tok = self.proposal.work()    # the proposal's own LM work (look-ahead rollouts)
+        extra_fp, extra_tok = self.proposal.work(state.proposal_run)   # its own LM work (look-ahead rollouts)
         out = []
         for g in range(G):
             rows = slice(g * n, (g + 1) * n)
@@ -137,7 +142,7 @@ class Decoder:
             stats = {"forward_passes": int(state.decoding.forward_passes) + extra_fp,
                      "tokens_decoded": int(fed[rows].sum()) + extra_tok.get(g, 0),
                      "tokens_sampled": int(drawn[rows].sum()), "wall_time": seconds,
-                     "peak_memory": peak_memory(lm.device), "batch_prompts": G,
+                     "peak_memory": peak_memory(lm.device), "batch_prompts": G, "n_steps": 1,
                      "log_target": log_target[rows].tolist(), "log_q": log_q[rows].tolist()}
             if self.proposal.work_name is not None:   # included in the totals above
                 stats[f"{self.proposal.work_name}_tokens_decoded"] = extra_tok.get(g, 0)
@@ -152,9 +157,10 @@ class Decoder:
         return out
 
 
-class BatchMixin:
-    """``init`` / ``step`` / ``results`` (and ``run``, ``run_batch``) of a decoding baseline from
-    its ``_decoder()`` and ``_finish``."""
+class BatchMixin(Engine[DecoderState]):
+    """``init`` / ``step`` / ``results`` of a decoding baseline from its ``_decoder()`` (a
+    :class:`Decoder`, configuration) and ``_finish`` (its answer rule); the driver is
+    :class:`~llmppl.inference.kernel.Engine`'s."""
 
     def _decoder(self) -> Decoder:
         raise NotImplementedError
@@ -166,19 +172,11 @@ class BatchMixin:
              seed: int | None = None) -> DecoderState:
         return self._decoder().init(target, prompts, max_new_tokens, seed)
 
-    def step(self, state: DecoderState) -> DecoderState:
+    def step(self, state: DecoderState) -> tuple[DecoderState, DecodeInfo]:
         return state.decoder.step(state)
 
-    def results(self, state: DecoderState) -> list[Result]:
+    def results(self, state: DecoderState, raise_on_failure: bool = False) -> list[Result]:
         return [self._finish(state.target, r) for r in state.decoder.results(state)]
-
-    def run_batch(self, target: Target, prompts: Sequence, max_new_tokens: int,
-                  seed: int | None = None) -> list[Result]:
-        """One ``Result`` per prompt, all prompts decoded as rows of one state."""
-        return self.results(self.step(self.init(target, prompts, max_new_tokens, seed)))
-
-    def run(self, target: Target, prompt, max_new_tokens: int, seed: int | None = None) -> Result:
-        return self.run_batch(target, [prompt], max_new_tokens, seed)[0]
 
 
 class Plain(BatchMixin):
@@ -286,3 +284,6 @@ def _(engine: Decoder, target: Target | None = None) -> Needs:
 def _(engine: BatchMixin, target: Target | None = None) -> Needs:
     """A decoding baseline needs what its proposal needs (one block per row when native)."""
     return needs(engine._decoder(), target)
+
+
+from .reweight import Reweight  # noqa: E402  (pp.baselines.Reweight: plain samples, weighted; built on SMC)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -64,6 +65,8 @@ def advance(
     forced: Sequence[Sequence[int] | None] | None = None,
     allow_eos: bool = True,
     feed_last: bool = True,
+    proposal_run: Any = None,
+    max_new_tokens: int | None = None,
 ) -> Decoded:
     """Extend ``state`` rows ``rows`` to ``stop`` tokens (EOS included) or until EOS.
 
@@ -72,6 +75,8 @@ def advance(
     ``allow_eos=False`` draws from ``q`` renormalised without EOS.  ``exponent`` is ``a``
     for every row or a ``(len(rows),)`` tensor, one per row.  ``feed_last=False``: a row that
     reaches ``stop`` without EOS keeps its last token unfed (it will never be extended).
+    ``proposal_run``: the run's state of the proposal (what its ``start`` returned);
+    ``max_new_tokens``: the run's budget, which proposals that decode ahead never look past.
     """
     rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1)
     R = len(rows)
@@ -97,7 +102,8 @@ def advance(
                      greedy=native and proposal.greedy,
                      feed_last=None if feed_last else False)
     if not native:
-        spec.propose = _proposal_hook(target, state, rows, proposal, exponent, a_rows, generator)
+        spec.propose = _proposal_hook(target, state, rows, proposal, exponent, a_rows, generator,
+                                      proposal_run, max_new_tokens)
         spec.sample, spec.forced = proposal.sample, _forced_tokens(forced, R, W)
     blk = state.sample_block(rows, spec, generator)
     tokens, log_p = blk.tokens.cpu(), blk.log_p.cpu()
@@ -110,7 +116,8 @@ def advance(
 
 
 def _proposal_hook(target: Target, state, rows: torch.Tensor, proposal: Proposal, exponent: float | torch.Tensor,
-                   a_rows: torch.Tensor, generator: torch.Generator) -> Propose:
+                   a_rows: torch.Tensor, generator: torch.Generator, proposal_run: Any = None,
+                   max_new_tokens: int | None = None) -> Propose:
     """The ``spec.propose`` of :func:`advance`'s token path: for the rows ``k`` (indices into
     ``rows``) still drawing, with log p ``lp``,
 
@@ -127,7 +134,7 @@ def _proposal_hook(target: Target, state, rows: torch.Tensor, proposal: Proposal
         rl = srows.tolist()
         batch = target.batch([state.prompt_of(r) for r in rl], [state.tokens[r] for r in rl], lp)
         a = a_host[k][:, None] if per_row else a_host
-        ctx = ProposalContext(target, batch, state, srows, a, generator)
+        ctx = ProposalContext(target, batch, state, srows, a, generator, max_new_tokens, run=proposal_run)
         log_q = proposal.log_probs(ctx)
         return log_q, target.log_next(batch, exponent=a.to(lp.device) if per_row else a)
 

@@ -26,10 +26,12 @@ every candidate; this cancels the ``O(1/M)`` bias of ``E[q̂]``.  It is clipped 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
 from ..models.block import BlockSpec
+from .capabilities import Needs
 from .common import eos_ids
 from .proposal import Proposal, ProposalContext, exponent_of
 
@@ -43,11 +45,33 @@ def _check(name: str, value: int) -> int:
     return value
 
 
+@dataclass
+class LookaheadRun:
+    """One run's rollout work: forward passes of its forks and rollout tokens fed per prompt."""
+
+    forward_passes: int = 0
+    tokens_by_prompt: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def tokens_decoded(self) -> int:
+        return sum(self.tokens_by_prompt.values())
+
+    def count(self, groups: torch.Tensor, fed: torch.Tensor) -> None:
+        """Rollout row ``r`` (of prompt ``groups[r]``) was fed ``fed[r]`` tokens."""
+        fed = fed.long()
+        for g in groups.unique().tolist():
+            self.tokens_by_prompt[g] = self.tokens_by_prompt.get(g, 0) + int(fed[groups == g].sum())
+
+
 class Lookahead(Proposal):
-    """``q(v) ∝ p(v)^α ζ̂(v)`` on the top-k tokens, ``ζ̂`` from short rollouts (see module doc)."""
+    """``q(v) ∝ p(v)^α ζ̂(v)`` on the top-k tokens, ``ζ̂`` from short rollouts (see module doc).
+
+    Configuration only: each run's rollout counters are its :class:`LookaheadRun` (``start``);
+    rollouts never look past the run's ``max_new_tokens`` (``ProposalContext.max_new_tokens``)."""
 
     #: q is random (it depends on the rollouts): fine for SMC, not for MH reverse moves
-    stochastic = True
+    requires = Needs(row_wise=False, random=True)
+    work_name = "lookahead"
 
     def __init__(self, top_k: int = 4, rollouts: int = 2, horizon: int = 8,
                  jackknife: bool = False, floor: float = 0.1) -> None:
@@ -60,30 +84,14 @@ class Lookahead(Proposal):
         if not 0.0 <= float(floor) <= 1.0:
             raise ValueError(f"floor must be in [0, 1], got {floor!r}")
         self.floor = float(floor)
-        #: completions end after this many tokens (EOS included): caps each rollout when the
-        #: engine's ``ProposalContext.max_new_tokens`` is not given; None = no cap
-        self.max_new_tokens: int | None = None
-        self.forward_passes = 0
-        self.tokens_decoded = 0
-        self._tokens_by_prompt: dict[int, int] = {}
 
-    work_name = "lookahead"
+    def start(self, target, prompts, n, max_new_tokens) -> LookaheadRun:
+        """A new run: its rollout counters start from 0."""
+        return LookaheadRun()
 
-    def start(self, target, prompt_ids, n) -> None:
-        """A new run: the rollout counters restart from 0."""
-        self.forward_passes = self.tokens_decoded = 0
-        self._tokens_by_prompt = {}
-
-    def work(self) -> tuple[int, dict[int, int]]:
-        """Rollout forward passes and rollout tokens fed to the LM per prompt, since ``start``."""
-        return self.forward_passes, dict(self._tokens_by_prompt)
-
-    def _count(self, groups: torch.Tensor, fed: torch.Tensor) -> None:
-        """Rollout row ``r`` (of prompt ``groups[r]``) was fed ``fed[r]`` tokens."""
-        fed = fed.long()
-        self.tokens_decoded += int(fed.sum())
-        for g in groups.unique().tolist():
-            self._tokens_by_prompt[g] = self._tokens_by_prompt.get(g, 0) + int(fed[groups == g].sum())
+    def work(self, run: LookaheadRun) -> tuple[int, dict[int, int]]:
+        """Rollout forward passes and rollout tokens fed to the LM per prompt, in this run."""
+        return run.forward_passes, dict(run.tokens_by_prompt)
 
     def __repr__(self) -> str:
         jk = ", jackknife=True" if self.jackknife else ""
@@ -98,7 +106,7 @@ class Lookahead(Proposal):
 
         Each rollout is capped so that the completion stays within the run's budget: after
         ``t`` tokens and the candidate, the future has at most ``T − t − 1`` tokens (``T`` =
-        ``ctx.max_new_tokens``, else ``self.max_new_tokens``).  The fork is fed each candidate,
+        ``ctx.max_new_tokens``).  The fork is fed each candidate,
         then draws every future in one ``sample_block`` (``q = p``, stop at EOS, the last token
         of a future never fed); ``log p(f)`` is the block's ``log p`` total."""
         R, K = cand.shape
@@ -108,7 +116,7 @@ class Lookahead(Proposal):
         rows = torch.as_tensor(ctx.rows, dtype=torch.long).reshape(-1)
         lengths = torch.tensor([len(t) for t in ctx.batch.tokens])
         horizon = torch.full((R,), self.horizon, dtype=torch.long)
-        budget = ctx.max_new_tokens if ctx.max_new_tokens is not None else self.max_new_tokens
+        budget = ctx.max_new_tokens
         if budget is not None:  # the future has at most T − t − 1 tokens
             horizon = torch.clamp(torch.minimum(horizon, budget - lengths - 1), min=0)
         first = cand.cpu().repeat_interleave(M, dim=1).reshape(-1)           # (R·K·M,)
@@ -132,8 +140,9 @@ class Lookahead(Proposal):
         blk = fork.sample_block(go, spec, ctx.generator)
         log_f[go] = blk.total("log_p").cpu()
         # fed: the candidate, then every drawn token but the last (EOS, or the horizon's end)
-        self._count(groups, 1 + (blk.length.cpu() - 1).clamp(min=0))
-        self.forward_passes += fork.forward_passes - fp0
+        if isinstance(ctx.run, LookaheadRun):
+            ctx.run.count(groups, 1 + (blk.length.cpu() - 1).clamp(min=0))
+            ctx.run.forward_passes += fork.forward_passes - fp0
         return log_f.view(R, K, M)
 
     # ------------------------------------------------------------- proposal

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..targets.base import scaled
 from ..targets.target import Target
@@ -33,7 +32,9 @@ from .common import AllParticlesDied, Stopwatch, make_generator, peak_memory, pr
 from .decode import Decoded, advance, end_terms
 from .footprint import check_fits, mh_footprint
 from .moves import MoveContext
-from .native import Needs, needs
+from .capabilities import Needs
+from .kernel import Engine, StepInfo
+from .native import needs
 from .proposals import Proposal, Temperature, default_proposal
 from .result import Result
 
@@ -140,13 +141,23 @@ class MHState:
     trace: dict[str, list] = field(default_factory=lambda: {"log_p": [], "log_target": [], "length": []})
     acceptance: list[torch.Tensor] = field(default_factory=list)   # per stage, (n,) acceptance rate
     stage_length: list[int] = field(default_factory=list)
+    proposal_run: Any = None             # what the proposal's start returned for this run
+    sampled: torch.Tensor | None = None  # (n,) tokens drawn per chain, EOS and rejected proposals included
 
     @property
     def done(self) -> bool:
         return self.stage >= self.n_stages
 
 
-class MH:
+@dataclass(frozen=True)
+class MHInfo(StepInfo):
+    """One MH stage: the chains' length bound ``L_k`` and the acceptance rate per prompt ``(G,)``."""
+
+    stage_length: int
+    acceptance: torch.Tensor
+
+
+class MH(Engine[MHState]):
     """Block MH over ``γ``: stages of ``block_size`` tokens, ``n_mcmc`` suffix moves per stage.
 
     ``proposal`` defaults to SMC's (:func:`~llmppl.proposals.default_proposal`):
@@ -155,6 +166,8 @@ class MH:
     a base exponent of 0 included).  Chains run batched;
     the result holds their final states with uniform weights.
     """
+
+    method = "mh"
 
     def __init__(self, block_size: int, n_mcmc: int, proposal: Proposal | None = None,
                  progress: bool = False) -> None:
@@ -185,27 +198,20 @@ class MH:
         return f"MH(block_size={self.block_size}, n_mcmc={self.n_mcmc}, proposal={self.proposal!r})"
 
     # ------------------------------------------------------------------ run
-    def run_batch(self, target: Target, prompts, max_new_tokens: int, chains: int = 1,
+    def run_batch(self, target: Target, prompts, max_new_tokens: int, chains: int = 1,  # type: ignore[override]
                   seed: int | None = None) -> list[Result]:
         """``chains`` chains for each of ``G`` prompts as ``G·chains`` rows of one decoding state;
         one ``Result`` per prompt, in order (chains never mix prompts: every MH step is per row)."""
-        return self._run(target, prompts, max_new_tokens, chains, seed, raise_on_failure=False)
+        return super().run_batch(target, prompts, max_new_tokens, seed=seed, chains=chains)
 
-    def run(self, target: Target, prompt, max_new_tokens: int, chains: int = 1,
+    def run(self, target: Target, prompt, max_new_tokens: int, chains: int = 1,  # type: ignore[override]
             seed: int | None = None) -> Result:
         """Run ``chains`` chains of Algorithm 1 and return their final states."""
-        return self._run(target, [prompt], max_new_tokens, chains, seed, raise_on_failure=True)[0]
-
-    def _run(self, target: Target, prompts, max_new_tokens: int, chains: int,
-             seed: int | None, raise_on_failure: bool) -> list[Result]:
-        state = self.init(target, prompts, max_new_tokens, chains, seed)
-        for _ in tqdm(range(state.n_stages), disable=not self.progress, desc="MH stages"):
-            self.step(state)
-        return self.results(state, raise_on_failure)
+        return super().run(target, prompt, max_new_tokens, seed=seed, chains=chains)
 
     # ------------------------------------------------------ init / step / results
     @torch.inference_mode()
-    def init(self, target: Target, prompts, max_new_tokens: int, chains: int = 1,
+    def init(self, target: Target, prompts, max_new_tokens: int, chains: int = 1,  # type: ignore[override]
              seed: int | None = None) -> "MHState":
         """``chains`` empty chains for each of the ``G`` prompts, as ``G·chains`` rows of the LM's
         decoding state, before the first stage.  ``run_batch`` is ``state = init(…)``;
@@ -218,15 +224,17 @@ class MH:
         check_fits(mh_footprint(self, target, prompt_ids, T, chains))   # chains + proposal copies
         decoding = target.lm.start(prompt_ids[0] if G == 1 else prompt_ids, chains, max_new_tokens=T)
         n = G * chains
-        return MHState(target, prompt_ids, T, chains, decoding, self._proposal(target),
+        proposal = self._proposal(target)
+        return MHState(target, prompt_ids, T, chains, decoding, proposal,
                        make_generator(seed, target.lm.device), _Chains(n, T), clock, seed=seed,
                        n_stages=math.ceil(T / self.block_size),
-                       decoded=torch.zeros(n, dtype=torch.long),
-                       log_gamma=torch.full((n,), -math.inf, dtype=torch.float64))
+                       decoded=torch.zeros(n, dtype=torch.long), sampled=torch.zeros(n, dtype=torch.long),
+                       log_gamma=torch.full((n,), -math.inf, dtype=torch.float64),
+                       proposal_run=proposal.start(target, prompt_ids, chains, T))
 
     @torch.inference_mode()
-    def step(self, state: "MHState") -> "MHState":
-        """Stage ``k`` (advanced in place, and returned): extend every chain to
+    def step(self, state: "MHState") -> tuple["MHState", MHInfo]:
+        """Stage ``k`` (advanced in place, and returned with its info): extend every chain to
         ``L_k = min(kB, T)`` tokens (or EOS) from the proposal, then ``n_mcmc`` suffix moves
         accepted with :func:`log_acceptance` (see the module docstring)."""
         if state.done:
@@ -240,8 +248,10 @@ class MH:
         grow = (~cur.ended & (cur.length < L)).nonzero().flatten()
         if len(grow):
             start = cur.length[grow].clone()
-            d = advance(target, dec, grow, L, proposal, a, gen)
+            d = advance(target, dec, grow, L, proposal, a, gen, proposal_run=state.proposal_run,
+                        max_new_tokens=state.max_new_tokens)
             state.decoded[grow] += (d.tokens >= 0).sum(1) - d.ended.long()
+            state.sampled[grow] += (d.tokens >= 0).sum(1)
             cur.write(grow, start, d)
         log_gamma = _masked_sum(cur.log_inc, cur.positions()) + end_terms(
             target, [dec.prompt_of(r) for r in range(n)], dec.tokens, cur.ended, final)
@@ -251,8 +261,10 @@ class MH:
             dec.reorder(torch.cat([ar, ar]))
             dec.truncate(ar + n, m.tolist())
             prop = cur.clone()
-            d = advance(target, dec, ar + n, L, proposal, a, gen)
+            d = advance(target, dec, ar + n, L, proposal, a, gen, proposal_run=state.proposal_run,
+                        max_new_tokens=state.max_new_tokens)
             state.decoded += (d.tokens >= 0).sum(1) - d.ended.long()
+            state.sampled += (d.tokens >= 0).sum(1)
             prop.write(ar, m, d)
             fwd = _masked_sum(prop.log_q, prop.positions(m))
             rev = _masked_sum(cur.log_q, cur.positions(m))
@@ -276,7 +288,9 @@ class MH:
         state.log_gamma = log_gamma
         state.acceptance.append(accepted / max(self.n_mcmc, 1))
         state.stage_length.append(L)
-        return state
+        rate = accepted / max(self.n_mcmc, 1)
+        return state, MHInfo(step=state.stage, stage_length=L,
+                             acceptance=rate.view(len(state.prompts), state.chains).mean(1))
 
     @torch.inference_mode()
     def results(self, state: "MHState", raise_on_failure: bool = False) -> list[Result]:
@@ -312,7 +326,8 @@ class MH:
                      "tokens_decoded": int(state.decoded[rows].sum()),
                      "wall_time": seconds, "peak_memory": peak_memory(target.lm.device),
                      "acceptance_rate": float(acc_g.mean()) if self.n_mcmc and len(acc_g) else None,
-                     "batch_prompts": G}
+                     "batch_prompts": G, "n_steps": state.stage,
+                     "tokens_sampled": int(state.sampled[rows].sum())}
             sam = samples[rows]
             out.append(Result(
                 method="mh", prompt_ids=state.prompts[g], samples=sam,

@@ -13,17 +13,16 @@ and runs on the token path of backends that have it (``state.full_vocabulary``).
 
 What a part of a run needs is asked in one way: :func:`needs` (a registry keyed by the part's
 type: proposals, potentials, targets, schedules, steps, and the engines, which register in their
-own modules) returns a :class:`Needs`.
-The parts *declare* it with their class attributes (``Proposal.vectorised`` / ``stateful`` /
-``stochastic`` / ``block_temperature``, ``Potential.factorises``,
-``Schedule.uses_token_stats``); engines only ever read :func:`needs`.  A new kind of part
-registers itself with ``needs.register(MyType)``.
+own modules) returns a :class:`~llmppl.inference.capabilities.Needs`.
+The parts *declare* it in one attribute, ``requires`` (a ``Needs``: proposals, steps, schedules),
+plus ``Proposal.block_temperature`` (when it is native) and ``Potential.factorises`` (a
+token-level factor, part of the target's maths); engines only ever read :func:`needs`.  A new
+kind of part registers itself with ``needs.register(MyType)``.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,35 +30,10 @@ import torch
 from ..models.block import NotNative
 from ..targets.base import Potential, Power, Product
 from ..targets.target import Target
+from .capabilities import Needs
 from .proposal import Proposal
 from .schedules import Schedule
-from .steps import Step, Tokens
-
-
-@dataclass(frozen=True)
-class Needs:
-    """What one part of a run asks of the backend and of the engines.
-
-    * ``full_vocabulary``: ``(rows, V)`` log-probabilities at every token, so it cannot run
-      inside a backend's native blocks (:class:`NotNative` on a backend without them);
-    * ``own_state``: a decoding state of its own that follows the particles through the
-      ``on_*`` hooks (SMC calls them with a host sync a token; MH and moves refuse it);
-    * ``row_wise``: a row-wise tensor function of the base log-probabilities, evaluated on
-      every row at once without a host sync;
-    * ``random``: random when evaluated, so its ``log q`` cannot be evaluated again for an MH
-      reverse move.
-
-    ``a | b`` is what a run with both parts needs (row-wise only when both are).
-    """
-
-    full_vocabulary: bool = False
-    own_state: bool = False
-    row_wise: bool = True
-    random: bool = False
-
-    def __or__(self, other: "Needs") -> "Needs":
-        return Needs(self.full_vocabulary or other.full_vocabulary, self.own_state or other.own_state,
-                     self.row_wise and other.row_wise, self.random or other.random)
+from .steps import Step
 
 
 @functools.singledispatch
@@ -75,8 +49,7 @@ def _(part: Proposal, target: Target | None = None) -> Needs:
     a = torch.ones(1, dtype=torch.float64) * (target.base_exponent if target is not None else 1.0)
     tau = block_temperature(part, target, a) if target is not None else part.block_temperature(a)
     native = tau is not None and bool(torch.isfinite(tau).all() and (tau >= 0).all())
-    return Needs(full_vocabulary=not native, own_state=bool(part.stateful), row_wise=bool(part.vectorised),
-                 random=bool(part.stochastic))
+    return part.requires | Needs(full_vocabulary=not native)
 
 
 @needs.register
@@ -108,13 +81,13 @@ def _(part: Target, target: Target | None = None) -> Needs:
 
 @needs.register
 def _(part: Schedule, target: Target | None = None) -> Needs:
-    return Needs(full_vocabulary=bool(part.uses_token_stats))
+    return part.requires
 
 
 @needs.register
 def _(part: Step, target: Target | None = None) -> Needs:
     """Token and block steps are native; a segment step reads each drawn token on the host."""
-    return Needs(full_vocabulary=not isinstance(part, Tokens), row_wise=isinstance(part, Tokens))
+    return part.requires
 
 
 def block_temperature(proposal: Proposal, target: Target, a_rows: torch.Tensor) -> torch.Tensor | None:

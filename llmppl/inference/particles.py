@@ -42,23 +42,23 @@ class Particles:
         self.log_p = torch.zeros(R, dtype=f64, device=dev)       # log p(y_≤t | x)
         self.log_other = torch.zeros(R, dtype=f64, device=dev)   # Σ_s non-Power token increments
         self.log_q = torch.zeros(R, dtype=f64, device=dev)       # log q(y_≤t): the proposal's path density
-        self.log_twist = torch.zeros(R, dtype=f64, device=dev)   # log ψ_t(y_≤t)  (0 once ended)
-        self.length_twist = torch.zeros(R, dtype=f64, device=dev)  # segment steps: look-ahead twist (0 once ended)
+        self.log_twist = torch.zeros(R, dtype=f64, device=dev)   # log ψ_t(y_≤t) of the target (0 once ended)
         self.finished = torch.zeros(R, dtype=torch.bool, device=dev)   # ended with EOS
         self.truncated = torch.zeros(R, dtype=torch.bool, device=dev)  # cut at max_new_tokens
         self.dead = torch.zeros(R, dtype=torch.bool, device=dev)       # weight −∞
         self.done = torch.zeros(R, dtype=torch.bool, device=dev)       # finished | truncated | dead (kept in step)
-        self.promoted = torch.zeros(R, dtype=torch.bool, device=dev)   # jumped to the final target
         self.cause = torch.zeros(R, dtype=torch.int8, device=dev)      # CAUSES code of a dead row
         self.length = torch.zeros(R, dtype=torch.long, device=dev)              # tokens drawn (EOS excluded)
         self.unfed = torch.full((R,), -1, dtype=torch.long, device=dev)        # the cut token, or -1
         self.log_Z = torch.zeros(self.G, dtype=f64, device=dev)
         self.failed = torch.zeros(self.G, dtype=torch.bool, device=dev)  # every particle of the prompt died
         self.failed_at = torch.zeros(self.G, dtype=torch.long, device=dev)  # the step at which it did
+        #: per-row values of the run's weight terms (:mod:`~llmppl.inference.terms`), by term name
+        self.extra: dict[str, torch.Tensor] = {}
 
-    #: per-row tensors that follow the particles through resampling
-    ROW_FIELDS = ("log_p", "log_other", "log_q", "log_twist", "length_twist", "finished", "truncated", "dead", "done",
-                  "promoted", "cause", "length", "unfed")
+    #: per-row tensors that follow the particles through resampling (and every ``extra``)
+    ROW_FIELDS = ("log_p", "log_other", "log_q", "log_twist", "finished", "truncated", "dead", "done",
+                  "cause", "length", "unfed")
 
     @property
     def R(self) -> int:
@@ -72,6 +72,7 @@ class Particles:
         """Row ``r`` becomes a copy of row ``rows[r]`` (resampling; ``rows`` stays within groups)."""
         for name in self.ROW_FIELDS:
             setattr(self, name, getattr(self, name).index_select(0, rows))
+        self.extra = {k: v.index_select(0, rows) for k, v in self.extra.items()}
 
 
 def completions(decoding: Any, unfed: torch.Tensor, rows: torch.Tensor | None = None) -> list[list[int]]:

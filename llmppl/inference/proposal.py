@@ -4,20 +4,21 @@
   a token with ``q = 0`` is never drawn, and engines correct by ``−log q`` in the
   weights, so any ``q`` whose support covers the target's is exact.
 * ``sample(log_q, generator) -> (B,)``: one draw per row.
-* stateful proposals (another LM, caches) override ``start`` / ``on_extend`` /
-  ``on_reorder`` / ``on_finish`` to follow the engine's particles.
-* ``vectorised = True`` promises that ``log_probs`` is a row-wise function of
-  ``ctx.batch.base_logprobs``, the target and the exponent (no LM state, no Python per
-  row): the SMC engine then evaluates it on every row at once without a host sync.
-
-These attributes (``vectorised``, ``stateful``, ``stochastic``, ``block_temperature``)
-*declare* what a proposal needs; engines ask :func:`llmppl.inference.native.needs`.
+* A proposal holds configuration only.  What one run of it owns (another LM's decoding
+  state, rollout counters) is the value ``start`` returns; the engine keeps that value in
+  the run's state and hands it back in ``ctx.run`` and to the hooks ``on_extend`` /
+  ``on_reorder`` / ``on_finish`` / ``work``, so two runs through one proposal never meet.
+* ``requires`` (a :class:`~llmppl.inference.capabilities.Needs`) declares what the proposal
+  needs: ``row_wise`` (``log_probs`` is a row-wise function of ``ctx.batch.base_logprobs``,
+  the target and the exponent: SMC evaluates it on every row at once without a host sync),
+  ``own_state`` (it follows the particles through the hooks), ``random`` (``log q`` cannot
+  be evaluated again).  ``block_temperature`` declares when it is native.  Engines ask
+  :func:`llmppl.inference.native.needs`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 
 from ..models.block import LOG_Q_FLOOR, sample_inverse_cdf  # noqa: F401  (LOG_Q_FLOOR: public here too)
 from ..targets.base import Prefixes
-
+from .capabilities import Needs
 
 
 @dataclass
@@ -41,27 +42,15 @@ class ProposalContext:
     #: the run's token budget (completions have at most this many tokens, EOS included), so
     #: that proposals which decode ahead (``Lookahead``) never look past it; None: unknown
     max_new_tokens: int | None = None
+    #: this run's own state of the proposal: what its ``start`` returned
+    run: Any = None
 
 
 class Proposal:
-    """Base class: ``q(v | y_<t)``; stateless unless the hooks are overridden."""
+    """Base class: ``q(v | y_<t)``, configuration only (see the module docstring)."""
 
-    #: ``log_probs`` is row-wise on ``base_logprobs`` (see module docstring)
-    vectorised: bool = False
-    #: ``log_probs`` is random (``Lookahead``'s rollouts): ``log q`` of a given token cannot be
-    #: evaluated again, so MH (reverse moves) refuses it
-    stochastic: bool = False
-
-    @property
-    def stateful(self) -> bool:
-        """True when the proposal has its own decoding state that follows the particles
-        through the ``on_*`` hooks (another LM, a cache): it overrides ``on_extend``.  Engines
-        then call the hooks (SMC: a host sync per token), and MH and rejuvenation refuse it
-        (they truncate particles behind its back).  A wrapper that only forwards the hooks
-        (``TopK``, ``TopP``) is stateful exactly when its inner proposal is.  Engines read it
-        through ``native.needs(proposal).own_state``."""
-        return type(self).on_extend is not Proposal.on_extend
-
+    #: what the proposal needs (default: not row-wise; native exactly when ``block_temperature`` says so)
+    requires: Needs = Needs(row_wise=False)
     #: ``sample`` returns the mode (greedy decoding): ``block_temperature`` 0 means greedy
     greedy: bool = False
     #: false: ``q`` is renormalised without the stop ids (native blocks never draw them)
@@ -70,9 +59,14 @@ class Proposal:
     #: (``<name>_tokens_decoded``, ``<name>_forward_passes``); None: it does none
     work_name: str | None = None
 
-    def work(self) -> tuple[int, dict[int, int]]:
-        """The LM work this proposal did since ``start`` on top of the engine's own decoding
-        state: ``(forward passes, {prompt index: tokens decoded})``.  Engines add it to
+    def start(self, target: Any, prompts: list[list[int]], n: int, max_new_tokens: int) -> Any:
+        """A new run on ``prompts`` × ``n`` rows (row ``g·n + i``: prompt ``g``): the run's own
+        state of this proposal (None for a stateless one), kept by the engine in its state."""
+        return None
+
+    def work(self, run: Any) -> tuple[int, dict[int, int]]:
+        """The LM work of the run ``run`` on top of the engine's own decoding state:
+        ``(forward passes, {prompt index: tokens decoded})``.  Engines add it to
         ``Result.stats`` (``forward_passes``, ``tokens_decoded``) so stats count all LM work."""
         return 0, {}
 
@@ -84,17 +78,14 @@ class Proposal:
         without token-level factors, so a backend can draw blocks natively; ``None`` otherwise."""
         return None
 
-    def start(self, target: Any, prompt_ids: list[int], n: int) -> None:
-        """Called once per run, before the first step, with the number of particles."""
+    def on_extend(self, run: Any, tokens: Any, rows: torch.Tensor) -> None:
+        """Rows ``rows`` of the run were extended by ``tokens``."""
 
-    def on_extend(self, tokens: Sequence[Sequence[int]], rows: torch.Tensor) -> None:
-        """Rows ``rows`` were extended by ``tokens``."""
+    def on_reorder(self, run: Any, indices: torch.Tensor) -> None:
+        """Row j of the run became a copy of row ``indices[j]``."""
 
-    def on_reorder(self, indices: torch.Tensor) -> None:
-        """Row j became a copy of row ``indices[j]``."""
-
-    def on_finish(self, rows: torch.Tensor) -> None:
-        """Rows will not be extended any more."""
+    def on_finish(self, run: Any, rows: torch.Tensor) -> None:
+        """Rows of the run will not be extended any more."""
 
     def sample(self, log_q: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """One draw per row from ``q = exp(log_q)`` (:func:`~llmppl.models.block.sample_inverse_cdf`)."""

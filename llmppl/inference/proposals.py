@@ -8,8 +8,9 @@ The protocol (subclass :class:`Proposal`):
   ``a_t`` and the run's ``torch.Generator``).  A token with ``q = 0`` is never drawn;
   the engine corrects by ``−log q`` in the weights, so any ``q`` whose support covers
   the target's is exact.
-* stateful proposals (another LM, caches) override ``start`` / ``on_extend`` /
-  ``on_reorder`` / ``on_finish`` to follow the engine's particles.
+* a proposal with its own decoding state (another LM) returns it from ``start`` and
+  follows the engine's particles in the hooks ``on_extend`` / ``on_reorder`` /
+  ``on_finish``, which get that run state back (the proposal holds configuration only).
 
 A proposal from another (smaller) LM with the same tokenizer is :class:`FromLM`.
 The protocol itself (``Proposal``, ``ProposalContext``) lives in ``proposal.py`` so that
@@ -19,12 +20,14 @@ The protocol itself (``Proposal``, ``ProposalContext``) lives in ``proposal.py``
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .lookahead import Lookahead  # noqa: F401  (pp.proposals.Lookahead)
 from ..targets.base import scaled
+from .capabilities import Needs
 from .native import needs
 from .proposal import Proposal, ProposalContext, exponent_of
 
@@ -32,7 +35,7 @@ from .proposal import Proposal, ProposalContext, exponent_of
 class Base(Proposal):
     """``q = p``: the base LM itself."""
 
-    vectorised = True
+    requires = Needs()
 
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
         return ctx.batch.base_logprobs
@@ -53,7 +56,7 @@ class Temperature(Proposal):
     (A proposal; the *potential* ``pp.Tempered(τ)`` is a factor of the target.)
     """
 
-    vectorised = True
+    requires = Needs()
 
     def __init__(self, tau: float | None = None) -> None:
         if tau is not None and not (float(tau) > 0 and float(tau) < float("inf")):
@@ -92,7 +95,7 @@ class LocallyOptimal(Proposal):
     mass gets a uniform ``q``; the drawn token then has weight zero and the particle dies.
     """
 
-    vectorised = True
+    requires = Needs()
 
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
         inc = ctx.target.log_next(ctx.batch, exponent=exponent_of(ctx))
@@ -118,20 +121,22 @@ def default_proposal(target: Any) -> Proposal:
     return Temperature() if target.base_exponent > 0 and not token_factors else LocallyOptimal()
 
 
-def is_stateful(proposal: Proposal | None) -> bool:
-    """The one definition of a *stateful* proposal, used by every engine: it has its own
-    decoding state that follows the particles through the ``on_*`` hooks (:class:`FromLM`,
-    possibly wrapped in a restriction such as :class:`TopK`).  Such a proposal cannot
-    follow MH truncations or rejuvenation moves, and SMC calls its hooks (a host sync per
-    token).  It is ``needs(proposal).own_state``."""
-    return proposal is not None and needs(proposal).own_state
+@dataclass
+class FromLMRun:
+    """One run of :class:`FromLM`: the proposal LM's decoding state (rows as the engine's), its
+    forward passes at ``start`` and the tokens fed to it per prompt."""
+
+    state: Any
+    forward_passes_at_start: int
+    tokens_by_prompt: dict[int, int] = field(default_factory=dict)
 
 
 class FromLM(Proposal):
     """Proposals from another LM ``r`` sharing the tokenizer: ``q ∝ r(v | y_<t)^{1/τ}``.
 
-    Its own decoding state follows the engine's particles through the hooks, so the
-    proposal LM also decodes incrementally with its KV cache.
+    Each run gets its own decoding state of ``r`` (:class:`FromLMRun`, returned by ``start``)
+    that follows the engine's particles through the hooks, so the proposal LM also decodes
+    incrementally with its KV cache.
 
     The two LMs may pad their vocabularies differently (Qwen2.5-0.5B has 151936 output
     rows, Qwen2.5-7B 152064) as long as the tokenizer is shared: the proposal's rows
@@ -141,54 +146,47 @@ class FromLM(Proposal):
     A real tokenizer mismatch raises ``ValueError``.
     """
 
+    requires = Needs(own_state=True, row_wise=False)
+    work_name = "proposal"
+
     def __init__(self, lm: Any, tau: float = 1.0) -> None:
         if not float(tau) > 0:
             raise ValueError(f"tau must be > 0, got {tau!r}")
         self.lm = lm
         self.tau = float(tau)
-        self.state = None
-        self._checked: set[int] = set()
 
-    work_name = "proposal"
+    def start(self, target: Any, prompts: list[list[int]], n: int, max_new_tokens: int) -> FromLMRun:
+        check_shared_tokenizer(target.lm, self.lm)
+        state = self.lm.start(prompts[0] if len(prompts) == 1 else prompts, n, max_new_tokens)
+        return FromLMRun(state, state.forward_passes)
 
-    def start(self, target: Any, prompt_ids: Any, n: int, max_new_tokens: int | None = None) -> None:
-        """``prompt_ids``: one prompt or a list of prompts (rows as in ``lm.start``)."""
-        if id(target.lm) not in self._checked:
-            check_shared_tokenizer(target.lm, self.lm)
-            self._checked.add(id(target.lm))
-        self.state = self.lm.start(prompt_ids, n, max_new_tokens) if max_new_tokens else self.lm.start(prompt_ids, n)
-        self._fp0 = self.state.forward_passes
-        self._tokens_by_prompt: dict[int, int] = {}
-
-    def work(self) -> tuple[int, dict[int, int]]:
-        """The proposal LM's forward passes and tokens fed per prompt since ``start``."""
-        if self.state is None:
-            return 0, {}
-        return self.state.forward_passes - self._fp0, dict(self._tokens_by_prompt)
+    def work(self, run: FromLMRun) -> tuple[int, dict[int, int]]:
+        """The proposal LM's forward passes and tokens fed per prompt in this run."""
+        return run.state.forward_passes - run.forward_passes_at_start, dict(run.tokens_by_prompt)
 
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
-        if self.state is None:
-            raise RuntimeError("FromLM.start was not called")
+        if not isinstance(ctx.run, FromLMRun):
+            raise RuntimeError("FromLM needs its run state (what FromLM.start returned) in ctx.run")
         base = ctx.batch.base_logprobs
-        lp = self.state.logprobs(ctx.rows).double().to(base.device)
+        lp = ctx.run.state.logprobs(ctx.rows).double().to(base.device)
         return torch.log_softmax(fit_vocab(lp, base.shape[-1]) / self.tau, dim=-1)
 
-    def on_extend(self, tokens, rows) -> None:
-        groups = torch.as_tensor(self.state.group).cpu()[torch.as_tensor(rows, dtype=torch.long).cpu()]
+    def on_extend(self, run: FromLMRun, tokens: Any, rows: torch.Tensor) -> None:
+        groups = torch.as_tensor(run.state.group).cpu()[torch.as_tensor(rows, dtype=torch.long).cpu()]
         if isinstance(tokens, torch.Tensor):
             lens = [1] * tokens.shape[0] if tokens.dim() == 1 else [tokens.shape[1]] * tokens.shape[0]
         else:
             lens = [1 if not hasattr(t, "__len__") or getattr(t, "dim", lambda: 1)() == 0 else len(t)
                     for t in tokens]
         for g, k in zip(groups.tolist(), lens):
-            self._tokens_by_prompt[g] = self._tokens_by_prompt.get(g, 0) + k
-        self.state.extend(tokens, rows)
+            run.tokens_by_prompt[g] = run.tokens_by_prompt.get(g, 0) + k
+        run.state.extend(tokens, rows)
 
-    def on_reorder(self, indices) -> None:
-        self.state.reorder(indices)
+    def on_reorder(self, run: FromLMRun, indices: torch.Tensor) -> None:
+        run.state.reorder(indices)
 
-    def on_finish(self, rows) -> None:
-        self.state.finish(rows)
+    def on_finish(self, run: FromLMRun, rows: torch.Tensor) -> None:
+        run.state.finish(rows)
 
     def __repr__(self) -> str:
         return f"FromLM({self.lm.name}, tau={self.tau:g})"
@@ -248,12 +246,8 @@ class _Restricted(Proposal):
             raise ValueError(f"epsilon must be in (0, 1] so the proposal covers the target, got {epsilon!r}")
         self.inner = inner if inner is not None else Temperature()
         self.epsilon = float(epsilon)
-        self.vectorised, self.stochastic = self.inner.vectorised, self.inner.stochastic
-
-    @property
-    def stateful(self) -> bool:  # type: ignore[override]
-        """A restriction has no state of its own: it is stateful when its inner proposal is."""
-        return self.inner.stateful
+        #: a restriction has no state of its own: it needs what its inner proposal needs
+        self.requires = self.inner.requires
 
     def keep(self, log_q: torch.Tensor) -> torch.Tensor:
         """(B, V) bool: the tokens the restriction keeps."""
@@ -267,24 +261,24 @@ class _Restricted(Proposal):
             return log_q
         return torch.logaddexp(kept + math.log1p(-self.epsilon), log_q + math.log(self.epsilon))
 
-    def start(self, target, prompt_ids, n):
-        self.inner.start(target, prompt_ids, n)
+    def start(self, target: Any, prompts: list[list[int]], n: int, max_new_tokens: int) -> Any:
+        return self.inner.start(target, prompts, n, max_new_tokens)
 
-    def on_extend(self, tokens, rows):
-        self.inner.on_extend(tokens, rows)
+    def on_extend(self, run: Any, tokens: Any, rows: torch.Tensor) -> None:
+        self.inner.on_extend(run, tokens, rows)
 
-    def on_reorder(self, indices):
-        self.inner.on_reorder(indices)
+    def on_reorder(self, run: Any, indices: torch.Tensor) -> None:
+        self.inner.on_reorder(run, indices)
 
-    def on_finish(self, rows):
-        self.inner.on_finish(rows)
+    def on_finish(self, run: Any, rows: torch.Tensor) -> None:
+        self.inner.on_finish(run, rows)
 
     @property
     def work_name(self) -> str | None:  # type: ignore[override]
         return self.inner.work_name
 
-    def work(self) -> tuple[int, dict[int, int]]:
-        return self.inner.work()
+    def work(self, run: Any) -> tuple[int, dict[int, int]]:
+        return self.inner.work(run)
 
 
 class TopK(_Restricted):

@@ -17,29 +17,33 @@ and differs from it only by the weights (and the answer it returns: a draw from 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from ..targets.target import Target
-from .native import Needs, needs
+from .capabilities import Needs
+from .kernel import Engine, Prompt
+from .native import needs
 from .proposals import Base
 from .result import Result
-from .smc import SMC, SMCState
+from .smc import SMC, SMCInfo, SMCState
 
 
-class Reweight:
+class Reweight(Engine[SMCState]):
     """``n`` samples from ``p``, self-normalised weights ``∝ p(y)^(α−1)`` for the target ``p^α``:
     ``init`` / ``step`` / ``results`` of ``smc = SMC(n, proposal=Base(), ess_threshold=0)``,
     whose Results it names ``"reweight"``."""
 
-    def __init__(self, n: int, progress: bool = False) -> None:
-        self.smc = SMC(n, proposal=Base(), ess_threshold=0.0, progress=progress)
-        self.n_particles = self.smc.n_particles
+    method = "reweight"
 
-    def init(self, target: Target, prompts: Sequence[Any], max_new_tokens: int,
+    def __init__(self, n: int, progress: bool = False) -> None:
+        self.smc = SMC(n, proposal=Base(), ess_threshold=0.0)
+        self.n_particles = self.smc.n_particles
+        self.progress = progress
+
+    def init(self, target: Target, prompts: Sequence[Prompt], max_new_tokens: int,
              seed: int | None = None) -> SMCState:
         return self.smc.init(target, prompts, max_new_tokens, seed)
 
-    def step(self, state: SMCState) -> SMCState:
+    def step(self, state: SMCState) -> tuple[SMCState, SMCInfo]:
         return self.smc.step(state)
 
     def results(self, state: SMCState, raise_on_failure: bool = False) -> list[Result]:
@@ -47,15 +51,6 @@ class Reweight:
         for res in out:
             res.method = "reweight"
         return out
-
-    def run_batch(self, target: Target, prompts: Sequence[Any], max_new_tokens: int,
-                  seed: int | None = None) -> list[Result]:
-        """One Result per prompt (a prompt whose samples all have weight zero gets ``error``)."""
-        return self.results(self.smc.drive(self.init(target, prompts, max_new_tokens, seed)))
-
-    def run(self, target: Target, prompt: Any, max_new_tokens: int, seed: int | None = None) -> Result:
-        """One prompt; raises ``AllParticlesDied`` when every sample has weight zero."""
-        return self.results(self.smc.drive(self.init(target, [prompt], max_new_tokens, seed)), True)[0]
 
     def __repr__(self) -> str:
         return f"Reweight(n={self.n_particles})"

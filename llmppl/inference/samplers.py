@@ -10,14 +10,18 @@ future; inside ``pp.SMC(proposal=Lookahead(...))`` the weights make it exact.
 
 from __future__ import annotations
 
-from ..targets.target import Target
 from .baselines import BatchMixin, Decoder, DecoderState, _check_n
 from .lookahead import Lookahead
 from .result import Result
 
 
 class ScalablePower(BatchMixin):
-    """``n`` completions drawn from the look-ahead proposal of ``p^α`` (``α`` = the target's exponent)."""
+    """``n`` completions drawn from the look-ahead proposal of ``p^α`` (``α`` = the target's exponent).
+
+    Every prompt's rows decode together; the rollouts of all rows share one forked state and
+    never look past the run's ``max_new_tokens`` (given to the proposal in its context)."""
+
+    method = "scalable_power"
 
     def __init__(self, top_k: int = 4, rollouts: int = 2, horizon: int = 8, n: int = 1,
                  jackknife: bool = False, floor: float = 0.0) -> None:
@@ -31,13 +35,7 @@ class ScalablePower(BatchMixin):
                        {"top_k": la.top_k, "rollouts": la.rollouts, "horizon": la.horizon,
                         "jackknife": la.jackknife, "floor": la.floor})
 
-    def init(self, target: Target, prompts, max_new_tokens: int, seed: int | None = None) -> DecoderState:
-        """Every prompt's rows decode together; the rollouts of all rows share one forked state
-        and never look past ``max_new_tokens``."""
-        self.lookahead.max_new_tokens = max_new_tokens
-        return super().init(target, prompts, max_new_tokens, seed)
-
-    def results(self, state: DecoderState) -> list[Result]:
+    def results(self, state: DecoderState, raise_on_failure: bool = False) -> list[Result]:
         """``Result.stats`` counts the rollouts (``tokens_decoded`` includes them; the engine adds
         the proposal's work): ``lookahead_tokens_decoded`` (alias ``rollout_tokens``) are the
         rollout tokens of the prompt's own rows, ``lookahead_forward_passes`` the batch's."""

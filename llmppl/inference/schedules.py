@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .capabilities import Needs
+from .terms import Bridge, WeightTerm
+
 
 @dataclass
 class BridgeStats:
@@ -68,11 +71,17 @@ class Schedule:
     """Base class: ``initial(final) -> a_0`` and ``exponent(ctx) -> a_t``.
 
     ``exponent`` returns a float (the same ``a_t`` for every group) or a ``(G,)`` tensor.
-    ``uses_token_stats``: ``exponent`` calls ``ctx.stats()``, which reads the full-vocabulary
-    next-token log-probabilities (not available on a block-only backend such as vLLM).
+    ``requires.full_vocabulary``: ``exponent`` calls ``ctx.stats()``, which reads the
+    full-vocabulary next-token log-probabilities (not available on a block-only backend such
+    as vLLM).  A schedule whose exponent moves adds the :class:`~llmppl.inference.terms.Bridge`
+    term (``terms()``).
     """
 
-    uses_token_stats: bool = False
+    requires: Needs = Needs()
+
+    def terms(self) -> tuple[WeightTerm, ...]:
+        """The bridge term ``(a_t − a_{t−1}) log p(y_<t)`` (none for :class:`Constant`)."""
+        return (Bridge(),)
 
     def initial(self, final: float) -> float:
         return final
@@ -83,6 +92,9 @@ class Schedule:
 
 class Constant(Schedule):
     """``a_t = α`` for every ``t`` (plain Power-SMC, no bridging)."""
+
+    def terms(self) -> tuple[WeightTerm, ...]:
+        return ()
 
     def __repr__(self) -> str:
         return "Constant()"
@@ -161,7 +173,7 @@ class AdaptiveESS(Schedule):
     that finish are promoted to ``α``, so the final target is exact whatever ``a_t`` is.
     """
 
-    uses_token_stats = True
+    requires = Needs(full_vocabulary=True)
 
     def __init__(self, target_ess: float = 0.5, alpha_from: float = 1.0) -> None:
         if not 0.0 < float(target_ess) < 1.0:

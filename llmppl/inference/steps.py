@@ -1,21 +1,40 @@
 """SMC step granularity: one token, ``k`` tokens, or a segment up to a delimiter.
 
-Within one SMC step every live particle is extended token by token until its
-segment ends (``ends`` is true, EOS, or ``max_new_tokens``); particles whose segment
-ended wait.  Weights accumulate over the block; twisting, reweighting and
-resampling happen once per step (the weight formula of DESIGN.md §1 with ``y_t`` a block).
+Within one SMC step every live particle is extended until its segment ends (``width``
+tokens, ``ends`` is true, EOS, or ``max_new_tokens``); particles whose segment ended wait.
+Weights accumulate over the block; twisting, reweighting and resampling happen once per
+step (the weight formula of DESIGN.md §1 with ``y_t`` a block).
+
+A step kind declares ``requires`` (a :class:`~llmppl.inference.capabilities.Needs`:
+``row_wise=False`` means ``ends`` is checked on the host after every token), ``width`` (the
+most tokens one step draws) and the weight terms it adds (``terms()``, e.g. the segment
+look-ahead twist of :class:`Until`); the engine needs no change for a new one.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from .capabilities import Needs
+from .terms import LengthTwist, WeightTerm
+
 
 class Step:
-    """Base class: ``ends(segment, lm) -> bool`` after each new token of a segment."""
+    """Base class: a step of at most ``width`` tokens that ends early when ``ends(segment, lm)``
+    (checked on the host after each token when ``requires.row_wise`` is false)."""
+
+    #: token steps are native (blocks); a step with a host check reads each token
+    requires: Needs = Needs()
+    #: the most tokens one step draws per particle
+    width: int = 1
 
     def ends(self, segment: list[int], lm: Any) -> bool:
-        raise NotImplementedError
+        """True when ``segment`` (this step's tokens so far) completes the step."""
+        return len(segment) >= self.width
+
+    def terms(self) -> tuple[WeightTerm, ...]:
+        """Weight terms this step kind adds to every step (:mod:`~llmppl.inference.terms`)."""
+        return ()
 
     def check(self, lm: Any) -> None:
         """Raise ValueError when the step cannot work with ``lm``."""
@@ -25,12 +44,13 @@ class Tokens(Step):
     """A step is ``k`` tokens (``k = 1``: token-level Power-SMC)."""
 
     def __init__(self, k: int = 1) -> None:
-        if not isinstance(k, int) or k < 1:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"Tokens(k) needs an int k >= 1, got {k!r}")
         self.k = k
 
-    def ends(self, segment: list[int], lm: Any) -> bool:
-        return len(segment) >= self.k
+    @property
+    def width(self) -> int:  # type: ignore[override]
+        return self.k
 
     def __repr__(self) -> str:
         return f"Tokens({self.k})"
@@ -57,7 +77,10 @@ class Until(Step):
     steps' draws (for LMs whose per-token cost is about constant, where prefixes that differ by
     many tokens would otherwise be compared unfairly; on LMs whose cost depends on the position,
     such as the toy LMs' length-dependent EOS, it adds variance).  Both twists are chosen before
-    the step draws, so ``Ẑ`` stays unbiased (``SMC._length_twist``)."""
+    the step draws, so ``Ẑ`` stays unbiased (:class:`~llmppl.inference.terms.LengthTwist`)."""
+
+    #: the delimiter is looked for in the decoded segment after every token (host)
+    requires = Needs(full_vocabulary=True, row_wise=False)
 
     def __init__(self, delimiter: str | int = "\n\n", max_tokens: int = 256, slope: bool = False) -> None:
         if isinstance(delimiter, bool) or not isinstance(delimiter, (str, int)) or delimiter == "":
@@ -67,6 +90,13 @@ class Until(Step):
         self.delimiter = delimiter
         self.max_tokens = max_tokens
         self.slope = bool(slope)
+
+    @property
+    def width(self) -> int:  # type: ignore[override]
+        return self.max_tokens
+
+    def terms(self) -> tuple[WeightTerm, ...]:
+        return (LengthTwist(self.slope),)
 
     def check(self, lm: Any) -> None:
         if isinstance(self.delimiter, str) and lm.tokenizer is None:
