@@ -131,6 +131,7 @@ def run_parity(lm, model) -> int:
                        norm_next=True, feed_last=torch.tensor([k % 2 == 0 for k in range(9)])),
         BlockSpec.make(9, 3, 1.0, STOP, greedy=True, mask_fn=parity_mask, norm_exponent=a, norm_next=True),
     ]
+    seen = {"delimited": 0, "next": 0, "next_nan": 0, "ended": 0}
     for rows in (list(range(9)), [1, 4, 5, 8]):
         for spec in specs:
             idx = torch.tensor(rows)
@@ -138,6 +139,12 @@ def run_parity(lm, model) -> int:
             before = [list(state.tokens[r]) for r in rows]
             block = state.sample_block(idx, sub, g)
             checked += check_extras(state, model, rows, sub, block, before)
+            seen["ended"] += int(block.ended.sum())
+            if block.delimited is not None:
+                seen["delimited"] += int(block.delimited.sum())
+            if block.log_norm_next is not None:
+                seen["next"] += int(torch.isfinite(block.log_norm_next).sum())
+                seen["next_nan"] += int(block.log_norm_next.isnan().sum())
             if spec.norm_exponent is not None and torch.equal(spec.norm_exponent, 1.0 / tau) and not spec.greedy:
                 # with a = 1/τ the normaliser is a·log p − log q of the drawn token
                 drawn = block.tokens >= 0
@@ -149,6 +156,7 @@ def run_parity(lm, model) -> int:
                            [0 for e in block.ended.tolist() if e])
             long = [r for r in rows if len(state.tokens[r]) > 20]
             state.truncate(long, [0] * len(long))
+    assert min(seen.values()) >= 3, seen      # every case met several times
     return checked
 
 

@@ -27,6 +27,7 @@ from llmppl.models.block import BlockSpec, NotNative, proposal_logprobs  # noqa:
 from llmppl.models.vllm import VLLMLM, read_model_dir, special_ids  # noqa: E402
 
 from tiny_models import tiny_vllm_llama  # noqa: E402
+import _block_checks as bc  # noqa: E402
 
 V = 8
 STOP = (7,)
@@ -286,6 +287,49 @@ def test_reproducible_from_seed(tiny):
     a, b, c = draw(7), draw(7), draw(8)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.log_q, b.log_q)
     assert not torch.equal(a.tokens, c.tokens)
+
+
+# ------------------------------------------------------------------ masks, normalisers, delimiters
+def test_masks_norms_end_ids_parity(tiny):
+    """Per-row and callable masks, log_norm at several exponents, log_norm_next, end ids, greedy
+    under a callable mask: every cell against the transformers forward (tests/_block_checks.py,
+    the same checks HFLM's token loop passes in tests/test_block_extras.py)."""
+    lm, model = tiny
+    assert bc.run_parity(lm, model) > 100
+
+
+def test_callable_mask_law(tiny):
+    """2-token blocks of 3000 rows under a callable mask at τ = 0.6 against the exact law of the
+    pairs; the same counts are far from the unmasked law (the impostor)."""
+    lm, model = tiny
+    tv, impostor = bc.run_law(lm, model)
+    assert tv < 0.06 and impostor > 0.2, (tv, impostor)
+
+
+def test_bad_extras_are_one_clear_error(tiny):
+    """Bad masks / exponents / end ids: one ValueError before or after the engine runs (a mask_fn
+    that raises or leaves no token never kills the engine), and the engine stays usable."""
+    lm, model = tiny
+    state = lm.start([1, 2], n=2, max_new_tokens=6)
+    g = torch.Generator().manual_seed(0)
+    cases = [
+        (dict(allowed=torch.ones((3, V), dtype=torch.bool)), "allowed-token mask must be"),
+        (dict(allowed=torch.tensor([[True] * V, [False] * 7 + [True]]), allow_stop=False),
+         "no token is allowed for row 1"),
+        (dict(norm_exponent=torch.tensor([1.0])), "norm_exponent must be"),
+        (dict(norm_next=True), "norm_next needs norm_exponent"),
+        (dict(end_ids=(V,)), "end ids must lie"),
+        (dict(mask_fn=lambda k, t: torch.ones(3, dtype=torch.bool)), "mask_fn must return"),
+        (dict(mask_fn=lambda k, t: torch.zeros((len(k), V), dtype=torch.bool)), "allows no token for row 0"),
+        (dict(mask_fn=lambda k, t: torch.tensor([[True] * V] * len(k)) if not t[0] else 1 / 0), "ZeroDivision"),
+    ]
+    for kw, msg in cases:
+        with pytest.raises((ValueError, RuntimeError), match=msg):
+            state.sample_block(torch.arange(2), BlockSpec.make(2, 2, 1.0, STOP, **kw), g)
+    state = lm.start([1, 2], n=2, max_new_tokens=6)
+    spec = BlockSpec.make(2, 3, 1.0, STOP)
+    block = state.sample_block(torch.arange(2), spec, g)
+    check_block(state, model, [0, 1], spec, block, [[], []])
 
 
 # ------------------------------------------------------------------ bad input

