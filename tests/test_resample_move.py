@@ -174,5 +174,5 @@ def test_result_records_distinct_particles_after_moves():
 def test_rejuvenate_refuses_a_stateful_proposal():
     lm = NGramLM(vocab_size=4, seed=0)
     smc = pp.SMC(4, proposal=pp.proposals.FromLM(NGramLM(vocab_size=4, seed=1)), rejuvenate=pp.MH(1, 1))
-    with pytest.raises(ValueError, match="stateful proposal"):
+    with pytest.raises(ValueError, match="own decoding state"):
         smc.run(pp.Target(lm, pp.Power(2.0)), [0], 3, seed=0)

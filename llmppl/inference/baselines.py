@@ -105,7 +105,8 @@ class Decoder(Engine[DecoderState]):
         check_fits(decoder_footprint(self, target, ids, max_new_tokens))   # rows + the proposal's forks
         decoding = lm.start(ids[0] if G == 1 else ids, self.n, max_new_tokens=max_new_tokens)
         run = self.proposal.start(target, ids, self.n, max_new_tokens)
-        return DecoderState(self, target, ids, max_new_tokens, decoding, make_generator(seed, lm.device), clock, seed,
+        return DecoderState(self, target, ids, max_new_tokens, decoding,
+                            make_generator(seed, G * self.n, lm.device), clock, seed,
                             proposal_run=run)
 
     @torch.inference_mode()

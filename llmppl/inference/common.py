@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from ..models.streams import RowStreams
+
 from ..targets.target import Target
 
 
@@ -45,14 +47,11 @@ def eos_ids(lm: Any) -> tuple[int, ...]:
     return tuple(int(i) for i in ids) if ids else (int(lm.eos_token_id),)
 
 
-def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A ``torch.Generator`` on ``device`` seeded with ``seed`` (a fresh random seed when None)."""
-    gen = torch.Generator(device=device)
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(int(seed))
-    return gen
+def make_generator(seed: int | None, n_rows: int, device: torch.device | str = "cpu") -> RowStreams:
+    """A run's randomness: per-row counter-based streams for ``n_rows`` rows (a row's draws do not
+    depend on the other rows) and a ``torch.Generator`` for group-level draws, both from ``seed``
+    (a fresh random seed when None); :class:`~llmppl.models.streams.RowStreams`."""
+    return RowStreams(seed, n_rows, device)
 
 
 def peak_memory(device: torch.device | str = "cpu") -> int:

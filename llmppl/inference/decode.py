@@ -30,7 +30,7 @@ from ..models.block import BlockSpec, Propose
 from ..targets.target import Target
 from .common import eos_ids
 from .native import NATIVE_HINT, block_temperature, require_full_vocabulary
-from .proposal import Proposal, ProposalContext
+from .proposal import Proposal, ProposalContext, own_sampler
 
 
 @dataclass
@@ -104,7 +104,7 @@ def advance(
     if not native:
         spec.propose = _proposal_hook(target, state, rows, proposal, exponent, a_rows, generator,
                                       proposal_run, max_new_tokens)
-        spec.sample, spec.forced = proposal.sample, _forced_tokens(forced, R, W)
+        spec.sample, spec.forced = own_sampler(proposal), _forced_tokens(forced, R, W)
     blk = state.sample_block(rows, spec, generator)
     tokens, log_p = blk.tokens.cpu(), blk.log_p.cpu()
     unused = torch.full_like(log_p, -math.inf)

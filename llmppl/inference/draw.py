@@ -24,7 +24,7 @@ import torch
 from ..models.block import BlockSpec
 from ..targets.base import scaled
 from .particles import RowPrefixes, completions
-from .proposal import ProposalContext
+from .proposal import ProposalContext, own_sampler
 
 if TYPE_CHECKING:
     from .smc import SMCPlan, SMCState
@@ -130,7 +130,7 @@ def draw_block(plan: "SMCPlan", state: "SMCState", a_rows: torch.Tensor, active:
         spec = BlockSpec(budget=budget, width=width, stop_ids=plan.stop_ids,
                          temperature=torch.ones_like(a_sel), feed_last=budget < remaining,
                          propose=_proposal_hook(plan, state, rows, a_sel, width, hook_bad),
-                         sample=proposal.sample)
+                         sample=own_sampler(proposal))
     if n_rows:
         blk = state.decoding.sample_block(rows, spec, state.generator)
         lp, lq = blk.total("log_p").to(P.device), blk.total("log_q").to(P.device)

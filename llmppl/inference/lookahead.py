@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.block import BlockSpec
+from ..models.streams import RowStreams
 from .capabilities import Needs
 from .common import eos_ids
 from .proposal import Proposal, ProposalContext, exponent_of
@@ -137,7 +138,8 @@ class Lookahead(Proposal):
         n = len(go)
         spec = BlockSpec(budget=hor[go], width=int(hor[go].max()), temperature=torch.ones(n, dtype=torch.float64),
                          stop_ids=stop_ids, feed_last=False)
-        blk = fork.sample_block(go, spec, ctx.generator)
+        gen = ctx.generator.split(fork.n_rows) if isinstance(ctx.generator, RowStreams) else ctx.generator
+        blk = fork.sample_block(go, spec, gen)
         log_f[go] = blk.total("log_p").cpu()
         # fed: the candidate, then every drawn token but the last (EOS, or the horizon's end)
         if isinstance(ctx.run, LookaheadRun):

@@ -28,6 +28,7 @@ import torch
 
 from ..targets.base import scaled
 from ..targets.target import Target
+from ..models.streams import torch_generator
 from .common import AllParticlesDied, Stopwatch, make_generator, peak_memory, prepare_prompts
 from .decode import Decoded, advance, end_terms
 from .footprint import check_fits, mh_footprint
@@ -41,12 +42,14 @@ from .result import Result
 
 def _uniform_index(lengths: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """``m_i ~ U{0, .., lengths_i − 1}``."""
-    u = torch.rand(len(lengths), generator=generator, device=generator.device).cpu().double()
+    gen = torch_generator(generator)
+    u = torch.rand(len(lengths), generator=gen, device=gen.device).cpu().double()
     return torch.minimum((u * lengths).long(), lengths - 1)
 
 
 def _log_uniform(n: int, generator: torch.Generator) -> torch.Tensor:
-    return torch.rand(n, generator=generator, device=generator.device).cpu().double().log()
+    gen = torch_generator(generator)
+    return torch.rand(n, generator=gen, device=gen.device).cpu().double().log()
 
 
 def _masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -226,7 +229,7 @@ class MH(Engine[MHState]):
         n = G * chains
         proposal = self._proposal(target)
         return MHState(target, prompt_ids, T, chains, decoding, proposal,
-                       make_generator(seed, target.lm.device), _Chains(n, T), clock, seed=seed,
+                       make_generator(seed, n, target.lm.device), _Chains(n, T), clock, seed=seed,
                        n_stages=math.ceil(T / self.block_size),
                        decoded=torch.zeros(n, dtype=torch.long), sampled=torch.zeros(n, dtype=torch.long),
                        log_gamma=torch.full((n,), -math.inf, dtype=torch.float64),

@@ -92,6 +92,12 @@ class Proposal:
         return sample_inverse_cdf(log_q, generator)
 
 
+def own_sampler(proposal: Proposal):
+    """``proposal.sample`` when the proposal overrides it, else None: the block then draws by
+    inversion with each row's own uniforms (:class:`~llmppl.models.streams.RowStreams`)."""
+    return None if type(proposal).sample is Proposal.sample else proposal.sample
+
+
 def exponent_of(ctx: ProposalContext) -> float | torch.Tensor:
     """``a_t`` as a float or a ``(B, 1)`` tensor on the log-probs' device.
 

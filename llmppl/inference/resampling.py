@@ -21,6 +21,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..models.streams import torch_generator
+
 Resampler = Callable[[torch.Generator, torch.Tensor, int], torch.Tensor]
 RESAMPLERS: dict[str, Resampler] = {}
 
@@ -55,8 +57,9 @@ def _normalised(weights: torch.Tensor) -> torch.Tensor:
 
 def _uniform(generator: torch.Generator, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """Uniforms in [0, 1) on the generator's device, moved to ``like``'s device."""
-    dev = generator.device if generator is not None else like.device
-    return torch.rand(shape, generator=generator, dtype=torch.float64, device=dev).to(like.device)
+    gen = torch_generator(generator)
+    dev = gen.device if gen is not None else like.device
+    return torch.rand(shape, generator=gen, dtype=torch.float64, device=dev).to(like.device)
 
 
 def _inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ from ..targets.target import Target
 from .capabilities import Needs
 from .common import AllParticlesDied, Stopwatch, eos_ids, make_generator, peak_memory, prepare_prompts
 from .draw import Drawn, draw_step
+from .footprint import check_fits, smc_footprint
 from .kernel import Engine, Prompt, StepInfo
 from .moves import MoveContext
 from .native import NATIVE_HINT, block_temperature, needs, require_full_vocabulary
@@ -284,10 +285,11 @@ class SMC(Engine[SMCState]):
         G, N, dev = len(ids), self.n_particles, lm.device
         plan = self.plan(target, G, max_new_tokens)
         clock = Stopwatch(dev).start()
+        check_fits(smc_footprint(self, target, ids, max_new_tokens))   # the run's peak, before any cache
         decoding = lm.start(ids[0] if G == 1 else ids, N, max_new_tokens=max_new_tokens)
         self._refuse_unnative(plan, target, decoding)
         a0 = torch.full((G,), self.schedule.initial(plan.alpha), dtype=torch.float64, device=dev)
-        state = SMCState(plan, target, ids, decoding, make_generator(seed, dev), Particles(G, N, dev),
+        state = SMCState(plan, target, ids, decoding, make_generator(seed, G * N, dev), Particles(G, N, dev),
                          plan.proposal.start(target, ids, N, max_new_tokens), a0, clock, seed=seed, live=G * N)
         for term in plan.terms:
             term.start(plan, state)

@@ -71,6 +71,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .streams import RowStreams, torch_generator
+
 #: ``log q`` below this counts as probability 0 when sampling (see :func:`sample_inverse_cdf`)
 LOG_Q_FLOOR = -80.0
 #: ``log₂ e``: the samplers exponentiate in base 2 (``e^x = 2^{x log₂ e}``; float32 ``exp2`` is
@@ -194,7 +196,8 @@ def _tempered_scores(log_p: torch.Tensor, temperature: torch.Tensor, stop_ids: t
     return scores
 
 
-def sample_inverse_cdf(log_q: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def sample_inverse_cdf(log_q: torch.Tensor, generator: torch.Generator | None,
+                       u: torch.Tensor | None = None) -> torch.Tensor:
     """One draw per row from ``q = exp(log_q)`` by inversion (:func:`invert_weights` of
     ``exp(log_q)``).
 
@@ -204,10 +207,21 @@ def sample_inverse_cdf(log_q: torch.Tensor, generator: torch.Generator | None) -
     (Inversion is ~6× faster than ``torch.multinomial`` on a CPU for a 49k vocabulary.)
     """
     p = torch.nn.functional.threshold_(log_q * LOG2_E, LOG_Q_FLOOR * LOG2_E, -math.inf).exp2_()   # (also NaN → 0)
-    return invert_weights(p, generator)[0]
+    return invert_weights(p, generator, u)[0]
 
 
-def invert_weights(p: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _uniform(generator: torch.Generator | None, B: int, like: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+    """``(B, 1)`` float64 uniforms on ``like``'s device: the given per-row ``u`` (a row's own
+    stream, :class:`~llmppl.models.streams.RowStreams`), else drawn from ``generator``."""
+    if u is not None:
+        return u.reshape(B, 1).to(device=like.device, dtype=torch.float64)
+    gen = torch_generator(generator)
+    dev = gen.device if gen is not None else like.device
+    return torch.rand((B, 1), generator=gen, dtype=torch.float64, device=dev).to(like.device)
+
+
+def invert_weights(p: torch.Tensor, generator: torch.Generator | None,
+                   u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One draw per row from ``q_v = p_v / Σ_u p_u`` (``p`` ``(B, V)`` unnormalised, ``>= 0``),
     by inversion in two levels; returns the tokens and the float64 totals ``C = Σ_u p_u``.
 
@@ -219,14 +233,13 @@ def invert_weights(p: torch.Tensor, generator: torch.Generator | None) -> tuple[
     with float64 cumulative sums of ``V/K + K`` numbers per row instead of ``V``
     (``K = SAMPLE_BLOCK``; a vocabulary of at most one block is inverted in one level).
     A row with ``C = 0`` gets token ``V − 1`` (callers see ``C = 0`` and treat the draw as
-    impossible).
+    impossible).  ``u`` ``(B,)``: the rows' uniforms when given (per-row streams).
     """
     B, V = p.shape
-    dev = generator.device if generator is not None else p.device
     K = SAMPLE_BLOCK
     if V <= K:             # one level: the float64 cumulative sums of the row itself
         cum = p.double().cumsum(-1)       # (the same sums as cumsum(dtype=float64), ~1.5x faster on CPU)
-        u = torch.rand((B, 1), generator=generator, dtype=torch.float64, device=dev).to(cum.device)
+        u = _uniform(generator, B, cum, u)
         rest = torch.minimum(u * cum[:, -1:], cum[:, -1:] * (1.0 - 1e-12))
         return torch.searchsorted(cum, rest, right=True).squeeze(1).clamp_(max=V - 1), cum[:, -1]
     full, tail = divmod(V, K)
@@ -234,8 +247,7 @@ def invert_weights(p: torch.Tensor, generator: torch.Generator | None) -> tuple[
     if tail:
         sums = torch.cat([sums, p[:, full * K:].sum(-1, dtype=torch.float64, keepdim=True)], 1)
     cum = sums.cumsum(-1)
-    u = torch.rand((B, 1), generator=generator, dtype=torch.float64, device=dev).to(cum.device)
-    u = u * cum[:, -1:]
+    u = _uniform(generator, B, cum, u) * cum[:, -1:]
     block = torch.searchsorted(cum, u, right=True).clamp_(max=cum.shape[1] - 1)
     before = (cum - sums).gather(1, block)              # C_{b−1} (0 for the first block)
     cols = block * K + torch.arange(K, device=p.device)
@@ -250,8 +262,8 @@ def invert_weights(p: torch.Tensor, generator: torch.Generator | None) -> tuple[
 
 
 def sample_tempered(log_p: torch.Tensor, temperature: torch.Tensor, stop_ids: torch.Tensor,
-                    allow_stop: bool, allowed: torch.Tensor | None, generator: torch.Generator | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    allow_stop: bool, allowed: torch.Tensor | None, generator: torch.Generator | None,
+                    u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One draw per row from ``q ∝ p^{1/τ} · 1[allowed]`` (without the stop ids unless
     ``allow_stop``) and its float64 ``log q`` at the drawn token, without materialising
     ``log q``:
@@ -266,7 +278,7 @@ def sample_tempered(log_p: torch.Tensor, temperature: torch.Tensor, stop_ids: to
     s = _tempered_scores(log_p, temperature / LOG2_E, stop_ids, allow_stop, allowed)   # s_v log₂ e
     s.sub_(s.amax(-1, keepdim=True))
     w = torch.nn.functional.threshold_(s, LOG_Q_FLOOR * LOG2_E, -math.inf).exp2_()   # (also NaN → 0)
-    token, total = invert_weights(w, generator)
+    token, total = invert_weights(w, generator, u)
     return token, w.gather(1, token[:, None]).squeeze(1).double().log_() - total.log()
 
 
@@ -301,14 +313,25 @@ def _log_q(lp: torch.Tensor, k: torch.Tensor | None, tau: torch.Tensor, stop: to
     return proposal_logprobs(lp, tau, stop, spec.allow_stop, allowed), None
 
 
-def _sample(log_q: torch.Tensor, spec: BlockSpec, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row: ``spec.sample`` for a hook's ``q`` (default: inverse CDF), the mode when
-    greedy (no random numbers drawn), else :func:`sample_inverse_cdf`."""
-    if spec.propose is not None:
-        return (spec.sample or sample_inverse_cdf)(log_q, generator)
-    if spec.greedy:
+def _sample(log_q: torch.Tensor, spec: BlockSpec, generator: torch.Generator | None,
+            u: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row: ``spec.sample`` for a hook's ``q`` (default: inverse CDF with the rows'
+    uniforms ``u``), the mode when greedy (no random numbers drawn), else :func:`sample_inverse_cdf`."""
+    if spec.propose is not None and spec.sample is not None:
+        return spec.sample(log_q, torch_generator(generator))
+    if spec.greedy and spec.propose is None:
         return log_q.argmax(-1)
-    return sample_inverse_cdf(log_q, generator)
+    return sample_inverse_cdf(log_q, generator, u)
+
+
+def row_uniforms(generator: "torch.Generator | RowStreams | None", rows: torch.Tensor | None,
+                 live: torch.Tensor | None, n_rows: int) -> torch.Tensor | None:
+    """The next uniform of each listed row (all ``n_rows`` rows of the state when ``rows`` is None)
+    from per-row streams, advancing only the ``live`` rows (those that draw); None for a plain
+    ``torch.Generator``."""
+    if not isinstance(generator, RowStreams):
+        return None
+    return generator.uniform(rows, live, n_rows)
 
 
 def _at(x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
@@ -317,16 +340,16 @@ def _at(x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
 
 
 def _position(lp: torch.Tensor, k: torch.Tensor | None, tau: torch.Tensor, stop: torch.Tensor, spec: BlockSpec,
-              allowed: torch.Tensor | None, forced: torch.Tensor | None, generator: torch.Generator | None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+              allowed: torch.Tensor | None, forced: torch.Tensor | None, generator: torch.Generator | None,
+              u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One position of the block's rows ``k`` (log p ``lp`` ``(m, V)``): the token of each row
     (drawn from ``q``, or ``forced`` where that is ``>= 0``) and, at it, float64 ``log q`` and the
     hook's ``log_inc`` (None without one)."""
     if spec.propose is None and not spec.greedy and forced is None:
-        tok, lq_tok = sample_tempered(lp, tau, stop, spec.allow_stop, allowed, generator)
+        tok, lq_tok = sample_tempered(lp, tau, stop, spec.allow_stop, allowed, generator, u)
         return tok, lq_tok, None
     lq, inc = _log_q(lp, k, tau, stop, spec, allowed)
-    tok = _sample(lq, spec, generator).to(lp.device)
+    tok = _sample(lq, spec, generator, u).to(lp.device)
     if forced is not None:
         tok = torch.where(forced >= 0, forced, tok)
     return tok, _at(lq, tok), None if inc is None else _at(inc, tok)
@@ -467,7 +490,7 @@ def _device_loop(state, rows: torch.Tensor | None, spec: BlockSpec, generator: t
         if check:
             _check_mass(mask, live, stop, spec, row_ids, j)
         tok, lq_tok, inc_tok = _position(lp, k, tau, stop, spec, mask, None if forced is None else forced[:, j],
-                                         generator)
+                                         generator, row_uniforms(generator, rows, live, R))
         column = [torch.where(live, tok, -1), torch.where(live, _at(lp, tok), -math.inf),
                   torch.where(live, lq_tok, -math.inf)]
         if k is not None:
@@ -539,7 +562,8 @@ def _subset_loop(state, rows: torch.Tensor, spec: BlockSpec, generator: torch.Ge
             _check_mass(mask, torch.ones(len(sub), dtype=torch.bool, device=dev), stop, spec,
                         [row_ids[i] for i in sub.tolist()], j)
         tok, lq_tok, inc_tok = _position(lp, sub, tau[sub], stop, spec, mask,
-                                         None if forced is None else forced[sub, j], generator)
+                                         None if forced is None else forced[sub, j], generator,
+                                         row_uniforms(generator, rows[sub], None, state.n))
         tokens[sub, j] = tok
         log_p[sub, j] = _at(lp, tok)
         log_q[sub, j] = lq_tok

@@ -69,6 +69,7 @@ from typing import Any
 import torch
 
 from .base import HostRowsState, LanguageModel, _normalise_blocks, as_index
+from .streams import torch_generator
 from .block import Block, BlockSpec, NotNative, check_extras
 from .hf import eos_token_ids
 
@@ -851,7 +852,8 @@ class VLLMState(HostRowsState):
         ended = torch.zeros(n, dtype=torch.bool)
         # one seed per row, drawn whether or not the row decodes (reproducible from the generator)
         if generator is not None:
-            seeds = torch.randint(0, 2**62, (n,), generator=generator, device=generator.device).tolist()
+            gen = torch_generator(generator)
+            seeds = torch.randint(0, 2**62, (n,), generator=gen, device=gen.device).tolist()
         else:
             seeds = [None] * n
         live = [k for k in range(n) if budget[k] > 0]
