@@ -29,7 +29,7 @@ import torch
 from ..models.block import BlockSpec, Propose
 from ..targets.target import Target
 from .common import eos_ids
-from .native import NATIVE_HINT, block_temperature, require_full_vocabulary
+from .native import NATIVE_HINT, block_masks, block_temperature, require_full_vocabulary
 from .proposal import Proposal, ProposalContext, own_sampler
 
 
@@ -100,7 +100,8 @@ def advance(
                      temperature=tau if native else torch.ones(R, dtype=torch.float64),
                      stop_ids=eos_ids(target.lm), allow_stop=allow_eos and proposal.allow_stop,
                      greedy=native and proposal.greedy,
-                     feed_last=None if feed_last else False)
+                     feed_last=None if feed_last else False,
+                     **(block_masks(target, state, rows) if native else {}))
     if not native:
         spec.propose = _proposal_hook(target, state, rows, proposal, exponent, a_rows, generator,
                                       proposal_run, max_new_tokens)

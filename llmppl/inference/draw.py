@@ -16,13 +16,15 @@ proposal and the target's token-level factors on the ``(rows, V)`` log-probabili
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from ..models.block import BlockSpec
 from ..targets.base import scaled
+from .native import block_masks
 from .particles import RowPrefixes, completions
 from .proposal import ProposalContext, own_sampler
 
@@ -46,6 +48,9 @@ class Drawn:
     a_prev: torch.Tensor        # (G,) a_{t−1}
     a_rows: torch.Tensor        # (R,) a_t per row
     bad: torch.Tensor           # bool: the LM gave NaN / +inf log-probabilities
+    #: native segment steps: ``log Σ_v p(v | y)^{a_t} · M(v)`` after each row's segment (NaN where
+    #: undefined), from the block (``Block.log_norm_next``); None on the token path
+    log_norm_next: torch.Tensor | None = None
     #: (G, N) or (G,) tensors recorded in ``Result.steps`` by name (terms add theirs)
     records: dict[str, torch.Tensor] = field(default_factory=dict)
 
@@ -58,15 +63,24 @@ def draw_step(plan: "SMCPlan", state: "SMCState", a: torch.Tensor, a_prev: torch
     start, log_p_before = P.length, P.log_p
     zero = torch.zeros_like(P.log_p)
     inc, ended, bad = zero, torch.zeros_like(active), torch.zeros_like(active)
+    norm_next = torch.full_like(zero, math.nan) if plan.native and plan.segments else None
     rows_on = active
-    width = 1 if plan.tokenwise else min(plan.step.width, plan.max_new_tokens)
+    step_width = min(plan.step.width, plan.max_new_tokens)
+    width = 1 if plan.tokenwise else step_width
+    first = True
     while True:
-        d_inc, d_end, d_bad = draw_block(plan, state, a_rows, rows_on, width)
-        inc, ended, bad = inc + d_inc, ended | d_end, bad | d_bad
-        if not plan.tokenwise:
+        cap = None if first else step_width - (P.length - start)   # the step's tokens left per row
+        first = False
+        d = draw_block(plan, state, a_rows, rows_on, width, cap)
+        inc, ended, bad = inc + d.inc, ended | d.stopped, bad | d.bad
+        if norm_next is not None:
+            norm_next = torch.where(rows_on, d.norm_next, norm_next)
+        if not plan.tokenwise and not (plan.segments and plan.native and not plan.certain_ends):
             break
         rows_on = rows_on & ~P.done & (P.length - start < plan.step.width)
-        if plan.segments:       # the step's own end, checked on the host after every token
+        if plan.native:         # only rows that stopped at a candidate end may go on
+            rows_on = rows_on & d.delimited
+        if plan.segments:       # the step's own end, checked on the host
             rows = rows_on.nonzero().flatten()
             state.trace.syncs += 1
             segs = completions(state.decoding, P.unfed, rows)
@@ -79,7 +93,7 @@ def draw_step(plan: "SMCPlan", state: "SMCState", a: torch.Tensor, a_prev: torch
         if not bool(rows_on.any()):
             break
     grown = P.length - start
-    drawn = Drawn(active, inc, ended, grown, log_p_before, a, a_prev, a_rows, bad)
+    drawn = Drawn(active, inc, ended, grown, log_p_before, a, a_prev, a_rows, bad, norm_next)
     if plan.segments:
         drawn.records["segment_length"] = grown.view(plan.G, plan.N).amax(1)
     return drawn
@@ -98,12 +112,22 @@ def rows_to_draw(plan: "SMCPlan", state: "SMCState", active: torch.Tensor) -> to
     return torch.argsort((~active).to(torch.uint8), stable=True)[:state.live]
 
 
+class BlockDraw(NamedTuple):
+    """What :func:`draw_block` returns, ``(R,)`` each."""
+
+    inc: torch.Tensor          # Σ_j a_t log p + log φ^next − log q of the drawn tokens
+    stopped: torch.Tensor      # the row ended (EOS, cut at max_new_tokens, weight zero)
+    bad: torch.Tensor          # the LM's log-probabilities were NaN / +inf
+    delimited: torch.Tensor    # the row stopped at one of the step's end ids (native segments)
+    norm_next: torch.Tensor    # log Σ_v p(v | y)^{a_t} · M(v) after the row's block (native segments; else NaN)
+
+
 def draw_block(plan: "SMCPlan", state: "SMCState", a_rows: torch.Tensor, active: torch.Tensor,
-               width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Up to ``width`` tokens for each ``active`` row in one ``state.sample_block`` call, and the
-    rows' bookkeeping.  Returns ``(R,)``: the drawn tokens' log-weight increment (module
-    docstring), whether the row ended (EOS, cut at ``max_new_tokens``, weight zero), whether
-    the LM's log-probabilities were bad (NaN / +inf).
+               width: int, cap: torch.Tensor | None = None) -> BlockDraw:
+    """Up to ``width`` tokens (and ``cap`` per row, when given) for each ``active`` row in one
+    ``state.sample_block`` call, and the rows' bookkeeping (see :class:`BlockDraw`).  A native
+    segment step stops a row at the step's end ids (``plan.end_ids``) and asks the block for the
+    look-ahead normaliser after it (``norm_next``, exponent ``a_t``).
 
     A row's last token at ``max_new_tokens`` is kept in ``particles.unfed`` (never fed); a stop
     token is never fed; every other drawn token is appended to the decoding state."""
@@ -121,11 +145,16 @@ def draw_block(plan: "SMCPlan", state: "SMCState", a_rows: torch.Tensor, active:
     remaining, act, a_sel = plan.max_new_tokens - sub(P.length), sub(active), sub(a_rows)
     n_rows = len(act)
     budget = torch.where(act, remaining.clamp(max=width), 0)
+    if cap is not None:
+        budget = torch.minimum(budget, sub(cap).clamp_min(0))
     hook_bad = torch.zeros(n_rows, dtype=torch.bool, device=P.device)
+    segment = plan.native and plan.segments
     if plan.native:
+        extra = {"end_ids": plan.end_ids, "norm_exponent": a_sel, "norm_next": True} if segment else {}
         spec = BlockSpec(budget=budget, width=width, stop_ids=plan.stop_ids,
                          temperature=proposal.block_temperature(a_sel), greedy=proposal.greedy,
-                         allow_stop=proposal.allow_stop, feed_last=budget < remaining)
+                         allow_stop=proposal.allow_stop, feed_last=budget < remaining,
+                         **block_masks(target, state.decoding, rows), **extra)
     else:
         spec = BlockSpec(budget=budget, width=width, stop_ids=plan.stop_ids,
                          temperature=torch.ones_like(a_sel), feed_last=budget < remaining,
@@ -138,9 +167,13 @@ def draw_block(plan: "SMCPlan", state: "SMCState", a_rows: torch.Tensor, active:
         eos, n = blk.ended.to(P.device), blk.length.to(P.device)
         last = (blk.tokens[:, 0] if blk.tokens.shape[1] == 1 else
                 blk.tokens.gather(1, (n - 1).clamp_min(0)[:, None]).squeeze(1)).to(P.device)
+        delim = blk.delimited.to(P.device) if blk.delimited is not None else torch.zeros_like(eos)
+        nxt = (blk.log_norm_next.to(P.device, torch.float64) if blk.log_norm_next is not None
+               else torch.full_like(lp, math.nan))
     else:
-        lp = lq = torch.zeros(0, dtype=torch.float64, device=P.device)
+        lp = lq = nxt = torch.zeros(0, dtype=torch.float64, device=P.device)
         other, eos = None, torch.zeros(0, dtype=torch.bool, device=P.device)
+        delim = eos
         n = last = torch.zeros(0, dtype=torch.long, device=P.device)
     # rows with budget 0 drew nothing: totals 0, length 0, not ended (the Block contract)
     drawn = scaled(a_sel, lp) - lq if other is None else scaled(a_sel, lp) + other - lq
@@ -170,7 +203,7 @@ def draw_block(plan: "SMCPlan", state: "SMCState", a_rows: torch.Tensor, active:
         proposal.on_extend(state.proposal_run, [[int(x)] for x in full(last)[fed].tolist()],
                            fed.nonzero().flatten().cpu())
         proposal.on_finish(state.proposal_run, (active & stopped).nonzero().flatten().cpu())
-    return drawn, stopped, bad
+    return BlockDraw(drawn, stopped, bad, full(delim), full(nxt))
 
 
 def _proposal_hook(plan: "SMCPlan", state: "SMCState", rows: torch.Tensor | None, a_sel: torch.Tensor,

@@ -54,9 +54,12 @@ def _(part: Proposal, target: Target | None = None) -> Needs:
 
 @needs.register
 def _(part: Potential, target: Target | None = None) -> Needs:
-    """A factor that acts on every next token (``log φ^next``: masks, ``Tempered``) needs the
-    full vocabulary; one defined on finished sequences or prefixes (rewards, twists) does not."""
-    return Needs(full_vocabulary=bool(part.factorises))
+    """A factor that acts on every next token (``log φ^next``: ``Tempered``) needs the full
+    vocabulary, unless it is a mask (``allowed_tokens``: ``log φ^next = log 1[allowed]``), which a
+    backend applies inside its own blocks; one defined on finished sequences or prefixes
+    (rewards, twists) needs nothing."""
+    mask = callable(getattr(part, "allowed_tokens", None))
+    return Needs(full_vocabulary=bool(part.factorises) and not mask)
 
 
 def all_of(parts: Any) -> Needs:
@@ -98,6 +101,26 @@ def block_temperature(proposal: Proposal, target: Target, a_rows: torch.Tensor) 
     return proposal.block_temperature(a_rows.double())
 
 
+def block_masks(target: Target, state: Any, rows: torch.Tensor | None) -> dict[str, Any]:
+    """The ``BlockSpec`` fields that apply the target's masks inside a native block over ``rows``
+    of ``state`` (all rows when None): ``allowed`` ``(V,)`` when every mask is fixed, else
+    ``mask_fn(k, tokens)``, the conjunction of the masks after each row's completion so far
+    (``target.allowed_tokens`` on a batch of the rows' prompts and tokens).  Empty without masks."""
+    if not any(f.factorises for f in target.others):
+        return {}
+    V = target.lm.vocab_size
+    fixed = target.static_allowed(V)
+    if fixed is not None:
+        return {"allowed": fixed.to(target.lm.device)}
+    row_ids = list(range(state.n_rows)) if rows is None else rows.tolist()
+
+    def mask_fn(k: torch.Tensor, tokens: list[list[int]]) -> torch.Tensor:
+        prompts = [state.prompt_of(row_ids[i]) for i in k.tolist()]
+        return target.allowed_tokens(target.batch(prompts, [list(t) for t in tokens]), V)
+
+    return {"mask_fn": mask_fn}
+
+
 def require_full_vocabulary(state, what: str, instead: str) -> None:
     """Raise :class:`NotNative` when ``state`` has no full-vocabulary log-probabilities."""
     if not getattr(state, "full_vocabulary", True):
@@ -108,4 +131,4 @@ def require_full_vocabulary(state, what: str, instead: str) -> None:
 NATIVE_HINT = ("use a native proposal (pp.proposals.Temperature() or Base()) on a target without "
                "token-level factors, or a backend with full-vocabulary log-probabilities (HFLM, LlamaCppLM)")
 
-__all__ = ["Needs", "needs", "all_of", "block_temperature", "require_full_vocabulary", "NATIVE_HINT"]
+__all__ = ["Needs", "needs", "all_of", "block_temperature", "block_masks", "require_full_vocabulary", "NATIVE_HINT"]

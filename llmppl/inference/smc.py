@@ -63,9 +63,10 @@ CAUSES[CUT_CAUSE] = "cut at max_new_tokens, and truncation='zero' gives cut comp
 class SMCPlan:
     """What an SMC run's configuration implies, decided once at :meth:`SMC.init`.
 
-    ``native``: each block is drawn by the backend (``q ∝ p^{1/τ}``, no token-level factor);
-    ``tokenwise``: one token per ``sample_block`` call (a segment step's host check, or a
-    proposal with its own decoding state); ``segments``: the step's end is checked on the host;
+    ``native``: each block is drawn by the backend (``q ∝ p^{1/τ} · masks``, no other token-level
+    factor); ``tokenwise``: one token per ``sample_block`` call (a segment step on the token path,
+    or a proposal with its own decoding state); ``segments``: the step ends early (``Until``) —
+    natively at its ``end_ids``, checked on the host unless ``certain_ends``;
     ``terms``: the weight terms of every step; ``a_const``: the exponent of every step under a
     constant schedule (``None`` when the schedule moves)."""
 
@@ -80,6 +81,8 @@ class SMCPlan:
     native: bool
     tokenwise: bool
     segments: bool
+    end_ids: tuple[int, ...]      # native segment steps: ids at which a block stops (the step's ends)
+    certain_ends: bool            # drawing an end id always ends the step (no host check)
     terms: tuple[WeightTerm, ...]
     stop_ids: tuple[int, ...]
     bridging: bool
@@ -251,10 +254,12 @@ class SMC(Engine[SMCState]):
         if not bridging:
             a_const = torch.full((G,), alpha, dtype=torch.float64, device=lm.device)
             a_const_rows = a_const.repeat_interleave(N)
+        segments = not step_needs.row_wise
+        end_ids, certain = self.step_kind.end_ids(lm) if segments and native else ((), True)
         return SMCPlan(G=G, N=N, alpha=alpha, max_new_tokens=max_new_tokens, lm=lm, proposal=proposal,
                        needs=prop_needs, step=self.step_kind, native=native,
-                       tokenwise=not step_needs.row_wise or prop_needs.own_state,
-                       segments=not step_needs.row_wise, terms=terms, stop_ids=eos_ids(lm),
+                       tokenwise=(segments and not native) or prop_needs.own_state, segments=segments,
+                       end_ids=end_ids, certain_ends=certain, terms=terms, stop_ids=eos_ids(lm),
                        bridging=bridging, a_const=a_const, a_const_rows=a_const_rows)
 
     def _refuse_unnative(self, plan: SMCPlan, target: Target, decoding: Any) -> None:

@@ -36,6 +36,12 @@ class Step:
         """Weight terms this step kind adds to every step (:mod:`~llmppl.inference.terms`)."""
         return ()
 
+    def end_ids(self, lm: Any) -> tuple[tuple[int, ...], bool]:
+        """For native blocks: the token ids at which a block must stop so that the step's end can
+        be found, and whether drawing one always ends the step (else ``ends`` is checked on the
+        host there).  A step that ends only by its width has none."""
+        return (), True
+
     def check(self, lm: Any) -> None:
         """Raise ValueError when the step cannot work with ``lm``."""
 
@@ -79,8 +85,9 @@ class Until(Step):
     such as the toy LMs' length-dependent EOS, it adds variance).  Both twists are chosen before
     the step draws, so ``Ẑ`` stays unbiased (:class:`~llmppl.inference.terms.LengthTwist`)."""
 
-    #: the delimiter is looked for in the decoded segment after every token (host)
-    requires = Needs(full_vocabulary=True, row_wise=False)
+    #: the step ends early: on the token path the delimiter is looked for after every token (host);
+    #: native blocks stop at the delimiter's candidate tokens (``end_ids``)
+    requires = Needs(row_wise=False)
 
     def __init__(self, delimiter: str | int = "\n\n", max_tokens: int = 256, slope: bool = False) -> None:
         if isinstance(delimiter, bool) or not isinstance(delimiter, (str, int)) or delimiter == "":
@@ -97,6 +104,15 @@ class Until(Step):
 
     def terms(self) -> tuple[WeightTerm, ...]:
         return (LengthTwist(self.slope),)
+
+    def end_ids(self, lm: Any) -> tuple[tuple[int, ...], bool]:
+        """A token-id delimiter is its own end (certain).  A string delimiter ends the segment at the
+        first token whose arrival puts it in the decoded text; that token's text holds the
+        delimiter's last character, so the candidates are the tokens whose text holds it (the
+        host then checks the decoded segment)."""
+        if isinstance(self.delimiter, int):
+            return (self.delimiter,), True
+        return _tokens_with(lm, self.delimiter[-1]), False
 
     def check(self, lm: Any) -> None:
         if isinstance(self.delimiter, str) and lm.tokenizer is None:
@@ -115,6 +131,19 @@ class Until(Step):
     def __repr__(self) -> str:
         extra = ", slope=True" if self.slope else ""
         return f"Until({self.delimiter!r}, max_tokens={self.max_tokens}{extra})"
+
+
+_CANDIDATES: dict[tuple[int, str], tuple[int, ...]] = {}
+
+
+def _tokens_with(lm: Any, char: str) -> tuple[int, ...]:
+    """The ids whose decoded text contains ``char`` (memoised per tokenizer and character)."""
+    key = (id(lm.tokenizer), char)
+    if key not in _CANDIDATES:
+        texts = lm.tokenizer.convert_ids_to_tokens(list(range(len(lm.tokenizer))))
+        decoded = [lm.tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in texts]
+        _CANDIDATES[key] = tuple(i for i, s in enumerate(decoded) if char in s and i < lm.vocab_size)
+    return _CANDIDATES[key]
 
 
 #: ``step=`` names accepted by ``pp.SMC``

@@ -147,9 +147,10 @@ class _SlopeHistory:
 class LengthTwist(WeightTerm):
     """Segment steps: for live particles
 
-        log ψ_t(y) = log Σ_v p(v | y)^{a_t}  [+ c_t · (T − len(y) − 1)  with ``slope``],
+        log ψ_t(y) = log Σ_v p(v | y)^{a_t} · M(v)  [+ c_t · (T − len(y) − 1)  with ``slope``],
 
-    the exact one-token look-ahead mass of the next position (what a token step's next
+    (``M`` the target's masks on native blocks, from ``Block.log_norm_next``; on the token path
+    ``M = 1``) the exact one-token look-ahead mass of the next position (what a token step's next
     incremental weight would be under ``q ∝ p^{a_t}``), plus optionally ``c_t`` per token for
     the rest of the horizon; removed when a particle ends.
 
@@ -174,8 +175,11 @@ class LengthTwist(WeightTerm):
         P = state.particles
         live = ~P.done
         prev = P.extra[self.name]
-        lp = state.decoding.last_logprobs().double().to(P.device)      # log p(· | y) of the new prefixes
-        new = torch.logsumexp(scaled(drawn.a_rows[:, None], lp), -1)
+        if drawn.log_norm_next is not None:     # native blocks: the backend's normaliser after the segment
+            new = drawn.log_norm_next
+        else:                                   # log p(· | y) of the new prefixes
+            lp = state.decoding.last_logprobs().double().to(P.device)
+            new = torch.logsumexp(scaled(drawn.a_rows[:, None], lp), -1)
         if self.slope:
             h: _SlopeHistory = state.term_data[self.name]
             new = new + h.c.repeat_interleave(P.N) * (plan.max_new_tokens - P.length - 1).double().clamp_min(0.0)

@@ -140,8 +140,25 @@ class Constraint(Potential):
     def has_twist(self) -> bool:
         return self.prefix is not None
 
-    def _mask(self, batch: Prefixes) -> torch.Tensor:
-        V = batch.base_logprobs.shape[-1]
+    def allowed_tokens(self, batch: Prefixes, vocab_size: int) -> torch.Tensor | None:
+        """``(B, V)`` bool: the next tokens the mask allows after each prefix of ``batch``
+        (``log φ^next = log 1[allowed]``), so a backend can apply it inside its own blocks; None
+        for a constraint on finished completions.  ``batch.base_logprobs`` may be None there."""
+        return None if self.mask is None else self._mask(batch, vocab_size)
+
+    def static_allowed(self, vocab_size: int) -> torch.Tensor | None:
+        """The fixed mask as ``(V,)`` bool (None when it is a callable or there is none)."""
+        m = self.mask
+        if m is None or callable(m):
+            return None
+        if m.dtype == torch.bool:
+            return m
+        out = torch.zeros(vocab_size, dtype=torch.bool)
+        out[m[(m >= 0) & (m < vocab_size)]] = True
+        return out
+
+    def _mask(self, batch: Prefixes, vocab_size: int | None = None) -> torch.Tensor:
+        V = batch.base_logprobs.shape[-1] if vocab_size is None else vocab_size
         m = self.mask
         if callable(m):
             out = torch.as_tensor(m(batch), dtype=torch.bool)

@@ -76,8 +76,9 @@ class Target:
     @property
     def has_complete(self) -> bool:
         """True when ``log_complete`` can be non-zero: a factor defined on finished sequences
-        (rewards, predicates), or ``truncation="zero"``."""
-        return self.truncation == "zero" or any(not f.factorises for f in self.others)
+        (rewards, predicates; a factor may say so with its own ``has_complete``, as grammar
+        constraints do for cut completions), or ``truncation="zero"``."""
+        return self.truncation == "zero" or any(getattr(f, "has_complete", not f.factorises) for f in self.others)
 
     def encode(self, prompt: str | Sequence[int] | Sequence[dict]) -> list[int]:
         return self.lm.encode_prompt(prompt, chat=self.chat)
@@ -100,6 +101,36 @@ class Target:
             extra = self._other.log_next(batch)
             if extra is not None:
                 out = out + extra
+        return out
+
+    @property
+    def masks_only(self) -> bool:
+        """Every token-level factor besides ``Power`` is a mask ``log φ^next = log 1[allowed]``
+        (it has ``allowed_tokens``): ``p^a · Π masks``, which a backend can draw in its own blocks
+        (``q ∝ p^{1/τ} · mask``)."""
+        return all(callable(getattr(f, "allowed_tokens", None)) for f in self.others if f.factorises)
+
+    def allowed_tokens(self, batch: Prefixes, vocab_size: int) -> torch.Tensor | None:
+        """``(B, V)`` bool: the conjunction of the factors' masks after each prefix of ``batch`` (None
+        without a mask).  Only for :attr:`masks_only` targets."""
+        out = None
+        for f in self.others:
+            if f.factorises:
+                m = f.allowed_tokens(batch, vocab_size)
+                if m is not None:
+                    m = torch.as_tensor(m, dtype=torch.bool)
+                    out = m if out is None else out & m
+        return out
+
+    def static_allowed(self, vocab_size: int) -> torch.Tensor | None:
+        """``(V,)`` bool when every mask is fixed (the same after every prefix), else None."""
+        masks = [f for f in self.others if f.factorises]
+        fixed = [getattr(f, "static_allowed", lambda V: None)(vocab_size) for f in masks]
+        if not masks or any(m is None for m in fixed):
+            return None
+        out = torch.ones(vocab_size, dtype=torch.bool)
+        for m in fixed:
+            out &= m.to(torch.bool)[:vocab_size]
         return out
 
     def log_next_other(self, batch: Prefixes) -> torch.Tensor | None:
