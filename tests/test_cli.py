@@ -3,9 +3,17 @@
 import argparse
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
 
 import llmppl as pp
 from llmppl.cli import METHODS, main
+from llmppl.methods import PROPOSALS, SCHEDULES, build_method, parse_step
 from llmppl.models import NGramLM
 
 
@@ -29,12 +37,6 @@ def test_bad_alpha_is_a_clear_error(capsys):
 
 
 # ------------------------------------------------------------------ bad input: one clear line
-import os
-import subprocess
-import sys
-
-import pytest
-import torch
 
 
 def _sample_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
@@ -97,14 +99,6 @@ def test_memory_estimate_matches_a_real_cache(smollm, chat_prompt):
 
 
 # ------------------------------------------------------------------ sampler options
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-from llmppl.methods import PROPOSALS, SCHEDULES, build_method, parse_step  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

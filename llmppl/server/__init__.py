@@ -27,8 +27,17 @@ def create_app(lm: Any, config: ServerConfig | None = None, potential: Any = Non
 
 
 def serve(lm: Any, config: ServerConfig | None = None, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", potential: Any = None) -> None:
-    """Run the app under uvicorn until interrupted (one worker process: the model is loaded once)."""
+          log_level: str = "info", potential: Any = None, exit_when_stopped: bool = False) -> None:
+    """Run the app under uvicorn until interrupted (one worker process: the model is loaded once).
+
+    At the first Ctrl-C / SIGTERM every queued and running request is answered with a 503 JSON
+    error (``server_shutting_down``).  A batch still running then finishes in its thread, and
+    ``serve`` returns when it has; with ``exit_when_stopped`` (``llmppl serve``) the process exits
+    at once instead (status 0), abandoning that batch.
+    """
+    import os
+    import sys
+
     app = create_app(lm, config, potential)
     try:
         import uvicorn
@@ -44,4 +53,13 @@ def serve(lm: Any, config: ServerConfig | None = None, host: str = "127.0.0.1", 
                 batcher.loop.call_soon_threadsafe(batcher.shutdown)
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)).run()
+    try:
+        Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)).run()
+    finally:
+        if batcher.busy():
+            if exit_when_stopped:   # torch running in a thread while the interpreter finalises aborts it
+                print("llmppl serve: stopped (the batch in progress was abandoned)", file=sys.stderr)
+                sys.stderr.flush()
+                sys.stdout.flush()
+                os._exit(0)
+            batcher.join()

@@ -113,6 +113,7 @@ class Batcher:
         self.running: list[Job] = []
         self.stats = Stats()
         self._threads = itertools.count(1)
+        self._thread: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
@@ -257,8 +258,18 @@ class Batcher:
             except RuntimeError:  # the loop has closed: the server is gone
                 pass
 
-        threading.Thread(target=work, name=f"llmppl-batch-{next(self._threads)}", daemon=True).start()
+        self._thread = threading.Thread(target=work, name=f"llmppl-batch-{next(self._threads)}", daemon=True)
+        self._thread.start()
         return future
+
+    def busy(self) -> bool:
+        """A batch is running in its thread."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the batch in progress (if any) to finish."""
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     # ------------------------------------------------------------ in the worker thread
     def target(self, alpha: float, truncation: str = "keep") -> Target:

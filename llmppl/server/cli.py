@@ -69,5 +69,5 @@ def run_serve(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     lm = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device, args.backend),
                     backend=args.backend)
-    serve(lm, config, host=args.host, port=args.port, log_level=args.log_level)
+    serve(lm, config, host=args.host, port=args.port, log_level=args.log_level, exit_when_stopped=True)
     return 0
