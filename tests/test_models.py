@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-import llmppl as pp
 from llmppl.models import HFLM, LanguageModel, LanguageModelError, NGramLM
 
 TOL = 1e-4

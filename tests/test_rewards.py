@@ -1,10 +1,9 @@
 """Rewards, verifiers and constraints: real models offline, bad input fails loudly."""
 
-import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import llmppl as pp

@@ -1,6 +1,5 @@
 """Power-SMC on the default model: Thm 1 weights and KV-cache consistency after resampling."""
 
-import math
 
 import pytest
 import torch
