@@ -889,7 +889,7 @@ class VLLMState(HostRowsState):
         elif ban and len(set(ban)) >= V:
             raise ValueError("every token is a stop id and allow_stop is false: nothing can be drawn")
         for k in live:
-            self._check_fits(rows_l[k], budget[k] + (1 if want_next else 0))
+            self._check_fits(rows_l[k], budget[k] + (1 if want_next and feed_last[k] else 0))
         base = next(_KEYS)
         bkey = ""
         if per_row is not None or spec.mask_fn is not None:
@@ -952,7 +952,7 @@ class VLLMState(HostRowsState):
                     cut = j + 1
                     break
             extra = len(got) > cut
-            got_extra, got = got[cut:], got[:cut]
+            got = got[:cut]
             L = len(got)
             stopped = bool(L and spec.allow_stop and got[-1] in stopset)
             hit = bool(L and not stopped and got[-1] in endset)
@@ -987,7 +987,6 @@ class VLLMState(HostRowsState):
                 # (the next block reopens the row on its prefix anyway)
                 self._close([s])
                 self.sessions[r] = None
-            del got_extra
         return block()
 
 
