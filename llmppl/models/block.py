@@ -178,7 +178,8 @@ def _bcast(mask: torch.Tensor) -> torch.Tensor:
 
 def proposal_logprobs(log_p: torch.Tensor, temperature: torch.Tensor, stop_ids: torch.Tensor,
                       allow_stop: bool = True, allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """``log q = log_softmax(log p / τ + log 1[allowed])`` per row (``τ`` ``(n,)``), in the
+    """``log q = log_softmax(log p / τ + log 1[allowed])`` per row (``τ`` ``(n,)``; ``allowed``
+    ``(V,)`` or one mask per row ``(n, V)``), in the
     dtype of ``log_p``; without the stop ids when ``allow_stop`` is false.  Tokens with
     ``p = 0`` stay at ``−inf`` (no ``0 · ∞``)."""
     return torch.log_softmax(_tempered_scores(log_p, temperature, stop_ids, allow_stop, allowed), dim=-1)
