@@ -318,6 +318,14 @@ class MethodRecipe:
         opts = MethodOptions.from_namespace(args, progress=False)
         return cls(name, tuple(sorted(dataclasses.asdict(opts).items())))
 
+    @classmethod
+    def of(cls, name: str, **options: Any) -> "MethodRecipe":
+        """The recipe of ``build_method(name, **options)`` (typed keyword options, checked now)."""
+        method = build_method(name, **options)   # fails here, not inside a remote actor
+        del method
+        opts = dataclasses.replace(MethodOptions(), **options)
+        return cls(name, tuple(sorted(dataclasses.asdict(opts).items())))
+
     def __call__(self) -> Method:
         return build_method(self.name, MethodOptions(**dict(self.options)))
 

@@ -298,3 +298,29 @@ def test_cli_sample_writes_report(tmp_path):
     text = out.read_text()
     assert "data:image/png;base64," in text and "smc" in text
 
+
+
+def test_report_shows_the_prompt_distinct_completions_and_readable_memory(tmp_path):
+    """The report names the prompt, merges identical particles into one row with their summed mass,
+    and prints byte counts in KiB / MiB / GiB."""
+    res = Result(method="SMC", prompt_ids=[0], samples=[[1], [2], [2], [2]],
+                 log_weights=[np.log(0.4), np.log(0.2), np.log(0.2), np.log(0.2)], texts=["Red", "Yellow"] + ["Yellow"] * 2,
+                 finished=[True] * 4, truncated=[False] * 4, stats={"peak_memory": 3 * 2**30 // 2})
+    html = write_report(res, tmp_path / "r.html", prompt="Name a <primary> colour.").read_text()
+    assert "Name a &lt;primary&gt; colour." in html and "1.5 GiB" in html
+    rows = re.findall(r"<tr[^>]*><td class='num'>([0-9.]+) <span", html)
+    assert rows == ["0.6000", "0.4000"], rows          # Yellow (3 particles) first, then Red
+    assert html.count(">Yellow<") == 1
+
+
+def test_short_mh_report_has_no_nan_and_no_warnings(tmp_path):
+    """An MH run too short for ESS / R-hat says so instead of titling its panel 'ESS=nan, R-hat=nan',
+    and arviz's shape warnings do not reach the user."""
+    import warnings
+
+    res = synthetic_mh(ar1_chains(C=2, S=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        html = write_report(res, tmp_path / "mh.html").read_text()
+    text = re.sub(r"base64,[^\"]+", "", html).lower()   # (the figure's base64 may spell anything)
+    assert "nan" not in text and "undefined" in text

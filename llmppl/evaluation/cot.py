@@ -135,10 +135,9 @@ def _hub_rows(dataset_id: str, config: dict[str, Any]):
 
 
 def _gym_rows(name: str, generator: dict[str, Any], seed: int):
-    try:
-        import reasoning_gym
-    except ModuleNotFoundError as exc:  # pragma: no cover - depends on the install
-        raise ModuleNotFoundError("reasoning_gym tasks need the eval extra: pip install 'llmppl[eval]'") from exc
+    from .tasks import import_reasoning_gym
+
+    reasoning_gym = import_reasoning_gym()
     try:
         reasoning_gym.create_dataset(name, size=1, seed=seed, **generator)
     except (KeyError, ValueError, TypeError, AssertionError) as exc:

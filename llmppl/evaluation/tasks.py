@@ -96,14 +96,25 @@ class Task:
         raise NotImplementedError
 
 
+def import_reasoning_gym() -> Any:
+    """``import reasoning_gym`` without the SyntaxWarnings its dependency cellpylib prints when Python
+    first compiles it ('"is" with a literal', 8 lines on every start until the bytecode is cached)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SyntaxWarning)
+            import reasoning_gym
+    except ModuleNotFoundError as exc:  # pragma: no cover - depends on the install
+        raise ModuleNotFoundError("reasoning_gym tasks need the eval extra: pip install 'llmppl[eval]'") from exc
+    return reasoning_gym
+
+
 class ReasoningGymTask(Task):
     """A ``reasoning_gym`` procedural dataset with a numeric answer, scored by its own scorer."""
 
     def __init__(self, name: str, config: dict[str, Any] | None = None, seed: int = 0) -> None:
-        try:
-            import reasoning_gym
-        except ModuleNotFoundError as exc:  # pragma: no cover - depends on the install
-            raise ModuleNotFoundError("reasoning_gym tasks need the eval extra: pip install 'llmppl[eval]'") from exc
+        reasoning_gym = import_reasoning_gym()
         self.name, self.seed = name, seed
         self.config = dict(config or {})
         self.spec = f"reasoning_gym:{name}"
