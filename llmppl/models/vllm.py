@@ -234,7 +234,14 @@ def recorder_class() -> type:
                 if info.get("a") is not None:
                     normed.append(i)
             raw = sorted(set(samp) | set(normed))
-            lse_raw = dict(zip(raw, torch.logsumexp(select(raw), dim=-1).double().tolist())) if raw else {}
+            lse_raw = torch.logsumexp(select(raw), dim=-1).double() if raw else None   # (stays on the device)
+            at = {r: k for k, r in enumerate(raw)}
+
+            def raw_of(rows: list[int]) -> torch.Tensor:
+                if rows == raw:
+                    return lse_raw
+                return lse_raw.index_select(0, torch.tensor([at[r] for r in rows], device=lse_raw.device))
+
             groups: dict[str, list[tuple[int, dict, list[int], torch.Tensor | None]]] = {}
             for i, (info, out) in zip(idx, infos):
                 row = logits[i]
@@ -275,26 +282,35 @@ def recorder_class() -> type:
                 for r, (i, info, out, m) in enumerate(items):
                     mf = m if f is None else (f[r] if m is None else m & f[r])
                     self._restrict(logits[i], info, mf, blk, True, len(out))
-            if normed:
-                a_of = {i: float(self.rows[i][0]["a"]) for i in normed}
-                x = select(normed)
-                a = torch.tensor([a_of[i] for i in normed], dtype=x.dtype, device=dev)[:, None]
-                lse_a = torch.logsumexp(torch.where(torch.isneginf(x), x, x * a), dim=-1).double().tolist()
-                for i, la in zip(normed, lse_a):
-                    info, out = self.rows[i]
-                    rec = _NORMS.get(info["key"])
-                    if rec is not None:
-                        rec[len(out)] = la - a_of[i] * lse_raw[i]
+            c_of: dict[int, float] = {}
             if samp:
                 tau = torch.tensor([float(self.rows[i][0]["tau"]) for i in samp], dtype=logits.dtype, device=dev)
                 lse_q = torch.logsumexp(select(samp) / tau[:, None], dim=-1)
-                raw_t = torch.tensor([lse_raw[i] for i in samp], dtype=torch.float64, device=dev)
-                c = (lse_q.double() - raw_t / tau.double()).tolist()
+                c = (lse_q.double() - raw_of(samp) / tau.double()).tolist()
                 for i, ck in zip(samp, c):
                     info, out = self.rows[i]
+                    c_of[i] = ck
                     rec = _RECORDS.get(info["key"])
                     if rec is not None:
                         rec[len(out)] = ck
+            if normed:
+                # a = 1/τ (q ∝ p^a): the normaliser is c itself; other exponents: one more logsumexp
+                a_of = {i: float(self.rows[i][0]["a"]) for i in normed}
+                same = {i for i in normed if i in c_of and
+                        abs(a_of[i] * float(self.rows[i][0]["tau"]) - 1.0) <= 1e-12}
+                other = [i for i in normed if i not in same]
+                norm_of = {i: c_of[i] for i in same}
+                if other:
+                    x = select(other)
+                    a = torch.tensor([a_of[i] for i in other], dtype=x.dtype, device=dev)[:, None]
+                    lse_a = torch.logsumexp(torch.where(torch.isneginf(x), x, x * a), dim=-1).double()
+                    a64 = torch.tensor([a_of[i] for i in other], dtype=torch.float64, device=dev)
+                    norm_of.update(zip(other, (lse_a - a64 * raw_of(other)).tolist()))
+                for i in normed:
+                    info, out = self.rows[i]
+                    rec = _NORMS.get(info["key"])
+                    if rec is not None:
+                        rec[len(out)] = norm_of[i]
             for i in extra:             # after a delimiter: end the request with its terminator
                 info, out = self.rows[i]
                 if out and out[-1] in info["end"]:
