@@ -12,14 +12,17 @@ For each particle count ``N`` it times, on one model and in one process:
 
 and reports their ratios, the bandwidth floor ``(bytes of weights read per step + KV bytes) /
 measured copy bandwidth`` and the paper's cost model (tokens decoded, forward passes).
-``--random-weights CONFIG`` builds a Qwen2-shaped model from a config with random weights
-(latency does not depend on the weight values; nothing is downloaded).
+``--random-weights CONFIG`` builds a model of a published shape (``RANDOM_CONFIGS``: Qwen2, Qwen2.5,
+SmolLM2, Llama-2) from a config with random weights (latency does not depend on the weight values;
+nothing is downloaded).  ``benchmarks/gpu_suite.sh`` uses :func:`random_model` and
+:func:`scale_entropy` (realistic next-token entropy) through :mod:`llmppl.benchmarking.gpu_suite`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -28,45 +31,150 @@ from typing import Any
 
 import torch
 
-#: Qwen2 shapes (from the published configs) and a tiny one for CPU smoke runs
+#: model shapes from the published configs (``arch``: the transformers family), and tiny ones
+#: for CPU smoke runs.  ``smollm2-135m``, ``qwen2.5-1.5b`` and ``llama2-7b`` are the GPU suite's
+#: (``benchmarks/gpu_suite.sh``); the ``qwen2-*`` shapes are ``llmppl bench gpu``'s.
 RANDOM_CONFIGS: dict[str, dict[str, Any]] = {
-    "qwen2-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+    "smollm2-135m": dict(arch="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5,
+                         max_position_embeddings=8192),
+    "qwen2.5-1.5b": dict(arch="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                         tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                         max_position_embeddings=32768),
+    "llama2-7b": dict(arch="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                      tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-5,
+                      max_position_embeddings=4096),
+    "qwen2-0.5b": dict(arch="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                        num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
                        tie_word_embeddings=True, rope_theta=1000000.0),
-    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+    "qwen2-1.5b": dict(arch="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                        num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
                        tie_word_embeddings=True, rope_theta=1000000.0),
-    "qwen2-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+    "qwen2-7b": dict(arch="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                      num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                      tie_word_embeddings=False, rope_theta=1000000.0),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    "tiny": dict(arch="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
                  tie_word_embeddings=True),
+    "tiny-llama": dict(arch="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                       tie_word_embeddings=True),
 }
 
 
-def random_lm(name: str, device: str, dtype: torch.dtype, static_cache: bool = True,
-              cuda_graph: bool = True, seed: int = 0) -> Any:
-    """An :class:`HFLM` over a Qwen2 model of shape ``RANDOM_CONFIGS[name]`` with random weights."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from ..models.hf import HFLM
+def random_model(name: str, device: str, dtype: torch.dtype, seed: int = 0) -> Any:
+    """A transformers causal LM of shape ``RANDOM_CONFIGS[name]`` with random weights (the family's
+    own initialisation, seeded), built directly on ``device`` in ``dtype``; EOS = V−1, BOS = V−2."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if name not in RANDOM_CONFIGS:
         raise ValueError(f"unknown --random-weights config {name!r}; choose from {sorted(RANDOM_CONFIGS)}")
     spec = dict(RANDOM_CONFIGS[name])
+    arch = spec.pop("arch")
     V = spec["vocab_size"]
-    config = Qwen2Config(**spec, max_position_embeddings=32768, eos_token_id=V - 1,
-                         bos_token_id=V - 2, pad_token_id=V - 1, attn_implementation="sdpa")
+    spec.setdefault("max_position_embeddings", 32768)
+    config = AutoConfig.for_model(arch, **spec, eos_token_id=V - 1, bos_token_id=V - 2, pad_token_id=V - 1)
+    config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = Qwen2ForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     finally:
         torch.set_default_dtype(default)
+    return model.eval()
+
+
+def random_lm(name: str, device: str, dtype: torch.dtype, static_cache: bool = True,
+              cuda_graph: bool = True, seed: int = 0, entropy: float | None = None) -> Any:
+    """An :class:`HFLM` over :func:`random_model` (``name`` a key of ``RANDOM_CONFIGS``), no tokenizer;
+    with ``entropy`` the logits are first scaled by :func:`scale_entropy` to that many nats."""
+    from ..models.hf import HFLM
+
+    model = random_model(name, device, dtype, seed)
+    if entropy is not None:
+        scale_entropy(model, entropy, seed=seed)
     return HFLM(model, None, name=f"random:{name}", static_cache=static_cache, cuda_graph=cuda_graph)
+
+
+def _final_norm(model: Any) -> torch.nn.Module:
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    if norm is None or getattr(norm, "weight", None) is None:
+        raise ValueError(f"{type(model).__name__}: no final norm with a gain (model.model.norm.weight) to scale")
+    return norm
+
+
+def _entropy(logits: torch.Tensor, scale: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Per row ``H(softmax(s·z)) = −Σ_v π_v log π_v`` in nats (float32)."""
+    lp = torch.log_softmax(logits.float() * scale, dim=-1)
+    return -(lp.exp() * lp).sum(-1)
+
+
+@torch.inference_mode()
+def _sample_paths(model: Any, prompts: torch.Tensor, steps: int, gen: torch.Generator,
+                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Continue each prompt row by ``steps`` tokens drawn from ``softmax(z / temperature)`` (full
+    forward each step, no cache); returns the logits ``z`` the draws saw, (rows·steps, V) float32,
+    and the sequences."""
+    ids, seen = prompts, []
+    for _ in range(steps):
+        z = model(input_ids=ids, logits_to_keep=1).logits[:, -1].float()
+        seen.append(z)
+        probs = torch.softmax(z / temperature, dim=-1)
+        nxt = torch.multinomial(probs.cpu(), 1, generator=gen).to(ids.device)
+        ids = torch.cat([ids, nxt], 1)
+    return torch.cat(seen), ids
+
+
+@torch.inference_mode()
+def scale_entropy(model: Any, target: float = 2.0, rows: int = 64, prompt_len: int = 8, steps: int = 16,
+                  passes: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Scale the logits of a random-weight model so that its next-token entropy is ``target`` nats.
+
+    A random model's logits are near 0 (entropy ≈ log V), so every particle weighs the same and
+    SMC never resamples; a trained model's next-token entropy on text is a few nats.  The final
+    RMSNorm's gain ``g`` is multiplied by ``s``: ``logits = W (s·g ⊙ h/rms(h)) = s·z`` exactly,
+    whether or not ``W`` is tied to the input embedding (scaling ``W`` itself would also scale the
+    embeddings of a tied model).  ``H(s) = H(softmax(s·z))`` decreases in ``s > 0``, so ``s`` is
+    found by bisection on ``log s`` for ``mean_rows H(s) = target``, where the rows are the
+    positions of ``rows`` continuations of ``steps`` tokens drawn from the model itself at the
+    current scale (``passes`` times: first at ``s = 1``, then at the scale found so far), so the
+    entropy is the one the model has along its own samples, which is what decoding sees.  Measured
+    afterwards on fresh draws from ``p`` and from ``p^4`` (``q`` of Power-SMC at α = 4) with
+    another seed: ``entropy_nats`` and ``entropy_nats_power4``; with 64 rows the measured mean is
+    within ~0.15 nats of ``target`` (the rows' entropies spread widely).  Returns the record.
+    """
+    norm = _final_norm(model)
+    dev = norm.weight.device
+    V = model.get_output_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, V - 2, (rows, prompt_len), generator=gen).to(dev)
+    before = float(_entropy(_sample_paths(model, prompts, 1, gen)[0]).mean())
+    scale = 1.0
+    for _ in range(passes):
+        z, _ = _sample_paths(model, prompts, steps, gen)   # logits at the current scale: s on top of it
+        lo, hi = -12.0, 12.0                   # log s
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            if float(_entropy(z, math.exp(mid)).mean()) > target:
+                lo = mid
+            else:
+                hi = mid
+        s = math.exp((lo + hi) / 2)
+        norm.weight.mul_(s)
+        scale *= s
+    gen = torch.Generator().manual_seed(seed + 1)
+    fresh = torch.randint(0, V - 2, (rows, prompt_len), generator=gen).to(dev)
+    after = _entropy(_sample_paths(model, fresh, steps, gen)[0])
+    power = _entropy(_sample_paths(model, fresh, steps, gen, temperature=0.25)[0])
+    return {"target_nats": target, "logit_scale": scale, "entropy_nats_unscaled": before,
+            "entropy_nats": float(after.mean()), "entropy_nats_p10_p90": [float(after.quantile(0.1)), float(after.quantile(0.9))],
+            "entropy_nats_power4": float(power.mean()), "max_nats": math.log(V),
+            "measured_on": f"{rows} draws of {steps} tokens from p (and from p^4), prompts of {prompt_len} random ids"}
 
 
 def _sync(device: torch.device) -> None:
@@ -176,7 +284,7 @@ def cost_model(n: int, steps: int, prompt_len: int, mh_block: int, mh_steps: int
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-weights", metavar="CONFIG", default=None, choices=sorted(RANDOM_CONFIGS),
-                   help="a Qwen2-shaped model with random weights (no download): "
+                   help="a model of this shape with random weights (no download): "
                         + ", ".join(sorted(RANDOM_CONFIGS)))
     p.add_argument("--model", default=None, help="a model spec for load_model (instead of random weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -49,29 +49,35 @@ def engines(lm: Any, N: int, block: int = 1) -> dict[str, Any]:
 
 def run_latency(model: str | None, particles: int, prompts: int, max_new_tokens: int, device: str,
                 reps: int, backend: str = "hf", seed: int = 0, lm: Any = None,
-                compare: str | None = None, block: int | None = None) -> dict[str, Any]:
+                compare: str | None = None, block: int | None = None,
+                sequential: bool = True) -> dict[str, Any]:
     """The benchmark itself; returns the JSON-ready dict.  ``compare``: a second backend timed in
     the same interleaved repetitions (its results under ``"compare"``); ``block``: SMC steps of
     ``block`` tokens (``pp.steps.Tokens(block)``, weighed at block boundaries; default: the
-    backend's ``lm.native_block``, 1 for transformers and llama.cpp, the KV block for vLLM)."""
+    backend's ``lm.native_block``, 1 for transformers and llama.cpp, the KV block for vLLM);
+    ``sequential=False`` skips ``smc_sequential`` (P whole runs: the slowest part at large P).
+    An ``lm`` without a tokenizer takes any number of id prompts."""
     from ..models import load_model
 
     bad_block = block is not None and block < 1
-    if particles < 1 or max_new_tokens < 1 or reps < 1 or bad_block or not 1 <= prompts <= len(PROMPTS):
+    most = len(PROMPTS) if lm is None or lm.tokenizer is not None else 4096
+    if particles < 1 or max_new_tokens < 1 or reps < 1 or bad_block or not 1 <= prompts <= most:
         raise ValueError(f"--particles, --max-new-tokens, --reps, --block must be >= 1 and --prompts in "
-                         f"[1, {len(PROMPTS)}]")
+                         f"[1, {most}]")
     lms = {backend: lm or load_model(model, device=device, backend=backend)}
     if compare and compare != backend:
         lms[compare] = load_model(model, device=device, backend=compare)
     given, block = block, block or getattr(lms[backend], "native_block", 1)
-    runs = {name: _Timed(name, x, particles, prompts, max_new_tokens, block, seed) for name, x in lms.items()}
+    runs = {name: _Timed(name, x, particles, prompts, max_new_tokens, block, seed, sequential)
+            for name, x in lms.items()}
     for r in range(reps):                 # interleaved: every backend's runs in each repetition
         for t in runs.values():
             t.repetition(seed + r)
     out = runs[backend].summary(reps)
     out["command"] = (f"llmppl bench latency --backend {backend} --prompts {prompts} --particles {particles} "
                       f"--max-new-tokens {max_new_tokens} --reps {reps}" + (f" --block {block}" if given else "")
-                      + (f" --compare {compare}" if compare and compare != backend else ""))
+                      + (f" --compare {compare}" if compare and compare != backend else "")
+                      + ("" if sequential else " --no-sequential"))
     if compare and compare != backend:
         out["compare"] = runs[compare].summary(reps)
         out["smc_batch_over_compare"] = out["median_seconds"]["smc_batch"] / out["compare"]["median_seconds"]["smc_batch"]
@@ -82,17 +88,21 @@ def run_latency(model: str | None, particles: int, prompts: int, max_new_tokens:
 class _Timed:
     """One backend's engines, timed one repetition at a time (see the module docstring)."""
 
-    def __init__(self, backend: str, lm: Any, N: int, prompts: int, T: int, block: int, seed: int) -> None:
+    def __init__(self, backend: str, lm: Any, N: int, prompts: int, T: int, block: int, seed: int,
+                 sequential: bool = True) -> None:
         import llmppl as pp
 
         self.backend, self.lm, self.N, self.T, self.block, self.prompts = backend, lm, N, T, block, prompts
+        self.sequential = sequential
         chat = getattr(lm.tokenizer, "chat_template", None) is not None
         self.target = pp.Target(lm, pp.Power(ALPHA), chat=chat)
         self.texts = (PROMPTS[:prompts] if lm.tokenizer is not None       # an LM without a tokenizer: id prompts
                       else [[i % lm.vocab_size, (3 * i + 1) % lm.vocab_size][: 1 + i % 2] for i in range(prompts)])
         self.e = engines(lm, N, block)
         time_engine(self.e["smc"], self.target, self.texts, min(T, 4), seed)      # warm-up (allocator, kernels)
-        self.times: dict[str, list[float]] = {"plain_1": [], "plain_batch": [], "smc_batch": [], "smc_sequential": []}
+        self.times: dict[str, list[float]] = {"plain_1": [], "plain_batch": [], "smc_batch": []}
+        if sequential:
+            self.times["smc_sequential"] = []
         self.syncs: list[float] = []
         self.resamplings: list[list[int]] = []
 
@@ -104,11 +114,13 @@ class _Timed:
         self.times["smc_batch"].append(sec)
         self.syncs.append(res[0].stats["host_syncs"] / res[0].stats["n_steps"])
         self.resamplings.append([x.stats["resampling_count"] for x in res])
-        self.times["smc_sequential"].append(time_sequential(e["smc"], target, texts, T, seed)[0])
+        if self.sequential:
+            self.times["smc_sequential"].append(time_sequential(e["smc"], target, texts, T, seed)[0])
 
     def summary(self, reps: int) -> dict[str, Any]:
         med = {k: statistics.median(v) for k, v in self.times.items()}
         P, N, T = self.prompts, self.N, self.T
+        seq = med.get("smc_sequential")
         return {
             "benchmark": "latency", "backend": self.backend,
             "model": self.lm.name, "prompts": P, "particles": N, "rows": P * N, "max_new_tokens": T,
@@ -116,9 +128,9 @@ class _Timed:
             "seconds": self.times, "median_seconds": med,
             "per_step_ms": {k: 1000.0 * v / T for k, v in med.items()},
             "tokens_per_s": {"smc_batch": P * N * T / med["smc_batch"],
-                             "smc_sequential": P * N * T / med["smc_sequential"]},
+                             "smc_sequential": None if seq is None else P * N * T / seq},
             "smc_over_plain_same_rows": med["smc_batch"] / med["plain_batch"],
-            "batch_speedup_tokens_per_s": med["smc_sequential"] / med["smc_batch"],
+            "batch_speedup_tokens_per_s": None if seq is None else seq / med["smc_batch"],
             "smc_over_plain_1": med["smc_batch"] / med["plain_1"],
             "host_syncs_per_step": statistics.median(self.syncs),
             "resampling_count": self.resamplings,
@@ -138,25 +150,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--no-sequential", action="store_true", help="skip the P sequential SMC runs")
     p.add_argument("--json", default=None, help="write the results here")
 
 
 def run(args: argparse.Namespace) -> int:
     compare = args.compare or ("hf" if args.backend != "hf" else None)
     return emit(run_latency(args.model, args.particles, args.prompts, args.max_new_tokens, args.device,
-                            args.reps, backend=args.backend, compare=compare, block=args.block), args.json)
+                            args.reps, backend=args.backend, compare=compare, block=args.block,
+                            sequential=not args.no_sequential), args.json)
 
 
 def run_overhead(config: str, prompts: int, particles: int, max_new_tokens: int, reps: int,
                  device: str = "cpu", static_cache: bool = False, seed: int = 0,
-                 blocks: tuple[int, ...] = (1,)) -> dict[str, Any]:
+                 blocks: tuple[int, ...] = (1,), lm: Any = None) -> dict[str, Any]:
     """ms/step of ``pp.SMC.run_batch`` over the model's own cached forward loop on a tiny
     random-weight model (the forward is almost free, so the engine's own cost shows), for SMC
     in steps of each of ``blocks`` tokens (``pp.steps.Tokens(k)``: weighed, ESS checked and
     resampled every ``k`` tokens), all timed in the same interleaved repetitions.
 
     ``smc_batch`` / ``smc_over_model_loop`` are the first block size's; every size is under
-    ``by_block``."""
+    ``by_block``.  ``lm``: an already built :class:`HFLM` to time instead (``config``, ``device``
+    and ``static_cache`` then come from it)."""
     import torch
 
     import llmppl as pp
@@ -165,7 +180,10 @@ def run_overhead(config: str, prompts: int, particles: int, max_new_tokens: int,
 
     if not blocks or any(k < 1 for k in blocks) or len(set(blocks)) != len(blocks):
         raise ValueError(f"--blocks must list distinct sizes >= 1, got {list(blocks)}")
-    lm = random_lm(config, device, torch.float32, static_cache=static_cache)
+    if lm is None:
+        lm = random_lm(config, device, torch.float32, static_cache=static_cache)
+    else:
+        config, device, static_cache = lm.name.removeprefix("random:"), str(lm.device), lm.static_cache
     gen = torch.Generator().manual_seed(seed)
     ids = [torch.randint(0, lm.vocab_size - 2, (4 + i % 5,), generator=gen).tolist() for i in range(prompts)]
     target = pp.Target(lm, pp.Power(ALPHA))
