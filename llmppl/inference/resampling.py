@@ -12,11 +12,15 @@ A registered scheme checks its input (finite, non-negative, a positive sum per g
 host sync) and normalises it; its ``from_normalised(generator, w, n)`` is the same draw
 on weights already normalised per group, ``(G, N)`` float64, with no check and no sync,
 which is what the engine calls once a step.
+
+:func:`draw_ancestors_within` resamples within classes of a group's particles (segment steps:
+particles at the same position), each class keeping its total weight.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -166,6 +170,77 @@ def needs_resampling(ess: torch.Tensor, live: torch.Tensor, threshold: float, n:
     return live & (ess < threshold * n)
 
 
+def _draw(resampler: Resampler, generator: torch.Generator, lw: torch.Tensor, n: int) -> torch.Tensor:
+    """``(G, n)`` indices drawn by ``resampler`` from ``softmax(lw)`` per group."""
+    draw = getattr(resampler, "from_normalised", None)
+    if draw is not None:
+        return draw(generator, torch.softmax(lw, 1), n)
+    return resampler(generator, torch.exp(lw - lw.amax(1, keepdim=True)).nan_to_num(0.0), n)
+
+
+def class_log_means(log_w: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """``(G, N)``: for every particle, the log of its class's mean weight
+    ``log(Σ_{j ∈ c(i)} w_j / N_c)`` (classes: equal labels within a group; −inf for a class of
+    zero weight)."""
+    G, N = log_w.shape
+    _, idx = torch.unique(classes, return_inverse=True)
+    K = int(idx.max()) + 1 if idx.numel() else 1
+    top = log_w.amax(1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    mass = torch.zeros((G, K), dtype=torch.float64, device=log_w.device).scatter_add_(
+        1, idx, torch.exp(log_w.double() - top))
+    count = torch.zeros((G, K), dtype=torch.float64, device=log_w.device).scatter_add_(
+        1, idx, torch.ones_like(log_w, dtype=torch.float64))
+    means = torch.log(mass) + top - torch.log(count.clamp_min(1.0))
+    return means.gather(1, idx)
+
+
+def within_class_ess(log_w: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """``(G,)``: the ESS of the weights relative to their class's mean, ``(Σλ)² / Σλ²`` with
+    ``λ_i = w_i / m_c(i)`` — what resampling within the classes can raise (``N`` when every class's
+    weights are equal, however unequal the classes; the ordinary ESS for one class)."""
+    means = class_log_means(log_w, classes)
+    lam = torch.where(torch.isfinite(log_w), log_w - means, torch.full_like(log_w, -math.inf))
+    return torch.exp(log_ess(lam))
+
+
+def draw_ancestors_within(resampler: Resampler, generator: torch.Generator, log_w: torch.Tensor,
+                          need: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resampling *within classes*: ``(G, N)`` ancestors and the ``(G, N)`` log-weights after it.
+
+    ``classes`` ``(G, N)`` labels particles; within a group, the ``N_c`` particles of a class
+    compete only with each other: ``resampler`` draws ``N_c`` of them from their normalised
+    weights, and every offspring carries the class's mean weight ``m_c``, so each class keeps
+    its total weight (``Σ_j w'_j = Σ_i w_i``).  For any unbiased scheme
+    ``E[Σ_j w'_j f(x'_j)] = Σ_c N_c · m_c · Σ_{i∈c} (w_i / W_c) f(x_i) = Σ_i w_i f(x_i)``, so ``Ẑ``
+    and the target are unchanged.  A class of one keeps its particle.  One class per group is
+    ordinary resampling (all weights after it equal the mean weight).  Where not ``need``: the
+    identity and ``log_w`` unchanged.  One host sync (the class sizes); a draw per distinct
+    class size."""
+    G, N = log_w.shape
+    dev = log_w.device
+    ident = torch.arange(N, device=dev).expand(G, N)
+    means = class_log_means(log_w, classes)
+    _, idx = torch.unique(classes, return_inverse=True)
+    K = int(idx.max()) + 1 if idx.numel() else 1
+    key = (idx + torch.arange(G, device=dev)[:, None] * K).reshape(-1)          # (R,) (group, class)
+    size = torch.bincount(key, minlength=G * K)
+    order = torch.argsort(key, stable=True)                                    # each class contiguous
+    first = torch.cumsum(size, 0) - size
+    flat_lw = log_w.reshape(-1)
+    anc = ident.reshape(-1).clone()
+    sizes, needed = size.tolist(), need.tolist()
+    for s in sorted({n for n in sizes if n > 1}):
+        chosen = [k for k, n in enumerate(sizes) if n == s and needed[k // K]]
+        if not chosen:
+            continue
+        members = order[first[torch.tensor(chosen, device=dev)][:, None] + torch.arange(s, device=dev)]  # (C, s)
+        picks = _draw(resampler, generator, flat_lw[members], s).to(dev)
+        anc[members.reshape(-1)] = (members.gather(1, picks) % N).reshape(-1)
+    anc = torch.where(need[:, None], in_place_ancestors(anc.view(G, N)), ident)
+    return anc, torch.where(need[:, None], means.gather(1, anc), log_w)
+
+
 def draw_ancestors(resampler: Resampler, generator: torch.Generator, log_w: torch.Tensor,
                    need: torch.Tensor) -> torch.Tensor:
     """``(G, N)`` ancestor indices within each group: drawn by ``resampler`` from the normalised
@@ -174,10 +249,5 @@ def draw_ancestors(resampler: Resampler, generator: torch.Generator, log_w: torc
     G, N = log_w.shape
     ident = torch.arange(N, device=log_w.device).expand(G, N)
     lw = torch.where(need[:, None], log_w, torch.zeros_like(log_w))   # uniform where not needed
-    draw = getattr(resampler, "from_normalised", None)
-    if draw is not None:
-        anc = draw(generator, torch.softmax(lw, 1), N)
-    else:
-        anc = resampler(generator, torch.exp(lw - lw.amax(1, keepdim=True)).nan_to_num(0.0), N)
-    anc = in_place_ancestors(anc.to(log_w.device))
+    anc = in_place_ancestors(_draw(resampler, generator, lw, N).to(log_w.device))
     return torch.where(need[:, None], anc, ident)

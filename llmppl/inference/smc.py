@@ -49,7 +49,8 @@ from .native import NATIVE_HINT, block_temperature, needs, require_full_vocabula
 from .particles import CAUSES, Particles, completions
 from .proposal import Proposal
 from .proposals import Temperature, default_proposal
-from .resampling import draw_ancestors, get_resampler, needs_resampling
+from .resampling import (draw_ancestors, draw_ancestors_within, get_resampler, needs_resampling,
+                         within_class_ess)
 from .result import Result
 from .schedules import BridgeStats, Constant, Schedule, ScheduleContext, conditional_ess, get_schedule
 from .steps import Step, get_step
@@ -321,11 +322,18 @@ class SMC(Engine[SMCState]):
             inc = inc + term.increment(plan, state, drawn)
         ess, alive, rw_increment = self._reweight(state, inc, log_w_before, t)
         log_w_after = P.log_w       # (resampling replaces it, never writes it in place)
-        need = needs_resampling(ess, alive > 0, self.ess_threshold, P.N)
+        # classes: resample within them (segment steps: positions); None: every particle competes
+        classes = plan.step.resampling_classes(plan, state, drawn) if self.ess_threshold > 0.0 else None
+        # the ESS that resampling can raise: within classes, that of the weights relative to their class
+        decide = ess if classes is None else within_class_ess(P.log_w, classes)
+        need = needs_resampling(decide, alive > 0, self.ess_threshold, P.N)
         # on a CPU device reading ``need`` is free: no ancestors are drawn when no prompt resamples
         resample = self.ess_threshold > 0.0 and (P.device.type != "cpu" or bool(need.any()))
         if resample:
-            anc = draw_ancestors(self.resampler, state.generator, P.log_w, need)
+            if classes is None:
+                anc, log_w_resampled = draw_ancestors(self.resampler, state.generator, P.log_w, need), None
+            else:
+                anc, log_w_resampled = draw_ancestors_within(self.resampler, state.generator, P.log_w, need, classes)
             sources = (anc + torch.arange(P.G, device=P.device)[:, None] * P.N).reshape(-1)   # (R,) global rows
             flags = torch.cat([torch.stack([alive.sum(), drawn.bad.any(), need.any()]),
                                P.done.long(), sources]).tolist()   # the step's one host sync
@@ -345,7 +353,7 @@ class SMC(Engine[SMCState]):
         else:
             done, source_rows = flags[3:3 + P.R], flags[3 + P.R:]
             moved = [r for r, s in enumerate(source_rows) if s != r]
-            self._resample(state, need, sources, moved)
+            self._resample(state, need, sources, moved, log_w_resampled)
             n_alive = P.R - sum(done[s] for s in source_rows)
             resampled, ancestors = need, anc
             srt = torch.sort(anc, 1).values
@@ -413,17 +421,24 @@ class SMC(Engine[SMCState]):
         state.trace.cess.append((log_w_before, inc_g, rw.lse_old, rw.lse_new, rw.ok))
         return rw.ess, alive, rw.increment
 
-    def _resample(self, state: SMCState, need: torch.Tensor, rows: torch.Tensor, moved: list[int]) -> None:
+    def _resample(self, state: SMCState, need: torch.Tensor, rows: torch.Tensor, moved: list[int],
+                  log_w_resampled: torch.Tensor | None = None) -> None:
         """Row ``r`` becomes a copy of row ``rows[r]`` (within its prompt): only the ``moved`` rows
         (known on the host) are copied in the KV cache; the resampled prompts' weights become
-        equal, scaled so that ``LSE(log w) − log N = log Ẑ``."""
+        equal, scaled so that ``LSE(log w) − log N = log Ẑ`` — or, after resampling within classes,
+        ``log_w_resampled`` (each offspring carries its class's mean weight; every class keeps its
+        total weight, so ``log Ẑ``, set to their ``LSE − log N``, moves by rounding only)."""
         P = state.particles
         if moved:
             state.decoding.reorder(rows, rows=torch.tensor(moved, dtype=torch.long).to(P.device, non_blocking=True))
             if state.plan.needs.own_state:
                 state.plan.proposal.on_reorder(state.proposal_run, rows.cpu())
             P.gather(rows)
-        P.log_w = torch.where(need[:, None], P.log_Z[:, None].expand(P.G, P.N), P.log_w)
+        if log_w_resampled is None:
+            P.log_w = torch.where(need[:, None], P.log_Z[:, None].expand(P.G, P.N), P.log_w)
+        else:
+            P.log_Z = torch.where(need, torch.logsumexp(log_w_resampled, 1) - math.log(P.N), P.log_Z)
+            P.log_w = log_w_resampled
 
     def _rejuvenate(self, state: SMCState, a: torch.Tensor, t: int) -> None:
         """MH moves on the live rows (they rewrite the rows' tokens in the decoding state, their

@@ -13,10 +13,17 @@ look-ahead twist of :class:`Until`); the engine needs no change for a new one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from .capabilities import Needs
 from .terms import LengthTwist, WeightTerm
+
+if TYPE_CHECKING:
+    from .draw import Drawn
+    from .particles import Particles
+    from .smc import SMCPlan, SMCState
 
 
 class Step:
@@ -41,6 +48,13 @@ class Step:
         be found, and whether drawing one always ends the step (else ``ends`` is checked on the
         host there).  A step that ends only by its width has none."""
         return (), True
+
+    def resampling_classes(self, plan: "SMCPlan", state: "SMCState", drawn: "Drawn") -> torch.Tensor | None:
+        """``(G, N)`` labels: when a prompt resamples after this step, a particle is replaced only
+        by particles of its own class, and each class keeps its total weight
+        (:func:`~llmppl.inference.resampling.draw_ancestors_within`); ``None`` (the default):
+        every particle of the prompt competes with every other."""
+        return None
 
     def check(self, lm: Any) -> None:
         """Raise ValueError when the step cannot work with ``lm``."""
@@ -83,20 +97,40 @@ class Until(Step):
     steps' draws (for LMs whose per-token cost is about constant, where prefixes that differ by
     many tokens would otherwise be compared unfairly; on LMs whose cost depends on the position,
     such as the toy LMs' length-dependent EOS, it adds variance).  Both twists are chosen before
-    the step draws, so ``Ẑ`` stays unbiased (:class:`~llmppl.inference.terms.LengthTwist`)."""
+    the step draws, so ``Ẑ`` stays unbiased (:class:`~llmppl.inference.terms.LengthTwist`).
+
+    ``resample``: which particles compete when a prompt resamples after a segment.
+    ``"position"`` (the default): at ``a_t ≠ 1`` a live particle competes only with the live
+    particles at the same position (tokens so far), each position keeping its total weight, and a
+    particle that has ended keeps its slot and weight (:func:`position_classes`).  At ``a_t ≠ 1``
+    every token costs ``log Σ_v p(v|y)^{a_t} < 0`` in expectation, so the weights of prefixes of
+    different lengths differ by the cost of the tokens the shorter one has still to draw, which
+    no one-token twist knows: resampling on them copies the short prefixes (on the
+    ``"truncating"`` toy at ``α = 4``, 97 % of the first step's mass went to a prefix whose final
+    mass is 0.33, and a run was 3× farther from the target than without resampling;
+    ``docs/smc.md``, ``benchmarks/segment_steps.py``).  At ``a_t = 1`` tokens cost nothing and
+    every particle competes.  ``"all"``: every particle competes (the rule before this option).
+    Both keep the target and ``Ẑ``'s unbiasedness."""
+
+    #: the values of ``resample``
+    RESAMPLE = ("position", "all")
 
     #: the step ends early: on the token path the delimiter is looked for after every token (host);
     #: native blocks stop at the delimiter's candidate tokens (``end_ids``)
     requires = Needs(row_wise=False)
 
-    def __init__(self, delimiter: str | int = "\n\n", max_tokens: int = 256, slope: bool = False) -> None:
+    def __init__(self, delimiter: str | int = "\n\n", max_tokens: int = 256, slope: bool = False,
+                 resample: str = "position") -> None:
         if isinstance(delimiter, bool) or not isinstance(delimiter, (str, int)) or delimiter == "":
             raise ValueError(f"delimiter must be a non-empty string or a token id, got {delimiter!r}")
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+        if resample not in self.RESAMPLE:
+            raise ValueError(f"resample must be one of {self.RESAMPLE}, got {resample!r}")
         self.delimiter = delimiter
         self.max_tokens = max_tokens
         self.slope = bool(slope)
+        self.resample = resample
 
     @property
     def width(self) -> int:  # type: ignore[override]
@@ -104,6 +138,9 @@ class Until(Step):
 
     def terms(self) -> tuple[WeightTerm, ...]:
         return (LengthTwist(self.slope),)
+
+    def resampling_classes(self, plan: "SMCPlan", state: "SMCState", drawn: "Drawn") -> torch.Tensor | None:
+        return position_classes(state.particles, drawn.a) if self.resample == "position" else None
 
     def end_ids(self, lm: Any) -> tuple[tuple[int, ...], bool]:
         """A token-id delimiter is its own end (certain).  A string delimiter ends the segment at the
@@ -129,7 +166,8 @@ class Until(Step):
         return self.delimiter in (lm.decode(segment) or "")
 
     def __repr__(self) -> str:
-        extra = ", slope=True" if self.slope else ""
+        extra = (", slope=True" if self.slope else "") + (f", resample={self.resample!r}"
+                                                           if self.resample != "position" else "")
         return f"Until({self.delimiter!r}, max_tokens={self.max_tokens}{extra})"
 
 
@@ -146,6 +184,17 @@ def _tokens_with(lm: Any, char: str) -> tuple[int, ...]:
     return _CANDIDATES[key]
 
 
+def position_classes(particles: "Particles", a: torch.Tensor) -> torch.Tensor:
+    """``(G, N)`` resampling classes of segment steps (``Until(resample="position")``): a live
+    particle's class is its position (tokens drawn so far); a particle that has ended is a class
+    of its own (it keeps its slot and its weight); a prompt at ``a_t = 1`` (``a`` ``(G,)``) is one
+    class, since there a token costs nothing in expectation and positions are comparable."""
+    G, N = particles.G, particles.N
+    slot = torch.arange(N, device=particles.device).expand(G, N)
+    key = torch.where(particles.done.view(G, N), -1 - slot, particles.length.view(G, N))
+    return torch.where((a == 1.0)[:, None].to(key.device), torch.zeros_like(key), key)
+
+
 #: ``step=`` names accepted by ``pp.SMC``
 STEPS: dict[str, Step] = {"token": Tokens(1)}
 
@@ -160,4 +209,4 @@ def get_step(step: str | Step) -> Step:
                          "or pp.steps.Until(delimiter, max_tokens)") from None
 
 
-__all__ = ["Step", "Tokens", "Whole", "Until", "STEPS", "get_step"]
+__all__ = ["Step", "Tokens", "Whole", "Until", "STEPS", "get_step", "position_classes"]
