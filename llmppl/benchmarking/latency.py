@@ -34,15 +34,17 @@ PROMPTS = ["Write a short poem about the sea.", "What is 17 times 23?", "Name th
            "What colour is grass?"]
 
 
-def engines(lm: Any, N: int, block: int = 1) -> dict[str, Any]:
-    """Power-SMC (steps of ``block`` tokens) and the plain decoder (``pp.baselines.Plain``'s
-    engine), EOS masked."""
+def engines(lm: Any, N: int, block: int = 1, draft: Any = None) -> dict[str, Any]:
+    """Power-SMC (steps of ``block`` tokens; with a ``draft`` LM, its proposal is
+    ``FromLM(draft, τ = 1/α)``: the draft draws each block, the target scores it with one
+    ``extend``) and the plain decoder (``pp.baselines.Plain``'s engine), EOS masked."""
     import llmppl as pp
     from ..inference.baselines import Decoder
     from ..inference.common import eos_ids
 
     eos = eos_ids(lm)
-    smc = pp.SMC(N, proposal=NoEOS(pp.proposals.Temperature(1.0 / ALPHA), eos), step=pp.steps.Tokens(block))
+    inner = pp.proposals.Temperature(1.0 / ALPHA) if draft is None else pp.proposals.FromLM(draft, tau=1.0 / ALPHA)
+    smc = pp.SMC(N, proposal=NoEOS(inner, eos), step=pp.steps.Tokens(block))
     base = NoEOS(pp.proposals.Base(), eos)
     return {"smc": smc, "plain": Decoder("plain", base, N, {}), "plain_1": Decoder("plain", base, 1, {})}
 
@@ -50,12 +52,15 @@ def engines(lm: Any, N: int, block: int = 1) -> dict[str, Any]:
 def run_latency(model: str | None, particles: int, prompts: int, max_new_tokens: int, device: str,
                 reps: int, backend: str = "hf", seed: int = 0, lm: Any = None,
                 compare: str | None = None, block: int | None = None,
-                sequential: bool = True) -> dict[str, Any]:
+                sequential: bool = True, draft: str | None = None, draft_backend: str = "hf") -> dict[str, Any]:
     """The benchmark itself; returns the JSON-ready dict.  ``compare``: a second backend timed in
     the same interleaved repetitions (its results under ``"compare"``); ``block``: SMC steps of
     ``block`` tokens (``pp.steps.Tokens(block)``, weighed at block boundaries; default: the
     backend's ``lm.native_block``, 1 for transformers and llama.cpp, the KV block for vLLM);
     ``sequential=False`` skips ``smc_sequential`` (P whole runs: the slowest part at large P).
+    ``draft``: a model spec for a draft LM (on ``draft_backend``) whose ``FromLM`` proposal SMC uses
+    (speculative SMC: blocks drawn by the draft, scored by the target), timed against the target's
+    own plain decoding of the same rows.
     An ``lm`` without a tokenizer takes any number of id prompts."""
     from ..models import load_model
 
@@ -68,7 +73,8 @@ def run_latency(model: str | None, particles: int, prompts: int, max_new_tokens:
     if compare and compare != backend:
         lms[compare] = load_model(model, device=device, backend=compare)
     given, block = block, block or getattr(lms[backend], "native_block", 1)
-    runs = {name: _Timed(name, x, particles, prompts, max_new_tokens, block, seed, sequential)
+    draft_lm = None if draft is None else load_model(draft, device=device, backend=draft_backend)
+    runs = {name: _Timed(name, x, particles, prompts, max_new_tokens, block, seed, sequential, draft_lm)
             for name, x in lms.items()}
     for r in range(reps):                 # interleaved: every backend's runs in each repetition
         for t in runs.values():
@@ -77,7 +83,10 @@ def run_latency(model: str | None, particles: int, prompts: int, max_new_tokens:
     out["command"] = (f"llmppl bench latency --backend {backend} --prompts {prompts} --particles {particles} "
                       f"--max-new-tokens {max_new_tokens} --reps {reps}" + (f" --block {block}" if given else "")
                       + (f" --compare {compare}" if compare and compare != backend else "")
-                      + ("" if sequential else " --no-sequential"))
+                      + ("" if sequential else " --no-sequential")
+                      + (f" --draft {draft} --draft-backend {draft_backend}" if draft else ""))
+    if draft_lm is not None:
+        out["draft"] = {"model": draft_lm.name, "backend": draft_backend, "proposal": "FromLM(draft, tau=1/alpha)"}
     if compare and compare != backend:
         out["compare"] = runs[compare].summary(reps)
         out["smc_batch_over_compare"] = out["median_seconds"]["smc_batch"] / out["compare"]["median_seconds"]["smc_batch"]
@@ -89,7 +98,7 @@ class _Timed:
     """One backend's engines, timed one repetition at a time (see the module docstring)."""
 
     def __init__(self, backend: str, lm: Any, N: int, prompts: int, T: int, block: int, seed: int,
-                 sequential: bool = True) -> None:
+                 sequential: bool = True, draft: Any = None) -> None:
         import llmppl as pp
 
         self.backend, self.lm, self.N, self.T, self.block, self.prompts = backend, lm, N, T, block, prompts
@@ -98,7 +107,7 @@ class _Timed:
         self.target = pp.Target(lm, pp.Power(ALPHA), chat=chat)
         self.texts = (PROMPTS[:prompts] if lm.tokenizer is not None       # an LM without a tokenizer: id prompts
                       else [[i % lm.vocab_size, (3 * i + 1) % lm.vocab_size][: 1 + i % 2] for i in range(prompts)])
-        self.e = engines(lm, N, block)
+        self.e = engines(lm, N, block, draft)
         time_engine(self.e["smc"], self.target, self.texts, min(T, 4), seed)      # warm-up (allocator, kernels)
         self.times: dict[str, list[float]] = {"plain_1": [], "plain_batch": [], "smc_batch": []}
         if sequential:
@@ -151,6 +160,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--no-sequential", action="store_true", help="skip the P sequential SMC runs")
+    p.add_argument("--draft", default=None,
+                   help="a draft model spec: SMC proposes from FromLM(draft) in blocks (speculative SMC)")
+    p.add_argument("--draft-backend", choices=["hf", "llamacpp", "vllm"], default="hf")
     p.add_argument("--json", default=None, help="write the results here")
 
 
@@ -158,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
     compare = args.compare or ("hf" if args.backend != "hf" else None)
     return emit(run_latency(args.model, args.particles, args.prompts, args.max_new_tokens, args.device,
                             args.reps, backend=args.backend, compare=compare, block=args.block,
-                            sequential=not args.no_sequential), args.json)
+                            sequential=not args.no_sequential, draft=args.draft,
+                            draft_backend=args.draft_backend), args.json)
 
 
 def run_overhead(config: str, prompts: int, particles: int, max_new_tokens: int, reps: int,

@@ -149,7 +149,11 @@ def draw_block(plan: "SMCPlan", state: "SMCState", a_rows: torch.Tensor, active:
         budget = torch.minimum(budget, sub(cap).clamp_min(0))
     hook_bad = torch.zeros(n_rows, dtype=torch.bool, device=P.device)
     segment = plan.native and plan.segments
-    if plan.native:
+    if plan.drafted:        # the proposal's own LM draws the block natively (masks applied there)
+        spec = BlockSpec(budget=budget, width=width, stop_ids=plan.stop_ids, temperature=torch.ones_like(a_sel),
+                         allow_stop=proposal.allow_stop, feed_last=budget < remaining,
+                         **block_masks(target, state.decoding, rows))
+    elif plan.native:
         extra = {"end_ids": plan.end_ids, "norm_exponent": a_sel, "norm_next": True} if segment else {}
         spec = BlockSpec(budget=budget, width=width, stop_ids=plan.stop_ids,
                          temperature=proposal.block_temperature(a_sel), greedy=proposal.greedy,
@@ -161,7 +165,11 @@ def draw_block(plan: "SMCPlan", state: "SMCState", a_rows: torch.Tensor, active:
                          propose=_proposal_hook(plan, state, rows, a_sel, width, hook_bad),
                          sample=own_sampler(proposal))
     if n_rows:
-        blk = state.decoding.sample_block(rows, spec, state.generator)
+        if plan.drafted:
+            blk = proposal.draft_block(state.proposal_run, rows, spec, state.generator)
+            blk.log_p = _score(state, rows, blk, ~spec.feed_last)
+        else:
+            blk = state.decoding.sample_block(rows, spec, state.generator)
         lp, lq = blk.total("log_p").to(P.device), blk.total("log_q").to(P.device)
         other = blk.total("log_inc").to(P.device) if blk.log_inc is not None else None
         eos, n = blk.ended.to(P.device), blk.length.to(P.device)
@@ -180,7 +188,7 @@ def draw_block(plan: "SMCPlan", state: "SMCState", a_rows: torch.Tensor, active:
     grown = n - eos.long()                              # tokens that extend the completion
     cut = act & ~eos & (grown >= remaining)
     dead = act & ~torch.isfinite(drawn)
-    bad = act & (hook_bad if not plan.native else ~torch.isfinite(lp - lq))
+    bad = act & (~torch.isfinite(lp - lq) if plan.native else hook_bad)
     eos, cut, dead, n, grown, drawn, bad = (full(x) for x in (eos, cut, dead, n, grown, drawn, bad))
     P.log_p = P.log_p + full(lp)
     P.log_q = P.log_q + full(lq)
@@ -197,13 +205,36 @@ def draw_block(plan: "SMCPlan", state: "SMCState", a_rows: torch.Tensor, active:
     stopped = eos | cut | dead
     P.done = P.done | stopped
     state.decoding.finish(stopped)
-    if plan.needs.own_state:        # the proposal's own decoding state follows (one token a call)
+    if plan.drafted:                # the draft fed itself; its rows that ended are finished
+        proposal.on_finish(state.proposal_run, (active & stopped).nonzero().flatten().cpu())
+    elif plan.needs.own_state:      # the proposal's own decoding state follows (one token a call)
         state.trace.syncs += 1
         fed = active & ~stopped
         proposal.on_extend(state.proposal_run, [[int(x)] for x in full(last)[fed].tolist()],
                            fed.nonzero().flatten().cpu())
         proposal.on_finish(state.proposal_run, (active & stopped).nonzero().flatten().cpu())
     return BlockDraw(drawn, stopped, bad, full(delim), full(nxt))
+
+
+def _score(state: "SMCState", rows: torch.Tensor, blk, unfed_last: torch.Tensor) -> torch.Tensor:
+    """The target's ``(n, W)`` ``log p`` of a drafted block's tokens, from one ``extend`` of the
+    target's decoding state (one forward scores the whole block).  A stop token and a last token
+    at the budget that is not fed (the cut at ``max_new_tokens``) are scored the same way and then
+    cut back off the state (``truncate``), so the state holds what a native block would leave."""
+    dec = state.decoding
+    toks = blk.tokens.cpu()
+    rows_l = rows.cpu().tolist()
+    blocks = [[t for t in row if t >= 0] for row in toks.tolist()]
+    state.trace.syncs += 1
+    scored = dec.extend(blocks, rows_l)
+    log_p = torch.full(toks.shape, -math.inf, dtype=torch.float64)
+    if scored.shape[1]:
+        log_p[:, :scored.shape[1]] = scored[:, :toks.shape[1]]
+    unfed = (blk.ended.cpu() | (unfed_last.cpu() & (blk.length.cpu() > 0)))
+    back = [(r, len(dec.tokens[r]) - 1) for r, u, b in zip(rows_l, unfed.tolist(), blocks) if u and b]
+    if back:
+        dec.truncate([r for r, _ in back], [k for _, k in back])
+    return log_p.to(blk.log_q.device)
 
 
 def _proposal_hook(plan: "SMCPlan", state: "SMCState", rows: torch.Tensor | None, a_sel: torch.Tensor,

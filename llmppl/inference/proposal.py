@@ -55,6 +55,9 @@ class Proposal:
     greedy: bool = False
     #: false: ``q`` is renormalised without the stop ids (native blocks never draw them)
     allow_stop: bool = True
+    #: the proposal draws whole blocks itself (:meth:`draft_block`: another LM's native blocks);
+    #: SMC then has the target score each block with one ``extend``
+    drafts: bool = False
     #: the prefix of this proposal's own LM work in ``Result.stats``
     #: (``<name>_tokens_decoded``, ``<name>_forward_passes``); None: it does none
     work_name: str | None = None
@@ -77,6 +80,12 @@ class Proposal:
         """``τ`` per row (``exponent`` ``(R,)`` = ``a_t`` per row) when ``q ∝ p^{1/τ}`` on a target
         without token-level factors, so a backend can draw blocks natively; ``None`` otherwise."""
         return None
+
+    def draft_block(self, run: Any, rows: torch.Tensor, spec: Any, generator: Any) -> Any:
+        """For ``drafts``: a :class:`~llmppl.models.block.Block` for the engine's ``rows`` drawn from
+        this proposal by its own decoding state (which feeds itself), ``spec`` giving budgets, stop
+        ids and masks; its ``log_q`` is the proposal's.  The engine scores it under the target."""
+        raise NotImplementedError
 
     def on_extend(self, run: Any, tokens: Any, rows: torch.Tensor) -> None:
         """Rows ``rows`` of the run were extended by ``tokens``."""

@@ -148,6 +148,9 @@ class FromLM(Proposal):
 
     requires = Needs(own_state=True, row_wise=False)
     work_name = "proposal"
+    #: with token or block steps the draft LM draws each block natively (its own temperature τ)
+    #: and the target scores the block with one ``extend`` (speculative SMC's shape)
+    drafts = True
 
     def __init__(self, lm: Any, tau: float = 1.0) -> None:
         if not float(tau) > 0:
@@ -170,6 +173,19 @@ class FromLM(Proposal):
         base = ctx.batch.base_logprobs
         lp = ctx.run.state.logprobs(ctx.rows).double().to(base.device)
         return torch.log_softmax(fit_vocab(lp, base.shape[-1]) / self.tau, dim=-1)
+
+    def draft_block(self, run: FromLMRun, rows: torch.Tensor, spec: Any, generator: Any) -> Any:
+        """The draft's native block at temperature ``τ`` for the engine's ``rows`` (the same rows of
+        the draft's own state); counts the tokens it fed per prompt."""
+        spec.temperature = torch.full_like(spec.temperature, self.tau)
+        blk = run.state.sample_block(rows, spec, generator)
+        n, ended = blk.length.cpu(), blk.ended.cpu()
+        unfed = torch.as_tensor(spec.feed_last if isinstance(spec.feed_last, torch.Tensor) else True).cpu()
+        fed = n - ended.long() - (~unfed & ~ended & (n == spec.budget.cpu()) & (n > 0)).long()
+        groups = torch.as_tensor(run.state.group).cpu()[rows.cpu()]
+        for g, k in zip(groups.tolist(), fed.tolist()):
+            run.tokens_by_prompt[g] = run.tokens_by_prompt.get(g, 0) + int(k)
+        return blk
 
     def on_extend(self, run: FromLMRun, tokens: Any, rows: torch.Tensor) -> None:
         groups = torch.as_tensor(run.state.group).cpu()[torch.as_tensor(rows, dtype=torch.long).cpu()]

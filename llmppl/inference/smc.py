@@ -80,6 +80,7 @@ class SMCPlan:
     needs: Needs                  # needs(proposal, target)
     step: Step
     native: bool
+    drafted: bool                 # the proposal's own LM draws each block; the target scores it
     tokenwise: bool
     segments: bool
     end_ids: tuple[int, ...]      # native segment steps: ids at which a block stops (the step's ends)
@@ -257,9 +258,11 @@ class SMC(Engine[SMCState]):
             a_const_rows = a_const.repeat_interleave(N)
         segments = not step_needs.row_wise
         end_ids, certain = self.step_kind.end_ids(lm) if segments and native else ((), True)
+        drafted = bool(proposal.drafts) and not segments and needs(target).full_vocabulary is False
         return SMCPlan(G=G, N=N, alpha=alpha, max_new_tokens=max_new_tokens, lm=lm, proposal=proposal,
-                       needs=prop_needs, step=self.step_kind, native=native,
-                       tokenwise=(segments and not native) or prop_needs.own_state, segments=segments,
+                       needs=prop_needs, step=self.step_kind, native=native, drafted=drafted,
+                       tokenwise=(segments and not native) or (prop_needs.own_state and not drafted),
+                       segments=segments,
                        end_ids=end_ids, certain_ends=certain, terms=terms, stop_ids=eos_ids(lm),
                        bridging=bridging, a_const=a_const, a_const_rows=a_const_rows)
 
@@ -268,7 +271,8 @@ class SMC(Engine[SMCState]):
         needs them, by its name."""
         parts = [(needs(self.step_kind), f"SMC with the step {self.step_kind!r}", NATIVE_HINT)]
         parts += [(needs(f), f"SMC with the token-level factor {f!r}", NATIVE_HINT) for f in target.others]
-        parts += [(Needs(full_vocabulary=not plan.native), f"SMC with the proposal {plan.proposal!r}", NATIVE_HINT),
+        parts += [(Needs(full_vocabulary=not (plan.native or plan.drafted)), f"SMC with the proposal {plan.proposal!r}",
+                   NATIVE_HINT),
                   (needs(self.schedule), f"the schedule {self.schedule!r}",
                    "use pp.schedules.Constant, Linear or Geometric")]
         if self.rejuvenate is not None:      # moves replay suffixes token by token (forced tokens)

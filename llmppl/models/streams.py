@@ -79,12 +79,13 @@ class RowStreams:
         if n_rows is not None and n_rows > self.n_rows:
             grow = torch.zeros(n_rows - self.n_rows, dtype=torch.long, device=self.device)
             self.counters = torch.cat([self.counters, grow])
-        r = torch.arange(self.n_rows, device=self.device) if rows is None else rows.to(self.device).long()
-        k = self.counters if rows is None else self.counters.index_select(0, r)
+        n = self.n_rows if n_rows is None else n_rows       # rows None: the state's first n rows
+        r = torch.arange(n, device=self.device) if rows is None else rows.to(self.device).long()
+        k = self.counters[:n] if rows is None else self.counters.index_select(0, r)
         h = mix(mix(r + self._key) + k)
         step = torch.ones_like(k) if draws is None else draws.to(self.device).long()
         if rows is None:
-            self.counters += step
+            self.counters[:n] += step
         else:
             self.counters.index_add_(0, r, step)
         return _shr(h, 11).double() * (2.0 ** -53)
