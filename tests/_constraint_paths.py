@@ -1,0 +1,114 @@
+"""Ground truth for grammar constraints on a real tokenizer, computed without llguidance and
+without the library's LM interface.
+
+For a finite language ``L`` (a list of strings) every token path that spells a string of ``L``
+is enumerated from the tokenizer's own byte table (GPT-2 byte-level BPE: each token's string
+mapped back to bytes), then every path ``y`` followed by EOS is scored with the model's own
+forward ``model(ids).logits``: ``log p(y, EOS | x)``.  From the same logits:
+
+* the target ``π(y) ∝ p(y, EOS)^α`` over all paths (``Power(α) * Regex(L)``);
+* the law of greedy constrained decoding, ``Π_t p(y_t | y_<t) / Σ_{v ∈ A_t} p(v | y_<t)`` with
+  ``A_t`` the tokens that keep the text a prefix of a string of ``L`` (EOS where it is one).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's printable-unicode-to-byte table (byte-level BPE token strings -> bytes)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def token_bytes(tokenizer) -> dict[int, bytes]:
+    """Every ordinary (non-special) token id -> the bytes it spells."""
+    dec = _byte_decoder()
+    special = set(tokenizer.all_special_ids) | {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})}
+    out = {}
+    for i in range(len(tokenizer)):
+        if i in special:
+            continue
+        s = tokenizer.convert_ids_to_tokens(i)
+        try:
+            out[i] = bytes(dec[ch] for ch in s)
+        except KeyError:
+            continue
+    return out
+
+
+def token_paths(tokenizer, strings: list[str]) -> list[tuple[int, ...]]:
+    """All token sequences whose bytes concatenate to one of ``strings``."""
+    table = token_bytes(tokenizer)
+    by_bytes: dict[bytes, int] = {b: i for i, b in table.items() if b}
+    longest = max(len(b) for b in by_bytes)
+    paths = []
+    for s in strings:
+        data = s.encode()
+
+        def walk(pos: int, acc: tuple[int, ...]) -> None:
+            if pos == len(data):
+                paths.append(acc)
+                return
+            for k in range(1, min(longest, len(data) - pos) + 1):
+                t = by_bytes.get(data[pos:pos + k])
+                if t is not None:
+                    walk(pos + k, acc + (t,))
+
+        walk(0, ())
+    return paths
+
+
+def score(model, tokenizer, prompt: list[int], paths: list[tuple[int, ...]], eos: int, strings: list[str],
+          alpha: float) -> dict:
+    """Exact target and greedy-constrained law over ``paths`` (see module docstring)."""
+    table = token_bytes(tokenizer)
+    datas = [s.encode() for s in strings]
+
+    def allowed(prefix: bytes) -> list[int]:
+        ids = [t for t, b in table.items() if b and any(d.startswith(prefix + b) for d in datas)]
+        return ids + ([eos] if prefix in datas else [])
+
+    seqs = [list(prompt) + list(p) + [eos] for p in paths]
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        att[i, :len(s)] = 1
+    start = len(prompt) - 1        # only the positions that predict a completion token
+    with torch.inference_mode():
+        logp = torch.cat([torch.log_softmax(
+            model(input_ids=ids[i:i + 16], attention_mask=att[i:i + 16]).logits[:, start:].double(), -1)
+            for i in range(0, len(seqs), 16)])
+    log_p, log_greedy = [], []
+    cache: dict[bytes, list[int]] = {}
+    for i, p in enumerate(paths):
+        lp, lg, text = 0.0, 0.0, b""
+        for k, tok in enumerate(list(p) + [eos]):
+            row = logp[i, k]
+            if text not in cache:
+                cache[text] = allowed(text)
+            ok = cache[text]
+            lp += float(row[tok])
+            lg += float(row[tok]) - float(torch.logsumexp(row[ok], 0))
+            text += table.get(tok, b"")
+        log_p.append(lp)
+        log_greedy.append(lg)
+    lg_t = torch.tensor(log_p, dtype=torch.float64) * alpha
+    log_Z = float(torch.logsumexp(lg_t, 0))
+    target = {p: math.exp(float(v) - log_Z) for p, v in zip(paths, lg_t)}
+    greedy = {p: math.exp(v) for p, v in zip(paths, log_greedy)}
+    return {"target": target, "greedy": greedy, "log_Z": log_Z, "log_p": dict(zip(paths, log_p))}
