@@ -186,9 +186,8 @@ def test_engines_refuse_what_only_their_footprint_shows(monkeypatch):
             init(engine)
 
 
-@pytest.mark.xfail(reason="SMC.init does not call check_fits(smc_footprint(...)) yet (the lead's rewrite)",
-                   strict=False)
 def test_smc_refuses_what_only_its_footprint_shows(monkeypatch):
+    """SMC with a look-ahead proposal: the fork's rows, not the particles', decide."""
     from llmppl.models import memory
 
     lm = _lm()

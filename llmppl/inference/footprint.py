@@ -49,6 +49,10 @@ def _tokens(prompts: Sequence[Sequence[int]], max_new_tokens: int) -> int:
     return max(len(p) for p in prompts) + int(max_new_tokens)
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n} {what}" + ("" if n == 1 else "s")
+
+
 def _merge(needs_: list[Need]) -> list[Need]:
     """One footprint per LM (those on the same LM are held at once: summed)."""
     out: dict[int, Need] = {}
@@ -99,7 +103,7 @@ def smc_footprint(engine: Any, target: Any, prompts: Sequence[Sequence[int]], ma
     with ``rejuvenate``, the move's two copies of every particle (cut and re-grown); plus the
     proposal's part (:func:`proposal_footprint`)."""
     rows, tokens = len(prompts) * engine.n_particles, _tokens(prompts, max_new_tokens)
-    what = f"SMC: {len(prompts)} prompts x {engine.n_particles} particles"
+    what = f"SMC: {_count(len(prompts), 'prompt')} x {_count(engine.n_particles, 'particle')}"
     if getattr(engine, "rejuvenate", None) is not None:
         main = Footprint(3 * rows, tokens, regrow=int(max_new_tokens),
                          what=what + " x 3 (resample-move copies)")
@@ -114,7 +118,7 @@ def mh_footprint(engine: Any, target: Any, prompts: Sequence[Sequence[int]], max
     """Block MH: ``G·chains`` chains and, while ``n_mcmc > 0``, a proposal copy of each (the
     decoding state is doubled, the copies cut at the move's position and re-grown)."""
     rows, tokens = len(prompts) * chains, _tokens(prompts, max_new_tokens)
-    what = f"MH: {len(prompts)} prompts x {chains} chains"
+    what = f"MH: {_count(len(prompts), 'prompt')} x {_count(chains, 'chain')}"
     if engine.n_mcmc > 0:
         main = Footprint(2 * rows, tokens, regrow=min(engine.block_size, int(max_new_tokens)),
                          what=what + " x 2 (proposals)")
@@ -129,7 +133,8 @@ def decoder_footprint(engine: Any, target: Any, prompts: Sequence[Sequence[int]]
     """A decoding baseline (``Decoder``: ``Plain``, ``LowTemperature``, ``Greedy``, ``BestOfN``,
     ``ScalablePower``): ``G·n`` rows, plus its proposal's part (``ScalablePower``'s look-ahead fork)."""
     rows, tokens = len(prompts) * engine.n, _tokens(prompts, max_new_tokens)
-    main = Footprint(rows, tokens, what=f"{engine.method}: {len(prompts)} prompts x {engine.n} samples")
+    main = Footprint(rows, tokens, what=f"{engine.method}: {_count(len(prompts), 'prompt')} x "
+                                        f"{_count(engine.n, 'sample')}")
     return _merge([(target.lm, main)] + proposal_footprint(engine.proposal, target, rows, tokens))
 
 
