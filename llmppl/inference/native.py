@@ -116,7 +116,18 @@ def block_masks(target: Target, state: Any, rows: torch.Tensor | None) -> dict[s
 
     def mask_fn(k: torch.Tensor, tokens: list[list[int]]) -> torch.Tensor:
         prompts = [state.prompt_of(row_ids[i]) for i in k.tolist()]
-        return target.allowed_tokens(target.batch(prompts, [list(t) for t in tokens]), V)
+        # the prefixes' next-token log-probabilities are not known inside a native block: the batch
+        # carries their shape only (a meta tensor), so a mask that reads their values fails loudly
+        shape_only = torch.empty((len(tokens), V), device="meta")
+        batch = target.batch(prompts, [list(t) for t in tokens], shape_only)
+        try:
+            return target.allowed_tokens(batch, V)
+        except (NotImplementedError, RuntimeError) as exc:
+            if "meta" not in str(exc):
+                raise
+            raise ValueError(f"a mask of {target!r} reads the base LM's log-probabilities, which a native "
+                             "block does not have (only the prefixes): make the mask a function of the "
+                             "tokens, or use a full-vocabulary proposal such as pp.proposals.TopK on HFLM") from None
 
     return {"mask_fn": mask_fn}
 
