@@ -43,7 +43,8 @@ class StepInfo:
 class RunState(Protocol):
     """What the driver reads of a state: whether a step is left, and its token budget."""
 
-    done: bool
+    @property
+    def done(self) -> bool: ...
 
     @property
     def max_new_tokens(self) -> int: ...
