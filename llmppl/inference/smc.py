@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from ..models.base import LanguageModelError
+from ..models.streams import torch_generator
 from ..targets.target import Target
 from .capabilities import Needs
 from .common import AllParticlesDied, Stopwatch, eos_ids, make_generator, peak_memory, prepare_prompts
@@ -455,7 +456,7 @@ class SMC(Engine[SMCState]):
             exponent = (float(a_host[0]) if bool((a_host == a_host[0]).all())
                         else state.plan.exponent_rows(a).cpu())
             ctx = MoveContext(state.target, state.decoding, rows, exponent, P.log_p, P.log_other,
-                              P.log_twist, state.generator, step=t)
+                              P.log_twist, torch_generator(state.generator), step=t)
             per_row = self.rejuvenate.move(ctx)
             if isinstance(per_row, torch.Tensor) and per_row.numel() == P.R:
                 accepted = per_row.view(P.G, P.N).sum(1).tolist()
