@@ -287,5 +287,5 @@ def _(engine: BatchMixin, target: Target | None = None) -> Needs:
     return needs(engine._decoder(), target)
 
 
-from .reweight import Reweight  # noqa: E402  (pp.baselines.Reweight: plain samples, weighted; built on SMC)
+from .reweight import Reweight  # noqa: E402,F401  (pp.baselines.Reweight: plain samples, weighted; built on SMC)
 from .constrained import Constrained  # noqa: E402,F401  (pp.baselines.Constrained: greedy constrained decoding)
