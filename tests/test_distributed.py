@@ -60,7 +60,9 @@ def cluster():
     """One local Ray instance for the in-process tests (the CLI and run_dataset join it)."""
     env_path = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), env_path]) if env_path else str(ROOT)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from llmppl.distributed.driver import init_local
+
+    init_local(num_cpus=2, include_dashboard=False, log_to_driver=False)  # tried again when Ray's start times out
     yield
     ray.shutdown()
 
@@ -98,8 +100,92 @@ def test_two_workers_write_every_id_once_and_the_single_process_records(cluster,
     assert got["p07"]["i"] == 7 and got["p07"]["error"] is None
 
 
-def _ids_in_flight_kill(out: Path, run, kill):
-    """Run ``run()`` in a thread; once two records are on disk call ``kill()``; return run's value."""
+#: a run with no progress for this long has hung.  Progress: a record written, an event of the
+#: driver (``run_dataset(on_event=...)``: a replica loaded, a batch dispatched or written, a
+#: worker replaced) or CPU time used by the Ray workers (a replica loading or a batch running on
+#: a loaded machine is slow, not stalled; a worker blocked forever uses none)
+STALL = 240.0
+#: CPU seconds the Ray workers must use in a CPU_WINDOW-second window to count as progress
+#: (a worker blocked in a sleep or a lock uses ~0.005 s; one loading the model on a 2-core
+#: machine at load 20 about 0.4 s)
+CPU_PROGRESS, CPU_WINDOW = 0.1, 5.0
+
+
+class WorkerCPU:
+    """CPU seconds used by this test's Ray worker processes (actors, tasks, idle workers: any
+    descendant whose command line is a Ray worker's, not Ray's own daemons) since creation,
+    counted per process so that a killed worker's time is not lost."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, float] = {}
+
+    def total(self) -> float:
+        import psutil
+
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                cmd = " ".join(proc.cmdline())
+                if cmd.startswith("ray::") or "default_worker.py" in cmd:
+                    t = proc.cpu_times()
+                    self.seen[proc.pid] = max(self.seen.get(proc.pid, 0.0), t.user + t.system)
+            except psutil.Error:  # gone meanwhile
+                pass
+        return sum(self.seen.values())
+
+
+class Watchdog:
+    """Progress of a run (events, output lines, the workers' CPU time: see ``STALL``);
+    :meth:`wait` fails when none moves for ``stall`` seconds."""
+
+    def __init__(self, out: Path, stall: float = STALL) -> None:
+        self.out, self.stall = out, stall
+        self.events: list[str] = []
+        self.last = time.monotonic()
+        self._lines = 0
+        self.cpu = WorkerCPU()
+        self._cpu_at, self._cpu = time.monotonic(), self.cpu.total()
+        self.cpu_windows = 0     # windows in which the workers' CPU time counted as progress
+
+    def __call__(self, kind: str, info: dict) -> None:
+        self.events.append(kind)
+        self.last = time.monotonic()
+
+    def lines(self) -> int:
+        n = self.out.read_text().count("\n") if self.out.exists() else 0
+        if n != self._lines:
+            self._lines, self.last = n, time.monotonic()
+        return n
+
+    def _busy(self) -> None:
+        now = time.monotonic()
+        if now - self._cpu_at < CPU_WINDOW:
+            return
+        cpu = self.cpu.total()
+        if cpu - self._cpu >= CPU_PROGRESS:
+            self.last = now
+            self.cpu_windows += 1
+        self._cpu_at, self._cpu = now, cpu
+
+    def check(self) -> None:
+        """AssertionError when nothing moved for ``stall`` seconds."""
+        self.lines()
+        self._busy()
+        quiet = time.monotonic() - self.last
+        assert quiet < self.stall, (f"the run stalled: no progress for {quiet:.0f} s (events so far: "
+                                    f"{self.events}, {self._lines} lines written, workers busy in "
+                                    f"{self.cpu_windows} windows of {CPU_WINDOW:g} s)")
+
+    def wait(self, th: threading.Thread, tick=None) -> None:
+        """Until ``th`` ends (``tick(self)`` every 20 ms); AssertionError on a stall."""
+        while th.is_alive():
+            if tick is not None:
+                tick(self)
+            self.check()
+            th.join(timeout=0.02)
+
+
+def _in_thread(run):
+    """``run()`` in a daemon thread; the box gets its value or exception."""
     box: dict = {}
 
     def target():
@@ -110,17 +196,26 @@ def _ids_in_flight_kill(out: Path, run, kill):
 
     th = threading.Thread(target=target, daemon=True)
     th.start()
-    deadline, killed = time.monotonic() + 300, False  # generous: an actor restart reloads the model
-    while th.is_alive() and time.monotonic() < deadline:
-        if not killed and out.exists() and out.read_text().count("\n") >= 2:
+    return th, box
+
+
+def _ids_in_flight_kill(out: Path, run, kill):
+    """Run ``run(on_event)`` in a thread; once two records are on disk call ``kill()``; return
+    run's value.  No deadline: a stall (no progress for ``STALL`` s) fails, a slow machine does not."""
+    dog = Watchdog(out)
+    th, box = _in_thread(lambda: run(dog))
+    killed = []
+
+    def tick(d: Watchdog) -> None:
+        if not killed and d.lines() >= 2:
             kill()
-            killed = True
-        time.sleep(0.02)
-    th.join(timeout=max(1.0, deadline - time.monotonic()))
-    assert not th.is_alive(), "the run did not finish in time"
+            killed.append(True)
+
+    dog.wait(th, tick)
     if "exc" in box:
         raise box["exc"]
     assert killed, "the run finished before the kill"
+    assert "restarted" in dog.events and "loaded" in dog.events[dog.events.index("restarted"):], dog.events
     return box["v"]
 
 
@@ -133,9 +228,10 @@ def test_an_actor_killed_mid_run_is_replaced_and_nothing_is_lost(cluster, data, 
     recipe = pp.distributed.MethodRecipe.from_args(args)
     target = pp.distributed.TargetRecipe.from_args(args, sharpened=recipe.sharpened)
 
-    def run():
+    def run(on_event):
         return pp.distributed.run_dataset(recipe, target, inp, out, workers=2, max_new_tokens=4,
-                                          batch_prompts=2, seed=5, threads_per_worker=1, progress=False)
+                                          batch_prompts=2, seed=5, threads_per_worker=1, progress=False,
+                                          on_event=on_event)
 
     def named():
         return {(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
@@ -150,6 +246,52 @@ def test_an_actor_killed_mid_run_is_replaced_and_nothing_is_lost(cluster, data, 
     summary = _ids_in_flight_kill(out, run, kill)
     assert summary.restarts >= 1 and summary.done == N
     assert _by_id(out) == reference
+
+
+def test_the_watchdog_fails_a_run_whose_worker_hangs(cluster, tmp_path):
+    """The stall guard of the kill test catches a real hang in bounded time: a worker that
+    sleeps forever inside a batch (the driver waits on it, nothing is written) fails the
+    watchdog ``stall`` seconds after the last progress; killing the worker ends the run."""
+    def engine_factory():
+        class Hangs:  # local: pickled by value into the actor
+            config = {"method": "hangs"}
+
+            def run_batch(self, target, prompts, max_new_tokens, seed=None):
+                if [3, 0] in prompts:
+                    time.sleep(3600)
+                return pp.baselines.Plain(n=1).run_batch(target, prompts, max_new_tokens, seed=seed)
+
+        return Hangs()
+
+    def target_factory():
+        return pp.Target(pp.models.NGramLM(vocab_size=5, seed=1))
+
+    rows = [{"id": i, "prompt": [i % 4, i // 4]} for i in range(4)]  # [3, 0] is id 3, batch 1
+    out = tmp_path / "hang.jsonl"
+    dog = Watchdog(out)
+    th, box = _in_thread(lambda: pp.distributed.run_dataset(
+        engine_factory, target_factory, rows, out, workers=1, max_new_tokens=3, batch_prompts=2, seed=0,
+        progress=False, max_restarts=0, on_event=dog))
+
+    def short_once_running(d: Watchdog) -> None:   # the actor's start may take long on a loaded machine
+        if "written" in d.events:
+            d.stall = 10.0
+
+    with pytest.raises(AssertionError, match="the run stalled: no progress for 1[0-9] s"):
+        dog.wait(th, short_once_running)
+    caught = time.monotonic() - dog.last
+    assert 10.0 <= caught < 20.0 and th.is_alive()
+    t0 = time.monotonic()
+    assert dog.events[-1] == "dispatched" and "written" in dog.events      # batch 0 done, batch 1 hangs
+    for a in ray.util.list_named_actors(all_namespaces=True):   # end the hang: the run stops
+        if a["name"].startswith("llmppl-worker-"):
+            try:
+                ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]))
+            except ValueError:  # already gone
+                pass
+    th.join(timeout=60)
+    assert not th.is_alive() and isinstance(box.get("exc"), RuntimeError), box
+    assert time.monotonic() - t0 < 60   # the hang ended by killing its worker
 
 
 def _free_port() -> int:
@@ -215,11 +357,17 @@ def _driver(inp: Path, out: Path) -> subprocess.Popen:
                              "--workers", "2", *RUN], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _wait_for_lines(proc: subprocess.Popen, out: Path, n: int, timeout: float = 120) -> bool:
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
-        if out.exists() and out.read_text().count("\n") >= n:
+def _wait_for_lines(proc: subprocess.Popen, out: Path, n: int, stall: float = STALL) -> bool:
+    """Until ``out`` has ``n`` lines: False when the driver exits first or stalls (no line
+    written and its Ray workers idle for ``stall`` seconds: a hang, not a slow machine)."""
+    dog = Watchdog(out, stall)
+    while proc.poll() is None:
+        if dog.lines() >= n:
             return True
+        try:
+            dog.check()
+        except AssertionError:
+            return False
         time.sleep(0.02)
     return False
 

@@ -71,6 +71,26 @@ def check_address(address: str, timeout: float = 5.0) -> str:
     return address
 
 
+#: attempts at starting a local Ray instance: Ray gives its raylet a fixed 30 s to register,
+#: which a loaded machine can miss (``Exception: The current node timed out during startup``)
+LOCAL_START_ATTEMPTS = 3
+
+
+def init_local(**kwargs: Any) -> None:
+    """``ray.init(address="local", **kwargs)``, tried again (up to ``LOCAL_START_ATTEMPTS``
+    times) when the node timed out during startup: a slow machine, not a broken one."""
+    import ray
+
+    for attempt in range(LOCAL_START_ATTEMPTS):
+        try:
+            ray.init(address="local", **kwargs)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(exc) or attempt + 1 == LOCAL_START_ATTEMPTS:
+                raise
+            ray.shutdown()
+
+
 def connect(address: str | None = None) -> bool:
     """Connect to the Ray cluster at ``address`` or start a new local one; True if this call started it.
 
@@ -86,7 +106,7 @@ def connect(address: str | None = None) -> bool:
         return False
     try:
         if address is None:
-            ray.init(address="local", include_dashboard=False, log_to_driver=True)
+            init_local(include_dashboard=False, log_to_driver=True)
         else:
             ray.init(address=address, log_to_driver=True)
     except (ConnectionError, TimeoutError) as exc:
@@ -139,7 +159,8 @@ def run_dataset(engine_factory: Callable[[], Any], target_factory: Callable[[], 
                 config: dict[str, Any] | None = None, force: bool = False, progress: bool = True,
                 ray_address: str | None = None, gpus_per_worker: float | None = None,
                 threads_per_worker: int | None = None, attempts: int = 2, max_restarts: int | None = None,
-                time_limit: float | None = None) -> runner.RunSummary:
+                time_limit: float | None = None,
+                on_event: Callable[[str, dict[str, Any]], None] | None = None) -> runner.RunSummary:
     """Run a dataset on ``workers`` Ray actors, each holding one model replica.
 
     ``engine_factory()``: builds the method (a ``llmppl.methods.Method``, e.g. a
@@ -153,6 +174,11 @@ def run_dataset(engine_factory: Callable[[], Any], target_factory: Callable[[], 
     is connected to); ``"auto"``, ``"HOST:PORT"`` or ``"ray://HOST:PORT"`` join a cluster.
     ``gpus_per_worker``: ``num_gpus`` of each actor (see :func:`resolve_gpus`);
     ``threads_per_worker``: torch threads of each actor (default: CPUs split evenly).
+    ``on_event(kind, info)``: called in this thread at each step of the run's progress (a
+    progress signal for watchdogs and logs): ``"loaded"`` (a replica, or a dead one's
+    replacement, has loaded), ``"ready"`` (every replica loaded), ``"dispatched"`` /
+    ``"written"`` / ``"retried"`` (a batch sent to a worker, its records written, its failure
+    re-queued) and ``"restarted"`` (a dead worker replaced).
     """
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
@@ -162,6 +188,7 @@ def run_dataset(engine_factory: Callable[[], Any], target_factory: Callable[[], 
     import ray
 
     owned = connect(ray_address)
+    event = on_event if on_event is not None else (lambda kind, info: None)
     actors: dict[int, Any] = {}
     old_handler = None
     if threading.current_thread() is threading.main_thread():
@@ -188,10 +215,17 @@ def run_dataset(engine_factory: Callable[[], Any], target_factory: Callable[[], 
 
         for i in range(workers):
             actors[i] = spawn()
-        described = ray.get([a.describe.remote() for a in actors.values()])  # replicas load in parallel
-        for d in described:
-            if "error" in d:
-                raise ValueError(f"a worker failed to build the method or the model: {d['error']}")
+        loads = {a.describe.remote(): i for i, a in actors.items()}  # replicas load in parallel
+        described: dict[int, dict[str, Any]] = {}
+        while loads:
+            done, _ = ray.wait(list(loads), num_returns=1)
+            for ref in done:
+                i = loads.pop(ref)
+                described[i] = d = ray.get(ref)
+                if "error" in d:
+                    raise ValueError(f"a worker failed to build the method or the model: {d['error']}")
+                event("loaded", {"worker": i})
+        event("ready", {"workers": len(described)})
         first = described[0]
         cfg = runner.run_config(first["method_config"], max_new_tokens, batch_prompts, seed,
                                 {**first["target_config"], **(config or {})})
@@ -206,7 +240,7 @@ def run_dataset(engine_factory: Callable[[], Any], target_factory: Callable[[], 
             for b in plan.batches:
                 b.prompt_ids, k = enc["ids"][k:k + len(b.items)], k + len(b.items)
         return _schedule(plan, actors, spawn, max_new_tokens, attempts,
-                         2 * workers if max_restarts is None else max_restarts, progress, time_limit)
+                         2 * workers if max_restarts is None else max_restarts, progress, time_limit, event)
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
@@ -220,7 +254,8 @@ def run_dataset(engine_factory: Callable[[], Any], target_factory: Callable[[], 
 
 
 def _schedule(plan: runner.Plan, actors: dict[int, Any], spawn: Callable[[], Any], max_new_tokens: int,
-              attempts: int, max_restarts: int, progress: bool, time_limit: float | None) -> runner.RunSummary:
+              attempts: int, max_restarts: int, progress: bool, time_limit: float | None,
+              event: Callable[[str, dict[str, Any]], None] = lambda kind, info: None) -> runner.RunSummary:
     """Hand batches to idle actors, write each batch's records as they come back."""
     import ray
     from ray.exceptions import RayError, RayTaskError
@@ -228,6 +263,7 @@ def _schedule(plan: runner.Plan, actors: dict[int, Any], spawn: Callable[[], Any
     queue = deque(plan.batches)
     idle = deque(actors)
     inflight: dict[Any, tuple[int, runner.Batch]] = {}
+    loading: dict[Any, int] = {}   # a replacement's describe() call: done once its replica is loaded
     failures: Counter[int] = Counter()
     restarts = written = errors = 0
     bar = runner.Progress(plan.total, plan.done, progress)
@@ -239,10 +275,19 @@ def _schedule(plan: runner.Plan, actors: dict[int, Any], spawn: Callable[[], Any
             while queue and idle:
                 slot, b = idle.popleft(), queue.popleft()
                 inflight[actors[slot].run.remote(b, max_new_tokens, plan.config)] = (slot, b)
+                event("dispatched", {"batch": b.index, "worker": slot})
             if not inflight:
                 break
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
+            ready, _ = ray.wait(list(inflight) + list(loading), num_returns=1, timeout=1.0)
             for ref in ready:
+                if ref in loading:
+                    slot = loading.pop(ref)
+                    try:
+                        ray.get(ref)
+                        event("loaded", {"worker": slot})
+                    except RayError:  # died while loading: its batch's call reports it
+                        pass
+                    continue
                 slot, b = inflight.pop(ref)
                 try:
                     out = ray.get(ref)
@@ -254,14 +299,17 @@ def _schedule(plan: runner.Plan, actors: dict[int, Any], spawn: Callable[[], Any
                         raise RuntimeError(f"{restarts} workers died in this run (last: {exc}); stopping. "
                                            "Everything written so far is kept: rerun to resume.") from None
                     actors[slot] = spawn()
+                    loading[actors[slot].describe.remote()] = slot   # runs before the batch (in order)
                     queue.appendleft(b)
                     idle.append(slot)
+                    event("restarted", {"batch": b.index, "worker": slot, "restarts": restarts})
                     continue
                 idle.append(slot)
                 if "error" in out:
                     failures[b.index] += 1
                     if failures[b.index] < attempts:
                         queue.append(b)
+                        event("retried", {"batch": b.index, "error": out["error"]})
                         continue
                     recs = runner.error_records(b, out["error"], plan.config)
                 else:
@@ -270,6 +318,7 @@ def _schedule(plan: runner.Plan, actors: dict[int, Any], spawn: Callable[[], Any
                 written += len(recs)
                 errors += sum(r["error"] is not None for r in recs)
                 bar.update(recs, {"workers": len(actors)})
+                event("written", {"batch": b.index, "records": len(recs)})
     finally:
         bar.close()
     return runner.RunSummary(written, plan.done, plan.total, errors, time.monotonic() - t0, bar.tokens, restarts)
