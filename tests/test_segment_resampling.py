@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 
 import numpy as np
 import pytest
@@ -152,3 +153,16 @@ def test_segment_resampling_within_positions_is_exact_and_unbiased():
     print(f"mean Zhat/Z {Z.mean():.4f} ± {se:.4f}")
     assert 4 * se < 0.15 and abs(Z.mean() - 1.0) < 4 * se
     assert abs(enumerate_target(pp.Target(LM, pp.Power(2.0)), PROMPT, T).Z / EXACT.Z - 1.0) > 4 * se
+
+
+def test_a_warning_when_positions_are_scattered():
+    """Long segments on a 50-token LM at α = 4: the live particles are mostly alone at their
+    position, so resampling within positions does little, and the engine says so; the toy
+    (three positions) does not warn."""
+    lm = pp.models.NGramLM(vocab_size=50, seed=1, eos_boost=0.0)
+    with pytest.warns(UserWarning, match="alone at their position"):
+        pp.SMC(64, step=pp.steps.Until(7, max_tokens=30), ess_threshold=1.0).run(pp.Target(lm, pp.Power(4.0)),
+                                                                                  [0], 60, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pp.SMC(64, step=until(), ess_threshold=1.0).run(TARGET, PROMPT, T, seed=0)

@@ -13,6 +13,7 @@ look-ahead twist of :class:`Until`); the engine needs no change for a new one.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -140,7 +141,14 @@ class Until(Step):
         return (LengthTwist(self.slope),)
 
     def resampling_classes(self, plan: "SMCPlan", state: "SMCState", drawn: "Drawn") -> torch.Tensor | None:
-        return position_classes(state.particles, drawn.a) if self.resample == "position" else None
+        if self.resample != "position":
+            return None
+        P = state.particles
+        if bool((drawn.a != 1.0).any()):
+            live = P.length[~P.done]
+            if len(live) >= 8 and len(torch.unique(live)) > len(live) // 2:
+                warnings.warn(SCATTERED, stacklevel=2)
+        return position_classes(P, drawn.a)
 
     def end_ids(self, lm: Any) -> tuple[tuple[int, ...], bool]:
         """A token-id delimiter is its own end (certain).  A string delimiter ends the segment at the
@@ -182,6 +190,14 @@ def _tokens_with(lm: Any, char: str) -> tuple[int, ...]:
         decoded = [lm.tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in texts]
         _CANDIDATES[key] = tuple(i for i, s in enumerate(decoded) if char in s and i < lm.vocab_size)
     return _CANDIDATES[key]
+
+
+#: the warning of ``Until(resample="position")`` when most live particles are alone at their position
+SCATTERED = ("Until segment steps at a_t != 1: most live particles are alone at their position, so "
+             "resampling within positions (resample='position', the default) leaves them as they are; "
+             "across positions the weights differ by the cost of the tokens a shorter prefix has still to "
+             "draw, which resample='all' would follow (docs/smc.md, 'Segment steps'). For resampling guided "
+             "by a process reward at a != 1, token steps (pp.steps.Tokens(k)) compare equal lengths.")
 
 
 def position_classes(particles: "Particles", a: torch.Tensor) -> torch.Tensor:
