@@ -3,7 +3,7 @@
 On the ``"truncating"`` toy at α = 4 with ``Until(3, max_tokens=3)``, resampling among *all*
 particles after a segment (the rule before ``Until(resample=...)``) copies the short prefix
 ``(3,)``: its one-token look-ahead twist does not know the cost of the tokens it has still to
-draw, so it gets ~96 % of the first step's weight although its final mass is 0.33, and a run is
+draw, so it gets ~97 % of the first step's weight although its final mass is 0.33, and a run is
 2.5× farther from the target than plain importance sampling.  The default rule resamples
 within position classes (:func:`llmppl.inference.steps.position_classes`); these tests check
 that it is no worse than not resampling, exact against ``llmppl.exact`` with impostors, that
