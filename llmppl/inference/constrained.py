@@ -27,7 +27,7 @@ import math
 import torch
 
 from ..targets.base import scaled
-from .baselines import BatchMixin, Decoder, _check_n
+from .decoder import BatchMixin, Decoder, _check_n
 from .proposal import Proposal, ProposalContext
 
 

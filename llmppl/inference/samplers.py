@@ -10,7 +10,7 @@ future; inside ``pp.SMC(proposal=Lookahead(...))`` the weights make it exact.
 
 from __future__ import annotations
 
-from .baselines import BatchMixin, Decoder, DecoderState, _check_n
+from .decoder import BatchMixin, Decoder, DecoderState, _check_n
 from .lookahead import Lookahead
 from .result import Result
 
