@@ -315,3 +315,34 @@ def test_select_max_prints_the_heaviest_completion():
     assert [c.tokens for c in comps] == [[2], [1]] and comps[0].mass == pytest.approx(0.6)
     assert comps[0].count == 3 and select_index(res, "max") == 1
     assert res.best_index("max") == 0  # the single heaviest particle is not the heaviest completion
+
+
+def test_a_model_verifies_itself_on_its_first_load_only(tmp_path, monkeypatch):
+    """HFLM.verify runs its forwards on a model directory's first load; the verdict is cached
+    (LLMPPL_CACHE/verified), so the second load skips them; a changed file verifies again."""
+    from llmppl.models.hf import HFLM
+    from tiny_models import tiny_model
+
+    monkeypatch.setenv("LLMPPL_CACHE", str(tmp_path / "cache"))
+    model_dir = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(model_dir)
+    calls = []
+    real = HFLM.verify
+    monkeypatch.setattr(HFLM, "verify", lambda self, tol=None: calls.append(1) or real(self, tol))
+    from transformers import AutoModelForCausalLM
+
+    def load():
+        return HFLM(AutoModelForCausalLM.from_pretrained(model_dir), eos_token_id=63)
+
+    load()
+    load()
+    assert len(calls) == 1 and len(list((tmp_path / "cache" / "verified").glob("*.json"))) == 1
+    (model_dir / "config.json").touch()   # a newer file: verified again
+    import os as _os
+
+    st = (model_dir / "config.json").stat()
+    _os.utime(model_dir / "config.json", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    load()
+    assert len(calls) == 2
+    HFLM(AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(model_dir).config), eos_token_id=63)
+    assert len(calls) == 3   # the directory's config with other (random) weights: not the verified model

@@ -307,8 +307,9 @@ class HFLM(LanguageModel):
     def verify_once(self) -> float | None:
         """:meth:`verify` on a model's first load only: the verdict is cached under
         ``cache_dir()/verified`` keyed by the model directory's weight and config files (path, size,
-        mtime), the model class, dtype, device type, cache kind, the torch and transformers versions
-        and the source of the code that runs the forward (this file, ``static.py``, ``hf_common.py``).
+        mtime), a fingerprint of the loaded weights (sums of the first and last two parameters), the
+        model class, dtype, device type, cache kind, the torch and transformers versions and the
+        source of the code that runs the forward (this file, ``static.py``, ``hf_common.py``, ``base.py``).
         A model that is not a local directory (built in memory, or a hub id) is verified every time.
         Returns the cached or measured worst difference (None when it came from the cache)."""
         key = _verify_key(self)
@@ -395,6 +396,12 @@ def _verify_key(lm: HFLM) -> str | None:
             return None
     h.update(f"{type(lm.model).__name__}|{lm.dtype}|{lm.device.type}|{lm.static_cache}|{lm.eos_token_ids}|"
              f"{torch.__version__}|{transformers.__version__}".encode())
+    # a fingerprint of the weights actually loaded (a model rebuilt from the directory's config with
+    # other weights, or modified after loading, is not the model that was verified)
+    params = list(lm.model.parameters())
+    with torch.no_grad():
+        for p in params[:2] + params[-2:]:
+            h.update(f"{tuple(p.shape)}|{float(p.detach().double().sum()):.17g}".encode())
     return h.hexdigest()[:32]
 
 
