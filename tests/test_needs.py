@@ -34,17 +34,19 @@ NATIVE = Needs()
     (pp.proposals.Base(), POWER, NATIVE),
     (pp.proposals.LocallyOptimal(), POWER, NATIVE),       # q ∝ p^a: a temperature
     (pp.proposals.LocallyOptimal(), pp.Target(LM, pp.Power(2.0) * pp.Constraint(mask=_mask)),
-     Needs(full_vocabulary=True)),                       # ... but not over a mask
+     NATIVE),                                            # ... and over a mask: q ∝ p^a · mask in the block
     (pp.proposals.Temperature(), pp.Target(LM, pp.Power(2.0) * pp.Constraint(mask=_mask)),
-     Needs(full_vocabulary=True)),                       # the target's token factor needs it anyway
+     NATIVE),                                            # a mask is applied inside native blocks
+    (pp.proposals.LocallyOptimal(), pp.Target(LM, pp.Power(2.0) * pp.Tempered(0.5)),
+     Needs(full_vocabulary=True)),                       # ... but not over a Tempered factor
     (pp.proposals.TopK(2), POWER, Needs(full_vocabulary=True)),
     (LOOKAHEAD, POWER, Needs(full_vocabulary=True, row_wise=False, random=True)),
     (pp.proposals.TopK(2, LOOKAHEAD), POWER, Needs(full_vocabulary=True, row_wise=False, random=True)),
-    (pp.proposals.FromLM(LM), POWER, Needs(full_vocabulary=True, own_state=True, row_wise=False)),
+    (pp.proposals.FromLM(LM), POWER, Needs(own_state=True, row_wise=False)),     # the draft draws blocks
     (pp.proposals.TopP(0.9, pp.proposals.FromLM(LM)), POWER,
      Needs(full_vocabulary=True, own_state=True, row_wise=False)),
     (pp.Power(3.0), None, NATIVE),
-    (pp.Constraint(mask=_mask), None, Needs(full_vocabulary=True)),
+    (pp.Constraint(mask=_mask), None, NATIVE),            # a mask: applied inside native blocks
     (pp.Constraint(lambda text: True), None, NATIVE),     # on finished sequences only
     (pp.Tempered(0.5), None, Needs(full_vocabulary=True)),
     (pp.Power(2.0) * pp.Constraint(lambda text: True), None, NATIVE),
@@ -54,7 +56,9 @@ NATIVE = Needs()
     (pp.schedules.Linear(4), None, NATIVE),
     (pp.schedules.AdaptiveESS(), None, Needs(full_vocabulary=True)),
     (pp.steps.Tokens(4), None, NATIVE),
-    (pp.steps.Until("\n"), None, Needs(full_vocabulary=True, row_wise=False)),
+    (pp.steps.Until("\n"), None, Needs(row_wise=False)),  # blocks stop at its end ids
+    (pp.SMC(4, step=pp.steps.Until(1), proposal=pp.proposals.FromLM(LM)), None,
+     Needs(full_vocabulary=True, own_state=True, row_wise=False)),   # a draft takes the token path there
     # engines: what a run of the engine needs
     (pp.SMC(4), POWER, NATIVE),
     (pp.SMC(4, step=pp.steps.Tokens(8)), None, NATIVE),

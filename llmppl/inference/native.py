@@ -49,7 +49,8 @@ def _(part: Proposal, target: Target | None = None) -> Needs:
     a = torch.ones(1, dtype=torch.float64) * (target.base_exponent if target is not None else 1.0)
     tau = block_temperature(part, target, a) if target is not None else part.block_temperature(a)
     native = tau is not None and bool(torch.isfinite(tau).all() and (tau >= 0).all())
-    return part.requires | Needs(full_vocabulary=not native)
+    drafts = part.drafts and (target is None or not needs(target).full_vocabulary)   # its own LM's blocks
+    return part.requires | Needs(full_vocabulary=not (native or drafts))
 
 
 @needs.register

@@ -551,6 +551,8 @@ def _(engine: SMC, target: Target | None = None) -> Needs:
     (which replay suffixes token by token)."""
     proposal = engine.proposal or (default_proposal(target) if target is not None else Temperature())
     out = needs(engine.step_kind) | needs(proposal, target) | needs(engine.schedule)
+    if proposal.drafts and not needs(engine.step_kind).row_wise:    # segments: a draft takes the token path
+        out = out | Needs(full_vocabulary=True)
     return out | Needs(full_vocabulary=True) if engine.rejuvenate is not None else out
 
 
