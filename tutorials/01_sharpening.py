@@ -30,6 +30,10 @@
 #
 # We first look at this on a continuous 2-D example where both targets can be
 # computed and sampled exactly, then on a toy language model with `llmppl.exact`.
+#
+# **Needs numpyro and jax** (for NUTS on the 2-D example), which are not dependencies of
+# llmppl itself: they come with the `dev` extra, `pip install 'llmppl[dev]'` (`make test`
+# installs it), or alone with `pip install numpyro`.
 
 # %%
 import jax

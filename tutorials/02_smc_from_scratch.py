@@ -37,6 +37,17 @@ target = pp.Target(toy, pp.Power(ALPHA))
 exact = pp.exact.enumerate_target(target, PROMPT, max_new_tokens=T)
 print(f"{len(exact.sequences)} completions of at most {T} tokens; exact log Z = {exact.log_Z:.4f}")
 print("most likely under π:", [(list(s), round(p, 3)) for s, p in exact.top(3)])
+print(f"π's mass on completions cut at T = {T} tokens (no EOS): {exact.truncated_mass:.3f}")
+
+# %% [markdown]
+# **What happens at the token budget.**  A completion still running after `T` tokens is
+# *truncated*.  `pp.Target(..., truncation="keep")` (the default, used here) keeps it, with
+# density `p(y_≤T)^α` — the density of the prefix, as if the budget were part of the model;
+# `truncation="zero"` gives it density 0, so `π` becomes `p^α` *conditioned on finishing
+# within `T` tokens*.  On this toy, whose completions rarely end within 4 tokens, "keep" is
+# not a detail: the line above is the share of `π` on cut completions, and every sampler
+# below (ours and the library's) targets that same `π`, truncated completions included.
+# `Result.truncated_share` reports the weight an SMC run puts on them.
 
 # %% [markdown]
 # ## 1. Importance sampling
@@ -251,7 +262,11 @@ assert math.isfinite(res_llm.log_evidence) and res_llm.n == 8
 # `pp.SMC` is this algorithm with the rest of the generality: other proposals and
 # exponent schedules (tutorial 3), twists and reward tilts (tutorial 5), segment steps,
 # rejuvenation moves, and the bookkeeping (cost statistics, conditional ESS, …).  On
-# the toy target it must agree with the enumeration as well — and with our sampler.
+# the toy target it must agree with the enumeration as well — in distribution.  It does
+# not draw its random numbers in the same order as our 40 lines (its generator feeds the
+# proposal, the resampling and the per-prompt groups in its own layout), so seed by seed
+# the two give different runs; what must match is the law of `Ẑ`: both means of `Ẑ/Z`
+# are 1 within their standard errors.
 
 # %%
 smc = pp.SMC(n_particles=8, proposal=pp.proposals.Temperature(1 / ALPHA), resampling="systematic", ess_threshold=0.5)
@@ -260,7 +275,9 @@ lib_log_Z = np.array([r.log_evidence for r in lib_runs])
 lib_ratio = np.exp(lib_log_Z - exact.log_Z)
 lib_se = lib_ratio.std(ddof=1) / np.sqrt(len(lib_ratio))
 print(f"pp.SMC: mean Ẑ/Z = {lib_ratio.mean():.4f} ± {lib_se:.4f}   (ours: {ratio.mean():.4f} ± {se:.4f})")
-# same seed, same algorithm: when both consume the random stream in the same order, they agree run by run
-print(f"max |log Ẑ(pp.SMC) − log Ẑ(ours)| over the 300 seeds: {np.abs(lib_log_Z - np.log(ratio) - exact.log_Z).max():.2g}")
+# same algorithm, different random streams: seed by seed the runs differ (by as much as the spread of
+# log Ẑ itself), and only their distributions agree
+print(f"spread of log Ẑ over the 300 seeds: pp.SMC {lib_log_Z.std():.2f}, ours {np.log(ratio).std():.2f} nats; "
+      f"largest seed-by-seed difference {np.abs(lib_log_Z - np.log(ratio) - exact.log_Z).max():.2g} nats")
 assert abs(lib_ratio.mean() - 1) < 4 * lib_se + 0.01
 print(lib_runs[0].summary())
