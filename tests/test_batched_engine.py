@@ -93,8 +93,9 @@ def test_one_prompt_failing_does_not_stop_the_others():
 # ----------------------------------------------------------------------------- issue 12, item 5: masks
 def test_default_proposal_proposes_inside_the_token_mask():
     """2 of 8 tokens allowed: the default proposal is q ∝ p^a · mask, so no particle dies, and
-    the weighted particles match the exact target; a tempered proposal that ignores the mask
-    (the old default) kills most particles."""
+    the weighted particles match the exact target; a temperature proposal is masked inside the
+    native block too, while a full-vocabulary proposal that ignores the mask (``TopK(8)``, the
+    unmasked ``q ∝ p^a``: the old default) kills most particles."""
     lm = NGramLM(vocab_size=8, order=2, seed=3, concentration=1.0)
     allowed = torch.zeros(8, dtype=torch.bool)
     allowed[[2, lm.eos_token_id]] = True
@@ -102,7 +103,9 @@ def test_default_proposal_proposes_inside_the_token_mask():
     res = pp.SMC(16).run(target, [0], 4, seed=0)
     assert not any(math.isinf(w) for w in res.log_weights)
     assert all(t in (2,) for s in res.samples for t in s)
-    ignoring = pp.SMC(16, proposal=pp.proposals.Temperature()).run_batch(target, [[0]], 4, seed=0)[0]
+    masked = pp.SMC(16, proposal=pp.proposals.Temperature()).run(target, [0], 4, seed=0)
+    assert not any(math.isinf(w) for w in masked.log_weights)
+    ignoring = pp.SMC(16, proposal=pp.proposals.TopK(8)).run_batch(target, [[0]], 4, seed=0)[0]
     assert ignoring.error is not None or sum(math.isinf(w) for w in ignoring.log_weights) >= 8
     exact = enumerate_target(target, [0], 4)
     runs = pp.SMC(64).run_batch(target, [[0]] * 8, 4, seed=1)

@@ -92,6 +92,19 @@ class Prefixes:
         ]
 
 
+class RowsOfPrompts(Prefixes):
+    """Prefixes whose rows continue several prompts (``row_prompts``): ``prompt`` is refused when
+    they differ (a potential must read ``prompts[i]``, the prompt of row ``i``)."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "prompt":
+            rows = object.__getattribute__(self, "row_prompts")
+            if rows is not None and any(p != rows[0] for p in rows):
+                raise ValueError("this batch holds rows of several prompts (run_batch): use batch.prompts[i], "
+                                 "the prompt of row i")
+        return object.__getattribute__(self, name)
+
+
 class Potential:
     """A factor ``φ(y)`` of the target; see the module docstring for the three methods."""
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..models.base import LanguageModel
-from .base import Potential, Prefixes, Product, scaled
+from .base import Potential, Prefixes, Product, RowsOfPrompts, scaled
 from .potentials import Power, Tempered
 
 
@@ -89,7 +89,7 @@ class Target:
         """Prefixes for potentials; ``prompt`` is one prompt or one per row."""
         if prompt and not isinstance(prompt[0], int):
             rows = [list(p) for p in prompt]
-            return Prefixes(self.lm, rows[0], tokens, base_logprobs, finished, truncated, row_prompts=rows)
+            return RowsOfPrompts(self.lm, rows[0], tokens, base_logprobs, finished, truncated, row_prompts=rows)
         return Prefixes(self.lm, prompt, tokens, base_logprobs, finished, truncated)
 
     # ------------------------------------------------------------------ density
