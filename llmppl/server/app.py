@@ -40,7 +40,7 @@ from .errors import (
     install_handlers,
     validation_error,
 )
-from .schemas import ChatCompletionRequest, CompletionRequest, unsupported_fields
+from .schemas import ChatCompletionRequest, CompletionRequest, constraint_spec, unsupported_fields
 
 
 # ---------------------------------------------------------------- middleware
@@ -193,6 +193,29 @@ def _common_checks(body: Any, config: ServerConfig) -> None:
             "unsupported_value")
 
 
+def _constraint(body: Any) -> Any:
+    """The grammar constraint of ``response_format`` / ``structured_outputs`` (None for free text):
+    ``pp.constraints.JSONSchema`` / ``Regex`` / ``Choice`` / ``Grammar``; a bad one is a 400 naming it."""
+    try:
+        spec = constraint_spec(body)
+    except ValueError as exc:
+        raise bad_request(str(exc), "response_format" if body.response_format is not None else "structured_outputs",
+                          "invalid_value") from None
+    if spec is None:
+        return None
+    kind, param, value = spec
+    try:
+        from ..targets import constraints
+
+        make = {"json_schema": constraints.JSONSchema, "regex": constraints.Regex, "choice": constraints.Choice,
+                "grammar": constraints.Grammar}[kind]
+        return make(value)
+    except ImportError as exc:
+        raise bad_request(f"{param} needs grammar constraints on the server: {exc}", param, "unsupported_value") from None
+    except ValueError as exc:
+        raise bad_request(f"{param}: {exc}", param, "invalid_value") from None
+
+
 def _check_prompt(lm: Any, ids: list[int], max_tokens: int, param: str) -> list[int]:
     try:
         return lm.check_prompt(ids, max_tokens)
@@ -251,7 +274,7 @@ def create_app(lm: Any, config: ServerConfig | None = None, potential: Any = Non
                     settings: RunSettings) -> Response:
         sharpened = METHODS[settings.method].sharpened
         job = Job(prompts=prompts, settings=settings, alpha=settings.options.alpha if sharpened else 1.0,
-                  seed=body.seed, future=asyncio.get_running_loop().create_future())
+                  seed=body.seed, future=asyncio.get_running_loop().create_future(), constraint=_constraint(body))
         try:
             batcher.submit(job)
         except QueueFull as exc:

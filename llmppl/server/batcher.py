@@ -65,12 +65,13 @@ class Job:
     cancelled: bool = False
     started: float | None = None
     batch: dict[str, Any] | None = None  # filled when its batch has run
+    constraint: Any = None  # the request's grammar constraint (response_format): the target gets * it
 
     @property
     def key(self) -> Hashable:
         """Jobs with equal keys share one ``run_batch``: same method, options, budget, seed, target."""
         s = self.settings
-        return (s.method, s.options, s.max_new_tokens, s.truncation, self.seed, self.alpha)
+        return (s.method, s.options, s.max_new_tokens, s.truncation, self.seed, self.alpha, self.constraint)
 
     def progress(self) -> dict[str, Any]:
         """Where this request is: ``queued`` or ``running`` (with the seconds since it started)."""
@@ -272,8 +273,9 @@ class Batcher:
             self._thread.join(timeout)
 
     # ------------------------------------------------------------ in the worker thread
-    def target(self, alpha: float, truncation: str = "keep") -> Target:
+    def target(self, alpha: float, truncation: str = "keep", constraint: Any = None) -> Target:
         potential = Power(alpha) if self.potential is None else Power(alpha) * self.potential
+        potential = potential if constraint is None else potential * constraint
         return Target(self.lm, potential, chat=False, truncation=truncation)  # prompts arrive as token ids
 
     def _run(self, jobs: list[Job]) -> list[Result]:
@@ -281,7 +283,8 @@ class Batcher:
         s = first.settings
         method = build_method(s.method, s.options)
         prompts = [p for job in jobs for p in job.prompts]
-        return method.run_batch(self.target(first.alpha, s.truncation), prompts, s.max_new_tokens, seed=first.seed)
+        return method.run_batch(self.target(first.alpha, s.truncation, first.constraint), prompts, s.max_new_tokens,
+                                seed=first.seed)
 
     def _run_group(self, group: list[Job]) -> list[list[Result] | BaseException]:
         """Results per job; an exception for a job that failed on its own."""

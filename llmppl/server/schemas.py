@@ -46,6 +46,9 @@ class LLMPPLFields(BaseModel):
     ess_threshold: Number | None = Field(None, ge=0, le=1, description="SMC resamples when ESS < this * N")
     block_size: StrictInt | None = Field(None, ge=1, description="MH block size (default max_tokens // 4)")
     n_mcmc: StrictInt | None = Field(None, ge=0, description="MH steps per block")
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM's structured outputs: one of {json: schema, regex: pattern, choice: [strings], "
+        "grammar: Lark text}; the target becomes p^alpha * 1[y in L], sampled exactly")
 
 
 class StreamOptions(BaseModel):
@@ -69,7 +72,6 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "functions": (None, []),
     "tool_choice": (None, "none", "auto"),
     "function_call": (None, "none", "auto"),
-    "response_format": (None, {"type": "text"}),
     "modalities": (None, ["text"]),
     "audio": (None,),
     "prediction": (None,),
@@ -108,6 +110,38 @@ def unsupported_fields(body: BaseModel) -> tuple[str, str] | None:
         allowed = " or ".join(repr(v) for v in ok if v is not None) or "null"
         return name, f"{name}={value!r} is not supported: {why} (allowed: omitted or {allowed})"
     return None
+
+
+#: ``structured_outputs`` keys -> the constraint kind (vLLM's names)
+STRUCTURED = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
+
+
+def constraint_spec(body: BaseModel) -> tuple[str, str, Any] | None:
+    """``(kind, param, value)`` of the grammar constraint a request asks for — ``response_format``
+    ``{"type": "json_schema", "json_schema": {"schema": ...}}`` or ``{"type": "json_object"}`` (chat), or
+    ``structured_outputs`` (vLLM's extension) — None for free text; ``ValueError`` for a malformed one."""
+    rf = getattr(body, "response_format", None)
+    so = getattr(body, "structured_outputs", None)
+    if rf is not None and so is not None and rf != {"type": "text"}:
+        raise ValueError("give response_format or structured_outputs, not both")
+    if so is not None:
+        keys = [k for k in so if so[k] is not None]
+        if len(keys) != 1 or keys[0] not in STRUCTURED:
+            raise ValueError(f"structured_outputs takes exactly one of {', '.join(STRUCTURED)}, got {sorted(so)}")
+        return STRUCTURED[keys[0]], "structured_outputs", so[keys[0]]
+    if rf is None:
+        return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json_schema", "response_format", {"type": "object"}
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ValueError("response_format json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}")
+        return "json_schema", "response_format", spec["schema"]
+    raise ValueError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
 
 
 class _Common(LLMPPLFields):
