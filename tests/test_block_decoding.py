@@ -40,6 +40,14 @@ class NativeOnlyState(UncachedState):
         finally:
             self._inside = False
 
+    def extend(self, tokens, rows=None):
+        """Scoring given tokens is native too (vLLM forces them through its engine)."""
+        inside, self._inside = self._inside, True
+        try:
+            return super().extend(tokens, rows)
+        finally:
+            self._inside = inside
+
     def logprobs(self, rows=None):
         if not self._inside:
             raise NotNative("NativeOnlyState gives no full-vocabulary log-probabilities")
@@ -280,18 +288,35 @@ def _mask(batch):
 
 @pytest.mark.parametrize("engine, target, needle", [
     (pp.SMC(4, proposal=pp.proposals.TopK(2)), pp.Target(NATIVE, pp.Power(2.0)), "TopK"),
-    (pp.SMC(4), pp.Target(NATIVE, pp.Power(2.0) * pp.Constraint(mask=_mask)), "Constraint"),
+    (pp.SMC(4), pp.Target(NATIVE, pp.Power(2.0) * pp.Tempered(0.5)), "Tempered"),
     (pp.SMC(4, schedule=pp.schedules.AdaptiveESS()), pp.Target(NATIVE, pp.Power(2.0)), "AdaptiveESS"),
-    (pp.SMC(4, step=pp.steps.Until(1)), pp.Target(NATIVE, pp.Power(2.0)), "Until"),
+    (pp.SMC(4, step=pp.steps.Until(1), proposal=pp.proposals.FromLM(LM)), pp.Target(NATIVE, pp.Power(2.0)), "FromLM"),
     (pp.SMC(4, rejuvenate=pp.MH(1, 1)), pp.Target(NATIVE, pp.Power(2.0)), "rejuvenate"),
     (pp.MH(2, 2, proposal=pp.proposals.TopK(2)), pp.Target(NATIVE, pp.Power(2.0)), "TopK"),
     (pp.samplers.ScalablePower(2, 2, 2, n=4), pp.Target(NATIVE, pp.Power(2.0)), "Lookahead"),
-    (pp.baselines.Plain(4), pp.Target(NATIVE, pp.Constraint(mask=_mask)), "proposal Base"),
+    (pp.baselines.Plain(4), pp.Target(NATIVE, pp.Tempered(0.5)), "proposal Base"),
 ])
 def test_what_needs_the_full_vocabulary_is_refused_by_name(engine, target, needle):
     with pytest.raises(NotNative, match=needle) as err:
         engine.run(target, PROMPT, T, seed=0)
     assert "HFLM" in str(err.value) or "Constant" in str(err.value) or "without moves" in str(err.value)
+
+
+@pytest.mark.parametrize("engine, target", [
+    (pp.SMC(64), pp.Target(NATIVE, pp.Power(2.0) * pp.Constraint(mask=_mask))),
+    (pp.SMC(64, step=pp.steps.Until(1)), pp.Target(NATIVE, pp.Power(2.0))),
+    (pp.SMC(64, proposal=pp.proposals.FromLM(LM)), pp.Target(NATIVE, pp.Power(2.0))),
+    (pp.baselines.Plain(64), pp.Target(NATIVE, pp.Constraint(mask=_mask))),
+    (pp.MH(2, 2), pp.Target(NATIVE, pp.Power(2.0) * pp.Constraint(mask=_mask))),
+], ids=["mask", "until", "draft", "plain-mask", "mh-mask"])
+def test_masks_segments_and_drafts_run_in_native_blocks(engine, target):
+    """What used to need the full vocabulary and now runs inside a block-only backend: masks
+    (applied in the block), segment steps (end ids, the twist from ``log_norm_next``), a draft LM
+    (its blocks scored by the target's ``extend``); the mask holds in every sample."""
+    res = engine.run(target, PROMPT, T, seed=0)
+    assert res.error is None and len(res.samples) >= 1
+    if any(isinstance(f, pp.Constraint) for f in target.others):
+        assert all(t < 3 for s in res.samples for t in s)
 
 
 def test_block_steps_count_tokens_and_one_sync_per_token_step():

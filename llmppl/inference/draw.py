@@ -185,10 +185,14 @@ def draw_block(plan: "SMCPlan", state: "SMCState", a_rows: torch.Tensor, active:
         n = last = torch.zeros(0, dtype=torch.long, device=P.device)
     # rows with budget 0 drew nothing: totals 0, length 0, not ended (the Block contract)
     drawn = scaled(a_sel, lp) - lq if other is None else scaled(a_sel, lp) + other - lq
+    # NaN / +inf log p is the LM's fault (refused); a NaN log q with a sane log p is a row whose
+    # mask leaves no token of positive probability: the target gives every continuation zero
+    lm_bad = torch.isnan(lp) | torch.isposinf(lp)
+    drawn = torch.where(torch.isnan(drawn) & ~lm_bad, -math.inf, drawn)
     grown = n - eos.long()                              # tokens that extend the completion
     cut = act & ~eos & (grown >= remaining)
     dead = act & ~torch.isfinite(drawn)
-    bad = act & (~torch.isfinite(lp - lq) if plan.native else hook_bad)
+    bad = act & (lm_bad if plan.native or plan.drafted else hook_bad)
     eos, cut, dead, n, grown, drawn, bad = (full(x) for x in (eos, cut, dead, n, grown, drawn, bad))
     P.log_p = P.log_p + full(lp)
     P.log_q = P.log_q + full(lq)
