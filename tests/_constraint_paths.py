@@ -71,9 +71,17 @@ def token_paths(tokenizer, strings: list[str]) -> list[tuple[int, ...]]:
     return paths
 
 
+def target_law(log_p: dict, alpha: float) -> tuple[dict, float]:
+    """``π(y) ∝ p(y, EOS)^α`` over the paths, and ``log Z``."""
+    lg = {p: alpha * v for p, v in log_p.items()}
+    log_Z = float(torch.logsumexp(torch.tensor(list(lg.values()), dtype=torch.float64), 0))
+    return {p: math.exp(v - log_Z) for p, v in lg.items()}, log_Z
+
+
 def score(model, tokenizer, prompt: list[int], paths: list[tuple[int, ...]], eos: int, strings: list[str],
-          alpha: float) -> dict:
-    """Exact target and greedy-constrained law over ``paths`` (see module docstring)."""
+          alpha: float = 1.0) -> dict:
+    """Exact target (at ``alpha``) and greedy-constrained law over ``paths`` (module docstring);
+    ``log_p`` per path gives the target at any other exponent (:func:`target_law`)."""
     table = token_bytes(tokenizer)
     datas = [s.encode() for s in strings]
 
@@ -107,8 +115,7 @@ def score(model, tokenizer, prompt: list[int], paths: list[tuple[int, ...]], eos
             text += table.get(tok, b"")
         log_p.append(lp)
         log_greedy.append(lg)
-    lg_t = torch.tensor(log_p, dtype=torch.float64) * alpha
-    log_Z = float(torch.logsumexp(lg_t, 0))
-    target = {p: math.exp(float(v) - log_Z) for p, v in zip(paths, lg_t)}
+    log_p_of = dict(zip(paths, log_p))
+    target, log_Z = target_law(log_p_of, alpha)
     greedy = {p: math.exp(v) for p, v in zip(paths, log_greedy)}
-    return {"target": target, "greedy": greedy, "log_Z": log_Z, "log_p": dict(zip(paths, log_p))}
+    return {"target": target, "greedy": greedy, "log_Z": log_Z, "log_p": log_p_of}

@@ -153,7 +153,8 @@ class GrammarConstraint(Potential):
         """``(B, V)`` bool on the device of ``batch.base_logprobs`` (the LM's device without them):
         the tokens ``v`` with ``text(y_<t v) ∈ Pre(L)``, and EOS where ``text(y_<t) ∈ L``."""
         lp = batch.base_logprobs
-        device = lp.device if lp is not None else torch.device(getattr(batch.lm, "device", "cpu") or "cpu")
+        device = (lp.device if lp is not None and lp.device.type != "meta"      # native blocks: shape only
+                  else torch.device(getattr(batch.lm, "device", "cpu") or "cpu"))
         return self.matchers(batch.lm).allowed(batch.tokens, device)
 
     def allowed_tokens(self, batch: Prefixes, vocab_size: int) -> torch.Tensor:
@@ -174,6 +175,7 @@ class GrammarConstraint(Potential):
         allowed = self.allowed(batch)
         lp = batch.base_logprobs
         dtype = lp.dtype if lp is not None else torch.float32
+        lp = lp if lp is not None and lp.device.type != "meta" else None
         zero = torch.zeros((), dtype=dtype, device=allowed.device)
         out = torch.where(allowed, zero, torch.full_like(zero, -math.inf))
         if lp is not None and lp.shape[-1] != out.shape[-1]:
