@@ -51,8 +51,7 @@ APPEND = {("bench", "latency"): ["--prompts", "2", "--particles", "2", "--max-ne
 SCHEMATIC = {("docs/architecture.md", "state = engine.init(target, prompts, max_new_tokens, seed=0)"):
              "a schematic of the kernel loop (engine, target and prompts are placeholders)"}
 #: blocks known to fail, with why and whose doc it is: run, and reported as xfail while they fail
-KNOWN_BROKEN = {("docs/smc.md", "smc = pp.SMC(n_particles=16, step=pp.steps.Tokens(8))"):
-                "docs/smc.md's step-by-step block uses `prompts` without defining it (the engine's doc)"}
+KNOWN_BROKEN: dict[tuple[str, str], str] = {}
 
 PROMPTS_JSONL = (
     '{"id": "q1", "prompt": "What is 17 * 23?", "answer": 391}\n'
@@ -351,8 +350,6 @@ def test_relative_links_resolve():
     assert not broken, "\n".join(broken)
 
 
-@pytest.mark.xfail(reason="docs/smc.md (the engine's doc, being rewritten for issue 38) still cites "
-                   "'DESIGN.md §1', which is not in the repository", strict=False)
 def test_docs_cite_no_missing_design_document():
     """The docs cite DESIGN.md sections only if the repository has the file."""
     if (ROOT / "DESIGN.md").exists() or (ROOT / "docs" / "DESIGN.md").exists():
