@@ -134,7 +134,7 @@ def test_a_draft_lm_proposal_is_exact(lms, backend, k):
 
 
 def test_mh_and_plain_apply_a_mask_natively_on_vllm(lms):
-    vl, hf = lms["vllm"], lms["hf"]
+    vl = lms["vllm"]
     potential = pp.Power(ALPHA) * pp.Constraint(mask=no_repeat)
     plain = pp.baselines.Plain(200).run(pp.Target(vl, potential), PROMPT, T, seed=0)
     for s in plain.samples:

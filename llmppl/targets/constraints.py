@@ -403,7 +403,7 @@ def lltokenizer(lm: Any) -> Any:
         hit = _TOKENIZERS.get(lm)
     if hit is not None:
         return hit
-    llg = _llguidance()
+    _llguidance()          # a clear error when llguidance is missing
     name = getattr(lm, "name", type(lm).__name__)
     tok = getattr(lm, "tokenizer", None)
     eos = [int(e) for e in getattr(lm, "eos_token_ids", None) or (lm.eos_token_id,)]
