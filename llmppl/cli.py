@@ -45,6 +45,11 @@ def _common(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
                    help="token budget of each completion (a completion cut here is 'truncated')")
     add_engine_arguments(p)
     p.add_argument("--truncation", choices=TRUNCATION, default="keep", help=TRUNCATION_HELP)
+    p.add_argument("--regex", default=None, metavar="PATTERN",
+                   help="structured output: the completion must match PATTERN (the target is p^alpha * 1[y matches]; "
+                   "needs llmppl[constraints])")
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="structured output: the completion must be JSON valid under the schema in FILE")
 
 
 def add_sample(sub: argparse._SubParsersAction) -> None:
@@ -74,6 +79,9 @@ def _check_common(args: argparse.Namespace) -> None:
     if args.tau is not None and not (math.isfinite(args.tau) and args.tau > 0):
         raise ValueError(f"--tau must be finite and > 0, got {args.tau}")
     parse_threads(args.threads)
+    from .methods import constraint_args
+
+    constraint_args(args)      # a bad --regex / --json-schema fails here, in one line
 
 
 def human_bytes(n: float | int | None) -> str:
@@ -121,7 +129,12 @@ def run_sample(args: argparse.Namespace) -> int:
     lm = models.load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device, args.backend),
                            backend=args.backend)
     chat = not args.no_chat and getattr(getattr(lm, "tokenizer", None), "chat_template", None) is not None
-    target = Target(lm, Power(method.target_alpha(args.alpha)), chat=chat, truncation=truncation)
+    from .methods import constraint_args, make_constraint
+
+    spec = constraint_args(args)
+    potential = Power(method.target_alpha(args.alpha))
+    target = Target(lm, potential if spec is None else potential * make_constraint(spec), chat=chat,
+                    truncation=truncation)
     result = method.run(target, args.prompt, args.max_new_tokens, seed=args.seed)
     i = select_index(result, args.select)
     text = result.texts[i] if result.texts is not None and result.texts[i] is not None else result.samples[i]

@@ -334,6 +334,42 @@ class MethodRecipe:
         return METHODS[self.name].sharpened
 
 
+def constraint_args(args: Any) -> tuple[str, str] | None:
+    """``--regex PATTERN`` / ``--json-schema FILE`` as ``(kind, text)`` (None without either), checked
+    in one line before the model loads: at most one of them, a readable file holding a JSON object,
+    a pattern / schema llguidance compiles."""
+    regex, path = getattr(args, "regex", None), getattr(args, "json_schema", None)
+    if regex is not None and path is not None:
+        raise ValueError("--regex and --json-schema are two constraints: give one")
+    if regex is not None:
+        spec = ("regex", regex)
+    elif path is not None:
+        import json
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise ValueError(f"--json-schema {path}: {exc.strerror or exc}") from None
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--json-schema {path}: not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        spec = ("json_schema", text)
+    else:
+        return None
+    make_constraint(spec)
+    return spec
+
+
+def make_constraint(spec: tuple[str, str]) -> Any:
+    """The potential of a ``(kind, text)`` constraint: ``pp.constraints.Regex`` or ``JSONSchema``."""
+    from .targets import constraints
+
+    kind, text = spec
+    return constraints.Regex(text) if kind == "regex" else constraints.JSONSchema(text)
+
+
 @dataclass(frozen=True)
 class TargetRecipe:
     """A picklable recipe for the target ``p^alpha`` of a model (calling it loads the model).
@@ -349,6 +385,8 @@ class TargetRecipe:
     dtype: str | None = None
     backend: str = "hf"
     truncation: str = "keep"
+    #: a grammar constraint ``(kind, text)``: ``("regex", pattern)`` or ``("json_schema", schema JSON)``
+    constraint: tuple[str, str] | None = None
 
     @classmethod
     def from_args(cls, args: Any, sharpened: bool = True, device: str | None = None) -> "TargetRecipe":
@@ -357,7 +395,7 @@ class TargetRecipe:
         return cls(model=args.model, alpha=float(args.alpha) if sharpened else 1.0,
                    chat=not getattr(args, "no_chat", False), device=resolve_device(device or args.device),
                    dtype=args.dtype, backend=getattr(args, "backend", "hf"),
-                   truncation=getattr(args, "truncation", None) or "keep")
+                   truncation=getattr(args, "truncation", None) or "keep", constraint=constraint_args(args))
 
     def __call__(self) -> Any:
         from .options import resolve_dtype
@@ -365,7 +403,8 @@ class TargetRecipe:
         lm = load_model(self.model, device=self.device, dtype=resolve_dtype(self.dtype, self.device, self.backend),
                         backend=self.backend)
         chat = self.chat and getattr(getattr(lm, "tokenizer", None), "chat_template", None) is not None
-        return Target(lm, Power(self.alpha), chat=chat, truncation=self.truncation)
+        potential = Power(self.alpha) if self.constraint is None else Power(self.alpha) * make_constraint(self.constraint)
+        return Target(lm, potential, chat=chat, truncation=self.truncation)
 
     def on_device(self, device: str) -> "TargetRecipe":
         """The same recipe loading the model on ``device`` (a CPU recipe moved to a GPU actor)."""
@@ -381,4 +420,6 @@ class TargetRecipe:
                   "target_alpha": self.alpha, "chat": bool(chat)}
         if self.truncation != "keep":  # absent for "keep", so files written before --truncation still resume
             config["truncation"] = self.truncation
+        if self.constraint is not None:  # absent without one, so files written before it still resume
+            config["constraint"] = list(self.constraint)
         return config
