@@ -55,7 +55,7 @@ __all__ = [
     "exact", "models", "targets", "proposals", "resampling", "Result",
     "Target", "Power", "Tempered", "RewardTilt", "Constraint",
     "SMC", "schedules", "steps",
-    "MH", "baselines", "samplers", "distributed", "methods", "runner",
+    "MH", "baselines", "samplers", "distributed", "methods", "runner", "constraints",
 ]
 
 
