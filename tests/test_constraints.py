@@ -237,3 +237,17 @@ def test_tokenizers_llguidance_cannot_read():
     target = pp.Target(toy, pp.constraints.Regex("a+"))
     with pytest.raises(ValueError, match="need an LM with a tokenizer: .* has none"):
         pp.SMC(2).run(target, [0], 3, seed=0)
+
+
+@pytest.mark.model
+def test_the_memo_is_bounded_and_rebuilds_what_it_evicted(lm):
+    """``cache_size`` bounds the memo; an evicted prefix is rebuilt from its longest stored ancestor
+    and gives the same mask (a pure function of the prefix)."""
+    c = pp.constraints.Regex(r"[a-z]{1,40}", cache_size=16)
+    ids = lm.tokenizer.encode("abcdefghijklmnopqrstuvwxyzabcdefghijklmn")
+    prefixes = [ids[:k] for k in range(len(ids) + 1)]
+    first = c.matchers(lm).allowed(prefixes)
+    assert len(c.matchers(lm)) <= 16
+    again = c.matchers(lm).allowed(prefixes[::-1])
+    assert torch.equal(first, again.flip(0))
+    assert c.matchers(lm).accepting([ids]) == [True]
