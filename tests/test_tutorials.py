@@ -21,11 +21,11 @@ TUTORIALS = sorted((ROOT / "tutorials").glob("[0-9][0-9]_*.py"))
 
 #: tutorial number -> public names it needs (``pp.<name>``)
 REQUIRES = {"01": [], "02": ["SMC"], "03": ["SMC", "schedules"], "04": ["SMC", "MH", "samplers", "baselines"],
-            "05": ["SMC", "RewardTilt", "Constraint"]}
+            "05": ["SMC", "RewardTilt", "Constraint"], "06": ["SMC", "constraints"]}
 
 
-def test_there_are_five_tutorials():
-    assert [p.name[:2] for p in TUTORIALS] == ["01", "02", "03", "04", "05"]
+def test_there_are_six_tutorials():
+    assert [p.name[:2] for p in TUTORIALS] == ["01", "02", "03", "04", "05", "06"]
 
 
 @pytest.mark.slow
