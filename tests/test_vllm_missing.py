@@ -29,7 +29,7 @@ def test_vllm_backend_input_errors(tmp_path):
     ["sample", "--prompt", "hi", "--method", "lookahead"],
     ["sample", "--prompt", "hi", "--method", "smc", "--schedule", "adaptive"],
     ["eval", "--task", "reasoning_gym:chain_sum", "--json", "OUT", "--methods", "plain,lookahead"],
-    ["run", "--input", "IN", "--output", "OUT", "--method", "smc", "--step", "until:\\n"],
+    ["run", "--input", "IN", "--output", "OUT", "--method", "smc", "--proposal", "lookahead"],
 ])
 def test_the_cli_refuses_what_vllm_cannot_run_before_loading_a_model(command, tmp_path, capsys):
     # vLLM is not even installed here: the refusal comes first, from what the method needs

@@ -55,7 +55,7 @@ def partial_reward(prefixes):
 def evaluate(target, label, n=N, runs=RUNS, **smc_kwargs):
     """SMC over several seeds against the exact target: Ẑ/Z, Var log Ẑ, TV of the pooled particles, ESS."""
     exact = pp.exact.enumerate_target(target, PROMPT, T)
-    smc = pp.SMC(n_particles=n, **smc_kwargs)
+    smc = pp.SMC(n_particles=n, **{"ess_threshold": 0.8, **smc_kwargs})   # resample often: twists act then
     res = [smc.run(target, PROMPT, max_new_tokens=T, seed=s) for s in range(runs)]
     log_Z = np.array([r.log_evidence for r in res])
     ratio = np.exp(log_Z - exact.log_Z)
