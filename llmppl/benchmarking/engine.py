@@ -22,35 +22,19 @@ from typing import Any
 import torch
 
 from ..inference.common import Stopwatch
-from ..inference.proposal import Proposal, ProposalContext
+from ..inference.proposal import Proposal, ProposalContext, Wrapping
 from ..models.hf_common import cache_argument
 
 
-class NoEOS(Proposal):
+class NoEOS(Wrapping):
     """``q(v) ∝ inner(v) · 1[v ∉ EOS]``: every row decodes exactly ``max_new_tokens`` (timing only)."""
 
     def __init__(self, inner: Proposal, eos: tuple[int, ...]) -> None:
         self.inner, self.eos = inner, list(eos)
-        self.requires, self.drafts, self.work_name = inner.requires, inner.drafts, inner.work_name
-
-    # a draft LM's own decoding state, run by the inner proposal
-    def start(self, target: Any, prompts: list[list[int]], n: int, max_new_tokens: int) -> Any:
-        return self.inner.start(target, prompts, n, max_new_tokens)
-
-    def work(self, run: Any) -> tuple[int, dict[int, int]]:
-        return self.inner.work(run)
+        self.requires, self.drafts = inner.requires, inner.drafts
 
     def draft_block(self, run: Any, rows: torch.Tensor, spec: Any, generator: Any) -> Any:
         return self.inner.draft_block(run, rows, spec, generator)      # (spec.allow_stop is False here)
-
-    def on_extend(self, run: Any, tokens: Any, rows: torch.Tensor) -> None:
-        self.inner.on_extend(run, tokens, rows)
-
-    def on_reorder(self, run: Any, indices: torch.Tensor) -> None:
-        self.inner.on_reorder(run, indices)
-
-    def on_finish(self, run: Any, rows: torch.Tensor) -> None:
-        self.inner.on_finish(run, rows)
 
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
         lq = self.inner.log_probs(ctx).clone()

@@ -101,6 +101,32 @@ class Proposal:
         return sample_inverse_cdf(log_q, generator)
 
 
+class Wrapping(Proposal):
+    """A proposal built on an ``inner`` one (a restriction, a mask of the stop ids): the run state,
+    the hooks and the LM work are the inner proposal's."""
+
+    inner: Proposal
+
+    def start(self, target: Any, prompts: list[list[int]], n: int, max_new_tokens: int) -> Any:
+        return self.inner.start(target, prompts, n, max_new_tokens)
+
+    def on_extend(self, run: Any, tokens: Any, rows: torch.Tensor) -> None:
+        self.inner.on_extend(run, tokens, rows)
+
+    def on_reorder(self, run: Any, indices: torch.Tensor) -> None:
+        self.inner.on_reorder(run, indices)
+
+    def on_finish(self, run: Any, rows: torch.Tensor) -> None:
+        self.inner.on_finish(run, rows)
+
+    @property
+    def work_name(self) -> str | None:  # type: ignore[override]
+        return self.inner.work_name
+
+    def work(self, run: Any) -> tuple[int, dict[int, int]]:
+        return self.inner.work(run)
+
+
 def own_sampler(proposal: Proposal):
     """``proposal.sample`` when the proposal overrides it, else None: the block then draws by
     inversion with each row's own uniforms (:class:`~llmppl.models.streams.RowStreams`)."""

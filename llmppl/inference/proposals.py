@@ -29,7 +29,7 @@ from .lookahead import Lookahead  # noqa: F401  (pp.proposals.Lookahead)
 from ..targets.base import scaled
 from .capabilities import Needs
 from .native import needs
-from .proposal import Proposal, ProposalContext, exponent_of
+from .proposal import Proposal, ProposalContext, Wrapping, exponent_of
 
 
 class Base(Proposal):
@@ -248,7 +248,7 @@ def check_shared_tokenizer(target_lm: Any, proposal_lm: Any) -> None:
             f"(target {Vt}, proposal {Vp})")
 
 
-class _Restricted(Proposal):
+class _Restricted(Wrapping):
     """A restriction of another proposal, mixed with it so the support stays covered:
     ``q = (1 − ε) · restrict(q_inner) + ε · q_inner``.
 
@@ -276,25 +276,6 @@ class _Restricted(Proposal):
         if self.epsilon == 1.0:
             return log_q
         return torch.logaddexp(kept + math.log1p(-self.epsilon), log_q + math.log(self.epsilon))
-
-    def start(self, target: Any, prompts: list[list[int]], n: int, max_new_tokens: int) -> Any:
-        return self.inner.start(target, prompts, n, max_new_tokens)
-
-    def on_extend(self, run: Any, tokens: Any, rows: torch.Tensor) -> None:
-        self.inner.on_extend(run, tokens, rows)
-
-    def on_reorder(self, run: Any, indices: torch.Tensor) -> None:
-        self.inner.on_reorder(run, indices)
-
-    def on_finish(self, run: Any, rows: torch.Tensor) -> None:
-        self.inner.on_finish(run, rows)
-
-    @property
-    def work_name(self) -> str | None:  # type: ignore[override]
-        return self.inner.work_name
-
-    def work(self, run: Any) -> tuple[int, dict[int, int]]:
-        return self.inner.work(run)
 
 
 class TopK(_Restricted):
