@@ -67,10 +67,8 @@ def draw_step(plan: "SMCPlan", state: "SMCState", a: torch.Tensor, a_prev: torch
     rows_on = active
     step_width = min(plan.step.width, plan.max_new_tokens)
     width = 1 if plan.tokenwise else step_width
-    first = True
     while True:
-        cap = None if first else step_width - (P.length - start)   # the step's tokens left per row
-        first = False
+        cap = step_width - (P.length - start)      # the step's tokens left per row
         d = draw_block(plan, state, a_rows, rows_on, width, cap)
         inc, ended, bad = inc + d.inc, ended | d.stopped, bad | d.bad
         if norm_next is not None:

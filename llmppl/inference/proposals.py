@@ -180,8 +180,8 @@ class FromLM(Proposal):
         spec.temperature = torch.full_like(spec.temperature, self.tau)
         blk = run.state.sample_block(rows, spec, generator)
         n, ended = blk.length.cpu(), blk.ended.cpu()
-        unfed = torch.as_tensor(spec.feed_last if isinstance(spec.feed_last, torch.Tensor) else True).cpu()
-        fed = n - ended.long() - (~unfed & ~ended & (n == spec.budget.cpu()) & (n > 0)).long()
+        feed_last = torch.as_tensor(spec.feed_last if isinstance(spec.feed_last, torch.Tensor) else True).cpu()
+        fed = n - ended.long() - (~feed_last & ~ended & (n == spec.budget.cpu()) & (n > 0)).long()
         groups = torch.as_tensor(run.state.group).cpu()[rows.cpu()]
         for g, k in zip(groups.tolist(), fed.tolist()):
             run.tokens_by_prompt[g] = run.tokens_by_prompt.get(g, 0) + int(k)

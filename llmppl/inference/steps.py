@@ -14,6 +14,7 @@ look-ahead twist of :class:`Until`); the engine needs no change for a new one.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -179,17 +180,18 @@ class Until(Step):
         return f"Until({self.delimiter!r}, max_tokens={self.max_tokens}{extra})"
 
 
-_CANDIDATES: dict[tuple[int, str], tuple[int, ...]] = {}
+#: tokenizer -> {character: ids}; weak keys, so an entry goes with its tokenizer (an id could be reused)
+_CANDIDATES: "weakref.WeakKeyDictionary[Any, dict[str, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
 
 
 def _tokens_with(lm: Any, char: str) -> tuple[int, ...]:
     """The ids whose decoded text contains ``char`` (memoised per tokenizer and character)."""
-    key = (id(lm.tokenizer), char)
-    if key not in _CANDIDATES:
+    per_char = _CANDIDATES.setdefault(lm.tokenizer, {})
+    if char not in per_char:
         texts = lm.tokenizer.convert_ids_to_tokens(list(range(len(lm.tokenizer))))
         decoded = [lm.tokenizer.convert_tokens_to_string([t]) if t is not None else "" for t in texts]
-        _CANDIDATES[key] = tuple(i for i, s in enumerate(decoded) if char in s and i < lm.vocab_size)
-    return _CANDIDATES[key]
+        per_char[char] = tuple(i for i, s in enumerate(decoded) if char in s and i < lm.vocab_size)
+    return per_char[char]
 
 
 #: the warning of ``Until(resample="position")`` when most live particles are alone at their position
