@@ -242,17 +242,31 @@ def test_forced_tokens_without_a_hook_use_the_temperature_q():
         state.sample_block(None, BlockSpec.make(2, 2, 1.0, LM.eos_token_ids, forced=torch.zeros(2, 3).long()), None)
 
 
-@pytest.mark.parametrize("k, schedule", [(1, None), (2, None), (1, pp.schedules.Linear(1.0, 3))])
-def test_smc_on_a_block_only_backend_matches_exact(k, schedule):
+@pytest.mark.parametrize("k, schedule, moves", [
+    (1, None, None), (2, None, None), (1, pp.schedules.Linear(1.0, 3), None),
+    (1, pp.schedules.AdaptiveESS(0.5, alpha_from=0.5), None), (2, pp.schedules.AdaptiveESS(0.5, alpha_from=0.5), None),
+    (1, None, pp.MH(1, 2))], ids=["k1", "k2", "linear", "adaptive-k1", "adaptive-k2", "rejuvenate"])
+def test_smc_on_a_block_only_backend_matches_exact(k, schedule, moves):
     """Power-SMC with native blocks of k tokens (weighed at block boundaries) on a backend that has
-    only ``sample_block``, with and without an exponent bridge; impostors (mode, low temperature,
-    base LM) fail the same check."""
+    only ``sample_block``, with and without an exponent bridge (fixed, or adaptive from the variance
+    per token the last step realised), and with MH moves that redraw suffixes in blocks and replay
+    the current ones as forced tokens; impostors (mode, low temperature, base LM) fail the same check."""
     alpha = 4.0
     target = pp.Target(NATIVE, pp.Power(alpha))
     exact = enumerate_target(pp.Target(LM, pp.Power(alpha)), PROMPT, T)
-    smc = pp.SMC(1000, step=pp.steps.Tokens(k), ess_threshold=0.5, schedule=schedule)
+    smc = pp.SMC(1000, step=pp.steps.Tokens(k), ess_threshold=0.5 if moves is None else 1.0, schedule=schedule,
+                 rejuvenate=moves)
     s, w = pooled(lambda seed: smc.run(target, PROMPT, T, seed=seed), range(6))
     check(exact, s, w, THRESHOLD, impostors(LM, PROMPT, T, alpha), f"native SMC k={k}")
+    res = smc.run(target, PROMPT, T, seed=0)
+    if isinstance(schedule, pp.schedules.AdaptiveESS):   # the linear pace first, then the realised variance's
+        a = res.steps["exponent"]
+        assert a[0] == pytest.approx(0.5 + (alpha - 0.5) / T) and a[1] > a[0]
+        state = smc.init(target, [PROMPT], T, seed=0)
+        smc.step(state)
+        assert bool(torch.isfinite(state.term_data["token_var"]).all())
+    if moves is not None:
+        assert sum(res.steps["moves_accepted"]) > 0
 
 
 def test_smc_blocks_evidence_is_unbiased():
@@ -289,11 +303,10 @@ def _mask(batch):
 @pytest.mark.parametrize("engine, target, needle", [
     (pp.SMC(4, proposal=pp.proposals.TopK(2)), pp.Target(NATIVE, pp.Power(2.0)), "TopK"),
     (pp.SMC(4), pp.Target(NATIVE, pp.Power(2.0) * pp.Tempered(0.5)), "Tempered"),
-    (pp.SMC(4, schedule=pp.schedules.AdaptiveESS()), pp.Target(NATIVE, pp.Power(2.0)), "AdaptiveESS"),
     (pp.SMC(4, step=pp.steps.Until(1), proposal=pp.proposals.FromLM(LM)), pp.Target(NATIVE, pp.Power(2.0)), "FromLM"),
-    (pp.SMC(4, rejuvenate=pp.MH(1, 1)), pp.Target(NATIVE, pp.Power(2.0)), "rejuvenate"),
+    (pp.SMC(4, rejuvenate=pp.MH(1, 1, proposal=pp.proposals.TopK(2))), pp.Target(NATIVE, pp.Power(2.0)), "rejuvenate"),
     (pp.MH(2, 2, proposal=pp.proposals.TopK(2)), pp.Target(NATIVE, pp.Power(2.0)), "TopK"),
-    (pp.samplers.ScalablePower(2, 2, 2, n=4), pp.Target(NATIVE, pp.Power(2.0)), "Lookahead"),
+    (pp.samplers.ScalablePower(2, 2, 2, n=4, jackknife=True), pp.Target(NATIVE, pp.Power(2.0)), "Lookahead"),
     (pp.baselines.Plain(4), pp.Target(NATIVE, pp.Tempered(0.5)), "proposal Base"),
 ])
 def test_what_needs_the_full_vocabulary_is_refused_by_name(engine, target, needle):
@@ -308,7 +321,9 @@ def test_what_needs_the_full_vocabulary_is_refused_by_name(engine, target, needl
     (pp.SMC(64, proposal=pp.proposals.FromLM(LM)), pp.Target(NATIVE, pp.Power(2.0))),
     (pp.baselines.Plain(64), pp.Target(NATIVE, pp.Constraint(mask=_mask))),
     (pp.MH(2, 2), pp.Target(NATIVE, pp.Power(2.0) * pp.Constraint(mask=_mask))),
-], ids=["mask", "until", "draft", "plain-mask", "mh-mask"])
+    (pp.SMC(64, proposal=pp.proposals.Lookahead(2, 2, 2)), pp.Target(NATIVE, pp.Power(2.0) * pp.Constraint(mask=_mask))),
+    (pp.samplers.ScalablePower(2, 2, 2, n=16), pp.Target(NATIVE, pp.Power(2.0))),
+], ids=["mask", "until", "draft", "plain-mask", "mh-mask", "lookahead-mask", "scalable-power"])
 def test_masks_segments_and_drafts_run_in_native_blocks(engine, target):
     """What used to need the full vocabulary and now runs inside a block-only backend: masks
     (applied in the block), segment steps (end ids, the twist from ``log_norm_next``), a draft LM

@@ -139,7 +139,8 @@ def test_stats_count_all_lm_work(proposal):
     if proposal == "lookahead":
         la = [r.stats["lookahead_tokens_decoded"] for r in out]
         assert lm.rows == rows + decoded and min(la) > 0
-        assert all(r.stats["tokens_decoded"] > 5 * r.stats["tokens_sampled"] for r in out)  # the hidden cost
+        # the hidden cost: rollouts (shared by the particles of one prefix, so fewer than K·M per token)
+        assert all(r.stats["tokens_decoded"] > r.stats["tokens_sampled"] for r in out)
         assert out[0].stats["lookahead_forward_passes"] == lm.calls - 4   # 4 engine steps
     if proposal == "fromlm":
         assert other.rows == rows + sum(r.stats["proposal_tokens_decoded"] for r in out)

@@ -40,7 +40,11 @@ NATIVE = Needs()
     (pp.proposals.LocallyOptimal(), pp.Target(LM, pp.Power(2.0) * pp.Tempered(0.5)),
      Needs(full_vocabulary=True)),                       # ... but not over a Tempered factor
     (pp.proposals.TopK(2), POWER, Needs(full_vocabulary=True)),
-    (LOOKAHEAD, POWER, Needs(full_vocabulary=True, row_wise=False, random=True)),
+    (LOOKAHEAD, POWER, Needs(row_wise=False, random=True)),        # drawn natively (top-k, rollouts)
+    (pp.proposals.Lookahead(2, 2, 2, jackknife=True), POWER,
+     Needs(full_vocabulary=True, row_wise=False, random=True)),    # ... but not with the jackknife
+    (LOOKAHEAD, pp.Target(LM, pp.Power(2.0) * pp.Tempered(0.5)),
+     Needs(full_vocabulary=True, row_wise=False, random=True)),    # ... nor over a Tempered factor
     (pp.proposals.TopK(2, LOOKAHEAD), POWER, Needs(full_vocabulary=True, row_wise=False, random=True)),
     (pp.proposals.FromLM(LM), POWER, Needs(own_state=True, row_wise=False)),     # the draft draws blocks
     (pp.proposals.TopP(0.9, pp.proposals.FromLM(LM)), POWER,
@@ -54,7 +58,7 @@ NATIVE = Needs()
     (pp.Target(LM, pp.Power(2.0) * pp.Tempered(0.5)), None, Needs(full_vocabulary=True)),
     (pp.schedules.Constant(), None, NATIVE),
     (pp.schedules.Linear(4), None, NATIVE),
-    (pp.schedules.AdaptiveESS(), None, Needs(full_vocabulary=True)),
+    (pp.schedules.AdaptiveESS(), None, NATIVE),    # the realised variance per token where none is given
     (pp.steps.Tokens(4), None, NATIVE),
     (pp.steps.Until("\n"), None, Needs(row_wise=False)),  # blocks stop at its end ids
     (pp.SMC(4, step=pp.steps.Until(1), proposal=pp.proposals.FromLM(LM)), None,
@@ -62,16 +66,17 @@ NATIVE = Needs()
     # engines: what a run of the engine needs
     (pp.SMC(4), POWER, NATIVE),
     (pp.SMC(4, step=pp.steps.Tokens(8)), None, NATIVE),
-    (pp.SMC(4, schedule=pp.schedules.AdaptiveESS()), None, Needs(full_vocabulary=True)),
-    (pp.SMC(4, rejuvenate=pp.MH(1, 1)), None, Needs(full_vocabulary=True)),   # moves replay suffixes
-    (pp.SMC(4, proposal=LOOKAHEAD), None, Needs(full_vocabulary=True, row_wise=False, random=True)),
+    (pp.SMC(4, schedule=pp.schedules.AdaptiveESS()), None, NATIVE),
+    (pp.SMC(4, rejuvenate=pp.MH(1, 1)), None, NATIVE),   # moves replay suffixes as forced tokens of a block
+    (pp.SMC(4, rejuvenate=pp.MH(1, 1, proposal=pp.proposals.TopK(2))), None, Needs(full_vocabulary=True)),
+    (pp.SMC(4, proposal=LOOKAHEAD), None, Needs(row_wise=False, random=True)),
     (pp.MH(2, 1), None, NATIVE),                 # reverse moves use the recorded log q
     (pp.MH(2, 1, proposal=pp.proposals.TopK(2)), None, Needs(full_vocabulary=True)),
     (pp.baselines.Plain(4), None, NATIVE),
     (pp.baselines.Greedy(), None, NATIVE),
     (pp.baselines.BestOfN(4), None, NATIVE),
     (pp.baselines.LowTemperature(0.5, 4), None, NATIVE),
-    (pp.samplers.ScalablePower(2, 2, 2, n=4), None, Needs(full_vocabulary=True, row_wise=False, random=True)),
+    (pp.samplers.ScalablePower(2, 2, 2, n=4), None, Needs(row_wise=False, random=True)),
     (Reweight(4), None, NATIVE),
 ], ids=repr)
 def test_every_kind_of_part_answers_the_same_question(part, target, expected):

@@ -51,8 +51,9 @@ def test_sample_prints_the_answer_and_the_summary_only():
 
 
 def test_sample_refuses_what_vllm_cannot_run_natively():
-    out = _cli("sample", "--backend", "vllm", "--prompt", "hi", "--method", "lookahead", "--particles", "2",
-               "--max-new-tokens", "4", "--quiet")
+    # the look-ahead proposal under segment steps needs full-vocabulary log-probabilities
+    out = _cli("sample", "--backend", "vllm", "--prompt", "hi", "--method", "smc", "--proposal", "lookahead",
+               "--step", "until:.", "--particles", "2", "--max-new-tokens", "4", "--quiet")
     assert out.returncode == 2, out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("llmppl: error:") and "full-vocabulary" in last and "HFLM" in last, out.stderr
@@ -106,12 +107,16 @@ def test_serve_answers_and_refuses_by_name():
         reply = client.chat.completions.create(model="smollm2-135m-instruct", messages=messages, max_tokens=8)
         assert reply.choices[0].message.content
         assert reply.model_extra["llmppl"]["method"] == "smc"
-        with pytest.raises(openai.BadRequestError, match="full-vocabulary"):
+        with pytest.raises(openai.BadRequestError, match="alpha"):
             client.chat.completions.create(model="smollm2-135m-instruct", messages=messages, max_tokens=8,
-                                           extra_body={"method": "lookahead"})
+                                           extra_body={"alpha": -1})
         ok = client.chat.completions.create(model="smollm2-135m-instruct", messages=messages, max_tokens=8,
                                             extra_body={"method": "mh"})
         assert ok.choices[0].message.content      # the server goes on after a refused request
+        # look-ahead power sampling runs natively on vLLM (top-k recorded in the engine, rollouts as blocks)
+        la = client.chat.completions.create(model="smollm2-135m-instruct", messages=messages, max_tokens=4,
+                                            extra_body={"method": "lookahead", "particles": 2})
+        assert la.choices[0].message.content and la.model_extra["llmppl"]["method"] == "lookahead"
     finally:
         proc.terminate()
         out, err = proc.communicate(timeout=60)

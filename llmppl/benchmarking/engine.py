@@ -32,9 +32,10 @@ class NoEOS(Wrapping):
     def __init__(self, inner: Proposal, eos: tuple[int, ...]) -> None:
         self.inner, self.eos = inner, list(eos)
         self.requires, self.drafts = inner.requires, inner.drafts
+        self.draws_from_engine = inner.draws_from_engine
 
-    def draft_block(self, run: Any, rows: torch.Tensor, spec: Any, generator: Any) -> Any:
-        return self.inner.draft_block(run, rows, spec, generator)      # (spec.allow_stop is False here)
+    def draft_block(self, run: Any, rows: torch.Tensor, spec: Any, generator: Any, **kw: Any) -> Any:
+        return self.inner.draft_block(run, rows, spec, generator, **kw)      # (spec.allow_stop is False here)
 
     def log_probs(self, ctx: ProposalContext) -> torch.Tensor:
         lq = self.inner.log_probs(ctx).clone()

@@ -9,8 +9,10 @@ drawing ``y_t ~ q(· | y_<t)`` (or replaying given tokens), and records per posi
 A native proposal (``q ∝ p^{1/τ}`` on a target without token-level factors) is a plain
 block spec, and the increment is ``a · log p``; any other proposal, and the replay of given
 suffixes, runs through the spec's full-vocabulary hook (``proposal.log_probs`` and
-``target.log_next`` at each position, :mod:`llmppl.models.block`) and its forced tokens, on
-backends with ``full_vocabulary`` (others refuse with ``NotNative``).
+``target.log_next`` at each position, :mod:`llmppl.models.block`), on backends with
+``full_vocabulary`` (others refuse with ``NotNative``).  Given suffixes (MH's reverse moves) are
+forced tokens of the same block: a native backend records their ``log q`` under the native
+proposal as it does for drawn tokens.
 
 EOS is never appended to the state: a row that draws EOS is ``ended`` and stops.
 Lengths count the EOS token, as in ``llmppl.exact`` (a completion has at most
@@ -91,21 +93,21 @@ def advance(
     W = max(int((stop_t - start).max()) if R else 0, 0)
     a_rows = exponent.double().reshape(-1) if per_row_exponent(exponent) else torch.full((R,), float(exponent),
                                                                                           dtype=torch.float64)
-    tau = block_temperature(proposal, target, a_rows) if forced is None else None
-    native = tau is not None and bool(torch.isfinite(tau).all())
+    tau = block_temperature(proposal, target, a_rows)
+    native = tau is not None and bool(torch.isfinite(tau).all()) and not (forced is not None and proposal.greedy)
     if not native:
-        require_full_vocabulary(state, f"decoding with the proposal {proposal!r}" if forced is None else
-                                "replaying given suffixes (MH moves)", NATIVE_HINT)
+        require_full_vocabulary(state, f"decoding with the proposal {proposal!r}", NATIVE_HINT)
     spec = BlockSpec(budget=(stop_t - start).clamp(min=0), width=W,
                      temperature=tau if native else torch.ones(R, dtype=torch.float64),
                      stop_ids=eos_ids(target.lm), allow_stop=allow_eos and proposal.allow_stop,
                      greedy=native and proposal.greedy,
                      feed_last=None if feed_last else False,
+                     forced=_forced_tokens(forced, R, W),
                      **(block_masks(target, state, rows) if native else {}))
     if not native:
         spec.propose = _proposal_hook(target, state, rows, proposal, exponent, a_rows, generator,
                                       proposal_run, max_new_tokens)
-        spec.sample, spec.forced = own_sampler(proposal), _forced_tokens(forced, R, W)
+        spec.sample = own_sampler(proposal)
     blk = state.sample_block(rows, spec, generator)
     tokens, log_p = blk.tokens.cpu(), blk.log_p.cpu()
     unused = torch.full_like(log_p, -math.inf)

@@ -147,7 +147,7 @@ def draw_block(plan: "SMCPlan", state: "SMCState", a_rows: torch.Tensor, active:
         budget = torch.minimum(budget, sub(cap).clamp_min(0))
     hook_bad = torch.zeros(n_rows, dtype=torch.bool, device=P.device)
     segment = plan.native and plan.segments
-    if plan.drafted:        # the proposal's own LM draws the block natively (masks applied there)
+    if plan.drafted:        # the proposal draws the block natively (its own LM, or Lookahead; masks applied there)
         spec = BlockSpec(budget=budget, width=width, stop_ids=plan.stop_ids, temperature=torch.ones_like(a_sel),
                          allow_stop=proposal.allow_stop, feed_last=budget < remaining,
                          **block_masks(target, state.decoding, rows))
@@ -164,8 +164,10 @@ def draw_block(plan: "SMCPlan", state: "SMCState", a_rows: torch.Tensor, active:
                          sample=own_sampler(proposal))
     if n_rows:
         if plan.drafted:
-            blk = proposal.draft_block(state.proposal_run, rows, spec, state.generator)
-            blk.log_p = _score(state, rows, blk, ~spec.feed_last)
+            blk = proposal.draft_block(state.proposal_run, rows, spec, state.generator, decoding=state.decoding,
+                                       exponent=a_sel, max_new_tokens=plan.max_new_tokens)
+            if not proposal.draws_from_engine:      # (Lookahead fed the engine's state and has log p)
+                blk.log_p = _score(state, rows, blk, ~spec.feed_last)
         else:
             blk = state.decoding.sample_block(rows, spec, state.generator)
         lp, lq = blk.total("log_p").to(P.device), blk.total("log_q").to(P.device)

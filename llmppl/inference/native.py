@@ -5,8 +5,10 @@ engine knows per row: the backend then draws whole blocks itself
 (:meth:`~llmppl.models.base.LMState.sample_block`) and returns ``log p`` and ``log q`` of
 each drawn token, which is all the weights need.  That holds for ``Base`` (τ = 1),
 ``Temperature(τ)`` (τ = 1/a_t when unset) and ``LocallyOptimal`` on a target with no
-token-level factor (``q ∝ p^{a_t}``).  Everything else — full-vocabulary proposals
-(``LocallyOptimal`` over masks, ``Lookahead``, ``FromLM``, ``TopK``/``TopP``), token-level
+token-level factor (``q ∝ p^{a_t}``).  Proposals that draw their blocks themselves (``drafts``:
+``FromLM``'s draft LM, ``Lookahead``'s native top-k / rollouts / choice) are native too on a target
+without token-level factors but masks.  Everything else — full-vocabulary proposals
+(``LocallyOptimal`` over masks, ``Lookahead`` with the jackknife, ``TopK``/``TopP``), token-level
 factors of the target (``Constraint`` masks, ``Tempered``), segment steps, rejuvenation
 moves and the ``AdaptiveESS`` schedule — needs ``(rows, V)`` log-probabilities at each token,
 and runs on the token path of backends that have it (``state.full_vocabulary``).

@@ -55,9 +55,14 @@ class Proposal:
     greedy: bool = False
     #: false: ``q`` is renormalised without the stop ids (native blocks never draw them)
     allow_stop: bool = True
-    #: the proposal draws whole blocks itself (:meth:`draft_block`: another LM's native blocks);
-    #: SMC then has the target score each block with one ``extend``
+    #: the proposal draws whole blocks itself (:meth:`draft_block`: another LM's native blocks, or
+    #: ``Lookahead``'s native draws from the engine's own state); SMC then has the target score each
+    #: block with one ``extend``
     drafts: bool = False
+    #: with ``drafts``: :meth:`draft_block` draws from the engine's own decoding state (given as
+    #: ``decoding``), feeds it as a native block would and records ``log p`` itself (``Lookahead``);
+    #: false: another LM draws and the engine scores the block under the target
+    draws_from_engine: bool = False
     #: the prefix of this proposal's own LM work in ``Result.stats``
     #: (``<name>_tokens_decoded``, ``<name>_forward_passes``); None: it does none
     work_name: str | None = None
@@ -81,10 +86,14 @@ class Proposal:
         without token-level factors, so a backend can draw blocks natively; ``None`` otherwise."""
         return None
 
-    def draft_block(self, run: Any, rows: torch.Tensor, spec: Any, generator: Any) -> Any:
+    def draft_block(self, run: Any, rows: torch.Tensor, spec: Any, generator: Any, *, decoding: Any = None,
+                    exponent: torch.Tensor | None = None, max_new_tokens: int | None = None) -> Any:
         """For ``drafts``: a :class:`~llmppl.models.block.Block` for the engine's ``rows`` drawn from
         this proposal by its own decoding state (which feeds itself), ``spec`` giving budgets, stop
-        ids and masks; its ``log_q`` is the proposal's.  The engine scores it under the target."""
+        ids and masks; its ``log_q`` is the proposal's.  The engine scores it under the target.
+        ``decoding``, ``exponent`` ``(n,)`` and ``max_new_tokens``: the engine's own decoding state,
+        the rows' ``a_t`` and the run's budget, for a proposal that draws from the engine's LM
+        (``draws_from_engine``: it feeds ``decoding`` and fills ``log_p`` itself)."""
         raise NotImplementedError
 
     def on_extend(self, run: Any, tokens: Any, rows: torch.Tensor) -> None:

@@ -174,7 +174,7 @@ class FromLM(Proposal):
         lp = ctx.run.state.logprobs(ctx.rows).double().to(base.device)
         return torch.log_softmax(fit_vocab(lp, base.shape[-1]) / self.tau, dim=-1)
 
-    def draft_block(self, run: FromLMRun, rows: torch.Tensor, spec: Any, generator: Any) -> Any:
+    def draft_block(self, run: FromLMRun, rows: torch.Tensor, spec: Any, generator: Any, **_: Any) -> Any:
         """The draft's native block at temperature ``τ`` for the engine's ``rows`` (the same rows of
         the draft's own state); counts the tokens it fed per prompt."""
         spec.temperature = torch.full_like(spec.temperature, self.tau)

@@ -31,6 +31,42 @@ class BridgeStats:
     token_var: torch.Tensor
 
 
+class RealisedTokenVariance(WeightTerm):
+    """Observes, adds nothing: after each step, per prompt, the weighted variance per token of
+    the log-probabilities the step drew,
+
+        σ̂²_t = Σ_i W_i (Δ_i − k_i μ)² / Σ_i W_i k_i,   μ = Σ_i W_i Δ_i / Σ_i W_i k_i,
+
+    with ``Δ_i = log p(y_i,step)`` the step's total over the ``k_i`` tokens row ``i`` drew and
+    ``W`` the weights the rows were drawn under.  For tokens drawn independently given their
+    prefixes it estimates the mean of ``Var[log p(v | y_<j)]`` along the particles' paths (the
+    spread of the conditional means across particles included), i.e. how fast the variance of
+    ``log p`` grows per token: the ``token_var`` of :class:`BridgeStats` on a backend that gives
+    no full-vocabulary log-probabilities (``state.term_data["token_var"]``, ``(G,)``; NaN before
+    the first step and for a prompt with no live row).  A function of the past only, so the
+    exponent it informs keeps SMC exact."""
+
+    name = "token_var"
+
+    def start(self, plan, state) -> None:
+        state.term_data[self.name] = torch.full((plan.G,), math.nan, dtype=torch.float64,
+                                                device=state.particles.device)
+
+    def increment(self, plan, state, drawn) -> torch.Tensor:
+        P = state.particles
+        delta = P.log_p - drawn.log_p_before
+        k = drawn.tokens.to(torch.float64)
+        use = drawn.active & torch.isfinite(delta) & (k > 0)
+        W = torch.softmax(torch.where(use.view(plan.G, plan.N), P.log_w, -math.inf), 1).nan_to_num(0.0)
+        delta = torch.where(use, delta, torch.zeros_like(delta)).view(plan.G, plan.N)
+        k = torch.where(use, k, torch.zeros_like(k)).view(plan.G, plan.N)
+        wk = (W * k).sum(1)
+        mu = (W * delta).sum(1) / wk
+        var = (W * (delta - k * mu[:, None]) ** 2).sum(1) / wk
+        state.term_data[self.name] = torch.where(wk > 0, var, torch.full_like(var, math.nan))
+        return torch.zeros_like(P.log_p)
+
+
 @dataclass
 class ScheduleContext:
     """What a schedule may look at when choosing ``a_t`` (step ``t`` ≥ 1), per group (prompt)."""
@@ -171,9 +207,13 @@ class AdaptiveESS(Schedule):
     conditional ESS (which sees identical particles at ``t = 1`` and jumps to ``α``), the
     variance a completion will accumulate is priced in from the first step.  Particles
     that finish are promoted to ``α``, so the final target is exact whatever ``a_t`` is.
-    """
 
-    requires = Needs(full_vocabulary=True)
+    ``Var_{v~q}[log p(v | y_<t)]`` is read from the next-token distribution where the backend
+    gives it (``last_logprobs``: HF, llama.cpp); a backend that decodes natively in blocks (vLLM)
+    gives none, and there the schedule uses the variance per token that the previous step
+    realised (:class:`RealisedTokenVariance`, a term of this schedule), and the linear pace at
+    the first step, before anything was drawn.
+    """
 
     def __init__(self, target_ess: float = 0.5, alpha_from: float = 1.0) -> None:
         if not 0.0 < float(target_ess) < 1.0:
@@ -184,6 +224,10 @@ class AdaptiveESS(Schedule):
     def initial(self, final: float) -> float:
         return min(self.alpha_from, final) if final > 0 else final
 
+    def terms(self) -> tuple[WeightTerm, ...]:
+        """The bridge term, and the observer of the realised variance per token."""
+        return (Bridge(), RealisedTokenVariance())
+
     def exponent(self, ctx: ScheduleContext) -> float | torch.Tensor:
         prev = ctx.previous.to(torch.float64)
         if ctx.final <= 0 or ctx.stats is None or bool((prev >= ctx.final).all()):
@@ -191,8 +235,10 @@ class AdaptiveESS(Schedule):
         st = ctx.stats()
         remaining = ctx.tokens_left()    # tokens, not SMC steps (segment steps draw many per step)
         var = (st.spread + remaining * st.token_var).clamp_min(1e-12)
-        by_ess = torch.sqrt(-math.log(self.target_ess) / var)
         linear = (ctx.final - prev) / remaining
+        # token_var unknown (NaN: before any draw on a backend without full-vocabulary
+        # log-probabilities): the linear pace
+        by_ess = torch.where(torch.isfinite(var), torch.sqrt(-math.log(self.target_ess) / var), 0.0)
         return torch.minimum(prev + torch.maximum(by_ess, linear), torch.full_like(prev, ctx.final))
 
     def __repr__(self) -> str:
@@ -209,4 +255,4 @@ def get_schedule(schedule: Schedule | None) -> Schedule:
 
 
 __all__ = ["Schedule", "ScheduleContext", "BridgeStats", "Constant", "Linear", "Geometric", "AdaptiveESS",
-           "conditional_ess", "get_schedule"]
+           "RealisedTokenVariance", "conditional_ess", "get_schedule"]

@@ -53,7 +53,8 @@ from .proposals import Temperature, default_proposal
 from .resampling import (draw_ancestors, draw_ancestors_within, get_resampler, needs_resampling,
                          within_class_ess)
 from .result import Result
-from .schedules import BridgeStats, Constant, Schedule, ScheduleContext, conditional_ess, get_schedule
+from .schedules import (BridgeStats, Constant, RealisedTokenVariance, Schedule, ScheduleContext, conditional_ess,
+                        get_schedule)
 from .steps import Step, get_step
 from .terms import CUT_CAUSE, WeightTerm, target_terms
 from .weights import reweight
@@ -276,8 +277,9 @@ class SMC(Engine[SMCState]):
                    NATIVE_HINT),
                   (needs(self.schedule), f"the schedule {self.schedule!r}",
                    "use pp.schedules.Constant, Linear or Geometric")]
-        if self.rejuvenate is not None:      # moves replay suffixes token by token (forced tokens)
-            parts.append((Needs(full_vocabulary=True), f"rejuvenate={self.rejuvenate!r}", "run SMC without moves"))
+        if self.rejuvenate is not None:      # moves redraw and replay suffixes (forced tokens) in blocks
+            parts.append((needs(self.rejuvenate, target), f"rejuvenate={self.rejuvenate!r}",
+                          "run SMC without moves, or moves whose proposal is native"))
         for need, what, instead in parts:
             if need.full_vocabulary:
                 require_full_vocabulary(decoding, what, instead)
@@ -382,13 +384,15 @@ class SMC(Engine[SMCState]):
             return plan.a_const
 
         def stats() -> BridgeStats:
-            lp = state.decoding.last_logprobs().double()
             alive = (~P.done).view(P.G, P.N)
             lw = torch.where(alive, P.log_w, torch.full_like(P.log_w, -math.inf))
             W = torch.softmax(lw, 1).nan_to_num(0.0)
             log_p = torch.where(alive, P.log_p.view(P.G, P.N), torch.zeros_like(P.log_w))  # no 0 · (−inf)
             mean = (W * log_p).sum(1, keepdim=True)
             spread = (W * (log_p - mean) ** 2).sum(1)
+            if not getattr(state.decoding, "full_vocabulary", True):   # native blocks: the realised one
+                return BridgeStats(spread=spread, token_var=state.term_data[RealisedTokenVariance.name])
+            lp = state.decoding.last_logprobs().double()
             q = lp.exp()   # Var under the base LM: what the whole bridge must cover
             lp = torch.where(q > 0, lp, torch.zeros_like(lp))     # no 0 · ∞ for impossible tokens
             m1 = (q * lp).sum(-1)
@@ -547,13 +551,12 @@ def _stack_infos(infos: list[SMCInfo]) -> dict[str, torch.Tensor]:
 @needs.register
 def _(engine: SMC, target: Target | None = None) -> Needs:
     """A run of ``engine`` on ``target``: its step, its proposal (the default on ``target``;
-    ``Temperature()`` on a pure power target when none is given), its schedule and its moves
-    (which replay suffixes token by token)."""
+    ``Temperature()`` on a pure power target when none is given), its schedule and its moves."""
     proposal = engine.proposal or (default_proposal(target) if target is not None else Temperature())
     out = needs(engine.step_kind) | needs(proposal, target) | needs(engine.schedule)
     if proposal.drafts and not needs(engine.step_kind).row_wise:    # segments: a draft takes the token path
         out = out | Needs(full_vocabulary=True)
-    return out | Needs(full_vocabulary=True) if engine.rejuvenate is not None else out
+    return out | needs(engine.rejuvenate, target) if engine.rejuvenate is not None else out
 
 
 def _distinct(state: SMCState) -> list[int]:

@@ -53,6 +53,17 @@ Masks, normalisers and delimiters (every backend, :func:`sample_tokenwise` and v
   and fed their last token (NaN for the others).  :func:`sample_tokenwise` has those log-probs
   without another forward (the state holds them); vLLM computes them with one more engine step
   of the block (see :mod:`llmppl.models.vllm`).
+* **Top candidates.**  ``spec.top_k = K > 0`` asks for the ``K`` most likely next tokens at the
+  block's first position (the position right after the row's last fed token, where its first token
+  is drawn): ``Block.top_ids`` ``(n, K)`` long, by decreasing ``p(v | y) · M_0(v)``, and
+  ``Block.top_log_p`` ``(n, K)`` float64 their ``log p`` (``−inf`` for tokens the mask excludes;
+  rows with budget 0 get ids ``-1``).  With ``norm_exponent`` (``a = 1/τ``) and a one-token block of
+  ``feed_last=False`` this is everything a proposal that reweights the top candidates of ``p^a``
+  needs at that position, next to a native draw from ``q_0 ∝ p^a · M_0`` (its ``log q`` and
+  ``log_norm``): :class:`~llmppl.inference.lookahead.Lookahead`'s native path.
+  :func:`sample_tokenwise` takes them from the log-probs it holds; vLLM's recorder from the masked
+  logits of the request's first step (``topk`` minus the raw ``logsumexp``): no ``(rows, V)``
+  tensor leaves the engine.
 * **Delimiters.**  ``spec.end_ids``: ids that end a row's block once drawn, like a stop id, but
   the token is fed and the row continues at the next block (``Block.ended`` stays false;
   ``Block.delimited[k]`` is true).  A token that is both a stop id and an end id is a stop id.
@@ -112,7 +123,8 @@ class BlockSpec:
     tokens (see the module docstring; only backends with ``full_vocabulary`` take them);
     ``mask_fn``: a callable mask per row and position; ``norm_exponent`` ``(n,)`` float64: record
     ``Block.log_norm`` with this exponent per row; ``norm_next``: also ``Block.log_norm_next``;
-    ``end_ids``: delimiters that end a row's block and are fed (module docstring).
+    ``end_ids``: delimiters that end a row's block and are fed; ``top_k``: record the ``top_k``
+    most likely tokens at the block's first position (module docstring).
     """
 
     budget: torch.Tensor
@@ -130,6 +142,7 @@ class BlockSpec:
     norm_exponent: torch.Tensor | None = None
     norm_next: bool = False
     end_ids: tuple[int, ...] = ()
+    top_k: int = 0
 
     @classmethod
     def make(cls, n: int, max_tokens: int | torch.Tensor, temperature: float | torch.Tensor,
@@ -152,7 +165,9 @@ class Block:
     ``log_norm`` ``(n, W)``: ``log Σ_v p(v | y_<j)^a · M_j(v)`` at each drawn position and
     ``log_norm_next`` ``(n,)``: the same after the row's last fed token (NaN where undefined), when
     the spec asked (``norm_exponent``, ``norm_next``; else None); ``delimited`` ``(n,)`` bool: the
-    row's block ended at one of ``spec.end_ids`` (None without end ids).  See the module docstring.
+    row's block ended at one of ``spec.end_ids`` (None without end ids); ``top_ids`` /
+    ``top_log_p`` ``(n, K)``: the ``spec.top_k`` most likely tokens at the block's first position and
+    their ``log p`` (None unless asked).  See the module docstring.
     """
 
     tokens: torch.Tensor   # (n, W) long
@@ -164,6 +179,8 @@ class Block:
     log_norm: torch.Tensor | None = None        # (n, W) float64
     log_norm_next: torch.Tensor | None = None   # (n,) float64
     delimited: torch.Tensor | None = None       # (n,) bool
+    top_ids: torch.Tensor | None = None         # (n, K) long
+    top_log_p: torch.Tensor | None = None       # (n, K) float64
 
     def total(self, name: str) -> torch.Tensor:
         """``(n,)`` float64 sum over the drawn positions of ``log_p``, ``log_q`` or ``log_inc``."""
@@ -432,6 +449,21 @@ def log_normaliser(log_p: torch.Tensor, a: torch.Tensor, mask: torch.Tensor | No
     return torch.logsumexp(s, -1)
 
 
+def _top(lp: torch.Tensor, mask: torch.Tensor | None, stop: torch.Tensor, spec: BlockSpec,
+         live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Block.top_ids`` / ``top_log_p`` of the ``m`` rows of ``lp`` ``(m, V)``: the ``spec.top_k`` most
+    likely tokens under ``p · M`` (``mask`` without the stop ids unless ``allow_stop``) and their
+    float64 ``log p`` (``−inf`` where ``M`` excludes them); ids ``-1`` for rows not ``live``."""
+    x = lp.double()
+    if mask is not None:
+        x = x.masked_fill(~_bcast(mask.to(x.device)), -math.inf)
+    if not spec.allow_stop:
+        x = x.index_fill(1, stop.to(x.device), -math.inf)
+    v, i = x.topk(min(int(spec.top_k), x.shape[-1]), dim=-1)
+    live = live.to(i.device)[:, None]
+    return torch.where(live, i, -1), torch.where(live, v, -math.inf)
+
+
 def _norm_next(state, rows: torch.Tensor, spec: BlockSpec, tokens: torch.Tensor, ended: torch.Tensor,
                budget: torch.Tensor, feed_last: torch.Tensor | bool | None, allowed: torch.Tensor | None,
                a: torch.Tensor, stop: torch.Tensor, prefixes: list[list[int]] | None, every: bool
@@ -475,6 +507,7 @@ def _device_loop(state, rows: torch.Tensor | None, spec: BlockSpec, generator: t
     row_ids = list(range(R)) if every else rows.tolist()
     prefixes = [list(state.tokens[r]) for r in row_ids] if fn else None
     check = fn or (allowed is not None and allowed.dim() == 2)
+    top: tuple[torch.Tensor, torch.Tensor] | None = None
     names = ["tokens", "log_p", "log_q"] + (["log_inc"] if spec.propose is not None else []) + \
         (["log_norm"] if a is not None else [])
     columns: list[tuple[torch.Tensor, ...]] = []
@@ -490,6 +523,8 @@ def _device_loop(state, rows: torch.Tensor | None, spec: BlockSpec, generator: t
             mask = _mask_at(allowed, None, spec, idx, prefixes, n, V, dev, place=idx)
         if check:
             _check_mass(mask, live, stop, spec, row_ids, j)
+        if j == 0 and spec.top_k:
+            top = _top(lp, mask, stop, spec, live)
         tok, lq_tok, inc_tok = _position(lp, k, tau, stop, spec, mask, None if forced is None else forced[:, j],
                                          generator, row_uniforms(generator, rows, live, R))
         column = [torch.where(live, tok, -1), torch.where(live, _at(lp, tok), -math.inf),
@@ -517,6 +552,11 @@ def _device_loop(state, rows: torch.Tensor | None, spec: BlockSpec, generator: t
             state.step(torch.zeros(R, dtype=torch.long, device=dev).index_copy_(0, rows, fed),
                        torch.zeros(R, dtype=torch.bool, device=dev).index_copy_(0, rows, feed))
     out: dict[str, torch.Tensor | None] = {"ended": ended, "delimited": delimited, "log_inc": None}
+    if spec.top_k:
+        K = min(int(spec.top_k), V)
+        out["top_ids"], out["top_log_p"] = top if top is not None else (
+            torch.full((n, K), -1, dtype=torch.long, device=dev),
+            torch.full((n, K), -math.inf, dtype=torch.float64, device=dev))
     if not columns:
         out.update(tokens=torch.empty((n, 0), dtype=torch.long, device=dev), log_inc=None,
                    **{x: torch.empty((n, 0), dtype=torch.float64, device=dev) for x in names[1:]})
@@ -552,6 +592,11 @@ def _subset_loop(state, rows: torch.Tensor, spec: BlockSpec, generator: torch.Ge
     log_q = log_p.clone()
     log_norm = None if a is None else log_p.clone()
     log_inc = None
+    top_ids = top_lp = None
+    if spec.top_k:
+        K = min(int(spec.top_k), V)
+        top_ids = torch.full((n, K), -1, dtype=torch.long, device=dev)
+        top_lp = torch.full((n, K), -math.inf, dtype=torch.float64, device=dev)
     for j in range(W):
         done = ended if delimited is None else ended | delimited
         sub = (~done & (budget > j)).nonzero().flatten()
@@ -562,6 +607,8 @@ def _subset_loop(state, rows: torch.Tensor, spec: BlockSpec, generator: torch.Ge
         if spec.mask_fn is not None or (allowed is not None and allowed.dim() == 2):
             _check_mass(mask, torch.ones(len(sub), dtype=torch.bool, device=dev), stop, spec,
                         [row_ids[i] for i in sub.tolist()], j)
+        if j == 0 and top_ids is not None and top_lp is not None:
+            top_ids[sub], top_lp[sub] = _top(lp, mask, stop, spec, torch.ones(len(sub), dtype=torch.bool))
         tok, lq_tok, inc_tok = _position(lp, sub, tau[sub], stop, spec, mask,
                                          None if forced is None else forced[sub, j], generator,
                                          row_uniforms(generator, rows[sub], None, state.n))
@@ -585,7 +632,7 @@ def _subset_loop(state, rows: torch.Tensor, spec: BlockSpec, generator: torch.Ge
         if bool(feed.any()):
             state.extend(tok[feed].cpu(), rows[sub][feed].cpu())
     out = dict(tokens=tokens, log_p=log_p, log_q=log_q, log_inc=log_inc, log_norm=log_norm, ended=ended,
-               delimited=delimited)
+               delimited=delimited, top_ids=top_ids, top_log_p=top_lp)
     if spec.norm_next:
         out["log_norm_next"] = _norm_next(state, rows, spec, tokens, ended, budget, feed_last, allowed, a, stop,
                                           prefixes, False)
@@ -610,6 +657,8 @@ def check_extras(spec: BlockSpec, n: int, V: int) -> None:
         raise ValueError("norm_next needs norm_exponent (the exponent a of log Σ p^a · M)")
     if any(not 0 <= int(e) < V for e in spec.end_ids):
         raise ValueError(f"end ids must lie in [0, {V}), got {list(spec.end_ids)}")
+    if isinstance(spec.top_k, bool) or not isinstance(spec.top_k, int) or spec.top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0, got {spec.top_k!r}")
 
 
 def sample_tokenwise(state, rows: torch.Tensor | None, spec: BlockSpec, generator: torch.Generator | None) -> Block:
@@ -631,7 +680,7 @@ def sample_tokenwise(state, rows: torch.Tensor | None, spec: BlockSpec, generato
     if spec.forced is not None and tuple(spec.forced.shape) != (n, W):
         raise ValueError(f"forced tokens must be ({n}, {W}) (rows, width), got {tuple(spec.forced.shape)}")
     if (spec.allowed is not None and spec.allowed.dim() != 1) or spec.mask_fn is not None or \
-            spec.norm_exponent is not None or spec.end_ids or spec.norm_next:
+            spec.norm_exponent is not None or spec.end_ids or spec.norm_next or spec.top_k:
         check_extras(spec, n, state.lm.vocab_size)
     plain = spec.propose is None and spec.forced is None
     if W == 1 or (n == R and plain):
@@ -641,7 +690,8 @@ def sample_tokenwise(state, rows: torch.Tensor | None, spec: BlockSpec, generato
         out = _subset_loop(state, rows, spec, generator)
     tokens = out["tokens"]
     return Block(tokens, out["log_p"], out["log_q"], out["ended"], (tokens >= 0).sum(1), out["log_inc"],
-                 out.get("log_norm"), out.get("log_norm_next"), out.get("delimited"))
+                 out.get("log_norm"), out.get("log_norm_next"), out.get("delimited"), out.get("top_ids"),
+                 out.get("top_log_p"))
 
 
 __all__ = ["Block", "BlockSpec", "NotNative", "Propose", "Sampler", "MaskFn", "proposal_logprobs",

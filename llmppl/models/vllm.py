@@ -90,6 +90,8 @@ _RECORDS: dict[str, dict[int, float]] = {}
 _MASKS: dict[str, torch.Tensor] = {}
 #: request key -> {decode position: log Σ_v p^a · M} (``BlockSpec.norm_exponent``; the recorder writes)
 _NORMS: dict[str, dict[int, float]] = {}
+#: request key -> {"ids": [...], "log_p": [...]}: the top-k at the request's first step (``BlockSpec.top_k``)
+_TOPS: dict[str, dict[str, list]] = {}
 #: block key -> what its requests share (per-row masks, the callable mask, the rows' completions)
 _BLOCKS: dict[str, "_BlockInfo"] = {}
 _KEYS = itertools.count()
@@ -224,8 +226,8 @@ def recorder_class() -> type:
 
             samp, normed, extra = [], [], []     # rows recording c / log_norm; rows at an extra position
             for i, (info, out) in zip(idx, infos):
-                if info.get("force"):
-                    continue
+                if info.get("force") and not float(info.get("tau") or 0.0) > 0:
+                    continue           # scoring (extend): nothing to record
                 ex = bool(info.get("next")) and (len(out) >= info["budget"] or bool(out and out[-1] in info["end"]))
                 if ex:
                     extra.append(i)
@@ -233,7 +235,8 @@ def recorder_class() -> type:
                     samp.append(i)
                 if info.get("a") is not None:
                     normed.append(i)
-            raw = sorted(set(samp) | set(normed))
+            tops = [i for i, (info, out) in zip(idx, infos) if info.get("top") and not out and not info.get("force")]
+            raw = sorted(set(samp) | set(normed) | set(tops))
             lse_raw = torch.logsumexp(select(raw), dim=-1).double() if raw else None   # (stays on the device)
             at = {r: k for k, r in enumerate(raw)}
 
@@ -243,15 +246,18 @@ def recorder_class() -> type:
                 return lse_raw.index_select(0, torch.tensor([at[r] for r in rows], device=lse_raw.device))
 
             groups: dict[str, list[tuple[int, dict, list[int], torch.Tensor | None]]] = {}
+            replayed: list[tuple[int, int]] = []     # (row, forced token): forced once recorded
             for i, (info, out) in zip(idx, infos):
                 row = logits[i]
                 force = info.get("force")
                 if force:
                     tok = force[min(len(out), len(force) - 1)]
-                    keep = float(row[tok])
-                    row.fill_(-math.inf)
-                    row[tok] = keep
-                    continue
+                    if float(info.get("tau") or 0.0) > 0:   # a replayed suffix: its log q under the masks
+                        replayed.append((i, tok))
+                    else:
+                        row[:tok] = -math.inf
+                        row[tok + 1:] = -math.inf
+                        continue
                 m = self._mask(info["mask"], dev) if info.get("mask") else None
                 blk = _BLOCKS.get(info.get("blk") or "")
                 if blk is not None and blk.allowed is not None:
@@ -282,11 +288,23 @@ def recorder_class() -> type:
                 for r, (i, info, out, m) in enumerate(items):
                     mf = m if f is None else (f[r] if m is None else m & f[r])
                     self._restrict(logits[i], info, mf, blk, True, len(out))
+            if tops:                    # BlockSpec.top_k: the masked logits' top-k, minus the raw logsumexp
+                K = max(int(self.rows[i][0]["top"]) for i in tops)
+                v, ix = torch.topk(select(tops), min(K, logits.shape[1]), dim=-1)
+                lp_top = (v.double() - raw_of(tops)[:, None]).tolist()
+                for i, ids_i, lp_i in zip(tops, ix.tolist(), lp_top):
+                    info = self.rows[i][0]
+                    rec_top = _TOPS.get(info["key"])
+                    if rec_top is not None:
+                        rec_top.update(ids=ids_i[:int(info["top"])], log_p=lp_i[:int(info["top"])])
             c_of: dict[int, float] = {}
             if samp:
                 tau = torch.tensor([float(self.rows[i][0]["tau"]) for i in samp], dtype=logits.dtype, device=dev)
                 lse_q = torch.logsumexp(select(samp) / tau[:, None], dim=-1)
                 c = (lse_q.double() - raw_of(samp) / tau.double()).tolist()
+                for i, tok in replayed:       # a masked forced token: log q = −inf
+                    if bool(torch.isneginf(logits[i, tok])):
+                        c[samp.index(i)] = math.inf
                 for i, ck in zip(samp, c):
                     info, out = self.rows[i]
                     c_of[i] = ck
@@ -311,6 +329,11 @@ def recorder_class() -> type:
                     rec = _NORMS.get(info["key"])
                     if rec is not None:
                         rec[len(out)] = norm_of[i]
+            for i, tok in replayed:     # recorded: now the forced token is the only one left
+                row = logits[i]
+                row[:tok] = -math.inf
+                row[tok + 1:] = -math.inf
+                row[tok] = 0.0
             for i in extra:             # after a delimiter: end the request with its terminator
                 info, out = self.rows[i]
                 if out and out[-1] in info["end"]:
@@ -631,6 +654,23 @@ class VLLMLM(LanguageModel):
             self.llm.llm_engine.abort_request(list(ext_ids), internal=False)
 
 
+def _forced_suffixes(spec: BlockSpec, n: int, W: int, budget: list[int]) -> list[list[int]]:
+    """Row ``k``'s forced tokens (``spec.forced[k]`` up to its first ``-1``; ``[]`` for a drawn row),
+    which must fill the row's budget (a row is either replayed or drawn)."""
+    if spec.forced is None:
+        return [[] for _ in range(n)]
+    if tuple(spec.forced.shape) != (n, W):
+        raise ValueError(f"forced tokens must be ({n}, {W}) (rows, width), got {tuple(spec.forced.shape)}")
+    out = []
+    for k, row in enumerate(spec.forced.cpu().tolist()):
+        given = list(itertools.takewhile(lambda x: x >= 0, row))
+        if given and (len(given) != budget[k] or any(x >= 0 for x in row[len(given):])):
+            raise ValueError(f"VLLMLM replays a row's whole block: row {k} has {len(given)} forced tokens "
+                             f"for a budget of {budget[k]}")
+        out.append(given)
+    return out
+
+
 def _step_bound(prompts: Sequence[Sequence[int]], params: Sequence[Any]) -> int:
     """Engine steps that certainly finish these requests: one per prompt token and per new token."""
     return sum(len(p) for p in prompts) + max((sp.max_tokens for sp in params), default=0) + 64
@@ -785,6 +825,22 @@ class VLLMState(HostRowsState):
         return res
 
     # ---------------------------------------------------------- scoring
+    def append(self, tokens: Sequence[Sequence[int]] | torch.Tensor,
+               rows: Sequence[int] | torch.Tensor | None = None) -> None:
+        """Append the blocks to the rows without computing anything: the rows' next block (or
+        ``extend``) computes them, in the row's session.  For a caller that already has their
+        ``log p`` (the look-ahead proposal's drawn token, from the block that drew it)."""
+        idx = self._rows(rows).tolist()
+        blocks = _normalise_blocks(tokens, len(idx), self.lm.vocab_size)
+        if idx and bool(self.finished[idx].any()):
+            raise ValueError("cannot append to a row that was finished")
+        if len(set(idx)) != len(idx):
+            raise ValueError("append got the same row twice")
+        for i, b in zip(idx, blocks):
+            self._check_fits(i, len(b))
+        for i, b in zip(idx, blocks):
+            self.tokens[i] = self.tokens[i] + b
+
     def extend(self, tokens: Sequence[Sequence[int]] | torch.Tensor,
                rows: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
         """Append the blocks; their exact ``log p`` (the tokens are forced through the engine)."""
@@ -833,9 +889,9 @@ class VLLMState(HostRowsState):
         """
         from vllm import SamplingParams
 
-        if spec.propose is not None or spec.forced is not None:
+        if spec.propose is not None:
             raise NotNative("VLLMLM draws blocks natively from q ∝ p^{1/τ}: a full-vocabulary proposal "
-                            "hook or forced tokens need a backend with full_vocabulary (HFLM, LlamaCppLM)")
+                            "hook needs a backend with full_vocabulary (HFLM, LlamaCppLM)")
         rows_l = torch.arange(self.n) if rows is None else torch.as_tensor(rows, dtype=torch.long).reshape(-1).cpu()
         as_index(rows_l, self.n)
         rows_l = rows_l.tolist()
@@ -859,6 +915,9 @@ class VLLMState(HostRowsState):
             raise ValueError("VLLMLM ends a request after a delimiter with a stop id: norm_next with end_ids "
                              "needs at least one stop id")
         a_rows = None if spec.norm_exponent is None else [float(x) for x in spec.norm_exponent.cpu().tolist()]
+        forced = _forced_suffixes(spec, n, int(spec.width), budget)
+        if any(forced) and (spec.greedy or want_next or end):
+            raise ValueError("VLLMLM replays forced tokens at a temperature, without end ids or norm_next")
         tokens = torch.full((n, W), -1, dtype=torch.long)
         log_p = torch.full((n, W), -math.inf, dtype=torch.float64)
         log_q = log_p.clone()
@@ -866,6 +925,9 @@ class VLLMState(HostRowsState):
         log_norm_next = torch.full((n,), math.nan, dtype=torch.float64) if want_next else None
         delimited = torch.zeros(n, dtype=torch.bool) if spec.end_ids else None
         ended = torch.zeros(n, dtype=torch.bool)
+        K_top = min(int(spec.top_k), V)       # BlockSpec.top_k: recorded at each row's first step
+        top_ids = torch.full((n, K_top), -1, dtype=torch.long) if K_top else None
+        top_lp = torch.full((n, K_top), -math.inf, dtype=torch.float64) if K_top else None
         # one seed per row, drawn whether or not the row decodes (reproducible from the generator)
         if generator is not None:
             gen = torch_generator(generator)
@@ -875,7 +937,8 @@ class VLLMState(HostRowsState):
         live = [k for k in range(n) if budget[k] > 0]
 
         def block() -> Block:
-            return Block(tokens, log_p, log_q, ended, (tokens >= 0).sum(1), None, log_norm, log_norm_next, delimited)
+            return Block(tokens, log_p, log_q, ended, (tokens >= 0).sum(1), None, log_norm, log_norm_next, delimited,
+                         top_ids, top_lp)
 
         if not live:
             return block()
@@ -932,21 +995,29 @@ class VLLMState(HostRowsState):
                 info = {"key": key, "tau": t, "ban": ban, "mask": mkey, "blk": bkey, "k": k, "row": rows_l[k]}
                 if a_rows is not None:
                     info["a"] = a_rows[k]
+                if K_top:
+                    info["top"] = K_top
+                    _TOPS[key] = {}
+                if forced[k]:
+                    info["force"] = forced[k]
                 if want_next:
                     info.update(next=True, budget=budget[k] if nxt else budget[k] + 10**9, end=end,
                                 term=stop[0] if stop else -1)
                 keys.append(key)
                 params.append(SamplingParams(
                     temperature=t, max_tokens=budget[k] + (1 if nxt else 0), logprobs=0, seed=seeds[k],
-                    ignore_eos=True, stop_token_ids=stop_req or None, detokenize=False, extra_args={_EXTRA: info}))
+                    ignore_eos=True, stop_token_ids=(stop_req or None) if not forced[k] else None,
+                    detokenize=False, extra_args={_EXTRA: info}))
             outs = self._decode([rows_l[k] for k in live], params)
             recs = [_RECORDS.pop(key, None) for key in keys]
             norms = [_NORMS.pop(key, None) for key in keys]
+            tops = [_TOPS.pop(key, None) for key in keys]
             info_blk = _BLOCKS.get(bkey)
         finally:
             for key in keys:
                 _RECORDS.pop(key, None)
                 _NORMS.pop(key, None)
+                _TOPS.pop(key, None)
             _MASKS.pop(mkey, None)
             _BLOCKS.pop(bkey, None)
         if info_blk is not None and info_blk.error is not None:
@@ -954,6 +1025,13 @@ class VLLMState(HostRowsState):
             if isinstance(err, ValueError):
                 raise ValueError(str(err)) from err
             raise RuntimeError(f"mask_fn raised {_first_line(err)}") from err
+        if top_ids is not None and top_lp is not None:
+            for k, top in zip(live, tops):
+                if top and "ids" in top:
+                    top_ids[k] = torch.tensor(top["ids"], dtype=torch.long)
+                    top_lp[k] = torch.tensor(top["log_p"], dtype=torch.float64)
+                elif not forced[k]:
+                    raise RuntimeError(f"the llmppl logits recorder did not record the top-k of row {rows_l[k]}")
         endset, stopset = set(end), set(stop)
         for k, (got, lp), rec, nrm in zip(live, outs, recs, norms):
             r = rows_l[k]
