@@ -1,5 +1,6 @@
 """``LlamaCppLM``: the bundled GGUF through llama.cpp, checked against HF's forward and itself."""
 
+import math
 import sys
 
 import pytest
@@ -101,6 +102,18 @@ def test_tokenizer_and_special_ids_match_hf(lm, smollm):
     assert lm.eos_token_id == smollm.eos_token_id
     assert lm.bos_token_id == smollm.tokenizer.bos_token_id
     assert lm.vocab_size == smollm.vocab_size
+
+
+def test_a_quantised_gguf_drafts_for_its_hf_model(lm, smollm):
+    """The GGUF's vocabulary (token text -> id, read by llama.cpp) is the transformers tokenizer's, so
+    ``FromLM`` takes the Q4 llama.cpp model as the draft of the float HF model (speculative SMC on
+    CPU: the draft decodes each block natively, the target scores it with one forward)."""
+    assert lm.tokenizer.get_vocab() == smollm.tokenizer.get_vocab() and len(lm.tokenizer) == len(smollm.tokenizer)
+    target = pp.Target(smollm, pp.Power(2.0), chat=True)
+    smc = pp.SMC(4, proposal=pp.proposals.FromLM(lm, tau=0.5), step=pp.steps.Tokens(4))
+    res = smc.run(target, "Name three primary colors.", 8, seed=0)
+    assert res.error is None and res.n == 4 and res.stats["proposal_tokens_decoded"] > 0
+    assert all(0 < len(s) <= 8 for s in res.samples) and all(math.isfinite(x) for x in res.log_weights)
 
 
 def test_gguf_metadata(lm):

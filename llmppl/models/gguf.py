@@ -123,6 +123,17 @@ class GGUFTokenizer:
         self.bos_token = self._piece(self.bos_token_id)
         self.eos_token = self._piece(self.eos_token_id)
 
+    def get_vocab(self) -> dict[str, int]:
+        """Token text -> id, as the GGUF stores it (``llama_vocab_get_text``; for byte-level BPE the
+        same ``Ġ``-form strings as ``transformers``' ``get_vocab``)."""
+        lc, vocab = self._lm._lc, self._lm._vocab
+        return {lc.llama_vocab_get_text(vocab, i).decode("utf-8", errors="surrogateescape"): i
+                for i in range(len(self))}
+
+    def __len__(self) -> int:
+        """The number of tokens of the GGUF's vocabulary."""
+        return int(self._lm._lc.llama_vocab_n_tokens(self._lm._vocab))
+
     def _piece(self, token: int | None) -> str:
         if token is None or token < 0:
             return ""
