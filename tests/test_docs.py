@@ -67,8 +67,7 @@ STAND_IN = {"qwen2.5-coder-0.5b": "smollm2-135m-instruct", "Qwen/Qwen2.5-0.5B-In
 SAME_AS = {("README.md", "--workers"): "docs/runner.md's `llmppl run --workers` (its Ray section), which runs"}
 
 #: blocks that are schematics, not programs (a placeholder engine or target): (file, first line of code)
-SCHEMATIC = {("docs/architecture.md", "state = engine.init(target, prompts, max_new_tokens, seed=0)"):
-             "a schematic of the kernel loop (engine, target and prompts are placeholders)"}
+SCHEMATIC: dict[tuple[str, str], str] = {}
 #: blocks known to fail, with why and whose doc it is: run, and reported as xfail while they fail
 KNOWN_BROKEN: dict[tuple[str, str], str] = {}
 
