@@ -359,10 +359,16 @@ def test_errors(tiny, tmp_path):
     with pytest.raises(ValueError, match="temperatures must be"):
         state.sample_block(torch.tensor([0]), BlockSpec.make(1, 2, 0.0, STOP), None)
     hook = BlockSpec.make(1, 1, 1.0, STOP, propose=lambda k, lp: (lp, None))
-    with pytest.raises(NotNative, match="full-vocabulary proposal hook or forced tokens"):
+    with pytest.raises(NotNative, match="full-vocabulary proposal hook needs a backend with full_vocabulary"):
         state.sample_block(torch.tensor([0]), hook, None)
-    with pytest.raises(NotNative, match="full-vocabulary proposal hook or forced tokens"):
-        state.sample_block(torch.tensor([0]), BlockSpec.make(1, 1, 1.0, STOP, forced=torch.tensor([[3]])), None)
+    # forced tokens (replays) are native, but a row replays its whole block, at a temperature
+    with pytest.raises(ValueError, match=r"forced tokens must be \(1, 2\)"):
+        state.sample_block(torch.tensor([0]), BlockSpec.make(1, 2, 1.0, STOP, forced=torch.tensor([[3]])), None)
+    with pytest.raises(ValueError, match="row 0 has 1 forced tokens for a budget of 2"):
+        state.sample_block(torch.tensor([0]), BlockSpec.make(1, 2, 1.0, STOP, forced=torch.tensor([[3, -1]])), None)
+    with pytest.raises(ValueError, match="replays forced tokens at a temperature"):
+        state.sample_block(torch.tensor([0]), BlockSpec.make(1, 1, 1.0, STOP, greedy=True, forced=torch.tensor([[3]])),
+                           None)
     with pytest.raises(FileNotFoundError, match="config.json"):
         VLLMLM(tmp_path / "nothing")
 
