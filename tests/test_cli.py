@@ -284,6 +284,26 @@ def test_threads_and_device_resolution():
     assert resolve_dtype(None, "cuda", "llamacpp") is None and resolve_dtype("float16", "cuda") == "float16"
 
 
+def test_every_command_takes_threads():
+    """``--threads`` on every command and every benchmark (a busy machine runs all threads 5-15x slower)."""
+    from llmppl.cli import build_parser
+
+    def commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield path, parser
+        for action in subs:
+            for name, child in action.choices.items():
+                yield from commands(child, path + (name,))
+
+    found = dict(commands(build_parser()))
+    assert ("bench", "latency") in found and ("sample",) in found
+    for path, parser in found.items():
+        if path[:1] == ("models",):
+            continue     # list, fetch or convert model files: no sampling
+        assert any("--threads" in a.option_strings for a in parser._actions), path
+
+
 def test_vllm_backend_without_vllm_is_one_line():
     """--backend vllm from a venv without vLLM: one error line naming the install, no traceback."""
     pytest.importorskip("torch")

@@ -31,4 +31,19 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     for name, (add_args, run) in BENCHMARKS.items():
         q = inner.add_parser(name)
         add_args(q)
+        if not any("--threads" in a.option_strings for a in q._actions):   # (backends, harness: their own)
+            q.add_argument("--threads", default="auto",
+                           help="torch CPU threads: an integer, or auto (the cores not already busy, at least 1)")
+            run = _with_threads(run)
         q.set_defaults(func=run)
+
+
+def _with_threads(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``run`` after setting torch's CPU threads from ``--threads`` (:func:`llmppl.options.apply_threads`)."""
+    from ..options import apply_threads
+
+    def wrapped(args: argparse.Namespace) -> int:
+        apply_threads(args.threads)
+        return run(args)
+
+    return wrapped
