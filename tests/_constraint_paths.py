@@ -119,3 +119,37 @@ def score(model, tokenizer, prompt: list[int], paths: list[tuple[int, ...]], eos
     target, log_Z = target_law(log_p_of, alpha)
     greedy = {p: math.exp(v) for p, v in zip(paths, log_greedy)}
     return {"target": target, "greedy": greedy, "log_Z": log_Z, "log_p": log_p_of}
+
+
+def check_smc_and_greedy_masking(target, ids: list[int], T: int, ex: dict, alpha: float, runs: int, N: int,
+                                 G: int, threshold: float, backend: str) -> None:
+    """SMC on ``target`` (``runs`` runs of ``N`` particles, ``G`` prompts per batch) pooled within TV
+    ``threshold`` of the exact law ``ex`` and ``Ẑ / Z`` within 3 standard errors of 1; greedy
+    constrained decoding (``Constrained``) near its own exact law and ``3 · threshold`` from the target."""
+    import llmppl as pp
+    from llmppl.exact import tv_distance
+
+    want, log_Z = target_law(ex["log_p"], alpha)
+    results = [r for k in range(runs // G) for r in pp.SMC(N).run_batch(target, [ids] * G, T, seed=k)]
+    emp: dict = {}
+    for r in results:
+        assert r.error is None, r.error
+        for s, w in zip(r.samples, r.weights.tolist()):
+            assert tuple(s) in want, f"a sample outside the language: {s}"
+            emp[tuple(s)] = emp.get(tuple(s), 0.0) + w / runs
+    tv = tv_distance(want, emp)
+    ratio = torch.tensor([r.log_evidence - log_Z for r in results], dtype=torch.float64).exp()
+    se = float(ratio.std()) / math.sqrt(runs)
+    print(f"SMC on {backend}: TV = {tv:.4f}; Ẑ/Z = {float(ratio.mean()):.4f} ± {se:.4f} (log Z = {log_Z:.4f})")
+    assert tv < threshold
+    assert abs(float(ratio.mean()) - 1) < 3 * se + 0.02
+    greedy = pp.baselines.Constrained(N).run_batch(target, [ids] * G, T, seed=1)
+    emp_g: dict = {}
+    for r in greedy:
+        for s in r.samples:
+            assert tuple(s) in want, f"a sample outside the language: {s}"
+            emp_g[tuple(s)] = emp_g.get(tuple(s), 0.0) + 1.0 / (N * G)
+    print(f"Constrained on {backend}: TV to its own law {tv_distance(ex['greedy'], emp_g):.4f}, "
+          f"to the target {tv_distance(want, emp_g):.4f}")
+    assert tv_distance(ex["greedy"], emp_g) < 2 * threshold
+    assert tv_distance(want, emp_g) > 3 * threshold

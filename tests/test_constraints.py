@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import json
-import math
 import pickle
 
 import pytest
@@ -25,7 +24,7 @@ import torch
 import llmppl as pp
 from llmppl.exact import tv_distance
 
-from _constraint_paths import score, target_law, token_bytes, token_paths
+from _constraint_paths import check_smc_and_greedy_masking, score, target_law, token_bytes, token_paths
 
 pytest.importorskip("llguidance")
 
@@ -114,34 +113,13 @@ def test_smc_matches_exact_enumeration_and_greedy_masking_does_not(lm, exact, al
     law over token paths, and ``Ẑ / Z`` within 3 standard errors of 1 (unbiased); the exact law of
     greedy masking, its samples, and the target's mode are all far from it."""
     ids, paths, ex = exact
-    want, log_Z = target_law(ex["log_p"], alpha)
+    want, _ = target_law(ex["log_p"], alpha)
     target = pp.Target(lm, pp.Power(alpha) * pp.constraints.Regex(regex_of(LANGUAGE)), chat=True)
     T = max(len(p) for p in paths) + 1
     gap, mode = tv_distance(want, ex["greedy"]), 1 - max(want.values())
     print(f"{len(paths)} token paths; TV(greedy-constrained law, target) = {gap:.3f}; mode {mode:.3f} away")
     assert gap > 3 * THRESHOLD and mode > 1.5 * THRESHOLD     # impostors are far: the check can fail
-    N, G = 128, 4
-    results = [r for k in range(runs // G) for r in pp.SMC(N).run_batch(target, [ids] * G, T, seed=k)]
-    emp: dict = {}
-    for r in results:
-        for s, w in zip(r.samples, r.weights.tolist()):
-            assert tuple(s) in want, f"a sample outside the language: {s}"
-            emp[tuple(s)] = emp.get(tuple(s), 0.0) + w / runs
-    tv = tv_distance(want, emp)
-    ratio = torch.tensor([r.log_evidence - log_Z for r in results], dtype=torch.float64).exp()
-    se = float(ratio.std()) / math.sqrt(runs)
-    print(f"SMC: TV = {tv:.4f}; Ẑ/Z = {float(ratio.mean()):.4f} ± {se:.4f} (log Z = {log_Z:.4f})")
-    assert tv < THRESHOLD
-    assert abs(float(ratio.mean()) - 1) < 3 * se + 0.02
-    greedy = pp.baselines.Constrained(N).run_batch(target, [ids] * G, T, seed=1)
-    emp_g: dict = {}
-    for r in greedy:
-        for s in r.samples:
-            emp_g[tuple(s)] = emp_g.get(tuple(s), 0.0) + 1.0 / (N * G)
-    print(f"Constrained: TV to its own law {tv_distance(ex['greedy'], emp_g):.4f}, "
-          f"to the target {tv_distance(want, emp_g):.4f}")
-    assert tv_distance(ex["greedy"], emp_g) < 2 * THRESHOLD
-    assert tv_distance(want, emp_g) > 3 * THRESHOLD
+    check_smc_and_greedy_masking(target, ids, T, ex, alpha, runs, 128, 4, THRESHOLD, "HF")
 
 
 @pytest.mark.model

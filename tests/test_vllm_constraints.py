@@ -15,7 +15,6 @@ sits well below the threshold.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -33,7 +32,7 @@ import llmppl as pp  # noqa: E402
 from llmppl.exact import tv_distance  # noqa: E402
 from llmppl.models.vllm import VLLMLM  # noqa: E402
 
-from _constraint_paths import score, target_law, token_paths  # noqa: E402
+from _constraint_paths import check_smc_and_greedy_masking, score, target_law, token_paths  # noqa: E402
 
 #: the setup of tests/test_constraints.py (67 token paths spell the six strings)
 PROMPT = "Name a primary color. One word."
@@ -63,7 +62,7 @@ def setup():
 
 def test_smc_matches_exact_enumeration_on_vllm_and_greedy_masking_does_not(setup):
     lm, ids, paths, ex = setup
-    want, log_Z = target_law(ex["log_p"], 1.0)
+    want, _ = target_law(ex["log_p"], 1.0)
     target = pp.Target(lm, pp.Power(1.0) * pp.constraints.Regex("(" + "|".join(LANGUAGE) + ")"), chat=True)
     T = max(len(p) for p in paths) + 1
     gap = tv_distance(want, ex["greedy"])
@@ -71,26 +70,4 @@ def test_smc_matches_exact_enumeration_on_vllm_and_greedy_masking_does_not(setup
     assert gap > 3 * THRESHOLD            # the impostor is far: the check can fail
     smc = pp.SMC(N)
     assert smc.init(target, [ids], T, seed=0).plan.native     # the mask runs inside vLLM's blocks
-    results = [r for k in range(RUNS // G) for r in smc.run_batch(target, [ids] * G, T, seed=k)]
-    emp: dict = {}
-    for r in results:
-        assert r.error is None, r.error
-        for s, w in zip(r.samples, r.weights.tolist()):
-            assert tuple(s) in want, f"a sample outside the language: {s}"
-            emp[tuple(s)] = emp.get(tuple(s), 0.0) + w / RUNS
-    tv = tv_distance(want, emp)
-    ratio = torch.tensor([r.log_evidence - log_Z for r in results], dtype=torch.float64).exp()
-    se = float(ratio.std()) / math.sqrt(RUNS)
-    print(f"SMC on vLLM: TV = {tv:.4f}; Ẑ/Z = {float(ratio.mean()):.4f} ± {se:.4f} (log Z = {log_Z:.4f})")
-    assert tv < THRESHOLD
-    assert abs(float(ratio.mean()) - 1) < 3 * se + 0.02
-    greedy = pp.baselines.Constrained(N).run_batch(target, [ids] * G, T, seed=1)
-    emp_g: dict = {}
-    for r in greedy:
-        for s in r.samples:
-            assert tuple(s) in want, f"a sample outside the language: {s}"
-            emp_g[tuple(s)] = emp_g.get(tuple(s), 0.0) + 1.0 / (N * G)
-    print(f"Constrained on vLLM: TV to its own law {tv_distance(ex['greedy'], emp_g):.4f}, "
-          f"to the target {tv_distance(want, emp_g):.4f}")
-    assert tv_distance(ex["greedy"], emp_g) < 2 * THRESHOLD
-    assert tv_distance(want, emp_g) > 3 * THRESHOLD
+    check_smc_and_greedy_masking(target, ids, T, ex, 1.0, RUNS, N, G, THRESHOLD, "vLLM")
