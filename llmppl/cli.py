@@ -239,7 +239,7 @@ def _lazy(module: str, name: str) -> Callable[[argparse._SubParsersAction], None
 COMMANDS: dict[str, tuple[str, Callable[[argparse._SubParsersAction], None]]] = {
     "sample": ("sample a completion from p^alpha (and friends)", add_sample),
     "run": ("run a JSONL dataset of prompts through a method (batched, resumable)", add_run),
-    "bench": ("benchmarks: latency, engine overhead, backends, GPU", _lazy("llmppl.benchmarking.cli", "add_bench")),
+    "bench": ("benchmarks: latency, engine overhead, backends, constraints, GPU", _lazy("llmppl.benchmarking.cli", "add_bench")),
     "eval": ("reasoning evaluation (accuracy, pass@k, cost) or --plot a results file",
              _lazy("llmppl.evaluation.cli", "add_eval")),
     "serve": ("OpenAI-compatible HTTP server sampling from p^alpha (needs llmppl[serve])",

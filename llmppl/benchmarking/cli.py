@@ -14,19 +14,20 @@ BENCHMARKS["gpu"] = (_gpu.add_arguments, _gpu.run)
 
 
 def _register_builtin() -> None:
-    from . import backends, harness, latency
+    from . import backends, constraints, harness, latency
 
     BENCHMARKS["latency"] = (latency.add_arguments, latency.run)
     BENCHMARKS["overhead"] = (latency.add_overhead_arguments, latency.run_overhead_cli)
     BENCHMARKS["backends"] = (backends.add_arguments, backends.run)
     BENCHMARKS["harness"] = (harness.add_arguments, harness.run)
+    BENCHMARKS["constraints"] = (constraints.add_arguments, constraints.run)
 
 
 _register_builtin()
 
 
 def add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmarks (latency, overhead, backends, harness, gpu)")
+    p = sub.add_parser("bench", help="benchmarks (latency, overhead, backends, harness, constraints, gpu)")
     inner = p.add_subparsers(dest="benchmark", required=True)
     for name, (add_args, run) in BENCHMARKS.items():
         q = inner.add_parser(name)
