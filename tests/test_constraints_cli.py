@@ -40,3 +40,24 @@ def test_bad_constraints_are_one_line(args, words, capsys):
     assert main(["sample", "--prompt", "hi", "--quiet", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and "\n" not in err
+
+
+@pytest.mark.model
+def test_bench_constraints_writes_its_ratios(tmp_path, capsys):
+    """``llmppl bench constraints``: every arm timed, the mask's own time counted only where a mask
+    runs, the ratios over unconstrained SMC written; the wrapped constraint methods are restored."""
+    from llmppl.targets.constraints import GrammarConstraint
+
+    before = (GrammarConstraint.allowed_tokens, GrammarConstraint.log_next)
+    path = tmp_path / "c.json"
+    assert main(["bench", "constraints", "--particles", "2", "--max-new-tokens", "4", "--repeats", "1",
+                 "--threads", "1", "--json", str(path)]) == 0
+    capsys.readouterr()
+    out = json.loads(path.read_text())
+    assert set(out["runs"]) == {"unconstrained", "unconstrained_token_path", "regex", "json"}
+    assert out["mask_s_per_token_median"]["unconstrained"] == 0 and out["mask_s_per_token_median"]["regex"] > 0
+    assert all(r > 0 for r in out["cpu_overhead_over_unconstrained"].values())
+    assert out["command"].startswith("llmppl bench constraints --particles 2")
+    assert (GrammarConstraint.allowed_tokens, GrammarConstraint.log_next) == before
+    assert main(["bench", "constraints", "--particles", "0"]) == 2
+    assert "--particles" in capsys.readouterr().err
