@@ -78,13 +78,23 @@ lint: install-test
 	$(PY) -m ruff check llmppl tests benchmarks
 	$(PY) -m mypy
 
+# the vLLM tests: in-process engine, 1 GiB of CPU KV, vLLM's bundled OpenMP preloaded; only their files are
+# collected (vLLM 0.32 scans every loaded module at engine start and trips over llvmlite's objects, imported
+# when the other test files are collected)
+VLLM_PYTEST = LD_PRELOAD="$(wildcard $(CURDIR)/$(VLLM_VENV)/lib/libiomp5.so)" VLLM_ENABLE_V1_MULTIPROCESSING=0 \
+  VLLM_CPU_KVCACHE_SPACE=1 $(VPY) -m pytest -q $(VLLM_TESTS) $(PYTEST_ARGS)
+
+# two processes side by side (each keeps about one core busy: toy tensors, Python, subprocesses): the main
+# suite, and the vLLM suite followed by the main suite's LATE_TESTS, so that both end at about the same
+# time; the second one's report follows the first one's, and the target fails if either fails
+LATE_TESTS = tests/test_tutorials.py tests/test_truncation.py
 test: install-test vllm lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
-	@# the vLLM tests, in-process engine, 1 GiB of CPU KV, vLLM's bundled OpenMP preloaded; only their
-	@# files are collected: vLLM 0.32 scans every loaded module at engine start and trips over llvmlite's
-	@# objects (imported when the other test files are collected)
-	LD_PRELOAD="$(wildcard $(CURDIR)/$(VLLM_VENV)/lib/libiomp5.so)" VLLM_ENABLE_V1_MULTIPROCESSING=0 \
-	  VLLM_CPU_KVCACHE_SPACE=1 $(VPY) -m pytest -q $(VLLM_TESTS) $(PYTEST_ARGS)
+	@echo "the vLLM tests, then $(LATE_TESTS), run beside the main suite (log: $(VLLM_VENV)/tests.log, printed at the end)"
+	@{ $(VLLM_PYTEST); v=$$?; $(PY) -m pytest -q $(LATE_TESTS) $(PYTEST_ARGS) && [ $$v = 0 ]; } \
+	  > $(VLLM_VENV)/tests.log 2>&1 & side=$$!; \
+	$(PY) -m pytest -q $(addprefix --ignore=,$(LATE_TESTS)) $(PYTEST_ARGS); main=$$?; \
+	wait $$side; side_rc=$$?; echo "--- the vLLM tests ($(VLLM_TESTS)), then $(LATE_TESTS)"; \
+	cat $(VLLM_VENV)/tests.log; [ $$main = 0 ] && [ $$side_rc = 0 ]
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .hypothesis

@@ -36,6 +36,7 @@ import io
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -349,9 +350,10 @@ def _check_make(target: str, cwd: Path) -> str:
 
 
 STUB = """#!/bin/sh
-# records one llmppl.cli invocation (arguments separated by US, invocations by RS) instead of running it
-for a in "$@"; do printf '%s\\037' "$a"; done >> "{log}"
-printf '\\036' >> "{log}"
+# records one llmppl.cli invocation (arguments separated by US) in a file of its own, instead of running it
+# (a script's jobs run in parallel: one file per call, so that no two calls interleave)
+call=$(mktemp "{calls}/call.XXXXXX")
+for a in "$@"; do printf '%s\\037' "$a"; done > "$call"
 """
 
 
@@ -359,18 +361,19 @@ def _check_script(words: list[str], env: dict[str, str], workdir: Path) -> str:
     """``bash benchmarks/...sh``: the script runs as written (from the repository root, with the doc's
     environment) but with ``PYTHON`` a stub that records each ``python -m llmppl.cli ...`` it would
     run, and ``OUT`` in this test's directory; argparse then parses every recorded command."""
-    log, stub = workdir / "llmppl-invocations", workdir / "python-stub"
-    stub.write_text(STUB.format(log=log))
+    calls_dir, stub = workdir / "llmppl-invocations", workdir / "python-stub"
+    calls_dir.mkdir(exist_ok=True)
+    stub.write_text(STUB.format(calls=calls_dir))
     stub.chmod(0o755)
     full = {**os.environ, **env, "PYTHON": str(stub), "OUT": str(workdir / "bench-out")}
     proc = subprocess.run(words, cwd=ROOT, env=full, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"{shlex.join(words)} -> {proc.returncode}\n{proc.stderr[-3000:]}"
-    calls = [c.split("\x1f")[:-1] for c in log.read_text().split("\x1e")[:-1]] if log.exists() else []
+    calls = [f.read_text().split("\x1f")[:-1] for f in sorted(calls_dir.iterdir())]
     assert calls, f"{shlex.join(words)} ran no llmppl command"
     for argv in calls:
         assert argv[:2] == ["-m", "llmppl.cli"], argv
         parse_llmppl(argv[2:])
-    log.unlink()
+    shutil.rmtree(calls_dir)
     return f"a benchmark of hours: its {len(calls)} llmppl commands parsed"
 
 
