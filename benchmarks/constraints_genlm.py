@@ -78,6 +78,13 @@ def genlm_side(args: argparse.Namespace) -> int:
            "load_seconds": load, "arms": {}}
     for case in spec["cases"]:
         llm.prompt_ids = case["prompt_ids"]
+        if case.get("exact_paths"):
+            # the same target on both sides: log Σ_paths p(path, EOS | x) under genlm-control's own LM
+            decode = llm.token_maps.decode
+            logp = [asyncio.run(llm.complete([decode[t] for t in path])) for path in case["exact_paths"]]
+            top = max(logp)
+            out.setdefault("exact_log_Z_under_genlm_lm", {})[case["name"]] = (
+                top + math.log(sum(math.exp(v - top) for v in logp)))
         if case["kind"] == "regex":
             cond = BoolFSA.from_regex(case["regex"]).coerce(llm, f=b"".join)
         else:
@@ -135,6 +142,7 @@ def llmppl_side(args: argparse.Namespace, cases: list[dict]) -> dict:
             ex = exact(target, case["prompt_ids"], args.max_new_tokens)
             out["exact_log_Z"][case["name"]] = ex.log_Z
             out.setdefault("exact_posterior", {})[case["name"]] = _by_text(lm, ex.as_dict())
+            case["exact_paths"] = [list(map(int, seq)) for seq in ex.as_dict()]   # for genlm's own LM
         smc = pp.SMC(args.particles, ess_threshold=0.5)
         smc.run_batch(target, [case["prompt_ids"]], 4, seed=123)   # warm-up (llguidance tokenizer, memo)
         runs = []
@@ -173,6 +181,10 @@ def summarise(runs: list[dict], exact_log_Z: float | None) -> dict:
            "log_of_mean_Z_hat": pooled, "runs_with_zero_estimate": len(z) - len(finite)}
     if exact_log_Z is not None:
         out["log_of_mean_Z_hat_minus_exact"] = pooled - exact_log_Z
+        # unbiasedness: the mean of Ẑ/Z over seeds and its standard error (1 for an unbiased estimator)
+        ratio = [math.exp(v - exact_log_Z) for v in z]
+        out["Z_hat_over_Z_mean"] = statistics.fmean(ratio)
+        out["Z_hat_over_Z_se"] = statistics.stdev(ratio) / math.sqrt(len(ratio)) if len(ratio) > 1 else None
     return out
 
 
@@ -230,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "torch_threads": args.threads, "loadavg_at_end": os.getloadavg(), "torch": torch.__version__},
         "particles": args.particles, "seeds": args.seeds, "max_new_tokens": args.max_new_tokens, "ess_threshold": 0.5,
-        "cases": [{k: v for k, v in c.items() if k != "prompt_ids"} | {"prompt_tokens": len(c["prompt_ids"])}
+        "cases": [{k: v for k, v in c.items() if k not in ("prompt_ids", "exact_paths")}
+                  | {"prompt_tokens": len(c["prompt_ids"]), "exact_paths": len(c.get("exact_paths", []))}
                   for c in cases],
         "prompts": {"regex": PROMPT, "json": JSON_PROMPT}, "llmppl_json_options": JSON_OPTIONS,
         "exact_log_Z": ours["exact_log_Z"], "exact_posterior": ours.get("exact_posterior", {}),
@@ -238,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps({"exact_log_Z": ours["exact_log_Z"], "summary": summary,
+    print(json.dumps({"exact_log_Z": ours["exact_log_Z"],
+                      "exact_log_Z_under_genlm_lm": genlm.get("exact_log_Z_under_genlm_lm"), "summary": summary,
                       "genlm_error": genlm.get("error")}, indent=2))
     return 0
 
