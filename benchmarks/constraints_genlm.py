@@ -81,10 +81,9 @@ def genlm_side(args: argparse.Namespace) -> int:
         if case.get("exact_paths"):
             # the same target on both sides: log Σ_paths p(path, EOS | x) under genlm-control's own LM
             decode = llm.token_maps.decode
-            logp = [asyncio.run(llm.complete([decode[t] for t in path])) for path in case["exact_paths"]]
-            top = max(logp)
-            out.setdefault("exact_log_Z_under_genlm_lm", {})[case["name"]] = (
-                top + math.log(sum(math.exp(v - top) for v in logp)))
+            logp = [float(asyncio.run(llm.complete([decode[t] for t in path]))) for path in case["exact_paths"]]
+            out.setdefault("exact_log_Z_under_genlm_lm", {})[case["name"]] = float(
+                torch.logsumexp(torch.tensor(logp, dtype=torch.float64), 0))
         if case["kind"] == "regex":
             cond = BoolFSA.from_regex(case["regex"]).coerce(llm, f=b"".join)
         else:
